@@ -1,0 +1,82 @@
+"""deeptwist: route each selected conv's weight through a DeepTwist projection.
+
+    conv(x, W)  ->  conv(x, project(W))      project: every `period` training steps,
+                                               W <- reconstruct(decompose(W, ranks)) in place
+
+The model keeps its shape while it trains; the projection module (ops.LowRankProjection) holds the
+layer's decomposition and ranks, and later lowering passes read them from it. An nn.Conv2d becomes
+F.conv2d on its own parameters (so the weight is visible as get_attr -> project -> conv); a padding
+mode other than zeros becomes an explicit F.pad in front.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn.functional as F
+
+from twistc.convs import ConvSite, erase_if_dead, insert_module
+from twistc.errors import SpecError
+from twistc.ops import LowRankProjection
+from twistc.pipeline import PassResult
+from twistc.selection import LowRankOptions
+
+DECOMPS = ("tucker",)
+
+
+@dataclass(frozen=True)
+class DeepTwist(LowRankOptions):
+    name = "deeptwist"
+    summary = "training-time: project each selected conv's weight to low rank every `period` steps"
+
+    decomp: str = "tucker"
+    period: int = 200
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decomp not in DECOMPS:
+            raise SpecError(f"decomp must be one of {', '.join(DECOMPS)}, got {self.decomp!r}")
+        if self.period < 1:
+            raise SpecError(f"period must be >= 1, got {self.period}")
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        state, sites = self.sites(gm)
+        rewrites = 0
+        for site in sites:
+            if site.projection is not None:
+                continue
+            entry = self.tucker_entry(gm, site, state)
+            if isinstance(entry, str):
+                state.skip(site.name, entry)
+                continue
+            projection = LowRankProjection(site.name, site.weight_name, entry.decomp, entry.ranks, self.period)
+            insert_module(gm, f"{site.weight_name}_projection", projection)
+            _route_weight(gm, site, f"{site.weight_name}_projection")
+            state.plan.set(site.name, entry)
+            record = state.layers[site.name]
+            record.decomp, record.ranks, record.ratio_requested = entry.decomp, entry.ranks, entry.ratio
+            record.skip_reason = None
+            rewrites += 1
+        return PassResult(gm, rewrites > 0, rewrites)
+
+
+def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str) -> None:
+    graph = gm.graph
+    with graph.inserting_before(site.node):
+        weight = graph.get_attr(site.weight_name)
+        projected = graph.call_module(projection_path, (weight,))
+        if not site.is_module:
+            old_weight = site.node.args[1] if len(site.node.args) > 1 else site.node.kwargs["weight"]
+            site.node.replace_input_with(old_weight, projected)
+            erase_if_dead(gm, [old_weight])
+            return
+        bias = graph.get_attr(site.bias_name) if site.bias_name else None
+        x, padding = site.input, site.padding
+        if site.padding_mode != "zeros":
+            pads = gm.get_submodule(site.name)._reversed_padding_repeated_twice
+            x = graph.call_function(F.pad, (x, tuple(pads)), {"mode": site.padding_mode})
+            padding = 0
+        conv = graph.call_function(F.conv2d, (x, projected, bias, site.stride, padding, site.dilation, site.groups))
+    conv.meta = dict(site.node.meta)
+    site.node.replace_all_uses_with(conv)
+    graph.erase_node(site.node)

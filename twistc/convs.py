@@ -1,0 +1,174 @@
+"""Finding 2-D convolutions in a GraphModule, whether nn.Conv2d modules or F.conv2d on parameters.
+
+Passes match `ConvSite`s, check them, and rewrite them with the helpers here, so that each pass
+file only wires its math into the graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from twistc.decomp.cost import ConvGeometry
+from twistc.ops import LowRankProjection
+
+_CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _pair(v) -> tuple[int, int] | str:
+    if isinstance(v, str):
+        return v
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@dataclass
+class ConvSite:
+    """One conv node and everything a pass needs to know about it."""
+
+    node: fx.Node
+    name: str                          # qualified parameter name without '.weight'
+    weight_name: str                   # qualified name of the weight parameter
+    bias_name: str | None
+    input: fx.Node
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int
+    padding_mode: str
+    geometry: ConvGeometry
+    projection: LowRankProjection | None = None
+    projection_node: fx.Node | None = None
+
+    def weight(self, gm: fx.GraphModule) -> nn.Parameter:
+        return gm.get_parameter(self.weight_name)
+
+    def bias(self, gm: fx.GraphModule) -> torch.Tensor | None:
+        return gm.get_parameter(self.bias_name) if self.bias_name else None
+
+    @property
+    def is_module(self) -> bool:
+        return self.node.op == "call_module"
+
+    def conv_args(self) -> dict:
+        """Keyword arguments of nn.Conv2d that reproduce this conv's sampling."""
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                "padding_mode": self.padding_mode}
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _geometry(weight: torch.Tensor, groups: int, site_in: fx.Node, node: fx.Node) -> ConvGeometry:
+    t, s_per_group, kh, kw = weight.shape
+    in_shape, out_shape = _shape(site_in), _shape(node)
+    in_hw = tuple(in_shape[-2:]) if in_shape else (1, 1)
+    out_hw = tuple(out_shape[-2:]) if out_shape else (1, 1)
+    return ConvGeometry(t, s_per_group * groups, (kh, kw), groups, in_hw, out_hw)
+
+
+def _module_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
+    m = gm.get_submodule(node.target)
+    if type(m) is not nn.Conv2d:
+        return None
+    return ConvSite(
+        node, node.target, f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+        node.args[0], _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups, m.padding_mode,
+        _geometry(m.weight, m.groups, node.args[0], node),
+    )
+
+
+def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
+    args = dict(_CONV_DEFAULTS)
+    args.update(zip(_CONV_ARGS, node.args))
+    args.update(node.kwargs)
+    weight, bias = args["weight"], args["bias"]
+    projection = projection_node = None
+    if isinstance(weight, fx.Node) and weight.op == "call_module":
+        module = gm.get_submodule(weight.target)
+        if isinstance(module, LowRankProjection):
+            projection, projection_node, weight = module, weight, weight.args[0]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    try:
+        w = gm.get_parameter(weight.target)
+    except AttributeError:
+        return None
+    if w.dim() != 4:
+        return None
+    name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
+    return ConvSite(
+        node, name, weight.target, bias.target if bias is not None else None, args["input"],
+        _pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"]), args["groups"], "zeros",
+        _geometry(w, args["groups"], args["input"], node), projection, projection_node,
+    )
+
+
+def conv_sites(gm: fx.GraphModule) -> list[ConvSite]:
+    sites = []
+    for node in gm.graph.nodes:
+        site = None
+        if node.op == "call_module":
+            site = _module_site(gm, node)
+        elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
+            site = _function_site(gm, node)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def insert_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    """Put `module` at `path`, replacing whatever was there."""
+    parent, _, attr = path.rpartition(".")
+    owner = gm.get_submodule(parent) if parent else gm
+    if hasattr(owner, attr) and attr not in owner._modules:
+        delattr(owner, attr)
+    owner.add_module(attr, module)
+
+
+def replace_with_chain(gm: fx.GraphModule, site: ConvSite, path: str, module: nn.Module) -> None:
+    """Replace the conv node by call_module nodes for `module`'s children in order, and put `module`
+    at `path`; attribute reads and projections that fed only the conv go too."""
+    graph = gm.graph
+    with graph.inserting_before(site.node):
+        value = site.input
+        for child in module._modules:  # create_node: the targets exist only once `module` is in place
+            value = graph.create_node("call_module", f"{path}.{child}", (value,))
+    site.node.replace_all_uses_with(value)
+    inputs = [n for n in site.node.all_input_nodes if n is not site.input]
+    graph.erase_node(site.node)
+    erase_if_dead(gm, inputs)
+    insert_module(gm, path, module)
+
+
+def erase_if_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase attribute reads and projections left without users, following their inputs upwards."""
+    pending, erased = list(nodes), set()
+    while pending:
+        node = pending.pop()
+        if node in erased or node.users:
+            continue
+        if node.op == "get_attr" or (
+                node.op == "call_module" and isinstance(gm.get_submodule(node.target), LowRankProjection)):
+            pending.extend(node.all_input_nodes)
+            gm.graph.erase_node(node)
+            erased.add(node)
+
+
+def lowered_path(gm: fx.GraphModule, site: ConvSite, form: str) -> str:
+    """Where the lowered module goes: in place of an nn.Conv2d that owned the weight, else beside it."""
+    if site.weight_name == f"{site.name}.weight":
+        try:
+            if isinstance(gm.get_submodule(site.name), nn.Conv2d):
+                return site.name
+        except AttributeError:
+            pass
+    return f"{site.name}_{form}"

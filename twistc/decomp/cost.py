@@ -1,0 +1,52 @@
+"""Cost model of a conv and of its lowered forms: weight parameters and MACs per sample.
+
+Parameters count weights only (no bias), which is how compression ratios are defined throughout.
+MACs are multiply-accumulates for one input sample; FLOPs, where reported, are 2 x MACs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Shape facts of one 2-D convolution."""
+
+    out_channels: int
+    in_channels: int
+    kernel: tuple[int, int]
+    groups: int = 1
+    in_hw: tuple[int, int] = (1, 1)
+    out_hw: tuple[int, int] = (1, 1)
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    macs: int
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.params + other.params, self.macs + other.macs)
+
+
+def _pixels(hw: tuple[int, int]) -> int:
+    return hw[0] * hw[1]
+
+
+def conv_cost(g: ConvGeometry) -> Cost:
+    params = g.out_channels * (g.in_channels // g.groups) * g.taps
+    return Cost(params, params * _pixels(g.out_hw))
+
+
+def tucker_chain_cost(g: ConvGeometry, ranks: tuple[int, int]) -> Cost:
+    """1x1 (S->r_in) at input resolution, kh x kw (r_in->r_out), 1x1 (r_out->T) at output resolution."""
+    r_out, r_in = ranks
+    reduce = g.in_channels * r_in
+    core = r_in * r_out * g.taps
+    expand = r_out * g.out_channels
+    macs = reduce * _pixels(g.in_hw) + (core + expand) * _pixels(g.out_hw)
+    return Cost(reduce + core + expand, macs)

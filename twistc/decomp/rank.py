@@ -1,0 +1,69 @@
+"""Rank choosers for Tucker-2: explicit ranks, an energy threshold, or a compression ratio.
+
+The ratio is counted on weight parameters only (dense kernel / Tucker chain). Ranks keep
+r_out / T = r_in / S and are the largest such pair whose achieved ratio is still >= the request.
+"""
+from __future__ import annotations
+
+import torch
+
+from twistc.decomp.cost import ConvGeometry, conv_cost, tucker_chain_cost
+from twistc.decomp.tucker import mode_energies
+from twistc.errors import RankError
+
+
+def tucker_max_ranks(g: ConvGeometry) -> tuple[int, int]:
+    """Full multilinear rank bound: each mode's unfolding has at most min(rows, cols) rank."""
+    t, s = g.out_channels, g.in_channels
+    return min(t, s * g.taps), min(s, t * g.taps)
+
+
+def check_tucker_ranks(g: ConvGeometry, ranks: tuple[int, int]) -> tuple[int, int]:
+    limit = tucker_max_ranks(g)
+    if len(ranks) != 2:
+        raise RankError(f"Tucker ranks must be a pair (r_out, r_in), got {tuple(ranks)}")
+    for r, top, what in zip(ranks, limit, ("r_out", "r_in")):
+        if not 1 <= r <= top:
+            raise RankError(f"{what}={r} is outside 1..{top} (full rank of this conv)")
+    return int(ranks[0]), int(ranks[1])
+
+
+def tucker_ratio(g: ConvGeometry, ranks: tuple[int, int]) -> float:
+    return conv_cost(g).params / tucker_chain_cost(g, ranks).params
+
+
+def _round_down(r: float, multiple: int, top: int) -> int:
+    return min(top, max(multiple, int(r // multiple) * multiple))
+
+
+def tucker_ranks_for_ratio(g: ConvGeometry, ratio: float, round_to: int = 1) -> tuple[int, int]:
+    """Largest proportional ranks whose weight compression ratio is >= `ratio`."""
+    if not ratio > 1:
+        raise RankError(f"ratio must be > 1, got {ratio}")
+    if round_to < 1:
+        raise RankError(f"round_to must be >= 1, got {round_to}")
+    top_out, top_in = tucker_max_ranks(g)
+    best = None
+    for r_out in range(round_to, top_out + 1, round_to):
+        r_in = _round_down(max(1.0, r_out * g.in_channels / g.out_channels), round_to, top_in)
+        if tucker_ratio(g, (r_out, r_in)) >= ratio:
+            best = (r_out, r_in)
+    if best is None:
+        smallest = (min(round_to, top_out), min(round_to, top_in))
+        raise RankError(
+            f"ratio {ratio:g} is out of reach: the smallest Tucker form, ranks {smallest}, "
+            f"compresses this conv only {tucker_ratio(g, smallest):.2f}x"
+        )
+    return best
+
+
+def tucker_ranks_for_energy(weight: torch.Tensor, energy: float) -> tuple[int, int]:
+    """Smallest ranks keeping `energy` of each channel mode's squared singular values."""
+    if not 0 < energy <= 1:
+        raise RankError(f"energy must be in (0, 1], got {energy}")
+    return tuple(_rank_for_energy(mode_energies(weight, mode), energy) for mode in (0, 1))
+
+
+def _rank_for_energy(spectrum: torch.Tensor, energy: float) -> int:
+    share = spectrum.cumsum(0) / spectrum.sum().clamp_min(1e-300)
+    return int(min(len(spectrum), int((share < energy - 1e-12).sum()) + 1))

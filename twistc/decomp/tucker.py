@@ -1,0 +1,98 @@
+"""Tucker-2 of a conv kernel over its output- and input-channel modes.
+
+    W[T,S,kh,kw] ~= G[r_out,r_in,kh,kw] x_0 U_out[T,r_out] x_1 U_in[S,r_in]
+
+HOSVD takes each factor as the leading left singular vectors of the mode's unfolding. They are
+computed as eigenvectors of the unfolding's Gram matrix (T x T or S x S), which is far cheaper than
+an SVD of the wide unfolding (tools/bench_tucker.py measures both against tensorly's
+partial_tucker). HOOI then alternates: each factor is re-fitted with the other fixed, which never
+increases the error. Work happens in float64; results come back in the weight's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tensorly as tl
+import torch
+from tensorly.tenalg import multi_mode_dot
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Tucker2:
+    core: Tensor   # [r_out, r_in, kh, kw]
+    u_out: Tensor  # [T, r_out]
+    u_in: Tensor   # [S, r_in]
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return self.u_out.shape[1], self.u_in.shape[1]
+
+    def reconstruct(self) -> Tensor:
+        with tl.backend_context("pytorch"):
+            return multi_mode_dot(self.core, [self.u_out, self.u_in], modes=[0, 1])
+
+
+def leading_subspace(unfolding: Tensor, rank: int) -> Tensor:
+    """Orthonormal basis [rows, rank] of the leading left singular subspace, via the Gram matrix."""
+    gram = unfolding @ unfolding.T
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return vectors[:, -rank:].flip(1)
+
+
+def mode_energies(weight: Tensor, mode: int) -> Tensor:
+    """Squared singular values of the mode-`mode` unfolding, descending."""
+    with tl.backend_context("pytorch"):
+        unfolding = tl.unfold(weight.detach().double(), mode)
+    return torch.linalg.eigvalsh(unfolding @ unfolding.T).flip(0).clamp_min(0)
+
+
+def _project_core(w: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
+    return multi_mode_dot(w, [u_out.T, u_in.T], modes=[0, 1])
+
+
+def hosvd(weight: Tensor, ranks: tuple[int, int]) -> Tucker2:
+    r_out, r_in = ranks
+    w = weight.detach().double()
+    with tl.backend_context("pytorch"):
+        u_out = leading_subspace(tl.unfold(w, 0), r_out)
+        u_in = leading_subspace(tl.unfold(w, 1), r_in)
+        core = _project_core(w, u_out, u_in)
+    return _cast(Tucker2(core, u_out, u_in), weight.dtype)
+
+
+def hooi(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10, tol: float = 1e-8) -> Tucker2:
+    """HOSVD start, then alternating refits until the relative error improves by less than `tol`."""
+    r_out, r_in = ranks
+    w = weight.detach().double()
+    norm = w.norm().clamp_min(1e-300)
+    start = hosvd(w, ranks)
+    u_out, u_in = start.u_out, start.u_in
+    with tl.backend_context("pytorch"):
+        core = _project_core(w, u_out, u_in)
+        error = _relative_error(w, core, norm)
+        for _ in range(n_iter):
+            u_out = leading_subspace(tl.unfold(multi_mode_dot(w, [u_in.T], modes=[1]), 0), r_out)
+            u_in = leading_subspace(tl.unfold(multi_mode_dot(w, [u_out.T], modes=[0]), 1), r_in)
+            core = _project_core(w, u_out, u_in)
+            new_error = _relative_error(w, core, norm)
+            done = error - new_error < tol
+            error = new_error
+            if done:
+                break
+    return _cast(Tucker2(core, u_out, u_in), weight.dtype)
+
+
+def tucker2(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10) -> Tucker2:
+    """The Tucker-2 used by passes and projections: HOOI from an HOSVD start."""
+    return hooi(weight, ranks, n_iter=n_iter)
+
+
+def _relative_error(w: Tensor, core: Tensor, norm: Tensor) -> float:
+    # For orthonormal factors, ||W - G x U||^2 = ||W||^2 - ||G||^2.
+    return float((norm**2 - core.norm() ** 2).clamp_min(0).sqrt() / norm)
+
+
+def _cast(t: Tucker2, dtype: torch.dtype) -> Tucker2:
+    return Tucker2(t.core.to(dtype), t.u_out.to(dtype), t.u_in.to(dtype))

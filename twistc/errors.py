@@ -1,0 +1,33 @@
+"""Errors that twistc reports to the user as one line (the CLI prints them without a traceback)."""
+
+
+class TwistcError(Exception):
+    """Base class: the message is complete and meant for the user."""
+
+
+class SpecError(TwistcError):
+    """A pipeline spec, pass option or plan is malformed."""
+
+
+class RankError(TwistcError):
+    """Requested ranks or ratios that no decomposition can meet."""
+
+
+class TraceError(TwistcError):
+    """The model (or its top level) cannot be traced by torch.fx."""
+
+
+class PassError(TwistcError):
+    """A pass could not be applied, or left an invalid graph behind."""
+
+
+class NonFiniteError(TwistcError):
+    """Training produced a non-finite loss or weight."""
+
+
+class ExportCheckError(TwistcError):
+    """The exported ONNX model does not match PyTorch."""
+
+
+class ModelFileError(TwistcError):
+    """MODEL.py is missing, broken, or does not follow the contract."""

@@ -1,0 +1,109 @@
+"""ONNX export with a numerical check in onnxruntime.
+
+The file is self-contained (weights inside, no external-data file that a rename would orphan)
+and its batch axis is dynamic. The check runs the exported model in onnxruntime on the example
+inputs and on a batch of a different size, and compares with PyTorch in eval mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from twistc.errors import ExportCheckError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    path: str
+    max_abs_diff: float
+    atol: float
+    rtol: float
+    batch_sizes: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "max_abs_diff": self.max_abs_diff, "atol": self.atol, "rtol": self.rtol,
+                "batch_sizes": list(self.batch_sizes)}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx logs registration notes and progress; keep the user's terminal clean."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _batched(example_inputs: tuple, batch: int) -> tuple:
+    return tuple(torch.cat([x] * batch)[:batch] if torch.is_tensor(x) and x.dim() else x for x in example_inputs)
+
+
+def export_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol: float = 1e-4,
+                rtol: float = 1e-4, opset: int | None = None) -> OnnxCheck:
+    """Export `module` to `path` and check it in onnxruntime; raise ExportCheckError on a mismatch."""
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    path = Path(path)
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} if torch.is_tensor(x) and x.dim() else None for x in example_inputs)
+        with _quiet(), torch.no_grad():
+            torch.onnx.export(module, _batched(example_inputs, 2), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=dynamic, opset_version=opset, verbose=False)
+        onnx.checker.check_model(str(path))
+        return check_onnx(module, example_inputs, path, atol, rtol)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@torch.no_grad()
+def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol: float = 1e-4,
+               rtol: float = 1e-4) -> OnnxCheck:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    worst, sizes = 0.0, []
+    for batch in (example_inputs[0].shape[0], 3):
+        inputs = _batched(example_inputs, batch) if batch != example_inputs[0].shape[0] else example_inputs
+        expected = [t.numpy() for t in _tensors(module(*inputs))]
+        got = session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+        for e, g in zip(expected, got):
+            if e.shape != g.shape:
+                raise ExportCheckError(f"{path}: onnxruntime output shape {g.shape} != PyTorch {e.shape}")
+            diff = float(np.max(np.abs(e - g))) if e.size else 0.0
+            worst = max(worst, diff)
+            if not np.allclose(g, e, atol=atol, rtol=rtol):
+                raise ExportCheckError(
+                    f"{path}: onnxruntime differs from PyTorch by up to {diff:.3g} at batch {batch} "
+                    f"(atol={atol:g}, rtol={rtol:g}); raise the tolerance with --atol/--rtol if this is expected")
+        sizes.append(batch)
+    return OnnxCheck(str(path), worst, atol, rtol, tuple(sizes))
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _tensors(o)]

@@ -1,0 +1,261 @@
+"""Pass infrastructure: passes, stages, the registry, and pipeline spec strings.
+
+A pipeline is written as a spec string, e.g.
+    deeptwist{decomp=tucker,ratio=4,period=200},train{epochs=3},lower-conv-tucker,cleanup
+Each item is a registered pass or stage with options in braces. Options are the fields of a
+frozen dataclass; a spec parses into those objects and prints back exactly as written. Passes map
+GraphModule -> PassResult and report honestly whether they changed anything; stages (`train`)
+also see the run context (data). After every item the pipeline verifies the graph.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import re
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+import torch.fx as fx
+
+from twistc.errors import PassError, SpecError, TwistcError
+
+log = logging.getLogger(__name__)
+
+REGISTRY = {
+    "deeptwist": "twistc.passes.deeptwist:DeepTwist",
+    "lower-conv-tucker": "twistc.passes.lower_conv_tucker:LowerConvTucker",
+    "cleanup": "twistc.passes.cleanup:Cleanup",
+    "train": "twistc.train:Train",
+}
+
+# name -> (expansion, one-line summary). "tucker" gains ",train" when epochs > 0.
+PRESETS = {
+    "tucker": ("lower-conv-tucker,cleanup",
+               "conventional: Tucker-decompose, then fine-tune the decomposed model (adds train when --epochs > 0)"),
+    "deeptwist-tucker": ("deeptwist,train,lower-conv-tucker,cleanup",
+                         "DeepTwist: train in the original shape with periodic Tucker projections, then lower"),
+}
+
+
+@dataclass(frozen=True)
+class PassResult:
+    module: fx.GraphModule
+    modified: bool
+    rewrites: int = 0
+
+
+@dataclass
+class RunContext:
+    """What stages may use besides the graph: the user's data and how to show progress."""
+
+    train_data: Callable[[], Any] | None = None
+    eval_data: Callable[[], Any] | None = None
+    progress: bool = True
+    results: dict[str, Any] = field(default_factory=dict)  # stage outputs, e.g. results["train"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """An item of a pipeline spec: a frozen dataclass whose fields are its options."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+
+    @classmethod
+    def from_options(cls, options: dict[str, str]) -> "Stage":
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {}
+        for key, raw in options.items():
+            if key not in names:
+                known = ", ".join(sorted(names)) or "none"
+                raise SpecError(f"{cls.name} has no option '{key}' (options: {known})")
+            values[key] = parse_value(raw, hints[key], f"{cls.name}{{{key}=...}}")
+        try:
+            stage = cls(**values)
+        except (TypeError, ValueError, TwistcError) as e:
+            raise SpecError(f"{cls.name}: {e}") from None
+        object.__setattr__(stage, "_given", dict(options))
+        return stage
+
+    @property
+    def given(self) -> dict[str, str]:
+        """The options written in the spec (name -> text as written)."""
+        return getattr(self, "_given", None) or {
+            f.name: format_value(getattr(self, f.name)) for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default}
+
+    def with_defaults(self, **values) -> "Stage":
+        """This stage with options it has and was not given set from `values`."""
+        names = {f.name for f in dataclasses.fields(self)}
+        options = dict(self.given)
+        for key, value in values.items():
+            if key in names and key not in options and value is not None:
+                options[key] = format_value(value)
+        return type(self).from_options(options)
+
+    def spec(self) -> str:
+        options = ",".join(f"{k}={v}" for k, v in self.given.items())
+        return f"{self.name}{{{options}}}" if options else self.name
+
+
+@dataclass(frozen=True)
+class Pass(Stage):
+    """A graph rewrite: GraphModule -> PassResult."""
+
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        raise NotImplementedError
+
+
+def _strip_optional(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return tp
+
+
+def parse_value(raw: str, tp, where: str):
+    tp = _strip_optional(tp)
+    try:
+        if tp is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if tp in (int, float, str):
+            return tp(raw)
+        if typing.get_origin(tp) is tuple:
+            return tuple(int(p) for p in raw.split("x"))
+    except ValueError:
+        raise SpecError(f"{where}: cannot read {raw!r} as {getattr(tp, '__name__', tp)}") from None
+    raise SpecError(f"{where}: unsupported option type {tp}")
+
+
+def format_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value)
+    return str(value)
+
+
+_ITEM = re.compile(r"^([a-z][a-z0-9-]*)(?:\{(.*)\})?$", re.S)
+
+
+def split_items(spec: str) -> list[str]:
+    """Split at commas outside braces."""
+    items, depth, current = [], 0, ""
+    for ch in spec:
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth < 0:
+                raise SpecError(f"unbalanced '}}' in pipeline spec {spec!r}")
+        if ch == "," and depth == 0:
+            items.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise SpecError(f"unbalanced '{{' in pipeline spec {spec!r}")
+    items.append(current.strip())
+    return items
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in REGISTRY:
+        known = ", ".join(list(REGISTRY) + list(PRESETS))
+        raise SpecError(f"unknown pass '{name}' (known: {known}; `twistc passes` describes them)")
+    module, _, cls = REGISTRY[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def parse_item(text: str) -> Stage:
+    match = _ITEM.match(text)
+    if not match:
+        raise SpecError(f"cannot read pipeline item {text!r}; write name or name{{key=value,...}}")
+    name, body = match.group(1), match.group(2)
+    options = {}
+    for part in filter(None, (p.strip() for p in (body or "").split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise SpecError(f"option {part!r} of {name} is not key=value")
+        options[key.strip()] = value.strip()
+    return stage_class(name).from_options(options)
+
+
+def expand_presets(spec: str, epochs: int | None = None) -> str:
+    items = []
+    for item in split_items(spec):
+        if item in PRESETS:
+            expansion = PRESETS[item][0]
+            if item == "tucker" and epochs:
+                expansion += ",train"
+            items.append(expansion)
+        else:
+            items.append(item)
+    return ",".join(items)
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage]):
+        self.stages = list(stages)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Pipeline":
+        if not spec.strip():
+            raise SpecError("empty pipeline spec")
+        return cls([parse_item(item) for item in split_items(expand_presets(spec))])
+
+    def __str__(self) -> str:
+        return ",".join(stage.spec() for stage in self.stages)
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self)!r})"
+
+    def run(self, gm: fx.GraphModule, ctx: RunContext | None = None) -> fx.GraphModule:
+        """Run every stage in order, verifying the graph after each; returns the final module."""
+        from twistc.verify import verify
+
+        ctx = ctx or RunContext()
+        done: list[str] = []
+        verify(gm, "the traced model")
+        for stage in self.stages:
+            start = time.perf_counter()
+            if isinstance(stage, Pass):
+                result = stage(gm)
+                gm = result.module
+                gm.recompile()
+                outcome = f"{result.rewrites} rewrites" if result.modified else "no change"
+            else:
+                stage.run(gm, ctx)
+                outcome = "done"
+            before = ", ".join(done) or "nothing"
+            verify(gm, f"pass '{stage.spec()}' (after: {before})")
+            log.info("%s: %s in %.2fs", stage.spec(), outcome, time.perf_counter() - start)
+            done.append(stage.spec())
+        return gm
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(name, summary, expansion) of every pass, stage and preset, for `twistc passes`."""
+    rows = [(name, stage_class(name).summary, "") for name in REGISTRY]
+    rows += [(name, summary, expansion + (" [,train]" if name == "tucker" else ""))
+             for name, (expansion, summary) in PRESETS.items()]
+    return rows
+
+
+def no_grad_pass(fn):
+    """Decorator for pass bodies that touch weights."""
+    def wrapper(self, gm):
+        with torch.no_grad():
+            return fn(self, gm)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper

@@ -1,0 +1,79 @@
+"""What a compilation knows besides the graph: per-layer records, the plan, the untraceable leaves.
+
+It lives in `gm.meta["twistc"]`, so it travels with the GraphModule through every pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from twistc.decomp.cost import ConvGeometry, Cost, conv_cost
+from twistc.plan import Plan
+
+META_KEY = "twistc"
+
+
+@dataclass
+class LayerRecord:
+    """One conv of the original model and what the passes did to it."""
+
+    name: str
+    geometry: ConvGeometry
+    lowering: str | None = None
+    skip_reason: str | None = None
+    decomp: str | None = None
+    ranks: tuple[int, ...] | None = None
+    ratio_requested: float | None = None
+    after: Cost | None = None
+
+    @property
+    def before(self) -> Cost:
+        return conv_cost(self.geometry)
+
+    @property
+    def current(self) -> Cost:
+        return self.after if self.after is not None else self.before
+
+    def to_json(self) -> dict:
+        g, before, now = self.geometry, self.before, self.current
+        return {
+            "name": self.name,
+            "shape": [g.out_channels, g.in_channels // g.groups, *g.kernel],
+            "groups": g.groups,
+            "in_hw": list(g.in_hw),
+            "out_hw": list(g.out_hw),
+            "decomp": self.decomp,
+            "lowering": self.lowering,
+            "skip_reason": self.skip_reason if self.lowering is None else None,
+            "ranks": list(self.ranks) if self.ranks else None,
+            "ratio_requested": self.ratio_requested,
+            "ratio_achieved": before.params / now.params,
+            "params_before": before.params,
+            "params_after": now.params,
+            "macs_before": before.macs,
+            "macs_after": now.macs,
+            "flops_before": 2 * before.macs,
+            "flops_after": 2 * now.macs,
+        }
+
+
+@dataclass
+class CompileState:
+    example_inputs: tuple
+    output_shapes: list[tuple[int, ...]]
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
+    leaves: dict[str, str] = field(default_factory=dict)   # module path -> why it is a leaf
+    plan: Plan = field(default_factory=Plan)
+
+    def skip(self, name: str, reason: str) -> None:
+        record = self.layers.get(name)
+        if record is not None and record.lowering is None:
+            record.skip_reason = reason
+
+
+def state_of(gm: fx.GraphModule) -> CompileState:
+    state = gm.meta.get(META_KEY)
+    if state is None:
+        raise ValueError("this GraphModule was not made by twistc.trace(); trace the model first")
+    return state

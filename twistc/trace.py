@@ -1,0 +1,139 @@
+"""Tracing: nn.Module -> torch.fx.GraphModule with shapes attached.
+
+A submodule whose forward cannot be traced becomes an opaque leaf (call_module) and is
+reported; the rest of the model is still traced, so convs elsewhere can be lowered. A model
+whose own forward cannot be traced is an error that names the module and the offending line.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from twistc.decomp.cost import ConvGeometry
+from twistc.errors import TraceError
+from twistc.ops import LowRankProjection, TuckerConv
+from twistc.state import META_KEY, CompileState, LayerRecord
+
+log = logging.getLogger(__name__)
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_TWISTC_DIR = str(Path(__file__).parent)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """'file:line: code' of the innermost frame outside torch and twistc."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _TWISTC_DIR))]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def _reason(exc: BaseException) -> str:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{message} ({_user_frame(exc)})"
+
+
+class LeafTolerantTracer(fx.Tracer):
+    """Traces through submodules, turning those that fail into leaves."""
+
+    def __init__(self):
+        super().__init__()
+        self.leaves: dict[str, str] = {}
+        self._erased: set[fx.Node] = set()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (LowRankProjection, TuckerConv)) or qualname in self.leaves:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        mark = next(reversed(self.graph.nodes), None)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # any failure inside: keep the module whole
+            self._erase_after(mark)
+            self.leaves[qualname] = _reason(exc)
+            log.info("cannot trace into %s; keeping it as a leaf: %s", qualname, self.leaves[qualname])
+            return self.create_proxy("call_module", qualname, args, kwargs)
+
+    def _erase_after(self, mark: fx.Node | None) -> None:
+        while True:
+            last = next(reversed(self.graph.nodes), None)
+            if last is None or last is mark:
+                return
+            self._erased.add(last)
+            self.graph.erase_node(last)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._erased:  # proxies cached while tracing a failed submodule point at erased nodes
+            for key in [k for k, p in parameter_proxy_cache.items() if p.node in self._erased]:
+                del parameter_proxy_cache[key]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """Trace `model`; the GraphModule shares its parameters, like torch.fx.symbolic_trace."""
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    tracer = LeafTolerantTracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        raise TraceError(
+            f"cannot trace {type(model).__name__}.forward: {_reason(exc)}; make the top-level forward "
+            "traceable (untraceable code can move into a submodule, which twistc keeps as a leaf)"
+        ) from None
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    outputs = shape_prop(gm, example_inputs)
+    state = CompileState(example_inputs, output_shapes(outputs), leaves=dict(tracer.leaves))
+    gm.meta[META_KEY] = state
+    _record_convs(gm, state)
+    for path, why in state.leaves.items():
+        log.warning("kept %s as an opaque leaf: %s", path, why)
+    return gm
+
+
+def output_shapes(outputs) -> list[tuple[int, ...]]:
+    shapes: list[tuple[int, ...]] = []
+    fx.node.map_aggregate(outputs, lambda t: shapes.append(tuple(t.shape)) if torch.is_tensor(t) else None)
+    return shapes
+
+
+def shape_prop(gm: fx.GraphModule, example_inputs: tuple):
+    """ShapeProp in eval mode under no_grad (projections stay identities); training flags restored."""
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _record_convs(gm: fx.GraphModule, state: CompileState) -> None:
+    from twistc.convs import conv_sites  # late import: convs imports this module's state helpers
+
+    for site in conv_sites(gm):
+        state.layers[site.name] = LayerRecord(site.name, site.geometry)
+    for path, why in state.leaves.items():
+        leaf = gm.get_submodule(path)
+        for sub, m in leaf.named_modules(prefix=path):
+            if isinstance(m, nn.Conv2d):
+                g = _module_geometry(m)
+                state.layers[sub] = LayerRecord(sub, g, skip_reason=f"inside untraceable module {path}: {why}")
+
+
+def _module_geometry(m: nn.Conv2d) -> ConvGeometry:
+    # Inside a leaf no shapes are known; the cost then counts one output pixel.
+    return ConvGeometry(m.out_channels, m.in_channels, tuple(m.kernel_size), m.groups)

@@ -1,0 +1,162 @@
+"""Training: the `train` pipeline stage, accuracy, and DeepTwist's final projection.
+
+Any training loop drives DeepTwist (the projections act inside forward); this one is what the
+CLI uses: SGD with Nesterov momentum, cosine learning-rate decay, a tqdm bar with loss and the
+distortion count. A non-finite loss or weight stops it with a message naming the step and layer.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from twistc.errors import NonFiniteError, SpecError
+from twistc.ops import LowRankProjection
+from twistc.pipeline import RunContext, Stage
+
+log = logging.getLogger(__name__)
+
+
+def projections(module: nn.Module) -> list[LowRankProjection]:
+    return [m for m in module.modules() if isinstance(m, LowRankProjection)]
+
+
+def final_projection(module: nn.Module) -> int:
+    """Run each projection's final projection once; returns how many ran."""
+    count = 0
+    for p in projections(module):
+        if not p.finalized:
+            p.finalize_(module.get_parameter(p.weight_name))
+            count += 1
+    return count
+
+
+def distortions(module: nn.Module) -> int:
+    return sum(int(p.distortions) for p in projections(module))
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    steps: int = 0
+    distortions: int = 0
+    final_projections: int = 0
+    final_loss: float = float("nan")
+    seconds: float = 0.0
+    lr: float = 0.0
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in
+                ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses")}
+
+
+def _first_nonfinite_parameter(module: nn.Module) -> str | None:
+    return next((n for n, p in module.named_parameters() if not torch.isfinite(p).all()), None)
+
+
+def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr: float = 0.01,
+          momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
+          loss_fn=F.cross_entropy, finalize: bool = True) -> TrainResult:
+    """Train `module` in place; `train_data()` is called once per epoch and yields (input, target)."""
+    torch.manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
+                                weight_decay=weight_decay)
+    result = TrainResult(epochs, lr=lr)
+    start, step, distortions_before = time.perf_counter(), 0, distortions(module)
+    module.train()
+    for epoch in range(epochs):
+        batches = train_data()
+        per_epoch = len(batches) if hasattr(batches, "__len__") else None
+        bar = tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        total, count = 0.0, 0
+        for x, y in bar:
+            done = (epoch + (count / per_epoch if per_epoch else 0)) / epochs
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
+            step += 1
+            loss = loss_fn(module(x), y)
+            if not torch.isfinite(loss):
+                where = _first_nonfinite_parameter(module)
+                raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
+                                     + (f", parameter {where} is not finite" if where else "")
+                                     + "; lower --lr or raise the ranks")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, count = total + loss.item(), count + 1
+            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortions(module) - distortions_before)
+        bar.close()
+        result.losses.append(total / max(count, 1))
+        log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
+    where = _first_nonfinite_parameter(module)
+    if where:
+        raise NonFiniteError(f"training ended with non-finite parameter {where} after step {step}")
+    result.steps = step
+    result.distortions = distortions(module) - distortions_before
+    result.final_loss = result.losses[-1] if result.losses else float("nan")
+    if finalize:
+        result.final_projections = final_projection(module)
+    result.seconds = time.perf_counter() - start
+    module.eval()
+    return result
+
+
+@torch.no_grad()
+def accuracy(module: nn.Module, data: Iterable) -> float:
+    """Top-1 accuracy (a fraction) in eval mode; training flags are restored."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    correct = seen = 0
+    try:
+        for x, y in data:
+            correct += int((module(x).argmax(1) == y).sum())
+            seen += len(y)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return correct / max(seen, 1)
+
+
+@dataclass(frozen=True)
+class Train(Stage):
+    name = "train"
+    summary = "stage: SGD (Nesterov momentum, cosine lr) on train_data(), then DeepTwist's final projection"
+
+    epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise SpecError(f"epochs must be >= 0, got {self.epochs}")
+        if not self.lr >= 0:
+            raise SpecError(f"lr must be >= 0, got {self.lr}")
+
+    def run(self, gm: fx.GraphModule, ctx: RunContext) -> TrainResult:
+        if ctx.train_data is None:
+            if self.epochs > 0:
+                raise SpecError("the train stage needs train_data(); define it in MODEL.py")
+        result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay,
+                       self.seed, ctx.progress) if self.epochs else TrainResult(0, final_projections=final_projection(gm))
+        previous = ctx.results.get("train")
+        ctx.results["train"] = result if previous is None else _merge(previous, result)
+        return result
+
+
+def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
+    return TrainResult(a.epochs + b.epochs, a.steps + b.steps, a.distortions + b.distortions,
+                       a.final_projections + b.final_projections, b.final_loss, a.seconds + b.seconds,
+                       b.lr, a.losses + b.losses)
