@@ -77,8 +77,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     for epoch in range(epochs):
         batches = train_data()
         per_epoch = len(batches) if hasattr(batches, "__len__") else None
-        bar = tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=None if progress else True, leave=False, dynamic_ncols=True)
         total, count = 0.0, 0
         for x, y in bar:
             done = (epoch + (count / per_epoch if per_epoch else 0)) / epochs
@@ -95,7 +95,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             loss.backward()
             optimizer.step()
             total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortions(module) - distortions_before)
+            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortions(module) - distortions_before,
+                            refresh=False)
         bar.close()
         result.losses.append(total / max(count, 1))
         log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])

@@ -1,0 +1,223 @@
+"""The `twistc` command: compile, passes, bench.
+
+Errors the user can fix are printed as one line (`twistc: error: ...`) with exit status 2; outputs
+are written into a temporary directory beside OUTDIR and moved into place only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from twistc.bench import bench
+from twistc.errors import SpecError, TwistcError
+from twistc.export import export_onnx
+from twistc.modelfile import load_model_file
+from twistc.pipeline import Pipeline, RunContext, describe, expand_presets
+from twistc.plan import Plan
+from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
+from twistc.state import state_of
+from twistc.trace import trace
+from twistc.train import Train, accuracy
+from twistc.passes.deeptwist import DeepTwist
+
+OUTPUTS = ("original.onnx", "model.onnx", "model.pt2", "report.json", "report.md")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="twistc", description="Compile CNNs into low-rank form (DeepTwist, Tucker).")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="trace MODEL.py, run a pass pipeline, export and check ONNX")
+    c.add_argument("model", help="MODEL.py defining model(), example_inputs() [, train_data(), eval_data()]")
+    c.add_argument("--pass", dest="pipeline", default="deeptwist-tucker",
+                   help="pipeline spec or preset (see `twistc passes`); default deeptwist-tucker")
+    c.add_argument("--ratio", type=float, help="per-layer compression ratio (> 1) for passes that choose ranks")
+    c.add_argument("--epochs", type=int, help="epochs of the train stage")
+    c.add_argument("--period", type=int, default=200, help="DeepTwist S_D: steps between projections (200)")
+    c.add_argument("--lr", type=float, help="learning rate of the train stage")
+    c.add_argument("--seed", type=int, help="seed of the train stage")
+    c.add_argument("--plan", help="plan JSON (or a report.json) whose per-layer entries override pass options")
+    c.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="option passed to MODEL.py functions that take KEY (repeatable)")
+    c.add_argument("--atol", type=float, default=1e-4, help="ONNX check absolute tolerance (1e-4)")
+    c.add_argument("--rtol", type=float, default=1e-4, help="ONNX check relative tolerance (1e-4)")
+    c.add_argument("--threads", type=int, help="torch threads")
+    c.add_argument("-o", "--output", default="twistc-out", help="output directory (default twistc-out)")
+    c.add_argument("--force", action="store_true", help="replace an earlier twistc output directory")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("passes", help="list passes, stages and presets")
+
+    b = sub.add_parser("bench", help="time ONNX models in onnxruntime, side by side")
+    b.add_argument("models", nargs="+", help="ONNX files; ratios are relative to the first")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--warmup", type=int, default=10)
+    b.add_argument("--reps", type=int, default=50)
+    b.add_argument("-o", "--output", help="write the results as JSON here")
+    return p
+
+
+def _options(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise SpecError(f"--set {pair!r}: write KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _check_output(out: Path, model_path: Path, force: bool) -> None:
+    out = out.resolve()
+    if out == model_path or out in model_path.parents:
+        raise SpecError(f"output {out} would overwrite the input {model_path}; choose another -o")
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"output {out} is a file; choose a directory with -o")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise SpecError(f"output directory {out} is not empty; choose another -o or pass --force")
+        if not (out / "report.json").is_file():
+            raise SpecError(f"--force replaces only earlier twistc outputs, and {out} has no report.json")
+
+
+def build_pipeline(spec: str, args) -> Pipeline:
+    """The pipeline from --pass, with --ratio/--epochs/--period/--lr/--seed filling options not written."""
+    pipeline = Pipeline.parse(expand_presets(spec, args.epochs))
+    stages, projected = [], False
+    for stage in pipeline.stages:
+        values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period}
+        if not projected:  # after deeptwist, lowering takes its ranks from the projections
+            values["ratio"] = args.ratio if not {"ranks", "energy"} & set(stage.given) else None
+        stages.append(stage.with_defaults(**values))
+        projected |= isinstance(stage, DeepTwist)
+    return Pipeline(stages)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def compile_command(args) -> int:
+    model_path = Path(args.model).resolve()
+    out = Path(args.output)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipeline = build_pipeline(args.pipeline, args)
+    plan = Plan.load(args.plan) if args.plan else None
+    _check_output(out, model_path, args.force)
+    mf = load_model_file(model_path, _options(args.options))
+    trains = any(isinstance(s, Train) and s.epochs > 0 for s in pipeline.stages)
+    if trains and not mf.has("train_data"):
+        raise SpecError(f"pipeline '{pipeline}' trains, but {model_path.name} defines no train_data()")
+    if any(isinstance(s, DeepTwist) for s in pipeline.stages) and not trains:
+        raise SpecError("deeptwist needs a train stage with epochs > 0 after it (and train_data() in MODEL.py)")
+    _say(f"pipeline: {pipeline}")
+    original = mf.model().eval()
+    example = mf.example_inputs()
+    eval_data = mf.data("eval_data")
+    start = time.perf_counter()
+    acc_before = accuracy(original, eval_data()) if eval_data else None
+    gm = trace(copy.deepcopy(original), example)
+    state = state_of(gm)
+    if plan is not None:
+        state.plan = plan
+    for path, why in state.leaves.items():
+        _say(f"note: {path} cannot be traced and stays whole: {why}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _say("exporting original.onnx")
+        export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
+        ctx = RunContext(mf.data("train_data"), eval_data, progress=not args.quiet)
+        gm = pipeline.run(gm, ctx)
+        gm.eval()
+        _say("exporting model.onnx")
+        check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
+        torch.export.save(torch.export.export(gm, example), tmp / "model.pt2")
+        acc_after = accuracy(gm, eval_data()) if eval_data else None
+        training = ctx.results.get("train")
+        report = build_report(
+            state, pipeline=str(pipeline), original=original, compiled=gm, onnx=check.to_json(),
+            training=training.to_json() if training else None,
+            accuracy={"before": acc_before, "after": acc_after} if eval_data else None,
+            model_file=str(model_path), seconds=time.perf_counter() - start)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(markdown(report))
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _say("")
+    _say(text_table(layer_rows(report)))
+    _say("")
+    for line in summary_lines(report):
+        _say(line)
+    _say(f"wrote {', '.join(OUTPUTS)} to {out}")
+    return 0
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def passes_command(args) -> int:
+    rows = describe()
+    width = max(len(r[0]) for r in rows)
+    for name, summary, expansion in rows:
+        _say(f"{name.ljust(width)}  {summary}" + (f"\n{' ' * width}  = {expansion}" if expansion else ""))
+    return 0
+
+
+def bench_command(args) -> int:
+    result = bench(args.models, args.batch, args.threads, args.provider, args.warmup, args.reps)
+    rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}", f"{m['ratio_to_first']:.3f}")
+            for m in result["models"]]
+    _say(f"onnxruntime {args.provider}, batch {args.batch}, {args.threads} threads, {args.reps} reps")
+    _say(text_table([r + ("",) for r in rows], ("model", "median ms", "p10-p90 ms", "vs first", "")))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="twistc: %(message)s")
+    command = {"compile": compile_command, "passes": passes_command, "bench": bench_command}[args.command]
+    try:
+        return command(args)
+    except TwistcError as e:
+        print(f"twistc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("twistc: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"twistc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The compile report: report.json for tools, report.md and a terminal table for people."""
+from __future__ import annotations
+
+import platform
+
+import onnx
+import onnxruntime
+import torch
+from torch import nn
+
+from twistc.state import CompileState
+
+COLUMNS = ("layer", "shape", "lowering", "ranks", "params", "MACs", "ratio", "note")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def build_report(state: CompileState, *, pipeline: str, original: nn.Module, compiled: nn.Module,
+                 **sections) -> dict:
+    """Layers, totals, plan and versions; `sections` (onnx, training, accuracy, ...) are added as given."""
+    layers = [record.to_json() for record in state.layers.values()]
+    totals = {key: sum(layer[key] for layer in layers) for key in
+              ("params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after")}
+    totals["ratio"] = totals["params_before"] / max(totals["params_after"], 1)
+    lowered = [layer for layer in layers if layer["lowering"]]
+    compressed_before = sum(layer["params_before"] for layer in lowered)
+    compressed_after = sum(layer["params_after"] for layer in lowered)
+    report = {
+        "pipeline": pipeline,
+        "layers": layers,
+        "totals": totals,
+        "compressed_layers": {"count": len(lowered), "params_before": compressed_before,
+                              "params_after": compressed_after,
+                              "ratio": compressed_before / compressed_after if compressed_after else None},
+        "model": {"params_before": count_parameters(original), "params_after": count_parameters(compiled),
+                  "ratio": count_parameters(original) / max(count_parameters(compiled), 1)},
+        "leaves": state.leaves,
+        "plan": state.plan.to_json(),
+        "versions": versions(),
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads()},
+    }
+    report.update({k: v for k, v in sections.items() if v is not None})
+    return report
+
+
+def _count(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def layer_rows(report: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for layer in report["layers"]:
+        shape = "x".join(str(d) for d in layer["shape"])
+        ranks = "x".join(str(r) for r in layer["ranks"]) if layer["lowering"] and layer["ranks"] else "-"
+        rows.append((layer["name"], shape, layer["lowering"] or "-", ranks,
+                     f"{_count(layer['params_before'])} -> {_count(layer['params_after'])}",
+                     f"{_count(layer['macs_before'])} -> {_count(layer['macs_after'])}",
+                     f"{layer['ratio_achieved']:.2f}x", layer["skip_reason"] or ""))
+    t = report["totals"]
+    rows.append(("total (convs)", "", "", "", f"{_count(t['params_before'])} -> {_count(t['params_after'])}",
+                 f"{_count(t['macs_before'])} -> {_count(t['macs_after'])}", f"{t['ratio']:.2f}x", ""))
+    return rows
+
+
+def text_table(rows: list[tuple[str, ...]], header=COLUMNS, max_note: int = 60) -> str:
+    rows = [tuple(r[:-1]) + (r[-1][:max_note] + ("..." if len(r[-1]) > max_note else ""),) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+
+
+def markdown_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = []
+    m, c = report["model"], report["compressed_layers"]
+    if c["ratio"]:
+        lines.append(f"compressed layers: {c['count']}, weights {c['params_before']:,} -> {c['params_after']:,} "
+                     f"({c['ratio']:.2f}x)")
+    lines.append(f"whole model: parameters {m['params_before']:,} -> {m['params_after']:,} ({m['ratio']:.2f}x); "
+                 f"conv MACs {report['totals']['macs_before']:,} -> {report['totals']['macs_after']:,}")
+    if "training" in report:
+        t = report["training"]
+        lines.append(f"training: {t['epochs']} epochs, {t['steps']} steps, {t['distortions']} distortions, "
+                     f"{t['final_projections']} final projections, {t['seconds']:.0f}s")
+    if "accuracy" in report:
+        a = report["accuracy"]
+        lines.append(f"accuracy: before {a['before']:.2%}, after {a['after']:.2%}")
+    if "onnx" in report:
+        o = report["onnx"]
+        lines.append(f"ONNX check (onnxruntime vs PyTorch, atol={o['atol']:g}, rtol={o['rtol']:g}): "
+                     f"max |diff| {o['max_abs_diff']:.2e}, ok")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    parts = [f"# twistc compile report\n", f"Pipeline: `{report['pipeline']}`\n"]
+    parts += [f"- {line}" for line in summary_lines(report)]
+    parts += ["", markdown_table(COLUMNS, layer_rows(report)), ""]
+    if report["leaves"]:
+        parts += ["Untraceable submodules kept as leaves:", ""]
+        parts += [f"- `{k}`: {v}" for k, v in report["leaves"].items()] + [""]
+    v = report["versions"]
+    parts.append(f"torch {v['torch']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}; {report['machine']['cpu']}")
+    return "\n".join(parts) + "\n"
