@@ -78,6 +78,7 @@ class LowRankOptions(Pass):
             if self.ranks is not None:
                 raise RankError(f"layer {site.name}: {e}") from None
             return str(e)
-        if tucker_chain_cost(site.geometry, entry.ranks).params >= conv_cost(site.geometry).params:
+        bigger = tucker_chain_cost(site.geometry, entry.ranks).params >= conv_cost(site.geometry).params
+        if bigger and self.ranks is None:  # explicit ranks are done as asked
             return f"Tucker form at ranks {entry.ranks} would not be smaller than the conv"
         return entry

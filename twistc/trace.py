@@ -94,7 +94,12 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             "traceable (untraceable code can move into a submodule, which twistc keeps as a leaf)"
         ) from None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    outputs = shape_prop(gm, example_inputs)
+    try:
+        outputs = shape_prop(gm, example_inputs)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise TraceError(f"running {type(model).__name__} on example_inputs() failed: "
+                         f"{type(cause).__name__}: {str(cause).splitlines()[0]}") from None
     state = CompileState(example_inputs, output_shapes(outputs), leaves=dict(tracer.leaves))
     gm.meta[META_KEY] = state
     _record_convs(gm, state)

@@ -1,0 +1,68 @@
+"""Small models shared by the tests."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FunctionalConv(nn.Module):
+    """A conv written as F.conv2d on parameters (no nn.Conv2d)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.w = nn.Parameter(conv.weight.detach().clone())
+        self.b = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
+        self.args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward(self, x):
+        return F.conv2d(x, self.w, self.b, *self.args)
+
+
+class Net(nn.Module):
+    """conv -> relu -> conv(stride 2) -> relu -> 1x1 conv -> grouped conv."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False)
+        self.point = nn.Conv2d(2 * width, 2 * width, 1)
+        self.grouped = nn.Conv2d(2 * width, 2 * width, 3, padding=1, groups=2)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return self.grouped(self.point(x))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace this forward."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.inner = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.inner(x)
+        return -self.inner(x)
+
+
+class WithUntraceableChild(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.odd = Untraceable(width)
+        self.head = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.odd(F.relu(self.stem(x)))))
+
+
+class UntraceableTop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x * 2
+        return self.conv(x)
