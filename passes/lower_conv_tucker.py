@@ -3,6 +3,7 @@
     W[T,S,kh,kw] ~= G[R_out,R_in,kh,kw] x_0 U_out[T,R_out] x_1 U_in[S,R_in]
     conv(x, W) + b  ->  conv1x1(conv_khxkw(conv1x1(x, U_in^T), G), U_out) + b
 
+Layers that were not trained by DeepTwist need ranks: from the options or from the plan.
 The core keeps the original stride, padding (mode included), dilation; the bias moves to the last
 1x1. When the weight flows through a DeepTwist projection, the decomposition and ranks come from
 that projection, which first applies its final projection (idempotent), so the rewrite is exact.
@@ -41,6 +42,9 @@ class LowerConvTucker(LowRankOptions):
                     state.skip(site.name, entry)
                     continue
                 site.projection.finalize_(weight) if not site.projection.finalized else site.projection.project_(weight)
+            elif site.name not in state.plan and not self.chooses_ranks:
+                state.skip(site.name, "no ranks asked for: give ratio, ranks or energy, or a plan entry")
+                continue
             else:
                 entry = self.tucker_entry(gm, site, state)
                 if isinstance(entry, str):

@@ -24,7 +24,7 @@ from twistc.errors import SpecError, TwistcError
 from twistc.export import export_onnx
 from twistc.modelfile import load_model_file
 from twistc.pipeline import Pipeline, RunContext, describe, expand_presets
-from twistc.plan import Plan
+from twistc.plan import DEFAULT_RATIO, Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
 from twistc.state import state_of
 from twistc.trace import trace
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="MODEL.py defining model(), example_inputs() [, train_data(), eval_data()]")
     c.add_argument("--pass", dest="pipeline", default="deeptwist-tucker",
                    help="pipeline spec or preset (see `twistc passes`); default deeptwist-tucker")
-    c.add_argument("--ratio", type=float, help="per-layer compression ratio (> 1) for passes that choose ranks")
+    c.add_argument("--ratio", type=float, default=DEFAULT_RATIO,
+                   help=f"per-layer weight compression ratio (> 1) for passes that choose ranks ({DEFAULT_RATIO:g})")
     c.add_argument("--epochs", type=int, help="epochs of the train stage")
     c.add_argument("--period", type=int, default=200, help="DeepTwist S_D: steps between projections (200)")
     c.add_argument("--lr", type=float, help="learning rate of the train stage")

@@ -49,8 +49,8 @@ class LowRankOptions(Pass):
 
     @property
     def chooses_ranks(self) -> bool:
-        """Whether the spec itself asked for ranks (not only the defaults)."""
-        return any(k in self.given for k in ("ratio", "ranks", "energy", "round_to"))
+        """Whether these options ask for ranks at all."""
+        return any(v is not None for v in (self.ratio, self.ranks, self.energy))
 
     def selects(self, name: str) -> bool:
         return self.layers is None or any(fnmatch.fnmatchcase(name, p) for p in self.layers.split("|"))

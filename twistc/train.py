@@ -40,11 +40,14 @@ def final_projection(module: nn.Module) -> int:
 
 
 def distortions(module: nn.Module) -> int:
+    """Projections done so far, summed over layers."""
     return sum(int(p.distortions) for p in projections(module))
 
 
 @dataclass
 class TrainResult:
+    """`distortions` counts training steps at which at least one layer was projected."""
+
     epochs: int
     steps: int = 0
     distortions: int = 0
@@ -72,7 +75,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
                                 weight_decay=weight_decay)
     result = TrainResult(epochs, lr=lr)
-    start, step, distortions_before = time.perf_counter(), 0, distortions(module)
+    start, step, distortion_steps = time.perf_counter(), 0, 0
     module.train()
     for epoch in range(epochs):
         batches = train_data()
@@ -85,7 +88,9 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
             step += 1
+            before = distortions(module)
             loss = loss_fn(module(x), y)
+            distortion_steps += distortions(module) > before
             if not torch.isfinite(loss):
                 where = _first_nonfinite_parameter(module)
                 raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
@@ -95,8 +100,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             loss.backward()
             optimizer.step()
             total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortions(module) - distortions_before,
-                            refresh=False)
+            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortion_steps, refresh=False)
         bar.close()
         result.losses.append(total / max(count, 1))
         log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
@@ -104,7 +108,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     if where:
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {step}")
     result.steps = step
-    result.distortions = distortions(module) - distortions_before
+    result.distortions = distortion_steps
     result.final_loss = result.losses[-1] if result.losses else float("nan")
     if finalize:
         result.final_projections = final_projection(module)

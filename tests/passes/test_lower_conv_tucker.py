@@ -94,12 +94,20 @@ def test_second_run_and_non_matching_graph_change_nothing():
     again = LowerConvTucker()(gm)
     assert again.modified is False and again.rewrites == 0 and gm.code == code
     plain = twistc.trace(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), (torch.randn(2, 4),))
-    assert LowerConvTucker()(plain).modified is False
+    assert LowerConvTucker(ratio=2.0)(plain).modified is False
+
+
+def test_without_ranks_only_planned_layers_are_lowered():
+    gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 16, 16),))
+    twistc.state_of(gm).plan.set("conv2", twistc.LayerPlan("tucker", (4, 2), "tucker-chain"))
+    result = LowerConvTucker()(gm)
+    assert result.rewrites == 1 and gm.conv2.core.weight.shape == (4, 2, 3, 3)
+    assert "no ranks" in twistc.state_of(gm).layers["conv1"].skip_reason
 
 
 def test_layers_option_selects_by_pattern():
     gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 16, 16),))
-    result = LowerConvTucker.from_options({"layers": "conv2|nothing*"})(gm)
+    result = LowerConvTucker.from_options({"layers": "conv2|nothing*", "ratio": "2"})(gm)
     assert result.rewrites == 1 and isinstance(gm.conv2, TuckerConv) and type(gm.conv1) is nn.Conv2d
     assert "not selected" in twistc.state_of(gm).layers["conv1"].skip_reason
 

@@ -1,0 +1,236 @@
+"""DeepTwist vs. conventional Tucker fine-tuning on CIFAR-10 ResNet-32 (Lee et al. 2019, Fig. 4).
+
+Both arms start from the same pre-trained checkpoint and get the same fine-tuning budget (epochs,
+SGD with Nesterov momentum, cosine schedule from --lr, batch 128, pad-4 crop + flip, weight decay
+5e-4), through twistc's own pipelines:
+
+  conventional: lower-conv-tucker{layers=layer*,ratio=R},cleanup   then  train{...}
+  deeptwist:    deeptwist{layers=layer*,ratio=R,period=S_D},train{...},lower-conv-tucker,cleanup
+
+The ratio R is per layer, on weights, over the 30 3x3 convs of the residual stages (the 3->16 stem,
+BN and the classifier stay dense); results give both that ratio and the whole model's.
+Training uses the training set minus a fixed 5,000-image validation split; accuracy is on all 10,000
+test images. Each (arm, ratio, S_D, seed) is a resumable run written to results/.../runs/.
+
+    python tools/deeptwist_vs_tucker.py                 # the grid, skipping finished runs
+    python tools/deeptwist_vs_tucker.py --report-only   # tables and plot from finished runs
+    python tools/deeptwist_vs_tucker.py --smoke --out /tmp/smoke   # both arms, tiny, < 1 minute
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import expkit  # noqa: E402
+from twistc import Pipeline, RunContext, state_of, trace  # noqa: E402
+from twistc.data import cifar10_batches  # noqa: E402
+from twistc.models import load_resnet32  # noqa: E402
+from twistc.report import count_parameters  # noqa: E402
+
+log = logging.getLogger("deeptwist_vs_tucker")
+
+# Paper (arXiv 1905.10145, Fig. 4, read off the figure): ratio -> (DeepTwist, conventional), baseline 92.63
+PAPER = {1.6: (92.92, 92.20), 2.1: (92.62, 92.09), 2.8: (92.43, 91.75), 4.3: (91.49, 90.96), 6.7: (90.43, 89.77)}
+PAPER_BASELINE = 92.63
+LAYERS = "layer*"
+
+# (arm, ratio, period, seed) in the order they run: the comparisons that matter most come first.
+GRID = (
+    [(arm, r, 200, 0) for r in (2.1, 4.3, 6.7) for arm in ("deeptwist", "conventional")]
+    + [("deeptwist", 4.3, sd, 0) for sd in (25, 50)]
+    + [(arm, r, 200, 0) for r in (1.6, 2.8) for arm in ("deeptwist", "conventional")]
+    + [(arm, r, 200, 1) for r in (2.1, 4.3, 6.7) for arm in ("deeptwist", "conventional")]
+)
+
+
+def run_id(arm, ratio, period, seed) -> str:
+    return f"{arm}-r{ratio:g}" + (f"-sd{period}" if arm == "deeptwist" else "") + f"-s{seed}"
+
+
+def pipelines(arm: str, ratio: float, period: int, train: str) -> list[str]:
+    if arm == "conventional":
+        return [f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup", train]
+    return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}}},{train},lower-conv-tucker,cleanup"]
+
+
+def run(cfg, arm: str, ratio: float, period: int, seed: int) -> dict:
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = load_resnet32(cfg.checkpoint)
+    params_before = count_parameters(model)
+    train_batches = cifar10_batches(cfg.data, "train", batch_size=cfg.batch, subset=cfg.train_subset, seed=seed)
+    test = cfg.test_batches()
+    gm = trace(model, (torch.randn(1, 3, 32, 32),))
+    train = f"train{{epochs={cfg.epochs},lr={cfg.lr:g},seed={seed}}}"
+    ctx = RunContext(train_data=lambda: train_batches, progress=cfg.progress)
+    result = {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
+              "seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "batch": cfg.batch,
+              "steps_per_epoch": len(train_batches), "pipelines": pipelines(arm, ratio, period, train)}
+    for i, spec in enumerate(result["pipelines"]):
+        gm = Pipeline.parse(spec).run(gm, ctx)
+        if arm == "conventional" and i == 0:
+            result["test_acc_decomposed"] = float(expkit.correctness(gm, test).mean())
+    correct = expkit.correctness(gm, test)
+    layers = [r.to_json() for r in state_of(gm).layers.values() if r.lowering]
+    before, after = sum(r["params_before"] for r in layers), sum(r["params_after"] for r in layers)
+    t = ctx.results["train"]
+    result.update({
+        "test_acc": float(correct.mean()), "test_n": int(len(correct)), "test_correct": expkit.pack_bools(correct),
+        "compressed_layers": len(layers), "layers_ratio": before / after,
+        "model_ratio": params_before / count_parameters(gm),
+        "params_before": params_before, "params_after": count_parameters(gm),
+        "steps": t.steps, "distortions": t.distortions, "final_projections": t.final_projections,
+        "train_loss": t.losses, "seconds": time.perf_counter() - start, **expkit.metadata(),
+    })
+    return result
+
+
+def report(store: expkit.RunStore, cfg) -> None:
+    runs = store.load_all()
+    if not runs:
+        return
+    baseline = cfg.baseline_acc
+    table, series = [], {"deeptwist": {}, "conventional": {}}
+    for r in runs:
+        if r["arm"] == "conventional" or r["period"] == 200:
+            series[r["arm"]].setdefault(r["ratio_requested"], []).append(r)
+    header = ["ratio (layers)", "ratio (model)", "paper DT", "paper conv", "ours DT", "ours conv",
+              "DT - conv [95% CI]", "seeds"]
+    for ratio in sorted(set(series["deeptwist"]) | set(series["conventional"])):
+        dt, cv = series["deeptwist"].get(ratio, []), series["conventional"].get(ratio, [])
+        paper = PAPER.get(ratio, ("-", "-"))
+        ref = (dt or cv)[0]
+        diff = "-"
+        pairs = [(a, b) for a in dt for b in cv if a["seed"] == b["seed"]]
+        if pairs:
+            a = np.concatenate([expkit.unpack_bools(p[0]["test_correct"], p[0]["test_n"]) for p in pairs])
+            b = np.concatenate([expkit.unpack_bools(p[1]["test_correct"], p[1]["test_n"]) for p in pairs])
+            m, lo, hi = expkit.paired_bootstrap(a, b)
+            diff = f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        acc = lambda rs: " / ".join(f"{100 * x['test_acc']:.2f}" for x in sorted(rs, key=lambda x: x["seed"])) or "-"
+        table.append([f"{ref['layers_ratio']:.2f}x (asked {ratio:g})", f"{ref['model_ratio']:.2f}x", paper[0],
+                      paper[1], acc(dt), acc(cv), diff, len(pairs)])
+    sweep = sorted((r for r in runs if r["arm"] == "deeptwist" and r["ratio_requested"] == 4.3),
+                   key=lambda r: (r["period"], r["seed"]))
+    sweep_rows = [[r["period"], r["seed"], r["distortions"], f"{100 * r['test_acc']:.2f}"] for r in sweep]
+    run_rows = [[run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"]), f"{100 * r['test_acc']:.2f}",
+                 f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
+                 r["steps"], r["distortions"], f"{r['seconds'] / 60:.1f}", r["machine"]["cpu"]] for r in runs]
+    md = [f"# DeepTwist vs. conventional Tucker fine-tuning, CIFAR-10 ResNet-32\n",
+          f"Baseline (pre-trained checkpoint, all 10,000 JPEG test images): **{100 * baseline:.2f}%** "
+          f"(paper: {PAPER_BASELINE}% on the original images with a longer schedule).",
+          f"Fine-tuning budget per run: {runs[0]['epochs']} epochs x {runs[0]['steps_per_epoch']} steps, batch "
+          f"{runs[0]['batch']}, SGD Nesterov 0.9, cosine from lr {runs[0]['lr']:g}, weight decay 5e-4. "
+          "Ratio (layers): weight compression of the 30 compressed 3x3 convs; ratio (model): all parameters. "
+          "DT - conv: paired bootstrap over test images (10,000 resamples), seeds pooled. S_D = 200.\n",
+          expkit.markdown_table(header, table), "\n## S_D sweep at 4.3x\n",
+          expkit.markdown_table(["S_D", "seed", "distortions", "test acc %"], sweep_rows),
+          "\n## All runs\n",
+          expkit.markdown_table(["run", "test acc %", "acc right after decomposition %", "steps", "distortions",
+                                 "minutes", "machine"], run_rows),
+          f"\nCommand: `{runs[-1]['command']}`\n"]
+    (store.root / "results.md").write_text("\n".join(md) + "\n")
+    slim = [{k: v for k, v in r.items() if k != "test_correct"} for r in runs]
+    (store.root / "results.json").write_text(json.dumps({"baseline_test_acc": baseline, "paper": PAPER,
+                                                         "runs": slim}, indent=1) + "\n")
+    plot(series, baseline, store.root / "accuracy_vs_ratio.png")
+
+
+def plot(series, baseline, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for arm, style in (("deeptwist", "o-"), ("conventional", "s-")):
+        points = sorted((np.mean([r["layers_ratio"] for r in rs]), 100 * np.mean([r["test_acc"] for r in rs]))
+                        for rs in series[arm].values())
+        if points:
+            ax.plot(*zip(*points), style, label=f"ours: {arm}")
+    for i, (arm, style) in enumerate((("DeepTwist", "o:"), ("conventional", "s:"))):
+        ax.plot(list(PAPER), [v[i] for v in PAPER.values()], style, alpha=0.4, label=f"paper: {arm}")
+    ax.axhline(100 * baseline, ls="--", color="gray", label=f"our baseline {100 * baseline:.2f}%")
+    ax.axhline(PAPER_BASELINE, ls="--", color="gray", alpha=0.4, label=f"paper baseline {PAPER_BASELINE}%")
+    ax.set_xlabel("compression ratio of the compressed convs (weights)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("ResNet-32 on CIFAR-10: Tucker-2")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class Config:
+    def __init__(self, args):
+        self.data, self.checkpoint = args.data, args.checkpoint
+        self.epochs, self.lr, self.batch, self.progress = args.epochs, args.lr, args.batch, args.progress
+        self.train_subset = None
+        self.test_subset = None
+        if args.smoke:
+            self.epochs, self.batch = 1, 32
+            self.train_subset = np.arange(0, 45000, 700)[:64]
+            self.test_subset = np.arange(0, 10000, 50)
+        self._baseline = None
+
+    def test_batches(self):
+        return cifar10_batches(self.data, "test", batch_size=500, subset=self.test_subset)
+
+    @property
+    def baseline_acc(self) -> float:
+        if self._baseline is None:
+            self._baseline = float(expkit.correctness(load_resnet32(self.checkpoint), self.test_batches()).mean())
+        return self._baseline
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(expkit.SHARED_DATA / "cifar10-jpg.tar.gz"))
+    p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
+    p.add_argument("--out", default=str(expkit.REPO / "results" / "deeptwist_vs_tucker"))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--only", help="comma-separated run ids to run (default: the whole grid)")
+    p.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    p.add_argument("--smoke", action="store_true", help="tiny budget: both arms at 4.3x, period 1")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--progress", action="store_true", help="tqdm bars")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    cfg, store = Config(args), expkit.RunStore(Path(args.out))
+    grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
+    if args.only:
+        wanted = set(args.only.split(","))
+        grid = [g for g in grid if run_id(*g) in wanted]
+    new = 0
+    for spec in ([] if args.report_only else grid):
+        rid = run_id(*spec)
+        if store.done(rid):
+            log.info("%s: done earlier, skipped", rid)
+            continue
+        if args.max_runs is not None and new >= args.max_runs:
+            break
+        log.info("%s: running", rid)
+        result = run(cfg, *spec)
+        store.save(rid, result)
+        new += 1
+        log.info("%s: test acc %.2f%% (layers %.2fx, model %.2fx) in %.1f min", rid, 100 * result["test_acc"],
+                 result["layers_ratio"], result["model_ratio"], result["seconds"] / 60)
+        report(store, cfg)
+    report(store, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
