@@ -66,3 +66,10 @@ class UntraceableTop(nn.Module):
         if x.mean() > 0:
             x = x * 2
         return self.conv(x)
+
+
+class Classifier(Net):
+    """Net with global average pooling: logits over 2 * width classes."""
+
+    def forward(self, x):
+        return super().forward(x).mean(dim=(2, 3))

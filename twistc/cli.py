@@ -21,7 +21,7 @@ import torch
 
 from twistc.bench import bench
 from twistc.errors import SpecError, TwistcError
-from twistc.export import export_onnx
+from twistc.export import export_onnx, save_program
 from twistc.modelfile import load_model_file
 from twistc.pipeline import Pipeline, RunContext, describe, expand_presets
 from twistc.plan import DEFAULT_RATIO, Plan
@@ -148,7 +148,7 @@ def compile_command(args) -> int:
         gm.eval()
         _say("exporting model.onnx")
         check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
-        torch.export.save(torch.export.export(gm, example), tmp / "model.pt2")
+        save_program(gm, example, tmp / "model.pt2")
         acc_after = accuracy(gm, eval_data()) if eval_data else None
         training = ctx.results.get("train")
         report = build_report(

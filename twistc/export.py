@@ -53,6 +53,19 @@ def _quiet():
             lg.setLevel(level)
 
 
+def _dynamic_batch(example_inputs: tuple) -> tuple:
+    batch = torch.export.Dim("batch")
+    return tuple({0: batch} if torch.is_tensor(x) and x.dim() else None for x in example_inputs)
+
+
+def save_program(module: nn.Module, example_inputs: tuple, path: str | Path) -> None:
+    """torch.export the module (eval mode, dynamic batch) to a .pt2 file: no pickled Python objects."""
+    module.eval()
+    with _quiet(), torch.no_grad():
+        program = torch.export.export(module, _batched(example_inputs, 2), dynamic_shapes=_dynamic_batch(example_inputs))
+    torch.export.save(program, str(path))
+
+
 def _batched(example_inputs: tuple, batch: int) -> tuple:
     return tuple(torch.cat([x] * batch)[:batch] if torch.is_tensor(x) and x.dim() else x for x in example_inputs)
 
@@ -66,8 +79,7 @@ def export_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} if torch.is_tensor(x) and x.dim() else None for x in example_inputs)
+        dynamic = _dynamic_batch(example_inputs)
         with _quiet(), torch.no_grad():
             torch.onnx.export(module, _batched(example_inputs, 2), str(path), dynamo=True, external_data=False,
                               dynamic_shapes=dynamic, opset_version=opset, verbose=False)

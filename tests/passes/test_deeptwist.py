@@ -1,0 +1,149 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import twistc
+from twistc.errors import NonFiniteError, SpecError
+from twistc.ops import LowRankProjection
+from twistc.passes.deeptwist import DeepTwist
+from twistc.pipeline import Pipeline, RunContext
+from models_for_tests import Classifier, FunctionalConv, Net
+
+X = torch.randn(4, 3, 12, 12)
+
+
+def _projected(spec="deeptwist{ranks=3x2,period=7,layers=conv2}", model=None):
+    gm = twistc.trace(model or Net().eval(), (X,))
+    return Pipeline.parse(spec).run(gm)
+
+
+def _multilinear_rank(w):
+    return (int(torch.linalg.matrix_rank(w.reshape(w.shape[0], -1).double(), rtol=1e-6)),
+            int(torch.linalg.matrix_rank(w.transpose(0, 1).reshape(w.shape[1], -1).double(), rtol=1e-6)))
+
+
+def test_graph_routes_weight_through_projection_and_counter_is_in_state_dict():
+    gm = _projected()
+    proj_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == "conv2.weight_projection"]
+    assert len(proj_nodes) == 1
+    (node,) = proj_nodes
+    assert node.args[0].op == "get_attr" and node.args[0].target == "conv2.weight"
+    (conv,) = node.users
+    assert conv.op == "call_function" and conv.target in (F.conv2d, torch.conv2d)
+    keys = gm.state_dict().keys()
+    assert {"conv2.weight_projection.step", "conv2.weight_projection.distortions"} <= set(keys)
+    assert "conv2.weight" in keys  # the model keeps its parameters and shape
+    assert isinstance(gm.conv2.weight_projection, LowRankProjection)
+
+
+def test_distortions_exactly_every_period_and_only_in_training_forwards():
+    torch.manual_seed(0)
+    gm = _projected()
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.0)
+    weight = gm.get_parameter("conv2.weight")
+    changed_at, previous = [], weight.detach().clone()
+    gm.train()
+    for step in range(1, 41):
+        loss = gm(X).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if not torch.equal(weight, previous):
+            changed_at.append(step)
+        previous = weight.detach().clone()
+        gm.eval()
+        gm(X)  # eval forwards do not count
+        gm.train()
+        with torch.no_grad():
+            gm(X)  # nor do training-mode forwards without grad
+    assert changed_at == [7, 14, 21, 28, 35]
+    projection = gm.conv2.weight_projection
+    assert int(projection.step) == 40 and int(projection.distortions) == 5
+    assert _multilinear_rank(weight.detach()) == (3, 2)
+
+
+def test_weights_move_between_distortions_with_a_real_optimizer():
+    gm = _projected("deeptwist{ranks=3x2,period=5,layers=conv2}")
+    opt = torch.optim.SGD(gm.parameters(), lr=0.1)
+    gm.train()
+    for _ in range(6):
+        opt.zero_grad()
+        gm(X).square().mean().backward()
+        opt.step()
+    assert _multilinear_rank(gm.get_parameter("conv2.weight").detach()) != (3, 2)  # moved off after step 5
+    twistc.final_projection(gm)
+    assert _multilinear_rank(gm.get_parameter("conv2.weight").detach()) == (3, 2)
+    assert int(gm.conv2.weight_projection.final_projections) == 1
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_lowered_model_equals_projected_model(functional):
+    model = nn.Sequential(FunctionalConv(nn.Conv2d(3, 8, 3, padding=1))) if functional else Net()
+    gm = _projected("deeptwist{ratio=2,period=3}", model.eval())
+    ctx = RunContext(train_data=lambda: [(X, torch.zeros(4, dtype=torch.long))] * 4, progress=False)
+    loss = lambda out, y: out.square().mean()
+    twistc.train(gm, ctx.train_data, epochs=2, lr=0.01, loss_fn=loss, progress=False)
+    gm.eval()
+    projected = gm(X)
+    ranks = {p.layer: p.ranks for p in gm.modules() if isinstance(p, LowRankProjection)}
+    assert ranks
+    for p in gm.modules():
+        if isinstance(p, LowRankProjection):
+            w = gm.get_parameter(p.weight_name).detach()
+            assert all(r <= t for r, t in zip(_multilinear_rank(w), p.ranks))
+    gm = Pipeline.parse("lower-conv-tucker,cleanup").run(gm)
+    assert not any(isinstance(m, LowRankProjection) for m in gm.modules())
+    torch.testing.assert_close(gm(X), projected, atol=1e-5, rtol=1e-5)
+    layers = twistc.state_of(gm).layers
+    assert all(layers[name].ranks == r and layers[name].lowering == "tucker-chain" for name, r in ranks.items())
+
+
+def test_train_stage_counts_steps_and_distortions_and_calls_train_data_each_epoch():
+    gm = _projected("deeptwist{ratio=2,period=4}", Classifier().eval())
+    calls = []
+
+    def batches():
+        calls.append(1)
+        for _ in range(5):  # a generator: no len()
+            yield X, torch.randint(0, 4, (4,))
+
+    ctx = RunContext(train_data=batches, progress=False)
+    Pipeline.parse("train{epochs=3,lr=0.01}").run(gm, ctx)
+    result = ctx.results["train"]
+    assert len(calls) == 3 and result.steps == 15 and result.distortions == 3  # steps 4, 8, 12
+    assert result.final_projections == 2  # conv1 and conv2; 1x1 and grouped convs are skipped
+
+
+def test_lowering_after_deeptwist_rejects_conflicting_ranks():
+    gm = _projected("deeptwist{ranks=3x2,period=7,layers=conv2}")
+    with pytest.raises(twistc.TwistcError, match="trained by deeptwist with ranks"):
+        Pipeline.parse("lower-conv-tucker{ranks=4x4,layers=conv2}").run(gm)
+
+
+def test_non_finite_weight_names_layer_and_step():
+    gm = _projected("deeptwist{ranks=3x2,period=2,layers=conv2}")
+    gm.train()
+    gm(X).sum().backward()
+    with torch.no_grad():
+        gm.get_parameter("conv2.weight")[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"layer conv2: .* step 2"):
+        gm(X)
+
+
+def test_non_finite_loss_stops_training_with_the_step():
+    gm = _projected("deeptwist{ratio=2,period=100}", Classifier().eval())
+    data = lambda: [(X * (float("inf") if i == 2 else 1), torch.zeros(4, dtype=torch.long)) for i in range(4)]
+    with pytest.raises(NonFiniteError, match="step 3"):
+        twistc.train(gm, data, epochs=1, progress=False)
+
+
+def test_options_are_validated_and_second_run_changes_nothing():
+    for bad in ("deeptwist{period=0}", "deeptwist{decomp=cp}", "deeptwist{ratio=1}", "deeptwist{ranks=0x2}",
+                "deeptwist{ratio=2,ranks=3x3}"):
+        with pytest.raises(twistc.TwistcError):
+            Pipeline.parse(bad)
+    gm = _projected()
+    assert DeepTwist(ranks=(3, 2), layers="conv2")(gm).modified is False
+    with pytest.raises(twistc.TwistcError, match="outside"):
+        _projected("deeptwist{ranks=9x9}")  # conv1 has only 3 input channels

@@ -1,0 +1,177 @@
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+
+from twistc.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = '''
+import torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+def example_inputs():
+    return (torch.randn(1, 3, 8, 8),)
+'''
+TRAIN = '''
+def train_data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
+'''
+
+
+def _model_file(tmp_path, body=TINY + TRAIN, name="model.py"):
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+def _fails(capsys, argv, message):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("twistc: error: ") and "\n" not in err and "Traceback" not in err
+    assert message in err, err
+    return err
+
+
+def test_compile_digits_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["compile", str(REPO / "examples" / "digits.py"), "--pass", "deeptwist-tucker", "--ratio", "3",
+                 "--epochs", "1", "--period", "10", "--set", "pretrain_epochs=4", "-o", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["original.onnx", "model.onnx", "model.pt2",
+                                                            "report.json", "report.md"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"] == "deeptwist{period=10,ratio=3},train{epochs=1},lower-conv-tucker,cleanup"
+    assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4"]
+    for layer in report["layers"]:
+        assert layer["lowering"] == "tucker-chain" and layer["ratio_achieved"] >= 3
+        assert set(layer) >= {"name", "skip_reason", "ranks", "params_before", "params_after", "flops_before",
+                              "flops_after"}
+        assert report["plan"][layer["name"]]["ranks"] == layer["ranks"]
+    assert report["totals"]["params_before"] / report["totals"]["params_after"] >= 3
+    assert report["training"]["steps"] == 45 and report["training"]["distortions"] == 4
+    assert report["training"]["final_projections"] == 4
+    assert report["accuracy"]["before"] > 0.9 and 0 < report["accuracy"]["after"] <= 1
+    assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["atol"] == 1e-4
+    assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    assert "conv4" in text and "tucker-chain" in text and "ONNX check" in text
+    program = torch.export.load(out / "model.pt2")
+    x = torch.randn(3, 1, 8, 8)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(program.module()(x), torch.from_numpy(onnx_out), atol=1e-4, rtol=1e-4)
+    # the report's plan feeds back in
+    again = tmp_path / "again"
+    assert main(["compile", str(REPO / "examples" / "digits.py"), "--pass", "tucker", "--plan",
+                 str(out / "report.json"), "--set", "pretrain_epochs=1", "-o", str(again), "--quiet"]) == 0
+    replayed = json.loads((again / "report.json").read_text())
+    assert [l["ranks"] for l in replayed["layers"]] == [l["ranks"] for l in report["layers"]]
+
+
+def test_passes_lists_passes_and_presets(capsys):
+    assert main(["passes"]) == 0
+    text = capsys.readouterr().out
+    for name in ("deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"):
+        assert name in text
+    assert "= deeptwist,train,lower-conv-tucker,cleanup" in text
+
+
+@pytest.mark.parametrize("body,message", [
+    ("def model(:\n", "syntax error in model.py line 1"),
+    ("import torch\ndef example_inputs():\n    return torch.zeros(1)\n", "must define model()"),
+    (TINY.replace("torch.manual_seed(0)", "raise ValueError('no weights here')"), "model() in model.py raised ValueError: no weights here"),
+    ("import no_such_package_xyz\n", "importing model.py raised ModuleNotFoundError"),
+])
+def test_broken_model_files(tmp_path, capsys, body, message):
+    path = _model_file(tmp_path, body)
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "out")], message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_file(tmp_path, capsys):
+    _fails(capsys, ["compile", str(tmp_path / "nope.py"), "-o", str(tmp_path / "out")], "does not exist")
+
+
+def test_untraceable_model(tmp_path, capsys):
+    body = TINY.replace("def example_inputs", '''
+class Odd(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+def model():
+    return Odd()
+
+def example_inputs''')
+    _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
+           "cannot trace Odd.forward")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pass", "lower-conv-cp"], "unknown pass 'lower-conv-cp'"),
+    (["--pass", "deeptwist{speed=2},train"], "has no option 'speed'"),
+    (["--pass", "tucker", "--ratio", "1"], "ratio must be > 1"),
+    (["--pass", "lower-conv-tucker{ranks=0x2}"], "ranks must be >= 1"),
+    (["--pass", "lower-conv-tucker{ranks=8x9}"], "r_in=9 is outside 1..3"),
+    (["--pass", "tucker", "--set", "colour=red"], "takes option(s) colour"),
+])
+def test_bad_pipelines_and_options(tmp_path, capsys, args, message):
+    path = _model_file(tmp_path)
+    _fails(capsys, ["compile", str(path), "-o", str(tmp_path / "out"), *args], message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deeptwist_without_train_data(tmp_path, capsys):
+    _fails(capsys, ["compile", str(_model_file(tmp_path, TINY)), "--pass", "deeptwist-tucker",
+                    "-o", str(tmp_path / "out")], "defines no train_data()")
+
+
+def test_output_that_is_a_file_or_the_input(tmp_path, capsys):
+    path = _model_file(tmp_path)
+    existing = tmp_path / "taken.txt"
+    existing.write_text("keep me")
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(existing)], "is a file")
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(path)], "would overwrite the input")
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(tmp_path)], "would overwrite the input")
+    assert existing.read_text() == "keep me"
+
+
+def test_non_empty_output_needs_force(tmp_path, capsys):
+    path = _model_file(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(out)], "not empty")
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(out), "--force"], "no report.json")
+    assert (out / "mine.txt").read_text() == "x"
+
+
+def test_failed_onnx_check_writes_nothing(tmp_path, capsys, monkeypatch):
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: [o + 1 for o in real_run(self, *a, **k)])
+    path = _model_file(tmp_path)
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "out")],
+           "onnxruntime differs from PyTorch")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model.py"]  # no temporary directory left behind
+
+
+def test_force_replaces_an_earlier_output(tmp_path, capsys):
+    path = _model_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["compile", str(path), "--pass", "tucker", "-o", str(out), "--quiet"]) == 0
+    first = (out / "report.json").read_text()
+    assert main(["compile", str(path), "--pass", "tucker", "--ratio", "3", "-o", str(out), "--quiet", "--force"]) == 0
+    assert (out / "report.json").read_text() != first

@@ -1,0 +1,53 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import twistc
+from twistc.errors import ExportCheckError
+from twistc.bench import bench
+from twistc.pipeline import Pipeline
+from models_for_tests import Net
+
+X = torch.randn(1, 3, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def lowered(tmp_path_factory):
+    gm = Pipeline.parse("lower-conv-tucker{ratio=2},cleanup").run(twistc.trace(Net().eval(), (X,)))
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return gm, path, twistc.export_onnx(gm, (X,), path)
+
+
+def test_export_is_self_contained_with_dynamic_batch(lowered, tmp_path):
+    gm, path, check = lowered
+    assert check.max_abs_diff < 1e-5 and check.batch_sizes == (1, 3)
+    moved = tmp_path / "renamed.onnx"
+    moved.write_bytes(path.read_bytes())
+    path_siblings = [p.name for p in path.parent.iterdir()]
+    assert path_siblings == ["model.onnx"]  # no external-data file beside it
+    model = onnx.load(str(moved))
+    assert not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    session = ort.InferenceSession(str(moved), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 3, 12, 12)
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(out, gm(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_mismatch_is_an_error(lowered):
+    gm, path, _ = lowered
+    other = Net().eval()  # different weights, same shapes
+    with pytest.raises(ExportCheckError, match="differs from PyTorch"):
+        twistc.export.check_onnx(other, (X,), path)
+
+
+def test_bench_times_models_side_by_side(lowered, tmp_path):
+    gm, path, _ = lowered
+    dense = tmp_path / "dense.onnx"
+    twistc.export_onnx(Net().eval(), (X,), dense)
+    result = bench([str(dense), str(path)], batch=2, threads=1, warmup=2, reps=5)
+    assert [m["path"] for m in result["models"]] == [str(dense), str(path)]
+    assert result["models"][0]["ratio_to_first"] == 1.0
+    assert all(m["median_ms"] > 0 and m["p10_ms"] <= m["p90_ms"] for m in result["models"])
+    assert result["repetitions"] == 5 and result["provider"] == "cpu" and result["threads"] == 1

@@ -1,0 +1,89 @@
+import pytest
+import torch
+import torch.fx as fx
+from dataclasses import dataclass
+
+import twistc
+from twistc import pipeline
+from twistc.errors import PassError, SpecError
+from twistc.pipeline import Pass, PassResult, Pipeline, expand_presets
+from twistc.passes.deeptwist import DeepTwist
+from twistc.train import Train
+from models_for_tests import Net
+
+
+@pytest.mark.parametrize("spec", [
+    "deeptwist{decomp=tucker,ratio=4,period=200},train{epochs=3},lower-conv-tucker,cleanup",
+    "train{epochs=3,lr=0.05}",
+    "lower-conv-tucker{ranks=8x4,layers=layer1.*|conv1},cleanup",
+    "deeptwist{ratio=2.5,round_to=8}",
+])
+def test_spec_parses_and_prints_back(spec):
+    p = Pipeline.parse(spec)
+    assert str(p) == spec
+    assert str(Pipeline.parse(str(p))) == spec
+
+
+def test_options_are_typed():
+    p = Pipeline.parse("deeptwist{decomp=tucker,ratio=4,period=200},train{epochs=3,lr=0.05},lower-conv-tucker{ranks=8x4}")
+    dt, tr, low = p.stages
+    assert isinstance(dt, DeepTwist) and dt.ratio == 4.0 and dt.period == 200
+    assert isinstance(tr, Train) and tr.epochs == 3 and tr.lr == 0.05
+    assert low.ranks == (8, 4)
+
+
+def test_presets_expand():
+    assert expand_presets("deeptwist-tucker") == "deeptwist,train,lower-conv-tucker,cleanup"
+    assert expand_presets("tucker") == "lower-conv-tucker,cleanup"
+    assert expand_presets("tucker", epochs=2) == "lower-conv-tucker,cleanup,train"
+    assert [s.name for s in Pipeline.parse("deeptwist-tucker").stages] == [
+        "deeptwist", "train", "lower-conv-tucker", "cleanup"]
+    names = [row[0] for row in pipeline.describe()]
+    assert {"deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"} <= set(names)
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("lower-conv-cp", "unknown pass 'lower-conv-cp'"),
+    ("deeptwist{speed=3}", "has no option 'speed'"),
+    ("deeptwist{period=fast}", "cannot read 'fast' as int"),
+    ("deeptwist{period}", "not key=value"),
+    ("train{epochs=3", "unbalanced"),
+    ("", "empty"),
+    ("lower-conv-tucker{ratio=0.5}", "ratio must be > 1"),
+])
+def test_bad_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(twistc.TwistcError, match=message):
+        Pipeline.parse(spec)
+
+
+def test_with_defaults_fills_only_unwritten_options():
+    stage = Pipeline.parse("deeptwist{ratio=4}").stages[0].with_defaults(ratio=2.0, period=50, epochs=9)
+    assert stage.ratio == 4.0 and stage.period == 50 and stage.spec() == "deeptwist{ratio=4,period=50}"
+
+
+@dataclass(frozen=True)
+class BreakShapes(Pass):
+    name = "break-shapes"
+    summary = "test pass that corrupts the graph"
+
+    def __call__(self, gm):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            flat = gm.graph.call_function(torch.flatten, (out.args[0],))
+        out.args = (flat,)
+        return PassResult(gm, True, 1)
+
+
+def test_verification_names_the_failing_pass_and_those_before(monkeypatch):
+    monkeypatch.setitem(pipeline.REGISTRY, "break-shapes", f"{__name__}:BreakShapes")
+    gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 8, 8),))
+    with pytest.raises(PassError, match=r"after pass 'break-shapes' \(after: lower-conv-tucker\{ratio=2\}\).*shapes"):
+        Pipeline.parse("lower-conv-tucker{ratio=2},break-shapes").run(gm)
+
+
+def test_pass_results_are_honest():
+    gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 8, 8),))
+    first = pipeline.stage_class("lower-conv-tucker").from_options({"ratio": "2"})(gm)
+    second = pipeline.stage_class("lower-conv-tucker").from_options({"ratio": "2"})(gm)
+    assert (first.modified, first.rewrites) == (True, 2)
+    assert (second.modified, second.rewrites) == (False, 0)

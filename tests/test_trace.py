@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+import twistc
+from twistc.errors import TraceError
+from twistc.ops import TuckerConv
+from twistc.pipeline import Pipeline
+from models_for_tests import Net, UntraceableTop, WithUntraceableChild
+
+X = torch.randn(2, 3, 10, 10)
+
+
+def test_shapes_are_attached_and_layers_named_by_parameter():
+    gm = twistc.trace(Net().eval(), (X,))
+    conv2 = next(n for n in gm.graph.nodes if n.target == "conv2")
+    assert tuple(conv2.meta["tensor_meta"].shape) == (2, 16, 5, 5)
+    state = twistc.state_of(gm)
+    assert list(state.layers) == ["conv1", "conv2", "point", "grouped"]
+    assert state.layers["conv2"].geometry.in_hw == (10, 10) and state.layers["conv2"].geometry.out_hw == (5, 5)
+    assert state.output_shapes == [(2, 16, 5, 5)]
+
+
+def test_trace_restores_training_mode():
+    model = Net().train()
+    gm = twistc.trace(model, (X,))
+    assert gm.conv1.training
+
+
+def test_untraceable_child_becomes_leaf_and_other_convs_are_lowered():
+    model = WithUntraceableChild().eval()
+    expected = model(X)
+    gm = twistc.trace(model, (X,))
+    state = twistc.state_of(gm)
+    assert list(state.leaves) == ["odd"]
+    assert "control flow" in state.leaves["odd"] and "models_for_tests.py" in state.leaves["odd"]
+    assert "inside untraceable module odd" in state.layers["odd.inner"].skip_reason
+    gm = Pipeline.parse("lower-conv-tucker{ranks=8x3},cleanup").run(gm)
+    assert isinstance(gm.stem, TuckerConv) and isinstance(gm.head, TuckerConv)
+    assert type(gm.odd.inner) is torch.nn.Conv2d
+    assert state.layers["odd.inner"].lowering is None
+    assert gm(X).shape == expected.shape
+
+
+def test_untraceable_top_level_names_module_and_line():
+    with pytest.raises(TraceError, match=r"UntraceableTop\.forward.*models_for_tests\.py:\d+: if x\.mean\(\) > 0"):
+        twistc.trace(UntraceableTop(), (X,))
+
+
+def test_bad_example_inputs_are_a_clear_error():
+    with pytest.raises(TraceError, match="example_inputs"):
+        twistc.trace(Net(), (torch.randn(1, 5, 8, 8),))
