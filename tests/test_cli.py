@@ -175,3 +175,17 @@ def test_force_replaces_an_earlier_output(tmp_path, capsys):
     first = (out / "report.json").read_text()
     assert main(["compile", str(path), "--pass", "tucker", "--ratio", "3", "-o", str(out), "--quiet", "--force"]) == 0
     assert (out / "report.json").read_text() != first
+
+
+def test_bench_command_writes_results(tmp_path, capsys):
+    path = _model_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["compile", str(path), "--pass", "tucker", "-o", str(out), "--quiet"]) == 0
+    result_file = tmp_path / "bench.json"
+    assert main(["bench", str(out / "original.onnx"), str(out / "model.onnx"), "--batch", "2", "--reps", "5",
+                 "--warmup", "1", "-o", str(result_file)]) == 0
+    result = json.loads(result_file.read_text())
+    assert [m["path"] for m in result["models"]] == [str(out / "original.onnx"), str(out / "model.onnx")]
+    assert result["batch"] == 2 and result["repetitions"] == 5
+    _fails(capsys, ["bench", str(tmp_path / "missing.onnx")], "does not exist")
+    _fails(capsys, ["bench", str(out / "model.onnx"), "--provider", "cuda"], "CUDAExecutionProvider")
