@@ -62,7 +62,7 @@ def hosvd(weight: Tensor, ranks: tuple[int, int]) -> Tucker2:
     return _cast(Tucker2(core, u_out, u_in), weight.dtype)
 
 
-def hooi(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10, tol: float = 1e-8) -> Tucker2:
+def hooi(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10, tol: float = 1e-6) -> Tucker2:
     """HOSVD start, then alternating refits until the relative error improves by less than `tol`."""
     r_out, r_in = ranks
     w = weight.detach().double()

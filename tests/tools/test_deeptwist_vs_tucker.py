@@ -1,0 +1,61 @@
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+sys.path.insert(0, str(TOOLS))
+import deeptwist_vs_tucker as exp  # noqa: E402
+import expkit  # noqa: E402
+
+needs_data = pytest.mark.skipif(not (expkit.SHARED_DATA / "resnet32_cifar10.pt").is_file(),
+                                reason="../shared/data is not on this machine")
+
+
+@needs_data
+def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "smoke"
+    assert exp.main(["--smoke", "--out", str(out), "--max-runs", "1"]) == 0  # "interrupted" after one run
+    assert [p.name for p in (out / "runs").iterdir()] == ["deeptwist-r4.3-sd1-s0.json"]
+    first = (out / "runs" / "deeptwist-r4.3-sd1-s0.json").read_text()
+
+    calls = []
+    real_run = exp.run
+    monkeypatch.setattr(exp, "run", lambda cfg, *spec: calls.append(spec) or real_run(cfg, *spec))
+    assert exp.main(["--smoke", "--out", str(out)]) == 0
+    assert calls == [("conventional", 4.3, 1, 0)]  # the finished run was not recomputed
+    assert (out / "runs" / "deeptwist-r4.3-sd1-s0.json").read_text() == first
+
+    runs = {r["arm"]: r for r in expkit.RunStore(out).load_all()}
+    dt, cv = runs["deeptwist"], runs["conventional"]
+    assert dt["pipelines"][0].startswith("deeptwist{layers=layer*,ratio=4.3,period=1},train{")
+    assert cv["pipelines"][0] == "lower-conv-tucker{layers=layer*,ratio=4.3},cleanup"
+    assert dt["compressed_layers"] == cv["compressed_layers"] == 30
+    assert dt["layers_ratio"] == pytest.approx(cv["layers_ratio"]) and dt["layers_ratio"] >= 4.3
+    assert dt["model_ratio"] < dt["layers_ratio"]
+    assert dt["steps"] == cv["steps"] == 2 and dt["distortions"] == 2 and cv["distortions"] == 0
+    assert dt["final_projections"] == 30
+    assert len(expkit.unpack_bools(dt["test_correct"], dt["test_n"])) == dt["test_n"] == 200
+    assert "test_acc_decomposed" in cv and 0 <= cv["test_acc"] <= 1
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "accuracy_vs_ratio.png"}
+    assert "| 4.47x (asked 4.3)" in (out / "results.md").read_text()
+    assert json.loads((out / "results.json").read_text())["runs"][0]["command"]
+
+
+def test_paired_bootstrap_interval_covers_the_difference():
+    rng = np.random.default_rng(1)
+    a = rng.random(4000) < 0.92
+    b = a.copy()
+    b[:80] = ~b[:80]  # b differs on 80 images
+    mean, lo, hi = expkit.paired_bootstrap(a, b, reps=2000)
+    assert mean == pytest.approx(a.mean() - b.mean())
+    assert lo < mean < hi and hi - lo < 0.01
+    same = expkit.paired_bootstrap(a, a, reps=200)
+    assert same == (0.0, 0.0, 0.0)
+
+
+def test_bool_packing_round_trips():
+    x = np.random.default_rng(0).random(1001) < 0.5
+    assert np.array_equal(expkit.unpack_bools(expkit.pack_bools(x), 1001), x)
