@@ -3,10 +3,12 @@
     conv(x, W)  ->  conv(x, project(W))      project: every `period` training steps,
                                                W <- reconstruct(decompose(W, ranks)) in place
 
+`decomp` is tucker (Tucker-2 over the channel modes), svd (SVD of the lowered T x S*kh*kw matrix,
+columns in `order`) or tiled-svd (one SVD per tile of that matrix, tiles given by `tile` or `grid`).
 The model keeps its shape while it trains; the projection module (ops.LowRankProjection) holds the
-layer's decomposition and ranks, and later lowering passes read them from it. An nn.Conv2d becomes
-F.conv2d on its own parameters (so the weight is visible as get_attr -> project -> conv); a padding
-mode other than zeros becomes an explicit F.pad in front.
+layer's plan entry, and lowering passes read it from there. An nn.Conv2d becomes F.conv2d on its
+own parameters (so the weight is visible as get_attr -> project -> conv); a padding mode other than
+zeros becomes an explicit F.pad in front.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from twistc.convs import ConvSite, erase_if_dead, insert_module
+from twistc.decomp.svd import ORDERS
 from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
 from twistc.pipeline import PassResult
-from twistc.selection import LowRankOptions
+from twistc.plan import Layout
+from twistc.selection import LowRankOptions, check_choice
 
-DECOMPS = ("tucker",)
+DECOMPS = ("tucker", "svd", "tiled-svd")
 
 
 @dataclass(frozen=True)
@@ -31,13 +35,23 @@ class DeepTwist(LowRankOptions):
 
     decomp: str = "tucker"
     period: int = 200
+    order: str = "channel-major"
+    tile: tuple[int, ...] | None = None
+    grid: tuple[int, ...] | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.decomp not in DECOMPS:
-            raise SpecError(f"decomp must be one of {', '.join(DECOMPS)}, got {self.decomp!r}")
+        check_choice(self.decomp, DECOMPS, "decomp")
+        check_choice(self.order, ORDERS, "order")
         if self.period < 1:
             raise SpecError(f"period must be >= 1, got {self.period}")
+        if self.decomp == "tiled-svd" and (self.tile is None) == (self.grid is None):
+            raise SpecError("decomp=tiled-svd needs exactly one of tile=HxW or grid=RxC")
+        if self.decomp != "tiled-svd" and (self.tile or self.grid):
+            raise SpecError("tile and grid apply to decomp=tiled-svd only")
+
+    def layout(self) -> Layout:
+        return Layout(self.order, self.tile, self.grid)
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         state, sites = self.sites(gm)
@@ -45,11 +59,11 @@ class DeepTwist(LowRankOptions):
         for site in sites:
             if site.projection is not None:
                 continue
-            entry = self.tucker_entry(gm, site, state)
+            entry = self.entry(gm, site, state, self.decomp)
             if isinstance(entry, str):
                 state.skip(site.name, entry)
                 continue
-            projection = LowRankProjection(site.name, site.weight_name, entry.decomp, entry.ranks, self.period)
+            projection = LowRankProjection(site.name, site.weight_name, entry, self.period)
             insert_module(gm, f"{site.weight_name}_projection", projection)
             _route_weight(gm, site, f"{site.weight_name}_projection")
             state.plan.set(site.name, entry)

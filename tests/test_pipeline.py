@@ -56,8 +56,8 @@ def test_bad_specs_say_what_is_wrong(spec, message):
         Pipeline.parse(spec)
 
 
-def test_with_defaults_fills_only_unwritten_options():
-    stage = Pipeline.parse("deeptwist{ratio=4}").stages[0].with_defaults(ratio=2.0, period=50, epochs=9)
+def test_defaults_fill_only_unwritten_options():
+    stage = pipeline.parse_item("deeptwist{ratio=4}", {"ratio": 2.0, "period": 50, "epochs": 9, "tile": None})
     assert stage.ratio == 4.0 and stage.period == 50 and stage.spec() == "deeptwist{ratio=4,period=50}"
 
 

@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,7 +24,7 @@ from twistc.bench import bench
 from twistc.errors import SpecError, TwistcError
 from twistc.export import export_onnx, save_program
 from twistc.modelfile import load_model_file
-from twistc.pipeline import Pipeline, RunContext, describe, expand_presets
+from twistc.pipeline import Pipeline, RunContext, describe, expand_presets, parse_item, split_items
 from twistc.plan import DEFAULT_RATIO, Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
 from twistc.state import state_of
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, help="epochs of the train stage")
     c.add_argument("--period", type=int, default=200, help="DeepTwist S_D: steps between projections (200)")
     c.add_argument("--lr", type=float, help="learning rate of the train stage")
+    c.add_argument("--order", choices=("channel-major", "tap-major"),
+                   help="column order of the lowered matrix for svd and tiled-svd (channel-major)")
+    c.add_argument("--tile", type=_pair, metavar="HxW", help="tile shape for tiled-svd, e.g. 64x64")
+    c.add_argument("--grid", type=_pair, metavar="RxC", help="tile grid for tiled-svd, e.g. 1x9")
     c.add_argument("--seed", type=int, help="seed of the train stage")
     c.add_argument("--plan", help="plan JSON (or a report.json) whose per-layer entries override pass options")
     c.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
@@ -70,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=50)
     b.add_argument("-o", "--output", help="write the results as JSON here")
     return p
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 16x16, got {text!r}") from None
+    return h, w
 
 
 def _options(pairs: list[str]) -> dict[str, str]:
@@ -96,14 +109,17 @@ def _check_output(out: Path, model_path: Path, force: bool) -> None:
 
 
 def build_pipeline(spec: str, args) -> Pipeline:
-    """The pipeline from --pass, with --ratio/--epochs/--period/--lr/--seed filling options not written."""
-    pipeline = Pipeline.parse(expand_presets(spec, args.epochs))
+    """The pipeline from --pass; the other flags fill options the spec does not write. Lowering passes
+    after deeptwist take ranks, order and tiles from the trained projections, so those flags skip them."""
     stages, projected = [], False
-    for stage in pipeline.stages:
+    for text in split_items(expand_presets(spec, args.epochs)):
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period}
-        if not projected:  # after deeptwist, lowering takes its ranks from the projections
-            values["ratio"] = args.ratio if not {"ranks", "energy"} & set(stage.given) else None
-        stages.append(stage.with_defaults(**values))
+        if not projected:
+            values.update(order=args.order, tile=args.tile, grid=args.grid)
+            if not re.search(r"\b(ranks|energy)=", text):
+                values["ratio"] = args.ratio
+        stage = parse_item(text, values)
+        stages.append(stage)
         projected |= isinstance(stage, DeepTwist)
     return Pipeline(stages)
 

@@ -134,6 +134,24 @@ def insert_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     owner.add_module(attr, module)
 
 
+def finalize_projection(gm: fx.GraphModule, site: ConvSite) -> None:
+    """Before lowering a DeepTwist-trained layer: make its kernel exactly low-rank (idempotent)."""
+    if site.projection is None:
+        return
+    weight = site.weight(gm)
+    if site.projection.finalized:
+        site.projection.project_(weight)
+    else:
+        site.projection.finalize_(weight)
+
+
+def replace_with_module(gm: fx.GraphModule, site: ConvSite, path: str, module: nn.Module) -> None:
+    """Replace the conv node by one call_module node for `module`, put at `path`."""
+    with gm.graph.inserting_before(site.node):
+        node = gm.graph.create_node("call_module", path, (site.input,))
+    _swap(gm, site, node, path, module)
+
+
 def replace_with_chain(gm: fx.GraphModule, site: ConvSite, path: str, module: nn.Module) -> None:
     """Replace the conv node by call_module nodes for `module`'s children in order, and put `module`
     at `path`; attribute reads and projections that fed only the conv go too."""
@@ -142,9 +160,14 @@ def replace_with_chain(gm: fx.GraphModule, site: ConvSite, path: str, module: nn
         value = site.input
         for child in module._modules:  # create_node: the targets exist only once `module` is in place
             value = graph.create_node("call_module", f"{path}.{child}", (value,))
+    _swap(gm, site, value, path, module)
+
+
+def _swap(gm: fx.GraphModule, site: ConvSite, value: fx.Node, path: str, module: nn.Module) -> None:
+    value.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(value)
     inputs = [n for n in site.node.all_input_nodes if n is not site.input]
-    graph.erase_node(site.node)
+    gm.graph.erase_node(site.node)
     erase_if_dead(gm, inputs)
     insert_module(gm, path, module)
 

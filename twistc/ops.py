@@ -2,33 +2,40 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from twistc.decomp.tucker import tucker2
+from twistc.decomp.svd import unlowered
+from twistc.decomp.tiling import TiledLowRank
 from twistc.errors import NonFiniteError
+from twistc.plan import LayerPlan
 
 
 class LowRankProjection(nn.Module):
     """DeepTwist's weight distortion, placed between a conv's weight and the conv.
 
-    It is the single source of truth for the layer's decomposition and ranks. Each training-mode
-    forward with grad enabled is one step; at every multiple of `period` the weight is replaced
-    in place by its low-rank reconstruction. Otherwise (eval mode, no_grad, export) it is the
-    identity. `step`, `distortions` and `final_projections` are buffers, so they checkpoint.
+    Its `plan` is the single source of truth for the layer's decomposition and ranks. Each
+    training-mode forward with grad enabled is one step; at every multiple of `period` the weight is
+    replaced in place by its low-rank reconstruction. Otherwise (eval mode, no_grad, export) it is
+    the identity. `step`, `distortions` and `final_projections` are buffers, so they checkpoint.
     """
 
-    def __init__(self, layer: str, weight_name: str, decomp: str, ranks: tuple[int, ...], period: int):
+    def __init__(self, layer: str, weight_name: str, plan: LayerPlan, period: int):
         super().__init__()
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
-        self.layer = layer
-        self.weight_name = weight_name
-        self.decomp = decomp
-        self.ranks = tuple(int(r) for r in ranks)
-        self.period = int(period)
+        self.layer, self.weight_name, self.plan, self.period = layer, weight_name, plan, int(period)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("distortions", torch.zeros((), dtype=torch.int64))
         self.register_buffer("final_projections", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def decomp(self) -> str:
+        return self.plan.decomp
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(self.plan.ranks)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
@@ -38,11 +45,6 @@ class LowRankProjection(nn.Module):
                 self.distortions += 1
         return weight
 
-    def reconstruct(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.decomp == "tucker":
-            return tucker2(weight, self.ranks).reconstruct()
-        raise ValueError(f"unknown decomposition {self.decomp!r}")
-
     @torch.no_grad()
     def project_(self, weight: torch.Tensor) -> None:
         """Replace `weight` in place by its low-rank reconstruction."""
@@ -51,7 +53,7 @@ class LowRankProjection(nn.Module):
                 f"layer {self.layer}: weight is not finite at step {int(self.step)}; "
                 "lower the learning rate or raise the ranks"
             )
-        weight.copy_(self.reconstruct(weight))
+        weight.copy_(self.plan.reconstruct(weight))
 
     def finalize_(self, weight: torch.Tensor) -> None:
         """The final projection: afterwards the kernel is exactly low-rank."""
@@ -63,7 +65,15 @@ class LowRankProjection(nn.Module):
         return int(self.final_projections) > 0
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, decomp={self.decomp}, ranks={self.ranks}, period={self.period}"
+        p = self.plan
+        layout = f", order={p.order}" if p.order else ""
+        layout += f", tile={p.tile}" if p.tile else (f", grid={p.grid}" if p.grid else "")
+        return f"layer={self.layer}, decomp={p.decomp}, ranks={p.ranks}{layout}, period={self.period}"
+
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value)
 
 
 class TuckerConv(nn.Sequential):
@@ -76,16 +86,121 @@ class TuckerConv(nn.Sequential):
     def __init__(self, conv_args: dict, u_out: torch.Tensor, core: torch.Tensor, u_in: torch.Tensor,
                  bias: torch.Tensor | None):
         r_out, r_in, kh, kw = core.shape
-        reduce = nn.Conv2d(u_in.shape[0], r_in, 1, bias=False)
-        core_conv = nn.Conv2d(r_in, r_out, (kh, kw), bias=False, **conv_args)
-        expand = nn.Conv2d(r_out, u_out.shape[0], 1, bias=bias is not None)
-        with torch.no_grad():
-            reduce.weight.copy_(u_in.T[:, :, None, None])
-            core_conv.weight.copy_(core)
-            expand.weight.copy_(u_out[:, :, None, None])
-            if bias is not None:
-                expand.bias.copy_(bias)
         super().__init__()
-        self.add_module("reduce", reduce)
-        self.add_module("core", core_conv)
-        self.add_module("expand", expand)
+        self.add_module("reduce", nn.Conv2d(u_in.shape[0], r_in, 1, bias=False))
+        self.add_module("core", nn.Conv2d(r_in, r_out, (kh, kw), bias=False, **conv_args))
+        self.add_module("expand", nn.Conv2d(r_out, u_out.shape[0], 1, bias=bias is not None))
+        _set(self.reduce.weight, u_in.T[:, :, None, None])
+        _set(self.core.weight, core)
+        _set(self.expand.weight, u_out[:, :, None, None])
+        if bias is not None:
+            _set(self.expand.bias, bias)
+
+
+class SvdConv(nn.Sequential):
+    """K ~= U V as two convs: kh x kw (S->r, the rows of V as kernels), then 1x1 (r->T, U, the bias)."""
+
+    def __init__(self, conv_args: dict, kernel: tuple[int, int], u: torch.Tensor, v: torch.Tensor,
+                 bias: torch.Tensor | None, order: str):
+        r, s = v.shape[0], v.shape[1] // (kernel[0] * kernel[1])
+        super().__init__()
+        self.add_module("reduce", nn.Conv2d(s, r, kernel, bias=False, **conv_args))
+        self.add_module("expand", nn.Conv2d(r, u.shape[0], 1, bias=bias is not None))
+        _set(self.reduce.weight, unlowered(v, (r, s, *kernel), order))
+        _set(self.expand.weight, u[:, :, None, None])
+        if bias is not None:
+            _set(self.expand.bias, bias)
+
+
+def same_padding(kernel, dilation) -> tuple[int, int, int, int]:
+    """padding='same' as explicit (left, right, top, bottom), the extra pixel going right/bottom."""
+    pads = []
+    for k, d in zip(reversed(kernel), reversed(dilation)):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+class Im2Col(nn.Module):
+    """Input [B, S, H, W] -> columns [B, S*kh*kw, Hout*Wout] in the given column order.
+
+    `method` picks an exact implementation: "unfold" (F.unfold; gathers in ONNX) or "onehot"
+    (a grouped conv whose one-hot kernels copy each tap into its own channel).
+    """
+
+    def __init__(self, channels: int, kernel, stride, padding, dilation, padding_mode: str = "zeros",
+                 order: str = "channel-major", method: str = "unfold"):
+        super().__init__()
+        self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
+        self.pads = same_padding(kernel, dilation) if padding == "same" else (
+            padding[1], padding[1], padding[0], padding[0])
+        self.mode = "constant" if padding_mode == "zeros" else padding_mode
+        self.channels, self.order, self.method = channels, order, method
+        taps = kernel[0] * kernel[1]
+        if method == "onehot":
+            onehot = torch.zeros(channels * taps, 1, *kernel)
+            onehot.view(channels, taps, -1)[:, torch.arange(taps), torch.arange(taps)] = 1
+            self.register_buffer("onehot", onehot)
+        elif method != "unfold":
+            raise ValueError(f"im2col method must be unfold or onehot, got {method!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.pads):
+            x = F.pad(x, self.pads, mode=self.mode)
+        if self.method == "onehot":
+            cols = F.conv2d(x, self.onehot, None, self.stride, 0, self.dilation, self.channels).flatten(2)
+        else:
+            cols = F.unfold(x, self.kernel, self.dilation, 0, self.stride)
+        if self.order == "tap-major":
+            b, _, p = cols.shape
+            cols = cols.view(b, self.channels, -1, p).transpose(1, 2).reshape(b, -1, p)
+        return cols
+
+    def output_hw(self, h, w):
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        h = h + self.pads[2] + self.pads[3]
+        w = w + self.pads[0] + self.pads[1]
+        return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+
+
+class LowRankGemm(nn.Module):
+    """im2col, then per tile U_ij (V_ij X_j), summed over column tiles, reshaped back to an image.
+
+    Tiles are zero-padded to a common shape (exact: padded rows of U and columns of V are zero), so
+    all tiles run as two batched matrix products: Z = V_blocks @ X (per column tile) and
+    Y = U_blocks @ Z (per row tile, over the stacked column tiles). Untiled SVD is the 1x1 grid.
+    """
+
+    def __init__(self, im2col: Im2Col, factors: TiledLowRank, bias: torch.Tensor | None):
+        super().__init__()
+        self.im2col = im2col
+        grid = factors.grid
+        (gr, gc), (th, tw) = grid.shape, grid.tile
+        r = max(f.rank for f in factors.factors.values())
+        self.out_channels, self.columns = factors.shape
+        self.grid, self.tile, self.rank = (gr, gc), (th, tw), r
+        v_blocks = torch.zeros(gc, gr * r, tw)
+        u_blocks = torch.zeros(gr, th, gc * r)
+        for i, j, rs, cs in grid.tiles():
+            f = factors.factors[i, j]
+            v_blocks[j, i * r:i * r + f.rank, : cs.stop - cs.start] = f.v
+            u_blocks[i, : rs.stop - rs.start, j * r:j * r + f.rank] = f.u
+        self.v_blocks = nn.Parameter(v_blocks)
+        self.u_blocks = nn.Parameter(u_blocks)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        h, w = self.im2col.output_hw(x.shape[2], x.shape[3])
+        cols = self.im2col(x)                                      # [B, N, P]
+        (gr, gc), (th, tw), r = self.grid, self.tile, self.rank
+        if gc * tw != self.columns:
+            cols = F.pad(cols, (0, 0, 0, gc * tw - self.columns))
+        z = self.v_blocks @ cols.view(b, gc, tw, -1)               # [B, gc, gr*r, P]
+        z = z.view(b, gc, gr, r, -1).transpose(1, 2).reshape(b, gr, gc * r, -1)
+        y = (self.u_blocks @ z).reshape(b, gr * th, -1)            # [B, gr*th, P]
+        if gr * th != self.out_channels:
+            y = y[:, : self.out_channels]
+        if self.bias is not None:
+            y = y + self.bias[:, None]
+        return y.reshape(b, self.out_channels, h, w)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 REGISTRY = {
     "deeptwist": "twistc.passes.deeptwist:DeepTwist",
     "lower-conv-tucker": "twistc.passes.lower_conv_tucker:LowerConvTucker",
+    "lower-conv-svd": "twistc.passes.lower_conv_svd:LowerConvSvd",
+    "lower-conv-tiled-lowrank": "twistc.passes.lower_conv_tiled:LowerConvTiledLowrank",
     "cleanup": "twistc.passes.cleanup:Cleanup",
     "train": "twistc.train:Train",
 }
@@ -39,6 +41,10 @@ PRESETS = {
                "conventional: Tucker-decompose, then fine-tune the decomposed model (adds train when --epochs > 0)"),
     "deeptwist-tucker": ("deeptwist,train,lower-conv-tucker,cleanup",
                          "DeepTwist: train in the original shape with periodic Tucker projections, then lower"),
+    "deeptwist-svd": ("deeptwist{decomp=svd},train,lower-conv-svd,cleanup",
+                      "DeepTwist with SVD of each lowered (im2col) matrix, lowered to a conv pair"),
+    "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower-conv-tiled-lowrank,cleanup",
+                            "DeepTwist with tiled SVD of each lowered matrix, lowered to im2col + tiled GEMMs"),
 }
 
 
@@ -89,15 +95,6 @@ class Stage:
         return getattr(self, "_given", None) or {
             f.name: format_value(getattr(self, f.name)) for f in dataclasses.fields(self)
             if getattr(self, f.name) != f.default}
-
-    def with_defaults(self, **values) -> "Stage":
-        """This stage with options it has and was not given set from `values`."""
-        names = {f.name for f in dataclasses.fields(self)}
-        options = dict(self.given)
-        for key, value in values.items():
-            if key in names and key not in options and value is not None:
-                options[key] = format_value(value)
-        return type(self).from_options(options)
 
     def spec(self) -> str:
         options = ",".join(f"{k}={v}" for k, v in self.given.items())
@@ -177,7 +174,8 @@ def stage_class(name: str) -> type[Stage]:
     return getattr(importlib.import_module(module), cls)
 
 
-def parse_item(text: str) -> Stage:
+def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
+    """One spec item; `defaults` fill options that the item has and does not write."""
     match = _ITEM.match(text)
     if not match:
         raise SpecError(f"cannot read pipeline item {text!r}; write name or name{{key=value,...}}")
@@ -188,7 +186,12 @@ def parse_item(text: str) -> Stage:
         if not eq or not key.strip():
             raise SpecError(f"option {part!r} of {name} is not key=value")
         options[key.strip()] = value.strip()
-    return stage_class(name).from_options(options)
+    cls = stage_class(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    extra = {k: format_value(v) for k, v in (defaults or {}).items() if k in fields and v is not None}
+    stage = cls.from_options({**extra, **options})
+    object.__setattr__(stage, "_given", {**options, **{k: v for k, v in extra.items() if k not in options}})
+    return stage
 
 
 def expand_presets(spec: str, epochs: int | None = None) -> str:

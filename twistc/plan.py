@@ -2,49 +2,86 @@
 
 Deciding is kept apart from rewriting. Rank choosers fill a `LayerPlan` per layer from pass
 options (ratio, energy, explicit ranks); passes consume it; the report holds it; `--plan FILE`
-feeds an edited one back, and its entries win over the pass options.
+feeds an edited one back, and its entries win over the pass options. A LayerPlan also knows how
+to reconstruct a kernel at its ranks, which is what a DeepTwist projection applies.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from twistc.decomp.cost import ConvGeometry
-from twistc.decomp.rank import check_tucker_ranks, tucker_ranks_for_energy, tucker_ranks_for_ratio
-from twistc.errors import SpecError
+from twistc.decomp.cost import ConvGeometry, Cost, lowrank_cost, tucker_chain_cost
+from twistc.decomp.rank import check_tucker_ranks, rank_for_energy, tucker_ranks_for_energy, tucker_ranks_for_ratio
+from twistc.decomp.svd import ORDERS, lowered, singular_energies, unlowered
+from twistc.decomp.tiling import TileGrid, rank_for_ratio, tiled_svd
+from twistc.decomp.tucker import tucker2
+from twistc.errors import RankError, SpecError
 
 DEFAULT_RATIO = 2.0
-DECOMPOSITIONS = ("tucker", "none")  # "none": leave the layer dense
-LOWERINGS = {"tucker": "tucker-chain", "none": "none"}
+# decomposition -> lowering forms it can take (the first is the default); "none" leaves a layer dense
+LOWERINGS = {"tucker": ("tucker-chain",), "svd": ("svd-conv", "svd-im2col"), "tiled-svd": ("tiled-lowrank",),
+             "none": ("none",)}
+DECOMPOSITIONS = tuple(LOWERINGS)
+_KEYS = ("decomp", "ranks", "lowering", "ratio", "energy", "order", "tile", "grid")
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    decomp: str                       # "tucker"
-    ranks: tuple[int, ...]            # tucker: (r_out, r_in)
-    lowering: str                     # "tucker-chain"
-    ratio: float | None = None        # the requested ratio, when ranks came from one
-    energy: float | None = None       # the requested energy, when ranks came from one
+    decomp: str                        # tucker | svd | tiled-svd | none
+    ranks: tuple[int, ...]             # tucker: (r_out, r_in); svd, tiled-svd: (r,)
+    lowering: str                      # one of LOWERINGS[decomp]
+    ratio: float | None = None         # the requested ratio, when ranks came from one
+    energy: float | None = None        # the requested energy, when ranks came from one
+    order: str | None = None           # svd, tiled-svd: column order of the lowered matrix
+    tile: tuple[int, int] | None = None  # tiled-svd: tile shape ...
+    grid: tuple[int, int] | None = None  # ... or grid shape
+
+    def tile_grid(self, matrix_shape: tuple[int, int]) -> TileGrid:
+        if self.tile is not None:
+            return TileGrid.from_tile(matrix_shape, self.tile)
+        return TileGrid.from_grid(matrix_shape, self.grid or (1, 1))
+
+    def reconstruct(self, weight: torch.Tensor) -> torch.Tensor:
+        """The kernel's low-rank reconstruction under this plan (same shape and dtype)."""
+        if self.decomp == "tucker":
+            return tucker2(weight, self.ranks).reconstruct()
+        k = lowered(weight, self.order)
+        approx = tiled_svd(k, self.tile_grid(tuple(k.shape)), self.ranks[0]).reconstruct()
+        return unlowered(approx, tuple(weight.shape), self.order)
+
+    def cost(self, g: ConvGeometry) -> Cost:
+        if self.decomp == "tucker":
+            return tucker_chain_cost(g, self.ranks)
+        n = g.in_channels * g.taps
+        return lowrank_cost(g, self.tile_grid((g.out_channels, n)).factor_params(self.ranks[0]))
 
     def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> "LayerPlan":
-        unknown = set(data) - {"decomp", "ranks", "lowering", "ratio", "energy"}
+        unknown = set(data) - set(_KEYS)
         if unknown:
             raise SpecError(f"plan entry '{name}' has unknown keys {sorted(unknown)}")
         decomp = data.get("decomp")
         if decomp not in DECOMPOSITIONS:
             raise SpecError(f"plan entry '{name}': decomp must be one of {DECOMPOSITIONS}, got {decomp!r}")
-        ranks = data.get("ranks", [])
-        if not isinstance(ranks, list) or not all(isinstance(r, int) for r in ranks):
-            raise SpecError(f"plan entry '{name}': ranks must be a list of integers, got {ranks!r}")
-        return cls(decomp, tuple(ranks), data.get("lowering") or LOWERINGS[decomp],
-                   data.get("ratio"), data.get("energy"))
+        ints = {k: data.get(k) for k in ("ranks", "tile", "grid")}
+        for key, value in ints.items():
+            if value is not None and not (isinstance(value, list) and all(isinstance(r, int) for r in value)):
+                raise SpecError(f"plan entry '{name}': {key} must be a list of integers, got {value!r}")
+        lowering = data.get("lowering") or LOWERINGS[decomp][0]
+        if lowering not in LOWERINGS[decomp]:
+            raise SpecError(f"plan entry '{name}': lowering of {decomp} must be one of {LOWERINGS[decomp]}")
+        order = data.get("order") or (None if decomp in ("tucker", "none") else "channel-major")
+        if order is not None and order not in ORDERS:
+            raise SpecError(f"plan entry '{name}': order must be one of {ORDERS}, got {order!r}")
+        tup = lambda v: tuple(v) if v is not None else None
+        return cls(decomp, tuple(ints["ranks"] or ()), lowering, data.get("ratio"), data.get("energy"), order,
+                   tup(ints["tile"]), tup(ints["grid"]))
 
 
 @dataclass
@@ -100,20 +137,59 @@ class RankRequest:
             raise SpecError(f"give only one of ratio, ranks, energy (got {', '.join(given)})")
 
 
-def choose_tucker(weight: torch.Tensor, geometry: ConvGeometry, request: RankRequest) -> LayerPlan:
-    """A Tucker plan entry for one conv from a rank request."""
+@dataclass(frozen=True)
+class Layout:
+    """How a 2-D decomposition sees the kernel: column order and tiling."""
+
+    order: str = "channel-major"
+    tile: tuple[int, int] | None = None
+    grid: tuple[int, int] | None = None
+
+
+def choose(weight: torch.Tensor, geometry: ConvGeometry, decomp: str, request: RankRequest,
+           layout: Layout = Layout(), lowering: str | None = None) -> LayerPlan:
+    """A plan entry for one conv: `decomp` at the ranks `request` asks for."""
+    lowering = lowering or LOWERINGS[decomp][0]
+    if decomp == "tucker":
+        return _choose_tucker(weight, geometry, request, lowering)
+    entry = LayerPlan(decomp, (), lowering, order=layout.order,
+                      tile=layout.tile if decomp == "tiled-svd" else None,
+                      grid=(layout.grid if decomp == "tiled-svd" else None))
+    shape = (geometry.out_channels, geometry.in_channels * geometry.taps)
+    grid = entry.tile_grid(shape)
     if request.ranks is not None:
-        return LayerPlan("tucker", check_tucker_ranks(geometry, tuple(request.ranks)), LOWERINGS["tucker"])
+        return replace(entry, ranks=(check_matrix_rank(grid, request.ranks),))
     if request.energy is not None:
-        ranks = tucker_ranks_for_energy(weight, request.energy)
-        return LayerPlan("tucker", ranks, LOWERINGS["tucker"], energy=request.energy)
+        if decomp != "svd":
+            raise SpecError("energy= chooses ranks for tucker and svd only; give ratio or ranks for tiled-svd")
+        return replace(entry, ranks=(rank_for_energy(singular_energies(lowered(weight, layout.order)), request.energy),),
+                       energy=request.energy)
     ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
-    ranks = tucker_ranks_for_ratio(geometry, ratio, request.round_to)
-    return LayerPlan("tucker", ranks, LOWERINGS["tucker"], ratio=ratio)
+    return replace(entry, ranks=(rank_for_ratio(grid, ratio),), ratio=ratio)
+
+
+def check_matrix_rank(grid: TileGrid, ranks: tuple[int, ...]) -> int:
+    top = min(grid.tile)
+    if len(ranks) != 1 or not 1 <= ranks[0] <= top:
+        raise RankError(f"rank {'x'.join(map(str, ranks))} is outside 1..{top} (full rank of a {grid.tile[0]}x"
+                        f"{grid.tile[1]} tile)")
+    return int(ranks[0])
+
+
+def _choose_tucker(weight, geometry, request, lowering) -> LayerPlan:
+    if request.ranks is not None:
+        return LayerPlan("tucker", check_tucker_ranks(geometry, tuple(request.ranks)), lowering)
+    if request.energy is not None:
+        return LayerPlan("tucker", tucker_ranks_for_energy(weight, request.energy), lowering, energy=request.energy)
+    ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
+    return LayerPlan("tucker", tucker_ranks_for_ratio(geometry, ratio, request.round_to), lowering, ratio=ratio)
 
 
 def check_entry(geometry: ConvGeometry, entry: LayerPlan) -> LayerPlan:
     """Validate a plan entry (typically from an edited file) against the layer it names."""
     if entry.decomp == "tucker":
         check_tucker_ranks(geometry, entry.ranks)
+    elif entry.decomp in ("svd", "tiled-svd"):
+        check_matrix_rank(entry.tile_grid((geometry.out_channels, geometry.in_channels * geometry.taps)), entry.ranks)
     return entry
+

@@ -1,30 +1,33 @@
 """Which layers a low-rank pass touches and with what ranks: the options shared by such passes.
 
-Order of authority for one layer: the plan (from `--plan` or an earlier pass) > the pass options >
-the default ratio. Legality is a table of predicates with the reason each one gives.
+Order of authority for one layer: a DeepTwist projection (the layer was trained for its ranks) >
+the plan (from `--plan` or an earlier pass) > the pass options > the default ratio. Legality is a
+table of predicates per decomposition, each with the reason it gives.
 """
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
 from twistc.convs import ConvSite, conv_sites
-from twistc.decomp.cost import conv_cost, tucker_chain_cost
-from twistc.errors import RankError
+from twistc.decomp.cost import conv_cost
+from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass
-from twistc.plan import LayerPlan, RankRequest, check_entry, choose_tucker
+from twistc.plan import LOWERINGS, LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.state import CompileState, state_of
 
-TUCKER_LEGALITY = [
-    (lambda s: s.groups != 1, lambda s: f"grouped conv (groups={s.groups}); Tucker-2 needs groups=1"),
-    (lambda s: s.geometry.taps == 1, lambda s: "1x1 conv: a Tucker chain of it is never smaller"),
-]
+_GROUPED = (lambda s: s.groups != 1, lambda s: f"grouped conv (groups={s.groups}); only groups=1 is decomposed")
+LEGALITY = {
+    "tucker": [_GROUPED, (lambda s: s.geometry.taps == 1, lambda s: "1x1 conv: a Tucker chain of it is never smaller")],
+    "svd": [_GROUPED],
+    "tiled-svd": [_GROUPED],
+}
 
 
-def first_failure(site: ConvSite, table) -> str | None:
-    return next((reason(site) for test, reason in table if test(site)), None)
+def first_failure(site: ConvSite, decomp: str) -> str | None:
+    return next((reason(site) for test, reason in LEGALITY[decomp] if test(site)), None)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class LowRankOptions(Pass):
     def request(self) -> RankRequest:
         return RankRequest(self.ratio, self.ranks, self.energy, self.round_to)
 
+    def layout(self) -> Layout:
+        """Column order and tiling for 2-D decompositions; passes with such options override this."""
+        return Layout()
+
     @property
     def chooses_ranks(self) -> bool:
         """Whether these options ask for ranks at all."""
@@ -60,25 +67,66 @@ class LowRankOptions(Pass):
         state = state_of(gm)
         return state, [s for s in conv_sites(gm) if s.name in state.layers]
 
-    def tucker_entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState) -> LayerPlan | str:
+    def entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
+              lowering: str | None = None) -> LayerPlan | str:
         """The plan entry for this layer, or the reason it is skipped."""
         if not self.selects(site.name):
             return f"not selected by layers={self.layers}"
-        reason = first_failure(site, TUCKER_LEGALITY)
+        reason = first_failure(site, decomp)
         if reason:
             return reason
-        entry = state.plan.get(site.name)
-        if entry is not None:
-            if entry.decomp == "none":
+        planned = state.plan.get(site.name)
+        if planned is not None:
+            if planned.decomp == "none":
                 return "left dense by the plan"
-            return check_entry(site.geometry, entry)
+            if planned.decomp != decomp:
+                return f"the plan gives it decomp={planned.decomp}"
+            return check_entry(site.geometry, planned)
         try:
-            entry = choose_tucker(site.weight(gm), site.geometry, self.request())
+            entry = choose(site.weight(gm), site.geometry, decomp, self.request(), self.layout(), lowering)
         except RankError as e:
             if self.ranks is not None:
                 raise RankError(f"layer {site.name}: {e}") from None
             return str(e)
-        bigger = tucker_chain_cost(site.geometry, entry.ranks).params >= conv_cost(site.geometry).params
-        if bigger and self.ranks is None:  # explicit ranks are done as asked
-            return f"Tucker form at ranks {entry.ranks} would not be smaller than the conv"
+        if entry.cost(site.geometry).params >= conv_cost(site.geometry).params and self.ranks is None:
+            return f"{decomp} at ranks {entry.ranks} would not be smaller than the conv"
         return entry
+
+    def lowering_entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
+                       lowering: str) -> LayerPlan | str:
+        """For lowering passes: the entry from the layer's projection, its plan entry, or these options."""
+        projection = site.projection
+        if projection is None:
+            if site.name not in state.plan and not self.chooses_ranks:
+                return "no ranks asked for: give ratio, ranks or energy, or a plan entry"
+            entry = self.entry(gm, site, state, decomp, lowering)
+            return entry if isinstance(entry, str) else replace(entry, lowering=lowering)
+        trained = projection.plan
+        if trained.decomp != decomp:
+            return f"trained with decomp={trained.decomp}; lower it with the pass for {trained.decomp}"
+        if not self.selects(site.name):
+            return f"not selected by layers={self.layers}"
+        if self.chooses_ranks:
+            own = self.entry(gm, site, CompileState(state.example_inputs, state.output_shapes), decomp)
+            if isinstance(own, str) or own.ranks != trained.ranks:
+                raise PassError(
+                    f"layer {site.name}: {self.spec()} asks for ranks {None if isinstance(own, str) else own.ranks} "
+                    f"but deeptwist trained the layer with ranks {trained.ranks}; drop the rank options of {self.name}")
+        return replace(trained, lowering=lowering)
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise SpecError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
+    """Write a finished lowering into the plan and the layer's record."""
+    state.plan.set(site.name, entry)
+    record = state.layers[site.name]
+    record.decomp, record.ranks, record.ratio_requested = entry.decomp, tuple(entry.ranks), entry.ratio
+    record.lowering, record.skip_reason = entry.lowering, None
+    record.after = entry.cost(site.geometry)
+
+
+__all__ = ["LEGALITY", "LOWERINGS", "LowRankOptions", "check_choice", "first_failure", "record_lowering"]

@@ -117,7 +117,7 @@ def test_train_stage_counts_steps_and_distortions_and_calls_train_data_each_epoc
 
 def test_lowering_after_deeptwist_rejects_conflicting_ranks():
     gm = _projected("deeptwist{ranks=3x2,period=7,layers=conv2}")
-    with pytest.raises(twistc.TwistcError, match="trained by deeptwist with ranks"):
+    with pytest.raises(twistc.TwistcError, match="deeptwist trained the layer with ranks"):
         Pipeline.parse("lower-conv-tucker{ranks=4x4,layers=conv2}").run(gm)
 
 

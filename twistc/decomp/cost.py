@@ -50,3 +50,9 @@ def tucker_chain_cost(g: ConvGeometry, ranks: tuple[int, int]) -> Cost:
     expand = r_out * g.out_channels
     macs = reduce * _pixels(g.in_hw) + (core + expand) * _pixels(g.out_hw)
     return Cost(reduce + core + expand, macs)
+
+
+def lowrank_cost(g: ConvGeometry, factor_params: int) -> Cost:
+    """A 2-D low-rank form (SVD or tiled SVD of the lowered matrix): every factor entry is one MAC per
+    output pixel, whether it runs as a conv pair or as im2col + GEMMs."""
+    return Cost(factor_params, factor_params * _pixels(g.out_hw))

@@ -59,11 +59,12 @@ def tucker_ranks_for_ratio(g: ConvGeometry, ratio: float, round_to: int = 1) -> 
 
 def tucker_ranks_for_energy(weight: torch.Tensor, energy: float) -> tuple[int, int]:
     """Smallest ranks keeping `energy` of each channel mode's squared singular values."""
+    return tuple(rank_for_energy(mode_energies(weight, mode), energy) for mode in (0, 1))
+
+
+def rank_for_energy(spectrum: torch.Tensor, energy: float) -> int:
+    """Smallest rank whose leading squared singular values (descending) hold `energy` of the total."""
     if not 0 < energy <= 1:
         raise RankError(f"energy must be in (0, 1], got {energy}")
-    return tuple(_rank_for_energy(mode_energies(weight, mode), energy) for mode in (0, 1))
-
-
-def _rank_for_energy(spectrum: torch.Tensor, energy: float) -> int:
     share = spectrum.cumsum(0) / spectrum.sum().clamp_min(1e-300)
     return int(min(len(spectrum), int((share < energy - 1e-12).sum()) + 1))

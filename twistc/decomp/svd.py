@@ -1,0 +1,62 @@
+"""2-D low-rank approximation of a conv kernel through its lowered (im2col) matrix.
+
+    K[T, S*kh*kw] = lowered(W, order),   K ~= U[T, r] V[r, S*kh*kw]   (truncated SVD)
+
+Column orders: `channel-major` (S, kh, kw) is PyTorch's `weight.reshape(T, -1)` and F.unfold's
+row order; `tap-major` (kh, kw, S) puts one kernel tap across all input channels in S adjacent
+columns. The singular values are split evenly between U and V (U = U_r sqrt(s), V = sqrt(s) V_r^T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+ORDERS = ("channel-major", "tap-major")
+
+
+def lowered(weight: Tensor, order: str = "channel-major") -> Tensor:
+    """The T x (S*kh*kw) matrix of a kernel, columns in `order`."""
+    t = weight.shape[0]
+    if order == "channel-major":
+        return weight.reshape(t, -1)
+    if order == "tap-major":
+        return weight.permute(0, 2, 3, 1).reshape(t, -1)
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
+def unlowered(matrix: Tensor, shape: tuple[int, ...], order: str = "channel-major") -> Tensor:
+    """Inverse of `lowered`: the kernel of `shape` (T, S, kh, kw) whose lowered matrix is `matrix`."""
+    t, s, kh, kw = shape
+    if order == "channel-major":
+        return matrix.reshape(t, s, kh, kw)
+    if order == "tap-major":
+        return matrix.reshape(t, kh, kw, s).permute(0, 3, 1, 2).contiguous()
+    raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    u: Tensor  # [m, r]
+    v: Tensor  # [r, n]
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def reconstruct(self) -> Tensor:
+        return self.u @ self.v
+
+
+def truncated_svd(matrix: Tensor, rank: int) -> LowRank:
+    """Best rank-`rank` factors of `matrix` (Eckart-Young), computed in float64."""
+    m = matrix.detach().double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    rank = min(rank, s.numel())
+    root = s[:rank].sqrt()
+    return LowRank((u[:, :rank] * root).to(matrix.dtype), (root[:, None] * vh[:rank]).to(matrix.dtype))
+
+
+def singular_energies(matrix: Tensor) -> Tensor:
+    return torch.linalg.svdvals(matrix.detach().double()) ** 2
