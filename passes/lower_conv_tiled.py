@@ -33,7 +33,7 @@ class LowerConvTiledLowrank(LowRankOptions):
     tile: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None
     order: str = "channel-major"
-    im2col: str = "unfold"
+    im2col: str = "onehot"
 
     def __post_init__(self):
         super().__post_init__()

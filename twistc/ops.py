@@ -129,7 +129,7 @@ class Im2Col(nn.Module):
     """
 
     def __init__(self, channels: int, kernel, stride, padding, dilation, padding_mode: str = "zeros",
-                 order: str = "channel-major", method: str = "unfold"):
+                 order: str = "channel-major", method: str = "onehot"):
         super().__init__()
         self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
         self.pads = same_padding(kernel, dilation) if padding == "same" else (

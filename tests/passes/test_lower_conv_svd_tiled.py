@@ -26,9 +26,9 @@ T, S = 8, 6
 X = torch.randn(2, S, 11, 10)
 SPECS = {
     "svd-conv": "lower-conv-svd{{ranks={r},order={o}}}",
-    "svd-im2col": "lower-conv-svd{{form=im2col,ranks={r},order={o}}}",
+    "svd-im2col-unfold": "lower-conv-svd{{form=im2col,im2col=unfold,ranks={r},order={o}}}",
     "svd-im2col-onehot": "lower-conv-svd{{form=im2col,im2col=onehot,ranks={r},order={o}}}",
-    "tiled": "lower-conv-tiled-lowrank{{tile=3x5,ranks={r},order={o}}}",  # ragged: 8 rows, S*k*k columns
+    "tiled": "lower-conv-tiled-lowrank{{tile=3x5,im2col=unfold,ranks={r},order={o}}}",  # ragged tiles
     "tiled-grid-onehot": "lower-conv-tiled-lowrank{{grid=2x3,im2col=onehot,ranks={r},order={o}}}",
 }
 
