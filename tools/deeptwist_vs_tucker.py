@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import expkit  # noqa: E402
-from twistc import Pipeline, RunContext, state_of, trace  # noqa: E402
-from twistc.data import cifar10_batches  # noqa: E402
-from twistc.models import load_resnet32  # noqa: E402
-from twistc.report import count_parameters  # noqa: E402
 
 log = logging.getLogger("deeptwist_vs_tucker")
 
@@ -45,6 +40,7 @@ LAYERS = "layer*"
 # (arm, ratio, period, seed) in the order they run: the comparisons that matter most come first.
 GRID = (
     [(arm, r, 200, 0) for r in (2.1, 4.3, 6.7) for arm in ("deeptwist", "conventional")]
+    + [("finetune", 1.0, 200, 0)]  # control: the dense model, same fine-tuning budget
     + [("deeptwist", 4.3, sd, 0) for sd in (25, 50)]
     + [(arm, r, 200, 0) for r in (1.6, 2.8) for arm in ("deeptwist", "conventional")]
     + [(arm, r, 200, 1) for r in (2.1, 4.3, 6.7) for arm in ("deeptwist", "conventional")]
@@ -56,41 +52,19 @@ def run_id(arm, ratio, period, seed) -> str:
 
 
 def pipelines(arm: str, ratio: float, period: int, train: str) -> list[str]:
+    if arm == "finetune":
+        return [train]
     if arm == "conventional":
         return [f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup", train]
     return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}}},{train},lower-conv-tucker,cleanup"]
 
 
-def run(cfg, arm: str, ratio: float, period: int, seed: int) -> dict:
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    model = load_resnet32(cfg.checkpoint)
-    params_before = count_parameters(model)
-    train_batches = cifar10_batches(cfg.data, "train", batch_size=cfg.batch, subset=cfg.train_subset, seed=seed)
-    test = cfg.test_batches()
-    gm = trace(model, (torch.randn(1, 3, 32, 32),))
-    train = f"train{{epochs={cfg.epochs},lr={cfg.lr:g},seed={seed}}}"
-    ctx = RunContext(train_data=lambda: train_batches, progress=cfg.progress)
-    result = {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
-              "seed": seed, "epochs": cfg.epochs, "lr": cfg.lr, "batch": cfg.batch,
-              "steps_per_epoch": len(train_batches), "pipelines": pipelines(arm, ratio, period, train)}
-    for i, spec in enumerate(result["pipelines"]):
-        gm = Pipeline.parse(spec).run(gm, ctx)
-        if arm == "conventional" and i == 0:
-            result["test_acc_decomposed"] = float(expkit.correctness(gm, test).mean())
-    correct = expkit.correctness(gm, test)
-    layers = [r.to_json() for r in state_of(gm).layers.values() if r.lowering]
-    before, after = sum(r["params_before"] for r in layers), sum(r["params_after"] for r in layers)
-    t = ctx.results["train"]
-    result.update({
-        "test_acc": float(correct.mean()), "test_n": int(len(correct)), "test_correct": expkit.pack_bools(correct),
-        "compressed_layers": len(layers), "layers_ratio": before / after,
-        "model_ratio": params_before / count_parameters(gm),
-        "params_before": params_before, "params_after": count_parameters(gm),
-        "steps": t.steps, "distortions": t.distortions, "final_projections": t.final_projections,
-        "train_loss": t.losses, "seconds": time.perf_counter() - start, **expkit.metadata(),
-    })
-    return result
+def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int) -> dict:
+    result = expkit.finetune_run(budget, pipelines(arm, ratio, period, budget.train_spec(seed)), seed,
+                                 eval_after_first=arm == "conventional")
+    if "test_acc_after_first_pipeline" in result:
+        result["test_acc_decomposed"] = result.pop("test_acc_after_first_pipeline")
+    return {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None, **result}
 
 
 def report(store: expkit.RunStore, cfg) -> None:
@@ -99,8 +73,9 @@ def report(store: expkit.RunStore, cfg) -> None:
         return
     baseline = cfg.baseline_acc
     table, series = [], {"deeptwist": {}, "conventional": {}}
+    finetuned = [r for r in runs if r["arm"] == "finetune"]
     for r in runs:
-        if r["arm"] == "conventional" or r["period"] == 200:
+        if r["arm"] == "conventional" or (r["arm"] == "deeptwist" and r["period"] == 200):
             series[r["arm"]].setdefault(r["ratio_requested"], []).append(r)
     header = ["ratio (layers)", "ratio (model)", "paper DT", "paper conv", "ours DT", "ours conv",
               "DT - conv [95% CI]", "seeds"]
@@ -130,7 +105,9 @@ def report(store: expkit.RunStore, cfg) -> None:
           f"Fine-tuning budget per run: {runs[0]['epochs']} epochs x {runs[0]['steps_per_epoch']} steps, batch "
           f"{runs[0]['batch']}, SGD Nesterov 0.9, cosine from lr {runs[0]['lr']:g}, weight decay 5e-4. "
           "Ratio (layers): weight compression of the 30 compressed 3x3 convs; ratio (model): all parameters. "
-          "DT - conv: paired bootstrap over test images (10,000 resamples), seeds pooled. S_D = 200.\n",
+          "DT - conv: paired bootstrap over test images (10,000 resamples), seeds pooled. S_D = 200.",
+          "Control, the dense model fine-tuned with the same budget: "
+          + (", ".join(f"{100 * r['test_acc']:.2f}% (seed {r['seed']})" for r in finetuned) or "not run yet") + ".\n",
           expkit.markdown_table(header, table), "\n## S_D sweep at 4.3x\n",
           expkit.markdown_table(["S_D", "seed", "distortions", "test acc %"], sweep_rows),
           "\n## All runs\n",
@@ -169,28 +146,6 @@ def plot(series, baseline, path: Path) -> None:
     plt.close(fig)
 
 
-class Config:
-    def __init__(self, args):
-        self.data, self.checkpoint = args.data, args.checkpoint
-        self.epochs, self.lr, self.batch, self.progress = args.epochs, args.lr, args.batch, args.progress
-        self.train_subset = None
-        self.test_subset = None
-        if args.smoke:
-            self.epochs, self.batch = 1, 32
-            self.train_subset = np.arange(0, 45000, 700)[:64]
-            self.test_subset = np.arange(0, 10000, 50)
-        self._baseline = None
-
-    def test_batches(self):
-        return cifar10_batches(self.data, "test", batch_size=500, subset=self.test_subset)
-
-    @property
-    def baseline_acc(self) -> float:
-        if self._baseline is None:
-            self._baseline = float(expkit.correctness(load_resnet32(self.checkpoint), self.test_batches()).mean())
-        return self._baseline
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(expkit.SHARED_DATA / "cifar10-jpg.tar.gz"))
@@ -208,7 +163,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    cfg, store = Config(args), expkit.RunStore(Path(args.out))
+    cfg = expkit.Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke)
+    store = expkit.RunStore(Path(args.out))
     grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
     if args.only:
         wanted = set(args.only.split(","))

@@ -12,12 +12,18 @@ import platform
 import shlex
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from twistc.report import cpu_model, versions
+from twistc import Pipeline, RunContext, state_of, trace
+from twistc.data import cifar10_batches
+from twistc.models import load_resnet32
+from twistc.report import count_parameters, cpu_model, versions
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -79,3 +85,72 @@ def metadata() -> dict:
 def markdown_table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+@dataclass
+class Budget:
+    """Data, checkpoint and the fine-tuning budget shared by every run of an experiment."""
+
+    data: str
+    checkpoint: str
+    epochs: int = 3
+    lr: float = 0.01
+    batch: int = 128
+    progress: bool = False
+    smoke: bool = False  # tiny subsets: a few steps, 200 test images
+
+    def __post_init__(self):
+        self.train_subset = np.arange(0, 45000, 700)[:64] if self.smoke else None
+        self.test_subset = np.arange(0, 10000, 50) if self.smoke else None
+        if self.smoke:
+            self.epochs, self.batch = 1, 32
+        self._baseline = None
+
+    def test_batches(self):
+        return cifar10_batches(self.data, "test", batch_size=500, subset=self.test_subset)
+
+    def train_spec(self, seed: int) -> str:
+        return f"train{{epochs={self.epochs},lr={self.lr:g},seed={seed}}}"
+
+    @property
+    def baseline_acc(self) -> float:
+        """Test accuracy of the pre-trained checkpoint."""
+        if self._baseline is None:
+            self._baseline = float(correctness(load_resnet32(self.checkpoint), self.test_batches()).mean())
+        return self._baseline
+
+
+def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False) -> dict:
+    """Run `pipelines` in order on the pre-trained ResNet-32 (one RunContext, so `train` stages see the
+    training data) and measure the result on the test set."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    model = load_resnet32(budget.checkpoint)
+    params_before = count_parameters(model)
+    train_batches = cifar10_batches(budget.data, "train", batch_size=budget.batch, subset=budget.train_subset,
+                                    seed=seed)
+    test = budget.test_batches()
+    gm = trace(model, (torch.randn(1, 3, 32, 32),))
+    ctx = RunContext(train_data=lambda: train_batches, progress=budget.progress)
+    result = {"pipelines": pipelines, "seed": seed, "epochs": budget.epochs, "lr": budget.lr, "batch": budget.batch,
+              "steps_per_epoch": len(train_batches)}
+    for i, spec in enumerate(pipelines):
+        gm = Pipeline.parse(spec).run(gm, ctx)
+        if eval_after_first and i == 0:
+            result["test_acc_after_first_pipeline"] = float(correctness(gm, test).mean())
+    correct = correctness(gm, test)
+    state = state_of(gm)
+    layers = [r.to_json() for r in state.layers.values() if r.lowering]
+    before, after = sum(r["params_before"] for r in layers), sum(r["params_after"] for r in layers)
+    t = ctx.results.get("train")
+    result.update({
+        "test_acc": float(correct.mean()), "test_n": int(len(correct)), "test_correct": pack_bools(correct),
+        "compressed_layers": len(layers), "layers_ratio": before / after if after else 1.0,
+        "model_ratio": params_before / count_parameters(gm),
+        "params_before": params_before, "params_after": count_parameters(gm),
+        "macs_before": sum(r["macs_before"] for r in layers), "macs_after": sum(r["macs_after"] for r in layers),
+        "steps": t.steps if t else 0, "distortions": t.distortions if t else 0,
+        "final_projections": t.final_projections if t else 0, "train_loss": t.losses if t else [],
+        "plan": state.plan.to_json(), "seconds": time.perf_counter() - start, **metadata(),
+    })
+    return result

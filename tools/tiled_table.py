@@ -1,0 +1,175 @@
+"""The paper's tiled-SVD table (Lee et al. 2019, Table 3) on CIFAR-10 ResNet-32, with 2-D and Tucker
+schemes side by side at equal size.
+
+The 9 largest convs (64 x 64*3*3: layer3.0.conv2 and layer3.1-4.conv1/conv2) are compressed 2x and
+4x (weights of those layers). Every scheme starts from the pre-trained checkpoint with the same
+fine-tuning budget as tools/deeptwist_vs_tucker.py:
+
+  tiled HxW    deeptwist{decomp=tiled-svd,tile=HxW},train,lower-conv-tiled-lowrank   (S_D = 200)
+  svd          deeptwist{decomp=svd},train,lower-conv-svd
+  tucker       deeptwist{decomp=tucker},train,lower-conv-tucker
+  tucker-conv  lower-conv-tucker, then train (conventional fine-tuning of the decomposed model)
+  tiled 64x64 tap-major at 4x
+
+`--latency` times each scheme's lowered ResNet-32 against the dense one in onnxruntime (structure
+only: the same lowering applied to the checkpoint, which has the trained models' shapes).
+
+    python tools/tiled_table.py [--latency]      # runs skip when done; writes results/tiled_table/
+    python tools/tiled_table.py --smoke --out /tmp/t
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import expkit  # noqa: E402
+import twistc  # noqa: E402
+from twistc.bench import bench  # noqa: E402
+from twistc.models import load_resnet32  # noqa: E402
+
+log = logging.getLogger("tiled_table")
+LAYERS = "layer3.0.conv2|layer3.[1-4].conv*"
+TILES = ("64x64", "32x32", "16x16", "8x8")
+PAPER_BASELINE = 92.63
+PAPER = {(2, "64x64"): "93.34 (r=16)", (2, "32x32"): "93.11 (r=8)", (2, "16x16"): "93.01 (r=4)",
+         (2, "8x8"): "93.23 (r=2)", (4, "64x64"): "92.94 (r=8)", (4, "32x32"): "92.97 (r=4)",
+         (4, "16x16"): "93.00 (r=2)", (4, "8x8"): "92.81 (r=1)"}
+SCHEMES = [f"tiled {t}" for t in TILES] + ["svd", "tucker", "tucker-conv"]
+GRID = [(s, r) for r in (2, 4) for s in SCHEMES] + [("tiled 64x64 tap-major", 4)]
+
+
+def run_id(scheme: str, ratio: float) -> str:
+    return f"{scheme.replace(' ', '-')}-r{ratio:g}"
+
+
+def compress(scheme: str, ratio: float, period: int = 200) -> tuple[str, str]:
+    """(the DeepTwist pass, the lowering pass) of a scheme."""
+    common = f"layers={LAYERS},ratio={ratio:g}"
+    if scheme.startswith("tiled"):
+        tile = scheme.split()[1]
+        order = ",order=tap-major" if "tap-major" in scheme else ""
+        return (f"deeptwist{{decomp=tiled-svd,tile={tile}{order},{common},period={period}}}",
+                "lower-conv-tiled-lowrank")
+    if scheme == "svd":
+        return f"deeptwist{{decomp=svd,{common},period={period}}}", "lower-conv-svd"
+    return f"deeptwist{{{common},period={period}}}", "lower-conv-tucker"
+
+
+def pipelines(scheme: str, ratio: float, train: str, period: int) -> list[str]:
+    if scheme == "tucker-conv":
+        return [f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup", train]
+    deeptwist, lower = compress(scheme, ratio, period)
+    return [f"{deeptwist},{train},{lower},cleanup"]
+
+
+def lowered_untrained(checkpoint: str, scheme: str, ratio: float) -> torch.nn.Module:
+    """The checkpoint lowered like `scheme` without training: the trained model's structure."""
+    gm = twistc.trace(load_resnet32(checkpoint), (torch.randn(1, 3, 32, 32),))
+    if scheme == "tucker-conv":
+        spec = f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup"
+    else:
+        deeptwist, lower = compress(scheme, ratio)
+        spec = f"{deeptwist},{lower},cleanup"
+    return twistc.Pipeline.parse(spec).run(gm)
+
+
+def latency(store: expkit.RunStore, checkpoint: str, threads: int, reps: int) -> dict:
+    x = torch.randn(1, 3, 32, 32)
+    labels = ["dense"] + [run_id(*g) for g in GRID]
+    out = {"threads": threads, "batches": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / "dense.onnx"]
+        twistc.export_onnx(load_resnet32(checkpoint), (x,), paths[0])
+        for scheme, ratio in GRID:
+            paths.append(Path(tmp) / f"{run_id(scheme, ratio)}.onnx")
+            twistc.export_onnx(lowered_untrained(checkpoint, scheme, ratio), (x,), paths[-1])
+        for batch in (1, 128):
+            timing = bench([str(p) for p in paths], batch=batch, threads=threads, reps=reps if batch == 1 else reps // 3)
+            out["batches"][batch] = {k: m["median_ms"] for k, m in zip(labels, timing["models"])}
+    (store.root / "latency.json").write_text(json.dumps({**out, **expkit.metadata()}, indent=1) + "\n")
+    return out
+
+
+def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
+    runs = {run_id(r["scheme"], r["ratio_requested"]): r for r in store.load_all()}
+    lat_file = store.root / "latency.json"
+    lat = json.loads(lat_file.read_text())["batches"] if lat_file.is_file() else None
+    rows = []
+    for scheme, ratio in GRID:
+        rid = run_id(scheme, ratio)
+        r = runs.get(rid)
+        tile = scheme.split()[1] if scheme.startswith("tiled") and "tap" not in scheme else None
+        paper = PAPER.get((ratio, tile), "-") if tile else "-"
+        acc = f"{100 * r['test_acc']:.2f}" if r else "not run yet"
+        ranks = sorted({tuple(e["ranks"]) for e in r["plan"].values()}) if r else []
+        rank = ", ".join("x".join(map(str, x)) for x in ranks) or "-"
+        macs = f"{r['macs_before'] / r['macs_after']:.2f}x" if r else "-"
+        speed = "-"
+        if lat:
+            speed = " / ".join(f"{lat[b][rid] / lat[b]['dense']:.2f}" for b in ("1", "128"))
+        rows.append([f"{ratio}x", scheme, rank, paper, acc, macs, speed])
+    md = [f"# Tiled SVD and other schemes at equal size: ResNet-32 on CIFAR-10, the 9 largest convs\n",
+          f"Baseline (pre-trained checkpoint, 10,000 JPEG test images): **{100 * budget.baseline_acc:.2f}%** "
+          f"(paper: {PAPER_BASELINE}%). Fine-tuning: {budget.epochs} epochs, SGD Nesterov, cosine from lr "
+          f"{budget.lr:g}, batch {budget.batch}; DeepTwist S_D = {200 if not budget.smoke else 1}. Ratio: weights of the 9 compressed convs. "
+          "MAC ratio: those layers' MACs, dense / lowered. Latency: whole ResNet-32 in onnxruntime (CPU EP), "
+          "lowered / dense median, batch 1 / batch 128 (below 1 is faster).\n",
+          expkit.markdown_table(["ratio", "scheme", "rank", "paper test %", "ours test %", "MAC ratio",
+                                 "latency vs dense (b1 / b128)"], rows)]
+    if runs:
+        md.append(f"\nCommand: `{next(iter(runs.values()))['command']}`; machine: "
+                  f"{next(iter(runs.values()))['machine']['cpu']}.")
+    (store.root / "results.md").write_text("\n".join(md) + "\n")
+    slim = [{k: v for k, v in r.items() if k != "test_correct"} for r in runs.values()]
+    (store.root / "results.json").write_text(json.dumps({"baseline_test_acc": budget.baseline_acc, "runs": slim,
+                                                         "latency": lat}, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(expkit.SHARED_DATA / "cifar10-jpg.tar.gz"))
+    p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
+    p.add_argument("--out", default=str(expkit.REPO / "results" / "tiled_table"))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-runs", type=int)
+    p.add_argument("--latency", action="store_true", help="also time the lowered models in onnxruntime")
+    p.add_argument("--latency-reps", type=int, default=30)
+    p.add_argument("--smoke", action="store_true", help="tiny budget, tiled 16x16 and tucker-conv at 4x only")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    budget = expkit.Budget(args.data, args.checkpoint, args.epochs, args.lr, smoke=args.smoke)
+    store = expkit.RunStore(Path(args.out))
+    grid = [("tiled 16x16", 4), ("tucker-conv", 4)] if args.smoke else GRID
+    new = 0
+    for scheme, ratio in ([] if args.report_only else grid):
+        rid = run_id(scheme, ratio)
+        if store.done(rid):
+            continue
+        if args.max_runs is not None and new >= args.max_runs:
+            break
+        log.info("%s: running", rid)
+        period = 1 if args.smoke else 200
+        result = expkit.finetune_run(budget, pipelines(scheme, ratio, budget.train_spec(0), period), seed=0)
+        store.save(rid, {"scheme": scheme, "ratio_requested": ratio, "period": period, **result})
+        new += 1
+        log.info("%s: test acc %.2f%% (layers %.2fx)", rid, 100 * result["test_acc"], result["layers_ratio"])
+        report(store, budget)
+    if args.latency:
+        latency(store, args.checkpoint, threads=1, reps=args.latency_reps)
+    report(store, budget)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
