@@ -189,3 +189,25 @@ def test_bench_command_writes_results(tmp_path, capsys):
     assert result["batch"] == 2 and result["repetitions"] == 5
     _fails(capsys, ["bench", str(tmp_path / "missing.onnx")], "does not exist")
     _fails(capsys, ["bench", str(out / "model.onnx"), "--provider", "cuda"], "CUDAExecutionProvider")
+
+
+@pytest.mark.parametrize("args,lowering", [
+    (["--pass", "deeptwist-svd", "--order", "tap-major"], "svd-conv"),
+    (["--pass", "deeptwist-tiled-svd", "--tile", "4x8"], "tiled-lowrank"),
+    (["--pass", "deeptwist-tiled-svd", "--grid", "2x3"], "tiled-lowrank"),
+])
+def test_2d_presets(tmp_path, capsys, args, lowering):
+    out = tmp_path / "out"
+    assert main(["compile", str(_model_file(tmp_path)), "--epochs", "1", "--period", "1", "--ratio", "1.5",
+                 "-o", str(out), "--quiet", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [layer["lowering"] for layer in report["layers"]] == [lowering, lowering]
+    assert report["training"]["distortions"] == 3
+    plan = report["plan"]["0"]
+    assert plan["order"] == ("tap-major" if "tap-major" in args else "channel-major")
+    assert plan.get("tile") == ([4, 8] if "4x8" in args else None)
+
+
+def test_tiled_preset_without_tiles_is_an_error(tmp_path, capsys):
+    _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", "deeptwist-tiled-svd", "-o", str(tmp_path / "o")],
+           "needs exactly one of tile=HxW or grid=RxC")
