@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from twistc.convs import finalize_projection, lowered_path, replace_with_chain, replace_with_module
-from twistc.decomp.svd import ORDERS, lowered
-from twistc.decomp.tiling import TileGrid, tiled_svd
-from twistc.ops import Im2Col, LowRankGemm, SvdConv
+from twistc.convs import im2col_for, lowered_path, replace_with_chain, replace_with_module
+from twistc.decomp.svd import ORDERS, lowered, truncated_svd
+from twistc.decomp.tiling import tiled_svd
+from twistc.ops import LowRankGemm, SvdConv
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice, record_lowering
+from twistc.selection import LowRankOptions, check_choice
 
 FORMS = {"conv": "svd-conv", "im2col": "svd-im2col"}
 IM2COL = ("onehot", "unfold")  # onehot measured fastest: results/bench_im2col
@@ -47,24 +47,16 @@ class LowerConvSvd(LowRankOptions):
 
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        state, sites = self.sites(gm)
-        rewrites = 0
-        for site in sites:
-            entry = self.lowering_entry(gm, site, state, "svd", FORMS[self.form])
-            if isinstance(entry, str):
-                state.skip(site.name, entry)
-                continue
-            finalize_projection(gm, site)
+        def rewrite(site, entry):
             k = lowered(site.weight(gm), entry.order)
-            factors = tiled_svd(k, TileGrid.from_grid(tuple(k.shape), (1, 1)), entry.ranks[0])
+            path = lowered_path(gm, site, "svd")
             if self.form == "conv":
-                f = factors.factors[0, 0]
+                f = truncated_svd(k, entry.ranks[0])
                 module = SvdConv(site.conv_args(), site.geometry.kernel, f.u, f.v, site.bias(gm), entry.order)
-                replace_with_chain(gm, site, lowered_path(gm, site, "svd"), module)
+                replace_with_chain(gm, site, path, module)
             else:
-                im2col = Im2Col(site.geometry.in_channels, site.geometry.kernel, site.stride, site.padding,
-                                site.dilation, site.padding_mode, entry.order, self.im2col)
-                replace_with_module(gm, site, lowered_path(gm, site, "svd"), LowRankGemm(im2col, factors, site.bias(gm)))
-            record_lowering(state, site, entry)
-            rewrites += 1
-        return PassResult(gm, rewrites > 0, rewrites)
+                factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
+                module = LowRankGemm(im2col_for(site, entry.order, self.im2col), factors, site.bias(gm))
+                replace_with_module(gm, site, path, module)
+
+        return self.lower_each(gm, "svd", FORMS[self.form], rewrite)

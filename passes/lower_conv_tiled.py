@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from twistc.convs import finalize_projection, lowered_path, replace_with_module
+from twistc.convs import im2col_for, lowered_path, replace_with_module
 from twistc.decomp.svd import ORDERS, lowered
 from twistc.decomp.tiling import tiled_svd
 from twistc.errors import SpecError
-from twistc.ops import Im2Col, LowRankGemm
+from twistc.ops import LowRankGemm
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice, record_lowering
+from twistc.selection import LowRankOptions, check_choice
 from twistc.passes.lower_conv_svd import IM2COL
 
 
@@ -47,19 +47,10 @@ class LowerConvTiledLowrank(LowRankOptions):
 
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        state, sites = self.sites(gm)
-        rewrites = 0
-        for site in sites:
-            entry = self.lowering_entry(gm, site, state, "tiled-svd", "tiled-lowrank")
-            if isinstance(entry, str):
-                state.skip(site.name, entry)
-                continue
-            finalize_projection(gm, site)
+        def rewrite(site, entry):
             k = lowered(site.weight(gm), entry.order)
             factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
-            im2col = Im2Col(site.geometry.in_channels, site.geometry.kernel, site.stride, site.padding,
-                            site.dilation, site.padding_mode, entry.order, self.im2col)
-            replace_with_module(gm, site, lowered_path(gm, site, "tiled"), LowRankGemm(im2col, factors, site.bias(gm)))
-            record_lowering(state, site, entry)
-            rewrites += 1
-        return PassResult(gm, rewrites > 0, rewrites)
+            module = LowRankGemm(im2col_for(site, entry.order, self.im2col), factors, site.bias(gm))
+            replace_with_module(gm, site, lowered_path(gm, site, "tiled"), module)
+
+        return self.lower_each(gm, "tiled-svd", "tiled-lowrank", rewrite)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from twistc.convs import finalize_projection, lowered_path, replace_with_chain
+from twistc.convs import lowered_path, replace_with_chain
 from twistc.decomp.tucker import tucker2
 from twistc.ops import TuckerConv
 from twistc.pipeline import PassResult
-from twistc.selection import LowRankOptions, record_lowering
+from twistc.selection import LowRankOptions
 
 
 @dataclass(frozen=True)
@@ -29,17 +29,9 @@ class LowerConvTucker(LowRankOptions):
 
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:
-        state, sites = self.sites(gm)
-        rewrites = 0
-        for site in sites:
-            entry = self.lowering_entry(gm, site, state, "tucker", "tucker-chain")
-            if isinstance(entry, str):
-                state.skip(site.name, entry)
-                continue
-            finalize_projection(gm, site)
+        def rewrite(site, entry):
             factors = tucker2(site.weight(gm), tuple(entry.ranks))
             module = TuckerConv(site.conv_args(), factors.u_out, factors.core, factors.u_in, site.bias(gm))
             replace_with_chain(gm, site, lowered_path(gm, site, "tucker"), module)
-            record_lowering(state, site, entry)
-            rewrites += 1
-        return PassResult(gm, rewrites > 0, rewrites)
+
+        return self.lower_each(gm, "tucker", "tucker-chain", rewrite)

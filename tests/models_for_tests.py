@@ -1,7 +1,20 @@
-"""Small models shared by the tests."""
+"""Small models and conv configurations shared by the tests."""
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# nn.Conv2d keyword arguments covering bias, stride, padding ('same' too), padding modes, dilation, kernel shapes
+CONV_CASES = {
+    "bias": dict(kernel_size=3, padding=1),
+    "stride2-nobias": dict(kernel_size=3, stride=2, padding=1, bias=False),
+    "same-dilated": dict(kernel_size=3, padding="same", dilation=2),
+    "same-even": dict(kernel_size=(2, 4), padding="same"),
+    "nonsquare": dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
+    "reflect": dict(kernel_size=5, padding=2, padding_mode="reflect", bias=False),
+    "circular-stride": dict(kernel_size=3, stride=2, padding=1, padding_mode="circular"),
+    "replicate-3x1": dict(kernel_size=(3, 1), padding=1, padding_mode="replicate"),
+    "dilated-nopad": dict(kernel_size=3, dilation=(2, 1)),
+}
 
 
 class FunctionalConv(nn.Module):

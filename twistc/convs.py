@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twistc.decomp.cost import ConvGeometry
-from twistc.ops import LowRankProjection
+from twistc.ops import Im2Col, LowRankProjection
 
 _CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -132,6 +132,12 @@ def insert_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     if hasattr(owner, attr) and attr not in owner._modules:
         delattr(owner, attr)
     owner.add_module(attr, module)
+
+
+def im2col_for(site: ConvSite, order: str, method: str) -> Im2Col:
+    """The im2col of this conv's sampling (kernel, stride, padding and its mode, dilation)."""
+    return Im2Col(site.geometry.in_channels, site.geometry.kernel, site.stride, site.padding, site.dilation,
+                  site.padding_mode, order, method)
 
 
 def finalize_projection(gm: fx.GraphModule, site: ConvSite) -> None:

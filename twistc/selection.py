@@ -11,10 +11,10 @@ from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
-from twistc.convs import ConvSite, conv_sites
+from twistc.convs import ConvSite, conv_sites, finalize_projection
 from twistc.decomp.cost import conv_cost
 from twistc.errors import PassError, RankError, SpecError
-from twistc.pipeline import Pass
+from twistc.pipeline import Pass, PassResult
 from twistc.plan import LOWERINGS, LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.state import CompileState, state_of
 
@@ -113,6 +113,23 @@ class LowRankOptions(Pass):
                     f"layer {site.name}: {self.spec()} asks for ranks {None if isinstance(own, str) else own.ranks} "
                     f"but deeptwist trained the layer with ranks {trained.ranks}; drop the rank options of {self.name}")
         return replace(trained, lowering=lowering)
+
+
+    def lower_each(self, gm: fx.GraphModule, decomp: str, lowering: str, rewrite) -> PassResult:
+        """The loop of every lowering pass: for each layer with an entry, make a trained kernel exactly
+        low-rank, call `rewrite(site, entry)` to change the graph, and record the result."""
+        state, sites = self.sites(gm)
+        rewrites = 0
+        for site in sites:
+            entry = self.lowering_entry(gm, site, state, decomp, lowering)
+            if isinstance(entry, str):
+                state.skip(site.name, entry)
+                continue
+            finalize_projection(gm, site)
+            rewrite(site, entry)
+            record_lowering(state, site, entry)
+            rewrites += 1
+        return PassResult(gm, rewrites > 0, rewrites)
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:

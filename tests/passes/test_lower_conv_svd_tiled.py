@@ -9,19 +9,9 @@ from twistc.decomp.svd import lowered, unlowered
 from twistc.decomp.tiling import TileGrid, tiled_svd
 from twistc.ops import LowRankGemm, SvdConv
 from twistc.pipeline import Pipeline
-from models_for_tests import FunctionalConv, Net
+from models_for_tests import CONV_CASES, FunctionalConv, Net
 
-CASES = {
-    "bias": dict(kernel_size=3, padding=1),
-    "stride2-nobias": dict(kernel_size=3, stride=2, padding=1, bias=False),
-    "same-dilated": dict(kernel_size=3, padding="same", dilation=2),
-    "same-even": dict(kernel_size=(2, 4), padding="same"),
-    "nonsquare": dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
-    "reflect": dict(kernel_size=3, padding=1, padding_mode="reflect", bias=False),
-    "circular-stride": dict(kernel_size=3, stride=2, padding=1, padding_mode="circular"),
-    "dilated-nopad": dict(kernel_size=3, dilation=(2, 1)),
-    "1x1": dict(kernel_size=1),
-}
+CASES = {**CONV_CASES, "1x1": dict(kernel_size=1)}
 T, S = 8, 6
 X = torch.randn(2, S, 11, 10)
 SPECS = {

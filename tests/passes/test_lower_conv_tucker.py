@@ -8,19 +8,9 @@ from twistc.decomp.tucker import tucker2
 from twistc.ops import TuckerConv
 from twistc.passes.lower_conv_tucker import LowerConvTucker
 from twistc.pipeline import Pipeline
-from models_for_tests import FunctionalConv, Net
+from models_for_tests import CONV_CASES, FunctionalConv, Net
 
-CASES = {
-    "bias": dict(kernel_size=3, padding=1),
-    "stride2-nobias": dict(kernel_size=3, stride=2, padding=1, bias=False),
-    "same-dilated": dict(kernel_size=3, padding="same", dilation=2),
-    "same-even": dict(kernel_size=(2, 4), padding="same"),
-    "nonsquare": dict(kernel_size=(3, 5), stride=(2, 1), padding=(1, 2)),
-    "reflect": dict(kernel_size=5, padding=2, padding_mode="reflect", bias=False),
-    "circular-stride": dict(kernel_size=3, stride=2, padding=1, padding_mode="circular"),
-    "replicate-3x1": dict(kernel_size=(3, 1), padding=1, padding_mode="replicate"),
-    "dilated-nopad": dict(kernel_size=3, dilation=(2, 1)),
-}
+CASES = CONV_CASES
 T, S = 8, 6
 X = torch.randn(2, S, 11, 10)
 
