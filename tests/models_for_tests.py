@@ -1,5 +1,4 @@
 """Small models and conv configurations shared by the tests."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 

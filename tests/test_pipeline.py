@@ -1,11 +1,10 @@
 import pytest
 import torch
-import torch.fx as fx
 from dataclasses import dataclass
 
 import twistc
 from twistc import pipeline
-from twistc.errors import PassError, SpecError
+from twistc.errors import PassError
 from twistc.pipeline import Pass, PassResult, Pipeline, expand_presets
 from twistc.passes.deeptwist import DeepTwist
 from twistc.train import Train

@@ -99,7 +99,7 @@ def report(store: expkit.RunStore, cfg) -> None:
     run_rows = [[run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"]), f"{100 * r['test_acc']:.2f}",
                  f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
                  r["steps"], r["distortions"], f"{r['seconds'] / 60:.1f}", r["machine"]["cpu"]] for r in runs]
-    md = [f"# DeepTwist vs. conventional Tucker fine-tuning, CIFAR-10 ResNet-32\n",
+    md = ["# DeepTwist vs. conventional Tucker fine-tuning, CIFAR-10 ResNet-32\n",
           f"Baseline (pre-trained checkpoint, all 10,000 JPEG test images): **{100 * baseline:.2f}%** "
           f"(paper: {PAPER_BASELINE}% on the original images with a longer schedule).",
           f"Fine-tuning budget per run: {runs[0]['epochs']} epochs x {runs[0]['steps_per_epoch']} steps, batch "

@@ -115,7 +115,7 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
         if lat:
             speed = " / ".join(f"{lat[b][rid] / lat[b]['dense']:.2f}" for b in ("1", "128"))
         rows.append([f"{ratio}x", scheme, rank, paper, acc, macs, speed])
-    md = [f"# Tiled SVD and other schemes at equal size: ResNet-32 on CIFAR-10, the 9 largest convs\n",
+    md = ["# Tiled SVD and other schemes at equal size: ResNet-32 on CIFAR-10, the 9 largest convs\n",
           f"Baseline (pre-trained checkpoint, 10,000 JPEG test images): **{100 * budget.baseline_acc:.2f}%** "
           f"(paper: {PAPER_BASELINE}%). Fine-tuning: {budget.epochs} epochs, SGD Nesterov, cosine from lr "
           f"{budget.lr:g}, batch {budget.batch}; DeepTwist S_D = {200 if not budget.smoke else 1}. Ratio: weights of the 9 compressed convs. "

@@ -19,10 +19,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-import torch
 import torch.fx as fx
 
-from twistc.errors import PassError, SpecError, TwistcError
+from twistc.errors import SpecError, TwistcError
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +253,3 @@ def describe() -> list[tuple[str, str, str]]:
              for name, (expansion, summary) in PRESETS.items()]
     return rows
 
-
-def no_grad_pass(fn):
-    """Decorator for pass bodies that touch weights."""
-    def wrapper(self, gm):
-        with torch.no_grad():
-            return fn(self, gm)
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper

@@ -118,7 +118,7 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    parts = [f"# twistc compile report\n", f"Pipeline: `{report['pipeline']}`\n"]
+    parts = ["# twistc compile report\n", f"Pipeline: `{report['pipeline']}`\n"]
     parts += [f"- {line}" for line in summary_lines(report)]
     parts += ["", markdown_table(COLUMNS, layer_rows(report)), ""]
     if report["leaves"]:

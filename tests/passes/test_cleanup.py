@@ -17,7 +17,7 @@ class WithDeadBranch(nn.Module):
         self.spare = nn.Parameter(torch.ones(3))
 
     def forward(self, x):
-        dead = self.unused(x) * 2  # computed, never returned
+        self.unused(x) * 2  # computed, never returned
         return self.used(x)
 
 

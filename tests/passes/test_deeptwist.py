@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import twistc
-from twistc.errors import NonFiniteError, SpecError
+from twistc.errors import NonFiniteError
 from twistc.ops import LowRankProjection
 from twistc.passes.deeptwist import DeepTwist
 from twistc.pipeline import Pipeline, RunContext

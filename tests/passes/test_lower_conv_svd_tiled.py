@@ -71,7 +71,7 @@ def test_functional_conv_and_report_costs():
 
 def test_ratio_chooses_rank_and_skips_grouped():
     gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 12, 12),))
-    result = Pipeline.parse("lower-conv-svd{ratio=2}").run(gm)
+    Pipeline.parse("lower-conv-svd{ratio=2}").run(gm)
     state = twistc.state_of(gm)
     assert {n for n, r in state.layers.items() if r.lowering} == {"conv1", "conv2", "point"}
     assert "groups=2" in state.layers["grouped"].skip_reason
