@@ -18,6 +18,13 @@ from twistc.report import cpu_model, versions
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def resolve_provider(provider: str) -> str:
+    """'auto' is cuda when this onnxruntime has the CUDA execution provider (onnxruntime-gpu), else cpu."""
+    if provider == "auto":
+        return "cuda" if PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"
+    return provider
+
+
 def session(path: str | Path, provider: str = "cpu", threads: int = 1) -> ort.InferenceSession:
     if provider not in PROVIDERS:
         raise TwistcError(f"unknown provider {provider!r} (choose {', '.join(PROVIDERS)})")
@@ -49,6 +56,7 @@ def _feed(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> d
 def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "cpu", warmup: int = 10,
           reps: int = 50, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
+    provider = resolve_provider(provider)
     sessions = [session(p, provider, threads) for p in paths]
     feeds = [_feed(s, batch, rng) for s in sessions]
     for _ in range(warmup):

@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("models", nargs="+", help="ONNX files; ratios are relative to the first")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    b.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="execution provider; auto: cuda when onnxruntime-gpu is installed, else cpu")
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--reps", type=int, default=50)
     b.add_argument("-o", "--output", help="write the results as JSON here")
@@ -209,7 +210,7 @@ def bench_command(args) -> int:
     result = bench(args.models, args.batch, args.threads, args.provider, args.warmup, args.reps)
     rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}", f"{m['ratio_to_first']:.3f}")
             for m in result["models"]]
-    _say(f"onnxruntime {args.provider}, batch {args.batch}, {args.threads} threads, {args.reps} reps")
+    _say(f"onnxruntime {result['provider']}, batch {args.batch}, {args.threads} threads, {args.reps} reps")
     _say(text_table([r + ("",) for r in rows], ("model", "median ms", "p10-p90 ms", "vs first", "")))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
