@@ -36,11 +36,11 @@ def _model_file(tmp_path, body=TINY + TRAIN, name="model.py"):
 
 def _fails(capsys, argv, message):
     code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("twistc: error: ") and "\n" not in err and "Traceback" not in err
-    assert message in err, err
-    return err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, lines
+    assert lines[-1].startswith("twistc: error: ") and all(line.startswith("twistc: ") for line in lines), lines
+    assert message in lines[-1], lines
+    return lines[-1]
 
 
 def test_compile_digits_end_to_end(tmp_path, capsys):
@@ -211,3 +211,53 @@ def test_2d_presets(tmp_path, capsys, args, lowering):
 def test_tiled_preset_without_tiles_is_an_error(tmp_path, capsys):
     _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", "deeptwist-tiled-svd", "-o", str(tmp_path / "o")],
            "needs exactly one of tile=HxW or grid=RxC")
+
+
+def test_model_with_untraceable_child_still_compiles(tmp_path, capsys):
+    body = TINY.replace("def model():", '''
+class ShapeSwitch(nn.Module):
+    """torch.fx cannot trace this (a Python branch on a traced shape); torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            return torch.relu(self.conv(x))
+        return x
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ShapeSwitch(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def unused():''')
+    out = tmp_path / "out"
+    assert main(["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(out), "--quiet"]) == 0
+    assert "kept 1 as an opaque leaf" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["0"]["lowering"] == layers["2"]["lowering"] == "tucker-chain"
+    assert layers["1.conv"]["lowering"] is None and "inside untraceable module 1" in layers["1.conv"]["skip_reason"]
+    assert list(report["leaves"]) == ["1"]
+
+
+def test_unexportable_model_is_a_clear_error(tmp_path, capsys):
+    body = TINY.replace("def model():", '''
+class ValueSwitch(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+def model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ValueSwitch(), nn.Conv2d(8, 8, 3, padding=1))
+
+
+def unused():''')
+    _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
+           "torch.onnx cannot export")

@@ -153,8 +153,6 @@ def compile_command(args) -> int:
     state = state_of(gm)
     if plan is not None:
         state.plan = plan
-    for path, why in state.leaves.items():
-        _say(f"note: {path} cannot be traced and stays whole: {why}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -219,7 +217,11 @@ def bench_command(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="twistc: %(message)s")
+    handler = logging.StreamHandler()  # twistc's warnings, to this call's stderr
+    handler.setFormatter(logging.Formatter("twistc: %(message)s"))
+    log = logging.getLogger("twistc")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
     command = {"compile": compile_command, "passes": passes_command, "bench": bench_command}[args.command]
     try:
         return command(args)
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"twistc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        log.removeHandler(handler)
 
 
 if __name__ == "__main__":

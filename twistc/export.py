@@ -39,18 +39,16 @@ class OnnxCheck:
 
 @contextlib.contextmanager
 def _quiet():
-    """torch.onnx logs registration notes and progress; keep the user's terminal clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    """torch.onnx and torch.export log notes, warnings and graph dumps; keep the user's terminal clean
+    (a failure still raises, and its message reaches the user)."""
+    logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def _dynamic_batch(example_inputs: tuple) -> tuple:
@@ -80,9 +78,16 @@ def export_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol
     module.eval()
     try:
         dynamic = _dynamic_batch(example_inputs)
-        with _quiet(), torch.no_grad():
-            torch.onnx.export(module, _batched(example_inputs, 2), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=dynamic, opset_version=opset, verbose=False)
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(module, _batched(example_inputs, 2), str(path), dynamo=True, external_data=False,
+                                  dynamic_shapes=dynamic, opset_version=opset, verbose=False)
+        except Exception as e:
+            cause = e.__cause__ or e
+            raise ExportCheckError(
+                f"torch.onnx cannot export {type(module).__name__}: {type(cause).__name__}: "
+                f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''} (control flow that depends "
+                "on tensor values has no static ONNX form; express it with tensor ops or torch.cond)") from None
         onnx.checker.check_model(str(path))
         return check_onnx(module, example_inputs, path, atol, rtol)
     finally:
