@@ -68,8 +68,12 @@ def _first_nonfinite_parameter(module: nn.Module) -> str | None:
 
 def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
-          loss_fn=F.cross_entropy, finalize: bool = True) -> TrainResult:
-    """Train `module` in place; `train_data()` is called once per epoch and yields (input, target)."""
+          loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False) -> TrainResult:
+    """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
+
+    `reset_momentum`: after a step that projected weights, clear those weights' momentum, so the
+    velocity gathered before the distortion does not push them off the projection.
+    """
     torch.manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
@@ -90,7 +94,10 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             step += 1
             before = distortions(module)
             loss = loss_fn(module(x), y)
-            distortion_steps += distortions(module) > before
+            distorted = distortions(module) > before
+            distortion_steps += distorted
+            if distorted and reset_momentum:
+                _clear_momentum(module, optimizer)
             if not torch.isfinite(loss):
                 where = _first_nonfinite_parameter(module)
                 raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
@@ -115,6 +122,13 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     result.seconds = time.perf_counter() - start
     module.eval()
     return result
+
+
+def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    for p in projections(module):
+        buffer = optimizer.state.get(module.get_parameter(p.weight_name), {}).get("momentum_buffer")
+        if buffer is not None:
+            buffer.zero_()
 
 
 @torch.no_grad()
@@ -143,6 +157,7 @@ class Train(Stage):
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
+    reset_momentum: bool = False
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -155,7 +170,7 @@ class Train(Stage):
             if self.epochs > 0:
                 raise SpecError("the train stage needs train_data(); define it in MODEL.py")
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay,
-                       self.seed, ctx.progress) if self.epochs else TrainResult(0, final_projections=final_projection(gm))
+                       self.seed, ctx.progress, reset_momentum=self.reset_momentum) if self.epochs else TrainResult(0, final_projections=final_projection(gm))
         previous = ctx.results.get("train")
         ctx.results["train"] = result if previous is None else _merge(previous, result)
         return result

@@ -147,3 +147,19 @@ def test_options_are_validated_and_second_run_changes_nothing():
     assert DeepTwist(ranks=(3, 2), layers="conv2")(gm).modified is False
     with pytest.raises(twistc.TwistcError, match="outside"):
         _projected("deeptwist{ranks=9x9}")  # conv1 has only 3 input channels
+
+
+def test_reset_momentum_clears_velocity_of_projected_weights_after_a_distortion(monkeypatch):
+    gm = _projected("deeptwist{ranks=3x2,period=3,layers=conv2}", Classifier().eval())
+    data = lambda: [(X, torch.randint(0, 16, (4,))) for _ in range(3)]
+    seen = []  # |momentum| of conv2.weight right before each optimizer step (None before the first)
+    real_step = torch.optim.SGD.step
+
+    def spy(self, *a, **k):
+        buffer = self.state.get(gm.get_parameter("conv2.weight"), {}).get("momentum_buffer")
+        seen.append(None if buffer is None else buffer.abs().sum().item())
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    twistc.train(gm, data, epochs=1, lr=0.1, progress=False, reset_momentum=True, finalize=False)
+    assert seen[0] is None and seen[1] > 0 and seen[2] == 0  # cleared at the distortion (step 3) only
