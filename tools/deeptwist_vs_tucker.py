@@ -9,8 +9,9 @@ SGD with Nesterov momentum, cosine schedule from --lr, batch 128, pad-4 crop + f
 
 The ratio R is per layer, on weights, over the 30 3x3 convs of the residual stages (the 3->16 stem,
 BN and the classifier stay dense); results give both that ratio and the whole model's.
-Training uses the training set minus a fixed 5,000-image validation split; accuracy is on all 10,000
-test images. Each (arm, ratio, S_D, seed) is a resumable run written to results/.../runs/.
+Fine-tuning uses all 50,000 training images, as the checkpoint's training did; no hyper-parameter is
+tuned (lr 0.01 was fixed beforehand), so the held-out validation split is not needed here. Accuracy
+is on all 10,000 test images. Each (arm, ratio, S_D, seed) is a resumable run written to results/.../runs/.
 
     python tools/deeptwist_vs_tucker.py                 # the grid, skipping finished runs
     python tools/deeptwist_vs_tucker.py --report-only   # tables and plot from finished runs
@@ -103,7 +104,8 @@ def report(store: expkit.RunStore, cfg) -> None:
           f"Baseline (pre-trained checkpoint, all 10,000 JPEG test images): **{100 * baseline:.2f}%** "
           f"(paper: {PAPER_BASELINE}% on the original images with a longer schedule).",
           f"Fine-tuning budget per run: {runs[0]['epochs']} epochs x {runs[0]['steps_per_epoch']} steps, batch "
-          f"{runs[0]['batch']}, SGD Nesterov 0.9, cosine from lr {runs[0]['lr']:g}, weight decay 5e-4. "
+          f"{runs[0]['batch']} on all 50,000 training images, SGD Nesterov 0.9, cosine from lr {runs[0]['lr']:g} "
+          "(fixed beforehand, not tuned), weight decay 5e-4. "
           "Ratio (layers): weight compression of the 30 compressed 3x3 convs; ratio (model): all parameters. "
           "DT - conv: paired bootstrap over test images (10,000 resamples), seeds pooled. S_D = 200.",
           "Control, the dense model fine-tuned with the same budget: "
