@@ -62,6 +62,7 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert report["totals"]["params_before"] / report["totals"]["params_after"] >= 3
     assert report["training"]["steps"] == 45 and report["training"]["distortions"] == 4
     assert report["training"]["final_projections"] == 4
+    assert 0 < report["training"]["accuracy_before_final_projection"] <= 1
     assert report["accuracy"]["before"] > 0.9 and 0 < report["accuracy"]["after"] <= 1
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["atol"] == 1e-4
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}

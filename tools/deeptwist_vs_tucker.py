@@ -99,6 +99,8 @@ def report(store: expkit.RunStore, cfg) -> None:
     sweep_rows = [[r["period"], r["seed"], r["distortions"], f"{100 * r['test_acc']:.2f}"] for r in sweep]
     run_rows = [[run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"]), f"{100 * r['test_acc']:.2f}",
                  f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
+                 f"{100 * r['test_acc_before_final_projection']:.2f}" if r.get("test_acc_before_final_projection")
+                 else "-",
                  r["steps"], r["distortions"], f"{r['seconds'] / 60:.1f}", r["machine"]["cpu"]] for r in runs]
     md = ["# DeepTwist vs. conventional Tucker fine-tuning, CIFAR-10 ResNet-32\n",
           f"Baseline (pre-trained checkpoint, all 10,000 JPEG test images): **{100 * baseline:.2f}%** "
@@ -113,8 +115,9 @@ def report(store: expkit.RunStore, cfg) -> None:
           expkit.markdown_table(header, table), "\n## S_D sweep at 4.3x\n",
           expkit.markdown_table(["S_D", "seed", "distortions", "test acc %"], sweep_rows),
           "\n## All runs\n",
-          expkit.markdown_table(["run", "test acc %", "acc right after decomposition %", "steps", "distortions",
-                                 "minutes", "machine"], run_rows),
+          expkit.markdown_table(["run", "test acc %", "acc right after decomposition %",
+                                 "acc before the final projection %", "steps", "distortions", "minutes", "machine"],
+                                run_rows),
           f"\nCommand: `{runs[-1]['command']}`\n"]
     (store.root / "results.md").write_text("\n".join(md) + "\n")
     slim = [{k: v for k, v in r.items() if k != "test_correct"} for r in runs]

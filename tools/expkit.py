@@ -130,7 +130,7 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
                                     seed=seed)
     test = budget.test_batches()
     gm = trace(model, (torch.randn(1, 3, 32, 32),))
-    ctx = RunContext(train_data=lambda: train_batches, progress=budget.progress)
+    ctx = RunContext(train_data=lambda: train_batches, eval_data=lambda: test, progress=budget.progress)
     result = {"pipelines": pipelines, "seed": seed, "epochs": budget.epochs, "lr": budget.lr, "batch": budget.batch,
               "steps_per_epoch": len(train_batches)}
     for i, spec in enumerate(pipelines):
@@ -150,6 +150,7 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
         "macs_before": sum(r["macs_before"] for r in layers), "macs_after": sum(r["macs_after"] for r in layers),
         "steps": t.steps if t else 0, "distortions": t.distortions if t else 0,
         "final_projections": t.final_projections if t else 0, "train_loss": t.losses if t else [],
+        "test_acc_before_final_projection": t.accuracy_before_final_projection if t else None,
         "plan": state.plan.to_json(), "seconds": time.perf_counter() - start, **metadata(),
     })
     return result

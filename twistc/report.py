@@ -107,6 +107,8 @@ def summary_lines(report: dict) -> list[str]:
         t = report["training"]
         lines.append(f"training: {t['epochs']} epochs, {t['steps']} steps, {t['distortions']} distortions, "
                      f"{t['final_projections']} final projections, {t['seconds']:.0f}s")
+        if t.get("accuracy_before_final_projection") is not None:
+            lines.append(f"accuracy just before the final projection: {t['accuracy_before_final_projection']:.2%}")
     if "accuracy" in report:
         a = report["accuracy"]
         lines.append(f"accuracy: before {a['before']:.2%}, after {a['after']:.2%}")

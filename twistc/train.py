@@ -56,10 +56,12 @@ class TrainResult:
     seconds: float = 0.0
     lr: float = 0.0
     losses: list[float] = field(default_factory=list)  # mean loss per epoch
+    accuracy_before_final_projection: float | None = None  # on eval data, when there is any
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in
-                ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses")}
+                ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses",
+                 "accuracy_before_final_projection")}
 
 
 def _first_nonfinite_parameter(module: nn.Module) -> str | None:
@@ -169,8 +171,11 @@ class Train(Stage):
         if ctx.train_data is None:
             if self.epochs > 0:
                 raise SpecError("the train stage needs train_data(); define it in MODEL.py")
-        result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay,
-                       self.seed, ctx.progress, reset_momentum=self.reset_momentum) if self.epochs else TrainResult(0, final_projections=final_projection(gm))
+        result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
+                       ctx.progress, finalize=False, reset_momentum=self.reset_momentum) if self.epochs else TrainResult(0)
+        if ctx.eval_data is not None and any(not p.finalized for p in projections(gm)):
+            result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
+        result.final_projections = final_projection(gm)
         previous = ctx.results.get("train")
         ctx.results["train"] = result if previous is None else _merge(previous, result)
         return result
@@ -179,4 +184,5 @@ class Train(Stage):
 def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
     return TrainResult(a.epochs + b.epochs, a.steps + b.steps, a.distortions + b.distortions,
                        a.final_projections + b.final_projections, b.final_loss, a.seconds + b.seconds,
-                       b.lr, a.losses + b.losses)
+                       b.lr, a.losses + b.losses,
+                       b.accuracy_before_final_projection or a.accuracy_before_final_projection)

@@ -36,7 +36,8 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     assert dt["layers_ratio"] == pytest.approx(cv["layers_ratio"]) and dt["layers_ratio"] >= 4.3
     assert dt["model_ratio"] < dt["layers_ratio"]
     assert dt["steps"] == cv["steps"] == 2 and dt["distortions"] == 2 and cv["distortions"] == 0
-    assert dt["final_projections"] == 30
+    assert dt["final_projections"] == 30 and 0 <= dt["test_acc_before_final_projection"] <= 1
+    assert cv["test_acc_before_final_projection"] is None  # nothing to project in the conventional arm
     assert len(expkit.unpack_bools(dt["test_correct"], dt["test_n"])) == dt["test_n"] == 200
     assert "test_acc_decomposed" in cv and 0 <= cv["test_acc"] <= 1
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "accuracy_vs_ratio.png"}
