@@ -126,6 +126,34 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     return result
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(module: nn.Module, train_data: Callable[[], Iterable], batches: int) -> int:
+    """Re-estimate BatchNorm running statistics for the current weights (after a projection changed
+    them): reset, then average over `batches` training-mode forwards without grad. Returns batches used."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches < 1:
+        return 0
+    momenta = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    modes = {m: m.training for m in module.modules()}
+    module.train()
+    used = 0
+    try:
+        for x, _ in train_data():
+            module(x)
+            used += 1
+            if used >= batches:
+                break
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.training = mode
+    return used
+
+
 def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for p in projections(module):
         buffer = optimizer.state.get(module.get_parameter(p.weight_name), {}).get("momentum_buffer")
@@ -160,6 +188,7 @@ class Train(Stage):
     weight_decay: float = 5e-4
     seed: int = 0
     reset_momentum: bool = False
+    recalibrate_bn: int = 0  # batches for re-estimating BatchNorm statistics after the final projection
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -176,6 +205,8 @@ class Train(Stage):
         if ctx.eval_data is not None and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
+        if self.recalibrate_bn and result.final_projections:
+            recalibrate_batchnorm(gm, ctx.train_data, self.recalibrate_bn)
         previous = ctx.results.get("train")
         ctx.results["train"] = result if previous is None else _merge(previous, result)
         return result

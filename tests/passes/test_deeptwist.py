@@ -163,3 +163,13 @@ def test_reset_momentum_clears_velocity_of_projected_weights_after_a_distortion(
     monkeypatch.setattr(torch.optim.SGD, "step", spy)
     twistc.train(gm, data, epochs=1, lr=0.1, progress=False, reset_momentum=True, finalize=False)
     assert seen[0] is None and seen[1] > 0 and seen[2] == 0  # cleared at the distortion (step 3) only
+
+
+def test_recalibrate_batchnorm_matches_statistics_of_the_current_weights():
+    from twistc.train import recalibrate_batchnorm
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(16, 3, 8, 8) * 3 + 1
+    assert recalibrate_batchnorm(model, lambda: [(x[:8], None), (x[8:], None), (x, None)], batches=2) == 2
+    features = model[0](x).detach()
+    torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training
