@@ -124,7 +124,8 @@ def report(store: expkit.RunStore, cfg) -> None:
           expkit.markdown_table(["run", "test acc %", "acc right after decomposition %",
                                  "acc before the final projection %", "steps", "distortions", "minutes", "machine"],
                                 run_rows),
-          f"\nCommand: `{runs[-1]['command']}`\n"]
+          "\nCommands that produced these runs (each run's JSON has its own):\n",
+          *[f"- `{c}`" for c in sorted({r["command"] for r in runs})], ""]
     (store.root / "results.md").write_text("\n".join(md) + "\n")
     slim = [{k: v for k, v in r.items() if k != "test_correct"} for r in runs]
     (store.root / "results.json").write_text(json.dumps({"baseline_test_acc": baseline, "paper": PAPER,
