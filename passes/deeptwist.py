@@ -23,7 +23,7 @@ from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice
+from twistc.selection import LowRankOptions, check_choice, record_plan
 
 DECOMPS = ("tucker", "svd", "tiled-svd")
 
@@ -66,10 +66,7 @@ class DeepTwist(LowRankOptions):
             projection = LowRankProjection(site.name, site.weight_name, entry, self.period)
             insert_module(gm, f"{site.weight_name}_projection", projection)
             _route_weight(gm, site, f"{site.weight_name}_projection")
-            state.plan.set(site.name, entry)
-            record = state.layers[site.name]
-            record.decomp, record.ranks, record.ratio_requested = entry.decomp, entry.ranks, entry.ratio
-            record.skip_reason = None
+            record_plan(state, site, entry)
             rewrites += 1
         return PassResult(gm, rewrites > 0, rewrites)
 

@@ -42,7 +42,6 @@ class ConvSite:
     padding_mode: str
     geometry: ConvGeometry
     projection: LowRankProjection | None = None
-    projection_node: fx.Node | None = None
 
     def weight(self, gm: fx.GraphModule) -> nn.Parameter:
         return gm.get_parameter(self.weight_name)
@@ -89,11 +88,11 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     args.update(zip(_CONV_ARGS, node.args))
     args.update(node.kwargs)
     weight, bias = args["weight"], args["bias"]
-    projection = projection_node = None
+    projection = None
     if isinstance(weight, fx.Node) and weight.op == "call_module":
         module = gm.get_submodule(weight.target)
         if isinstance(module, LowRankProjection):
-            projection, projection_node, weight = module, weight, weight.args[0]
+            projection, weight = module, weight.args[0]
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return None
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
@@ -108,7 +107,7 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     return ConvSite(
         node, name, weight.target, bias.target if bias is not None else None, args["input"],
         _pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"]), args["groups"], "zeros",
-        _geometry(w, args["groups"], args["input"], node), projection, projection_node,
+        _geometry(w, args["groups"], args["input"], node), projection,
     )
 
 

@@ -15,7 +15,7 @@ from twistc.convs import ConvSite, conv_sites, finalize_projection
 from twistc.decomp.cost import conv_cost
 from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass, PassResult
-from twistc.plan import LOWERINGS, LayerPlan, Layout, RankRequest, check_entry, choose
+from twistc.plan import LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.state import CompileState, state_of
 
 _GROUPED = (lambda s: s.groups != 1, lambda s: f"grouped conv (groups={s.groups}); only groups=1 is decomposed")
@@ -82,6 +82,10 @@ class LowRankOptions(Pass):
             if planned.decomp != decomp:
                 return f"the plan gives it decomp={planned.decomp}"
             return check_entry(site.geometry, planned)
+        return self.chosen(gm, site, decomp, lowering)
+
+    def chosen(self, gm: fx.GraphModule, site: ConvSite, decomp: str, lowering: str | None = None) -> LayerPlan | str:
+        """The entry these options alone give the layer (no plan), or the reason it is skipped."""
         try:
             entry = choose(site.weight(gm), site.geometry, decomp, self.request(), self.layout(), lowering)
         except RankError as e:
@@ -107,13 +111,12 @@ class LowRankOptions(Pass):
         if not self.selects(site.name):
             return f"not selected by layers={self.layers}"
         if self.chooses_ranks:
-            own = self.entry(gm, site, CompileState(state.example_inputs, state.output_shapes), decomp)
+            own = self.chosen(gm, site, decomp)
             if isinstance(own, str) or own.ranks != trained.ranks:
                 raise PassError(
                     f"layer {site.name}: {self.spec()} asks for ranks {None if isinstance(own, str) else own.ranks} "
                     f"but deeptwist trained the layer with ranks {trained.ranks}; drop the rank options of {self.name}")
         return replace(trained, lowering=lowering)
-
 
     def lower_each(self, gm: fx.GraphModule, decomp: str, lowering: str, rewrite) -> PassResult:
         """The loop of every lowering pass: for each layer with an entry, make a trained kernel exactly
@@ -137,13 +140,16 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise SpecError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
-    """Write a finished lowering into the plan and the layer's record."""
+def record_plan(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
+    """Write the layer's decision into the plan and its record."""
     state.plan.set(site.name, entry)
     record = state.layers[site.name]
     record.decomp, record.ranks, record.ratio_requested = entry.decomp, tuple(entry.ranks), entry.ratio
-    record.lowering, record.skip_reason = entry.lowering, None
-    record.after = entry.cost(site.geometry)
+    record.skip_reason = None
 
 
-__all__ = ["LEGALITY", "LOWERINGS", "LowRankOptions", "check_choice", "first_failure", "record_lowering"]
+def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
+    """Write a finished lowering into the plan and the layer's record."""
+    record_plan(state, site, entry)
+    record = state.layers[site.name]
+    record.lowering, record.after = entry.lowering, entry.cost(site.geometry)
