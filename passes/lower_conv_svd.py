@@ -18,13 +18,12 @@ import torch.fx as fx
 from twistc.convs import im2col_for, lowered_path, replace_with_chain, replace_with_module
 from twistc.decomp.svd import ORDERS, lowered, truncated_svd
 from twistc.decomp.tiling import tiled_svd
-from twistc.ops import LowRankGemm, SvdConv
+from twistc.ops import Im2Col, LowRankGemm, SvdConv
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
 from twistc.selection import LowRankOptions, check_choice
 
 FORMS = {"conv": "svd-conv", "im2col": "svd-im2col"}
-IM2COL = ("onehot", "unfold")  # onehot measured fastest: results/bench_im2col
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class LowerConvSvd(LowRankOptions):
         super().__post_init__()
         check_choice(self.form, tuple(FORMS), "form")
         check_choice(self.order, ORDERS, "order")
-        check_choice(self.im2col, IM2COL, "im2col")
+        check_choice(self.im2col, Im2Col.METHODS, "im2col")
 
     def layout(self) -> Layout:
         return Layout(self.order)

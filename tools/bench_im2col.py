@@ -3,8 +3,9 @@
 For each conv shape and batch size, the dense conv and its lowerings at the same rank budget are
 exported to ONNX and timed side by side with `twistc.bench` (round-robin, medians after warm-up):
 SVD as a conv pair, SVD as im2col + GEMM, tiled SVD as im2col + batched tile GEMMs, each im2col
-written two ways ("unfold": gather-based; "onehot": a grouped one-hot conv). The fastest exact
-im2col is the passes' default. Writes results/bench_im2col/{results.json,results.md}.
+written three ways ("unfold": gather-based; "onehot": a grouped one-hot conv; "slices": strided
+slices per kernel tap), and tiled SVD in tap-major order as "tap-blocks" (no im2col matrix: grouped
+1x1 convs on each tap's slice). The fastest exact form is the passes' default. Writes results/bench_im2col/{results.json,results.md}.
 
     python tools/bench_im2col.py [--threads 1] [--ratio 2]
 """
@@ -26,18 +27,19 @@ import twistc  # noqa: E402
 from twistc.bench import bench  # noqa: E402
 
 # (name, in, out, stride, input size): the distinct 3x3 convs of a CIFAR ResNet-32
+IM2COL = ("unfold", "onehot", "slices")
 SHAPES = [("16->16 @32", 16, 16, 1, 32), ("16->32 s2 @32", 16, 32, 2, 32), ("32->32 @16", 32, 32, 1, 16),
           ("32->64 s2 @16", 32, 64, 2, 16), ("64->64 @8", 64, 64, 1, 8)]
 
 
 def variants(ratio: float, tile: int) -> dict[str, str | None]:
+    tiled = f"lower-conv-tiled-lowrank{{{{tile={tile}x{tile},ratio={ratio:g},im2col={{}}}}}}"
     return {
         "dense": None,
         "svd conv pair": f"lower-conv-svd{{ratio={ratio:g}}}",
-        "svd im2col unfold": f"lower-conv-svd{{form=im2col,im2col=unfold,ratio={ratio:g}}}",
-        "svd im2col onehot": f"lower-conv-svd{{form=im2col,im2col=onehot,ratio={ratio:g}}}",
-        f"tiled {tile}x{tile} unfold": f"lower-conv-tiled-lowrank{{tile={tile}x{tile},im2col=unfold,ratio={ratio:g}}}",
-        f"tiled {tile}x{tile} onehot": f"lower-conv-tiled-lowrank{{tile={tile}x{tile},im2col=onehot,ratio={ratio:g}}}",
+        **{f"svd im2col {m}": f"lower-conv-svd{{form=im2col,im2col={m},ratio={ratio:g}}}" for m in IM2COL},
+        **{f"tiled {tile}x{tile} {m}": tiled.format(m) for m in IM2COL},
+        f"tiled {tile}x{tile} tap-blocks": tiled.format("tap-blocks,order=tap-major"),
     }
 
 

@@ -124,13 +124,18 @@ def same_padding(kernel, dilation) -> tuple[int, int, int, int]:
 class Im2Col(nn.Module):
     """Input [B, S, H, W] -> columns [B, S*kh*kw, Hout*Wout] in the given column order.
 
-    `method` picks an exact implementation: "unfold" (F.unfold; gathers in ONNX) or "onehot"
-    (a grouped conv whose one-hot kernels copy each tap into its own channel).
+    `method` picks an exact implementation: "unfold" (F.unfold; gathers in ONNX), "onehot" (a
+    grouped conv whose one-hot kernels copy each tap into its own channel) or "slices" (one strided
+    slice of the padded input per kernel tap, concatenated).
     """
+
+    METHODS = ("onehot", "slices", "unfold")
 
     def __init__(self, channels: int, kernel, stride, padding, dilation, padding_mode: str = "zeros",
                  order: str = "channel-major", method: str = "onehot"):
         super().__init__()
+        if method not in self.METHODS:
+            raise ValueError(f"im2col method must be one of {', '.join(self.METHODS)}, got {method!r}")
         self.kernel, self.stride, self.dilation = tuple(kernel), tuple(stride), tuple(dilation)
         self.pads = same_padding(kernel, dilation) if padding == "same" else (
             padding[1], padding[1], padding[0], padding[0])
@@ -141,12 +146,23 @@ class Im2Col(nn.Module):
             onehot = torch.zeros(channels * taps, 1, *kernel)
             onehot.view(channels, taps, -1)[:, torch.arange(taps), torch.arange(taps)] = 1
             self.register_buffer("onehot", onehot)
-        elif method != "unfold":
-            raise ValueError(f"im2col method must be unfold or onehot, got {method!r}")
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, self.pads, mode=self.mode) if any(self.pads) else x
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The padded input as seen by each kernel tap, row-major over taps: kh*kw x [B, S, Hout, Wout]."""
+        x = self.pad(x)
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        h, w = self.output_hw(x.shape[2], x.shape[3], padded=True)
+        return [x[:, :, p * dh: p * dh + sh * (h - 1) + 1: sh, q * dw: q * dw + sw * (w - 1) + 1: sw]
+                for p in range(kh) for q in range(kw)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if any(self.pads):
-            x = F.pad(x, self.pads, mode=self.mode)
+        if self.method == "slices":
+            taps = torch.stack(self.taps(x), dim=1 if self.order == "tap-major" else 2)
+            return taps.flatten(1, 2).flatten(2)
+        x = self.pad(x)
         if self.method == "onehot":
             cols = F.conv2d(x, self.onehot, None, self.stride, 0, self.dilation, self.channels).flatten(2)
         else:
@@ -156,10 +172,10 @@ class Im2Col(nn.Module):
             cols = cols.view(b, self.channels, -1, p).transpose(1, 2).reshape(b, -1, p)
         return cols
 
-    def output_hw(self, h, w):
+    def output_hw(self, h, w, padded: bool = False):
         (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
-        h = h + self.pads[2] + self.pads[3]
-        w = w + self.pads[0] + self.pads[1]
+        if not padded:
+            h, w = h + self.pads[2] + self.pads[3], w + self.pads[0] + self.pads[1]
         return (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
 
 
@@ -204,3 +220,41 @@ class LowRankGemm(nn.Module):
         if self.bias is not None:
             y = y + self.bias[:, None]
         return y.reshape(b, self.out_channels, h, w)
+
+
+class TapBlockGemm(LowRankGemm):
+    """Tiled products without an im2col matrix, for tap-major tiles that are channel blocks of one tap.
+
+    Column tile j is then channels [b*tw, (b+1)*tw) of kernel tap t (j = t*S/tw + b), so V_ij X_j is
+    a 1x1 conv on that tap's strided slice of the input: one grouped 1x1 conv per tap computes the
+    V products of all its tiles, and one 1x1 conv grouped by row tile sums U_ij over j.
+    """
+
+    def __init__(self, im2col: Im2Col, factors: TiledLowRank, bias: torch.Tensor | None):
+        reason = self.misfit(im2col, factors.grid)
+        if reason:
+            raise ValueError(reason)
+        super().__init__(im2col, factors, bias)
+
+    @staticmethod
+    def misfit(im2col: Im2Col, grid) -> str | None:
+        """Why these tiles are not channel blocks of single taps, or None when they are."""
+        widths = {b - a for a, b in grid.cols}
+        if im2col.order != "tap-major" or len(widths) > 1 or im2col.channels % widths.pop():
+            return (f"tap-blocks needs order=tap-major and column tiles of one width that divides the "
+                    f"{im2col.channels} input channels")
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        taps = self.im2col.taps(x)
+        (gr, gc), (th, tw), r = self.grid, self.tile, self.rank
+        blocks = self.im2col.channels // tw
+        v = self.v_blocks.view(len(taps), blocks * gr * r, tw, 1, 1)
+        z = torch.cat([F.conv2d(tap, v[t], groups=blocks) for t, tap in enumerate(taps)], 1)  # (j, i, k)
+        b, _, h, w = z.shape
+        if gr > 1:
+            z = z.view(b, gc, gr, r, h, w).transpose(1, 2).reshape(b, gr * gc * r, h, w)
+        y = F.conv2d(z, self.u_blocks.view(gr * th, gc * r, 1, 1), groups=gr)
+        if gr * th != self.out_channels:
+            y = y[:, : self.out_channels]
+        return y if self.bias is None else y + self.bias[:, None, None]

@@ -7,7 +7,7 @@ from torch import nn
 import twistc
 from twistc.decomp.svd import lowered, unlowered
 from twistc.decomp.tiling import TileGrid, tiled_svd
-from twistc.ops import LowRankGemm, SvdConv
+from twistc.ops import LowRankGemm, SvdConv, TapBlockGemm
 from twistc.pipeline import Pipeline
 from models_for_tests import CONV_CASES, FunctionalConv, Net
 
@@ -18,12 +18,15 @@ SPECS = {
     "svd-conv": "lower-conv-svd{{ranks={r},order={o}}}",
     "svd-im2col-unfold": "lower-conv-svd{{form=im2col,im2col=unfold,ranks={r},order={o}}}",
     "svd-im2col-onehot": "lower-conv-svd{{form=im2col,im2col=onehot,ranks={r},order={o}}}",
+    "svd-im2col-slices": "lower-conv-svd{{form=im2col,im2col=slices,ranks={r},order={o}}}",
     "tiled": "lower-conv-tiled-lowrank{{tile=3x5,im2col=unfold,ranks={r},order={o}}}",  # ragged tiles
     "tiled-grid-onehot": "lower-conv-tiled-lowrank{{grid=2x3,im2col=onehot,ranks={r},order={o}}}",
+    "tiled-slices": "lower-conv-tiled-lowrank{{tile=3x5,im2col=slices,ranks={r},order={o}}}",
 }
 
 
 GRIDS = {"tiled": lambda shape: TileGrid.from_tile(shape, (3, 5)),
+         "tiled-slices": lambda shape: TileGrid.from_tile(shape, (3, 5)),
          "tiled-grid-onehot": lambda shape: TileGrid.from_grid(shape, (2, 3))}
 
 
@@ -57,6 +60,26 @@ def test_full_and_truncated_rank(case, spec_name, order):
     torch.testing.assert_close(gm(X), ref(X), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tile", [(3, 3), (8, 2), (5, 6)])
+@pytest.mark.parametrize("case", CASES)
+def test_tap_blocks_equal_the_conv_and_the_math(case, tile):
+    conv = nn.Conv2d(S, T, **CASES[case]).eval()
+    grid = TileGrid.from_tile((T, S * conv.kernel_size[0] * conv.kernel_size[1]), tile)
+    spec = f"lower-conv-tiled-lowrank{{{{tile={tile[0]}x{tile[1]},order=tap-major,im2col=tap-blocks,ranks={{}}}}}}"
+    gm = Pipeline.parse(spec.format(min(grid.tile))).run(twistc.trace(nn.Sequential(conv), (X,)))
+    assert isinstance(gm.get_submodule("0"), TapBlockGemm)
+    torch.testing.assert_close(gm(X), conv(X), atol=1e-5, rtol=0)
+    gm = Pipeline.parse(spec.format(1)).run(twistc.trace(nn.Sequential(conv), (X,)))
+    torch.testing.assert_close(gm(X), _reference(conv, grid, 1, "tap-major")(X), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", ["tile=4x4,order=tap-major", "tile=3x3", "grid=2x3,order=tap-major"])
+def test_tap_blocks_refuse_tiles_that_are_not_channel_blocks(options):
+    gm = twistc.trace(nn.Sequential(nn.Conv2d(S, T, 3)), (X,))
+    with pytest.raises(twistc.TwistcError, match="layer 0: tap-blocks needs order=tap-major"):
+        Pipeline.parse(f"lower-conv-tiled-lowrank{{{options},im2col=tap-blocks,ranks=1}}").run(gm)
+
+
 def test_functional_conv_and_report_costs():
     conv = nn.Conv2d(S, T, 3, padding=1).eval()
     model = nn.Sequential(FunctionalConv(conv)).eval()
@@ -83,6 +106,8 @@ def test_ratio_chooses_rank_and_skips_grouped():
     "lower-conv-svd{form=im2col,ratio=2,order=tap-major},cleanup",
     "lower-conv-tiled-lowrank{tile=8x8,ratio=2},cleanup",
     "lower-conv-tiled-lowrank{tile=4x8,ranks=2,im2col=onehot},cleanup",
+    "lower-conv-tiled-lowrank{tile=3x8,ranks=2,im2col=slices,order=tap-major},cleanup",
+    "lower-conv-tiled-lowrank{tile=3x2,ranks=2,im2col=tap-blocks,order=tap-major},cleanup",
 ])
 def test_onnx_matches_pytorch(spec, tmp_path):
     model = nn.Sequential(nn.Conv2d(S, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1,
