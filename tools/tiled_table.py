@@ -101,10 +101,19 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
     runs = {run_id(r["scheme"], r["ratio_requested"]): r for r in store.load_all()}
     lat_file = store.root / "latency.json"
     lat = json.loads(lat_file.read_text())["batches"] if lat_file.is_file() else None
+    best = {}
+    for r in runs.values():
+        if r["test_acc"] > best.get(r["ratio_requested"], {"test_acc": -1})["test_acc"]:
+            best[r["ratio_requested"]] = r
     rows = []
     for scheme, ratio in GRID:
         rid = run_id(scheme, ratio)
         r = runs.get(rid)
+        gap = "-"
+        if r and r is not best[ratio]:
+            m, lo, hi = expkit.paired_bootstrap(*(expkit.unpack_bools(x["test_correct"], x["test_n"])
+                                                  for x in (r, best[ratio])))
+            gap = f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         tile = scheme.split()[1] if scheme.startswith("tiled") and "tap" not in scheme else None
         paper = PAPER.get((ratio, tile), "-") if tile else "-"
         acc = f"{100 * r['test_acc']:.2f}" if r else "not run yet"
@@ -114,22 +123,59 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
         speed = "-"
         if lat:
             speed = " / ".join(f"{lat[b][rid] / lat[b]['dense']:.2f}" for b in ("1", "128"))
-        rows.append([f"{ratio}x", scheme, rank, paper, acc, macs, speed])
+        rows.append([f"{ratio}x", scheme, rank, paper, acc, gap, macs, speed])
     md = ["# Tiled SVD and other schemes at equal size: ResNet-32 on CIFAR-10, the 9 largest convs\n",
           f"Baseline (pre-trained checkpoint, 10,000 JPEG test images): **{100 * budget.baseline_acc:.2f}%** "
           f"(paper: {PAPER_BASELINE}%). Fine-tuning: {budget.epochs} epochs, SGD Nesterov, cosine from lr "
           f"{budget.lr:g}, batch {budget.batch}; DeepTwist S_D = {200 if not budget.smoke else 1}. Ratio: weights of the 9 compressed convs. "
           "MAC ratio: those layers' MACs, dense / lowered. Latency: whole ResNet-32 in onnxruntime (CPU EP), "
-          "lowered / dense median, batch 1 / batch 128 (below 1 is faster).\n",
-          expkit.markdown_table(["ratio", "scheme", "rank", "paper test %", "ours test %", "MAC ratio",
+          "lowered / dense median, batch 1 / batch 128 (below 1 is faster). vs best: test accuracy minus "
+          "the best finished run at the same ratio, 95% paired bootstrap CI over test images.\n",
+          expkit.markdown_table(["ratio", "scheme", "rank", "paper test %", "ours test %", "vs best", "MAC ratio",
                                  "latency vs dense (b1 / b128)"], rows)]
     if runs:
         md.append(f"\nCommand: `{next(iter(runs.values()))['command']}`; machine: "
                   f"{next(iter(runs.values()))['machine']['cpu']}.")
     (store.root / "results.md").write_text("\n".join(md) + "\n")
+    if runs:
+        plot(runs, lat, budget.baseline_acc, store.root / "accuracy.png")
     slim = [{k: v for k, v in r.items() if k != "test_correct"} for r in runs.values()]
     (store.root / "results.json").write_text(json.dumps({"baseline_test_acc": budget.baseline_acc, "runs": slim,
                                                          "latency": lat}, indent=1) + "\n")
+
+
+def plot(runs: dict, lat: dict | None, baseline: float, path: Path) -> None:
+    """Test accuracy per scheme and ratio; beside it, accuracy against batch-1 latency when timed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if lat else 1, figsize=(12 if lat else 7, 4.2), squeeze=False)
+    bars, scatter = axes[0][0], axes[0][-1]
+    schemes = list(dict.fromkeys(s for s, _ in GRID))
+    for k, ratio in enumerate((2, 4)):
+        xs = [i + (k - 0.5) * 0.38 for i, s in enumerate(schemes) if run_id(s, ratio) in runs]
+        ys = [100 * runs[run_id(s, ratio)]["test_acc"] for s in schemes if run_id(s, ratio) in runs]
+        bars.bar(xs, ys, width=0.38, label=f"{ratio}x")
+        if lat:
+            ids = [run_id(s, ratio) for s in schemes if run_id(s, ratio) in runs]
+            scatter.scatter([lat["1"][i] / lat["1"]["dense"] for i in ids], ys, label=f"{ratio}x")
+            for i, y in zip(ids, ys):
+                scatter.annotate(i.rsplit("-r", 1)[0], (lat["1"][i] / lat["1"]["dense"], y), fontsize=7)
+    accs = [100 * r["test_acc"] for r in runs.values()] + [100 * baseline]
+    bars.set_ylim(min(accs) - 2, max(accs) + 1)
+    bars.set_xticks(range(len(schemes)), [s.replace("tiled ", "") for s in schemes], rotation=30, fontsize=8)
+    for ax in axes[0]:
+        ax.axhline(100 * baseline, ls="--", color="gray", label="pre-trained")
+        ax.set_ylabel("CIFAR-10 test accuracy (%)")
+        ax.legend(fontsize=8)
+    bars.set_title("ResNet-32, 9 largest convs compressed")
+    if lat:
+        scatter.set_xlabel("whole-model latency / dense (onnxruntime CPU, batch 1)")
+        scatter.set_title("accuracy vs latency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -152,7 +198,7 @@ def main(argv=None) -> int:
     store = expkit.RunStore(Path(args.out))
     grid = [("tiled 16x16", 4), ("tucker-conv", 4)] if args.smoke else GRID
     new = 0
-    for scheme, ratio in ([] if args.report_only else grid):
+    for scheme, ratio in ([] if args.report_only else sorted(grid, key=lambda g: -g[1])):  # 4x first
         rid = run_id(scheme, ratio)
         if store.done(rid):
             continue

@@ -32,3 +32,7 @@ def test_smoke_trains_lowers_and_reports(tmp_path):
     assert runs["tucker-conv"]["compressed_layers"] == 9
     text = (tmp_path / "results.md").read_text()
     assert "| 4x | tiled 16x16 | 2 | 93.00 (r=2) |" in text
+    worse = min(runs.values(), key=lambda r: r["test_acc"])
+    gap = 100 * (worse["test_acc"] - max(r["test_acc"] for r in runs.values()))
+    assert f"| {gap:+.2f} [" in text  # the worse scheme's difference from the best, with its CI
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000
