@@ -67,6 +67,8 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["atol"] == 1e-4
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
     assert "conv4" in text and "tucker-chain" in text and "ONNX check" in text
+    assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"])
+    assert "the final projection removed" in (out / "report.md").read_text()
     program = torch.export.load(out / "model.pt2")
     x = torch.randn(3, 1, 8, 8)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

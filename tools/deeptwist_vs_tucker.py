@@ -37,6 +37,7 @@ log = logging.getLogger("deeptwist_vs_tucker")
 PAPER = {1.6: (92.92, 92.20), 2.1: (92.62, 92.09), 2.8: (92.43, 91.75), 4.3: (91.49, 90.96), 6.7: (90.43, 89.77)}
 PAPER_BASELINE = 92.63
 LAYERS = "layer*"
+DEFAULT_LR = 0.01  # fixed before any run; other values are investigation runs, outside the main table
 
 # (arm, ratio, period, seed) in the order they run: the comparisons that matter most come first.
 GRID = (
@@ -48,9 +49,17 @@ GRID = (
 )
 
 
-def run_id(arm, ratio, period, seed, bn: int = 0) -> str:
-    return (f"{arm}-r{ratio:g}" + (f"-sd{period}" if arm == "deeptwist" else "") + (f"-bn{bn}" if bn else "")
-            + f"-s{seed}")
+def run_id(arm, ratio, period, seed, variant: str = "") -> str:
+    return f"{arm}-r{ratio:g}" + (f"-sd{period}" if arm == "deeptwist" else "") + variant + f"-s{seed}"
+
+
+def variant(lr: float, bn: int = 0, reset_momentum: bool = False) -> str:
+    """The run-id suffix of the investigation options ("" for the grid's own runs)."""
+    return (f"-lr{lr:g}" if lr != DEFAULT_LR else "") + (f"-bn{bn}" if bn else "") + ("-mr" if reset_momentum else "")
+
+
+def variant_of(r: dict) -> str:
+    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False))
 
 
 def pipelines(arm: str, ratio: float, period: int, train: str) -> list[str]:
@@ -61,14 +70,16 @@ def pipelines(arm: str, ratio: float, period: int, train: str) -> list[str]:
     return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}}},{train},lower-conv-tucker,cleanup"]
 
 
-def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, bn: int = 0) -> dict:
-    train = budget.train_spec(seed)[:-1] + (f",recalibrate_bn={bn}}}" if bn else "}")
+def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, bn: int = 0,
+        reset_momentum: bool = False) -> dict:
+    train = (budget.train_spec(seed)[:-1] + (f",recalibrate_bn={bn}" if bn else "")
+             + (",reset_momentum=true" if reset_momentum else "") + "}")
     result = expkit.finetune_run(budget, pipelines(arm, ratio, period, train), seed,
                                  eval_after_first=arm == "conventional")
     if "test_acc_after_first_pipeline" in result:
         result["test_acc_decomposed"] = result.pop("test_acc_after_first_pipeline")
     return {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
-            "recalibrate_bn": bn, **result}
+            "recalibrate_bn": bn, "reset_momentum": reset_momentum, **result}
 
 
 def report(store: expkit.RunStore, cfg) -> None:
@@ -79,8 +90,7 @@ def report(store: expkit.RunStore, cfg) -> None:
     table, series = [], {"deeptwist": {}, "conventional": {}}
     finetuned = [r for r in runs if r["arm"] == "finetune"]
     for r in runs:
-        plain = not r.get("recalibrate_bn")
-        if plain and (r["arm"] == "conventional" or (r["arm"] == "deeptwist" and r["period"] == 200)):
+        if not variant_of(r) and (r["arm"] == "conventional" or (r["arm"] == "deeptwist" and r["period"] == 200)):
             series[r["arm"]].setdefault(r["ratio_requested"], []).append(r)
     header = ["ratio (layers)", "ratio (model)", "paper DT", "paper conv", "ours DT", "ours conv",
               "DT - conv [95% CI]", "seeds"]
@@ -99,10 +109,10 @@ def report(store: expkit.RunStore, cfg) -> None:
         table.append([f"{ref['layers_ratio']:.2f}x (asked {ratio:g})", f"{ref['model_ratio']:.2f}x", paper[0],
                       paper[1], acc(dt), acc(cv), diff, len(pairs)])
     sweep = sorted((r for r in runs if r["arm"] == "deeptwist" and r["ratio_requested"] == 4.3
-                    and not r.get("recalibrate_bn")),
+                    and not variant_of(r)),
                    key=lambda r: (r["period"], r["seed"]))
     sweep_rows = [[r["period"], r["seed"], r["distortions"], f"{100 * r['test_acc']:.2f}"] for r in sweep]
-    run_rows = [[run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], r.get("recalibrate_bn", 0)),
+    run_rows = [[run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r)),
                  f"{100 * r['test_acc']:.2f}",
                  f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
                  f"{100 * r['test_acc_before_final_projection']:.2f}" if r.get("test_acc_before_final_projection")
@@ -164,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
     p.add_argument("--out", default=str(expkit.REPO / "results" / "deeptwist_vs_tucker"))
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="other values get -lrX run ids")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", help="comma-separated run ids to run (default: the whole grid)")
@@ -174,26 +184,28 @@ def main(argv=None) -> int:
     p.add_argument("--progress", action="store_true", help="tqdm bars")
     p.add_argument("--recalibrate-bn", type=int, default=0,
                    help="re-estimate BatchNorm statistics on N batches after the final projection (runs get -bnN)")
+    p.add_argument("--reset-momentum", action="store_true",
+                   help="zero SGD momentum after each distortion (runs get -mr)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = expkit.Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke)
     store = expkit.RunStore(Path(args.out))
     grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
-    grid = [(*g, args.recalibrate_bn) for g in grid]
+    suffix = variant(args.lr, args.recalibrate_bn, args.reset_momentum)
     if args.only:
         wanted = set(args.only.split(","))
-        grid = [g for g in grid if run_id(*g) in wanted]
+        grid = [g for g in grid if run_id(*g, suffix) in wanted]
     new = 0
     for spec in ([] if args.report_only else grid):
-        rid = run_id(*spec)
+        rid = run_id(*spec, suffix)
         if store.done(rid):
             log.info("%s: done earlier, skipped", rid)
             continue
         if args.max_runs is not None and new >= args.max_runs:
             break
         log.info("%s: running", rid)
-        result = run(cfg, *spec)
+        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum)
         store.save(rid, result)
         new += 1
         log.info("%s: test acc %.2f%% (layers %.2fx, model %.2fx) in %.1f min", rid, 100 * result["test_acc"],

@@ -119,6 +119,11 @@ class Budget:
         return self._baseline
 
 
+@torch.no_grad()
+def relative_change(entry, weight: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(weight - entry.reconstruct(weight)) / torch.linalg.vector_norm(weight))
+
+
 def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False) -> dict:
     """Run `pipelines` in order on the pre-trained ResNet-32 (one RunContext, so `train` stages see the
     training data) and measure the result on the test set."""
@@ -142,6 +147,10 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
     layers = [r.to_json() for r in state.layers.values() if r.lowering]
     before, after = sum(r["params_before"] for r in layers), sum(r["params_after"] for r in layers)
     t = ctx.results.get("train")
+    checkpoint = load_resnet32(budget.checkpoint)
+    result["projection_change"] = {  # ||W - P(W)|| / ||W||: the pre-trained kernel vs. the final one
+        r["name"]: {"checkpoint": relative_change(state.plan.get(r["name"]), checkpoint.get_parameter(f"{r['name']}.weight")),
+                    "final": r["final_projection_change"]} for r in layers}
     result.update({
         "test_acc": float(correct.mean()), "test_n": int(len(correct)), "test_correct": pack_bools(correct),
         "compressed_layers": len(layers), "layers_ratio": before / after if after else 1.0,

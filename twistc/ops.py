@@ -17,7 +17,8 @@ class LowRankProjection(nn.Module):
     Its `plan` is the single source of truth for the layer's decomposition and ranks. Each
     training-mode forward with grad enabled is one step; at every multiple of `period` the weight is
     replaced in place by its low-rank reconstruction. Otherwise (eval mode, no_grad, export) it is
-    the identity. `step`, `distortions` and `final_projections` are buffers, so they checkpoint.
+    the identity. `step`, `distortions`, `final_projections` and `change` (the relative Frobenius
+    norm of what the last projection removed from the kernel) are buffers, so they checkpoint.
     """
 
     def __init__(self, layer: str, weight_name: str, plan: LayerPlan, period: int):
@@ -28,6 +29,7 @@ class LowRankProjection(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("distortions", torch.zeros((), dtype=torch.int64))
         self.register_buffer("final_projections", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("change", torch.zeros(()))
 
     @property
     def decomp(self) -> str:
@@ -41,23 +43,26 @@ class LowRankProjection(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.step += 1
             if int(self.step) % self.period == 0:
-                self.project_(weight)
+                self.change.copy_(self.project_(weight))
                 self.distortions += 1
         return weight
 
     @torch.no_grad()
-    def project_(self, weight: torch.Tensor) -> None:
-        """Replace `weight` in place by its low-rank reconstruction."""
+    def project_(self, weight: torch.Tensor) -> torch.Tensor:
+        """Replace `weight` in place by its low-rank reconstruction; returns ||W - P(W)|| / ||W||."""
         if not torch.isfinite(weight).all():
             raise NonFiniteError(
                 f"layer {self.layer}: weight is not finite at step {int(self.step)}; "
                 "lower the learning rate or raise the ranks"
             )
-        weight.copy_(self.plan.reconstruct(weight))
+        projected = self.plan.reconstruct(weight)
+        change = torch.linalg.vector_norm(weight - projected) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
+        weight.copy_(projected)
+        return change
 
     def finalize_(self, weight: torch.Tensor) -> None:
         """The final projection: afterwards the kernel is exactly low-rank."""
-        self.project_(weight)
+        self.change.copy_(self.project_(weight))
         self.final_projections += 1
 
     @property

@@ -109,6 +109,12 @@ def summary_lines(report: dict) -> list[str]:
                      f"{t['final_projections']} final projections, {t['seconds']:.0f}s")
         if t.get("accuracy_before_final_projection") is not None:
             lines.append(f"accuracy just before the final projection: {t['accuracy_before_final_projection']:.2%}")
+    changes = {l["name"]: l["final_projection_change"] for l in report["layers"]
+               if l.get("final_projection_change") is not None}
+    if changes:
+        worst = max(changes, key=changes.get)
+        lines.append(f"the final projection removed {sum(changes.values()) / len(changes):.1%} of a kernel's norm "
+                     f"on average (most: {changes[worst]:.1%}, {worst})")
     if "accuracy" in report:
         a = report["accuracy"]
         lines.append(f"accuracy: before {a['before']:.2%}, after {a['after']:.2%}")

@@ -26,6 +26,7 @@ class LayerRecord:
     ranks: tuple[int, ...] | None = None
     ratio_requested: float | None = None
     after: Cost | None = None
+    final_projection_change: float | None = None  # ||W - P(W)|| / ||W|| at DeepTwist's final projection
 
     @property
     def before(self) -> Cost:
@@ -55,6 +56,7 @@ class LayerRecord:
             "macs_after": now.macs,
             "flops_before": 2 * before.macs,
             "flops_after": 2 * now.macs,
+            "final_projection_change": self.final_projection_change,
         }
 
 

@@ -173,3 +173,17 @@ def test_recalibrate_batchnorm_matches_statistics_of_the_current_weights():
     features = model[0](x).detach()
     torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
     assert model[1].momentum == 0.1 and not model.training
+
+
+def test_final_projection_change_is_measured_once_and_reported():
+    gm = _projected()
+    weight = gm.get_parameter("conv2.weight").detach().clone()
+    projection = gm.conv2.weight_projection
+    expected = torch.linalg.vector_norm(weight - projection.plan.reconstruct(weight)) / torch.linalg.vector_norm(weight)
+    assert twistc.final_projection(gm) == 1
+    assert float(projection.change) == pytest.approx(float(expected), rel=1e-5) and 0 < float(expected) < 1
+    gm = Pipeline.parse("lower-conv-tucker,cleanup").run(gm)  # re-projects an exact low-rank kernel
+    record = twistc.state_of(gm).layers["conv2"]
+    assert record.final_projection_change == pytest.approx(float(expected), rel=1e-5)
+    assert record.to_json()["final_projection_change"] == record.final_projection_change
+    assert twistc.state_of(gm).layers["conv1"].final_projection_change is None

@@ -25,7 +25,7 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     real_run = exp.run
     monkeypatch.setattr(exp, "run", lambda cfg, *spec: calls.append(spec) or real_run(cfg, *spec))
     assert exp.main(["--smoke", "--out", str(out)]) == 0
-    assert calls == [("conventional", 4.3, 1, 0, 0)]  # the finished run was not recomputed
+    assert calls == [("conventional", 4.3, 1, 0, 0, False)]  # the finished run was not recomputed
     assert (out / "runs" / "deeptwist-r4.3-sd1-s0.json").read_text() == first
 
     runs = {r["arm"]: r for r in expkit.RunStore(out).load_all()}
@@ -40,9 +40,18 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     assert cv["test_acc_before_final_projection"] is None  # nothing to project in the conventional arm
     assert len(expkit.unpack_bools(dt["test_correct"], dt["test_n"])) == dt["test_n"] == 200
     assert "test_acc_decomposed" in cv and 0 <= cv["test_acc"] <= 1
+    assert dt["projection_change"].keys() == cv["projection_change"].keys() and len(dt["projection_change"]) == 30
+    assert all(0 < c["checkpoint"] < 1 and 0 <= c["final"] < 1 for c in dt["projection_change"].values())
+    assert all(c["final"] is None for c in cv["projection_change"].values())
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "accuracy_vs_ratio.png"}
     assert "| 4.47x (asked 4.3)" in (out / "results.md").read_text()
     assert json.loads((out / "results.json").read_text())["runs"][0]["command"]
+
+
+def test_investigation_options_get_their_own_run_ids():
+    assert exp.run_id("deeptwist", 4.3, 200, 0, exp.variant(0.01, 100)) == "deeptwist-r4.3-sd200-bn100-s0"
+    assert exp.run_id("deeptwist", 4.3, 200, 0, exp.variant(0.03, 0, True)) == "deeptwist-r4.3-sd200-lr0.03-mr-s0"
+    assert exp.run_id("conventional", 4.3, 200, 1, exp.variant(0.01)) == "conventional-r4.3-s1"
 
 
 def test_paired_bootstrap_interval_covers_the_difference():
