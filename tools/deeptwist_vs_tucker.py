@@ -118,6 +118,16 @@ def report(store: expkit.RunStore, cfg) -> None:
                  f"{100 * r['test_acc_before_final_projection']:.2f}" if r.get("test_acc_before_final_projection")
                  else "-",
                  r["steps"], r["distortions"], f"{r['seconds'] / 60:.1f}", r["machine"]["cpu"]] for r in runs]
+    change_rows = []
+    for r in runs:
+        if "projection_change" not in r:
+            continue
+        row = [run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r))]
+        for stage in ("layer1", "layer2", "layer3"):
+            c = [v for k, v in r["projection_change"].items() if k.startswith(stage + ".")]
+            mean = lambda key: sum(v[key] for v in c) / len(c)
+            row.append(f"{mean('checkpoint'):.3f}" + (f" -> {mean('final'):.3f}" if c[0]["final"] is not None else ""))
+        change_rows.append(row)
     md = ["# DeepTwist vs. conventional Tucker fine-tuning, CIFAR-10 ResNet-32\n",
           f"Baseline (pre-trained checkpoint, all 10,000 JPEG test images): **{100 * baseline:.2f}%** "
           f"(paper: {PAPER_BASELINE}% on the original images with a longer schedule).",
@@ -130,6 +140,10 @@ def report(store: expkit.RunStore, cfg) -> None:
           + (", ".join(f"{100 * r['test_acc']:.2f}% (seed {r['seed']})" for r in finetuned) or "not run yet") + ".\n",
           expkit.markdown_table(header, table), "\n## S_D sweep at 4.3x\n",
           expkit.markdown_table(["S_D", "seed", "distortions", "test acc %"], sweep_rows),
+          "\n## How much of each kernel the projection removes\n",
+          "||W - P(W)|| / ||W|| at the run's ranks, mean over each stage's 10 convs: the pre-trained kernel, "
+          "and for DeepTwist (->) the kernel at the final projection.\n",
+          expkit.markdown_table(["run", "layer1 (16 ch)", "layer2 (32 ch)", "layer3 (64 ch)"], change_rows),
           "\n## All runs\n",
           expkit.markdown_table(["run", "test acc %", "acc right after decomposition %",
                                  "acc before the final projection %", "steps", "distortions", "minutes", "machine"],

@@ -44,7 +44,9 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     assert all(0 < c["checkpoint"] < 1 and 0 <= c["final"] < 1 for c in dt["projection_change"].values())
     assert all(c["final"] is None for c in cv["projection_change"].values())
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "accuracy_vs_ratio.png"}
-    assert "| 4.47x (asked 4.3)" in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "| 4.47x (asked 4.3)" in text
+    assert "| deeptwist-r4.3-sd1-s0 | 0." in text and " -> 0." in text  # projection change per stage
     assert json.loads((out / "results.json").read_text())["runs"][0]["command"]
 
 
