@@ -113,8 +113,8 @@ def summary_lines(report: dict) -> list[str]:
                if l.get("final_projection_change") is not None}
     if changes:
         worst = max(changes, key=changes.get)
-        lines.append(f"the final projection removed {sum(changes.values()) / len(changes):.1%} of a kernel's norm "
-                     f"on average (most: {changes[worst]:.1%}, {worst})")
+        lines.append(f"the final projection removed {sum(changes.values()) / len(changes):.2%} of a kernel's norm "
+                     f"on average (most: {changes[worst]:.2%}, {worst})")
     if "accuracy" in report:
         a = report["accuracy"]
         lines.append(f"accuracy: before {a['before']:.2%}, after {a['after']:.2%}")
