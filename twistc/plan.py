@@ -58,6 +58,14 @@ class LayerPlan:
         n = g.in_channels * g.taps
         return lowrank_cost(g, self.tile_grid((g.out_channels, n)).factor_params(self.ranks[0]))
 
+    def tiling(self, g: ConvGeometry) -> dict | None:
+        """How a 2-D decomposition tiles the lowered matrix, and what happens to ragged edge tiles."""
+        if self.decomp == "tucker":
+            return None
+        grid = self.tile_grid((g.out_channels, g.in_channels * g.taps))
+        return {"grid": list(grid.shape), "tile": list(grid.tile),
+                "ragged_edges": "zero-padded to the common tile shape" if grid.ragged else None}
+
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if v is not None}
 

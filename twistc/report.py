@@ -67,6 +67,13 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _tiles_note(tiles: dict | None) -> str:
+    if not tiles or tiles["grid"] == [1, 1]:
+        return ""
+    note = f"{tiles['grid'][0]}x{tiles['grid'][1]} tiles of {tiles['tile'][0]}x{tiles['tile'][1]}"
+    return note + (f", ragged edges {tiles['ragged_edges']}" if tiles["ragged_edges"] else "")
+
+
 def layer_rows(report: dict) -> list[tuple[str, ...]]:
     rows = []
     for layer in report["layers"]:
@@ -75,7 +82,7 @@ def layer_rows(report: dict) -> list[tuple[str, ...]]:
         rows.append((layer["name"], shape, layer["lowering"] or "-", ranks,
                      f"{_count(layer['params_before'])} -> {_count(layer['params_after'])}",
                      f"{_count(layer['macs_before'])} -> {_count(layer['macs_after'])}",
-                     f"{layer['ratio_achieved']:.2f}x", layer["skip_reason"] or ""))
+                     f"{layer['ratio_achieved']:.2f}x", layer["skip_reason"] or _tiles_note(layer.get("tiles"))))
     t = report["totals"]
     rows.append(("total (convs)", "", "", "", f"{_count(t['params_before'])} -> {_count(t['params_after'])}",
                  f"{_count(t['macs_before'])} -> {_count(t['macs_after'])}", f"{t['ratio']:.2f}x", ""))

@@ -153,5 +153,6 @@ def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan) -> No
     record_plan(state, site, entry)
     record = state.layers[site.name]
     record.lowering, record.after = entry.lowering, entry.cost(site.geometry)
+    record.tiles = entry.tiling(site.geometry)
     if site.projection is not None:
         record.final_projection_change = float(site.projection.change)

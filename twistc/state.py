@@ -26,6 +26,7 @@ class LayerRecord:
     ranks: tuple[int, ...] | None = None
     ratio_requested: float | None = None
     after: Cost | None = None
+    tiles: dict | None = None  # 2-D lowerings: LayerPlan.tiling()
     final_projection_change: float | None = None  # ||W - P(W)|| / ||W|| at DeepTwist's final projection
 
     @property
@@ -56,6 +57,7 @@ class LayerRecord:
             "macs_after": now.macs,
             "flops_before": 2 * before.macs,
             "flops_after": 2 * now.macs,
+            "tiles": self.tiles,
             "final_projection_change": self.final_projection_change,
         }
 

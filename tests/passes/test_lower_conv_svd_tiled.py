@@ -9,6 +9,7 @@ from twistc.decomp.svd import lowered, unlowered
 from twistc.decomp.tiling import TileGrid, tiled_svd
 from twistc.ops import LowRankGemm, SvdConv, TapBlockGemm
 from twistc.pipeline import Pipeline
+from twistc.report import layer_rows
 from models_for_tests import CONV_CASES, FunctionalConv, Net
 
 CASES = {**CONV_CASES, "1x1": dict(kernel_size=1)}
@@ -90,6 +91,17 @@ def test_functional_conv_and_report_costs():
     assert record.after.params == 2 * (2 * T + 2 * S * 9)  # r * (gc*T + gr*N)
     assert record.after.macs == record.after.params * 11 * 10
     assert "0.w" not in dict(gm.named_parameters())
+
+
+def test_report_says_how_ragged_tiles_are_handled():
+    gm = Pipeline.parse("lower-conv-tiled-lowrank{tile=3x5,ranks=2}").run(twistc.trace(nn.Sequential(nn.Conv2d(S, T, 3)), (X,)))
+    layer = twistc.state_of(gm).layers["0"].to_json()
+    assert layer["tiles"] == {"grid": [3, 11], "tile": [3, 5], "ragged_edges": "zero-padded to the common tile shape"}
+    report = {"layers": [layer], "totals": {"params_before": 1, "params_after": 1, "macs_before": 1, "macs_after": 1,
+                                            "ratio": 1.0}}
+    assert layer_rows(report)[0][-1] == "3x11 tiles of 3x5, ragged edges zero-padded to the common tile shape"
+    even = Pipeline.parse("lower-conv-tiled-lowrank{grid=2x2,ranks=2}").run(twistc.trace(nn.Sequential(nn.Conv2d(S, T, 3)), (X,)))
+    assert twistc.state_of(even).layers["0"].to_json()["tiles"]["ragged_edges"] is None
 
 
 def test_ratio_chooses_rank_and_skips_grouped():
