@@ -82,6 +82,24 @@ def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, b
             "recalibrate_bn": bn, "reset_momentum": reset_momentum, **result}
 
 
+def difference(pairs: list[tuple[dict, dict]]) -> str:
+    """Mean test accuracy difference a - b over paired runs, with its paired bootstrap 95% CI."""
+    if not pairs:
+        return "-"
+    a, b = (np.concatenate([expkit.unpack_bools(p[k]["test_correct"], p[k]["test_n"]) for p in pairs])
+            for k in (0, 1))
+    m, lo, hi = expkit.paired_bootstrap(a, b)
+    return f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
+def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
+    """A DeepTwist run paired with the conventional run at its ratio, seed and learning rate."""
+    if r["arm"] != "deeptwist":
+        return []
+    return [(r, c) for c in runs if c["arm"] == "conventional" and variant_of(c) == variant(r["lr"])
+            and (c["ratio_requested"], c["seed"]) == (r["ratio_requested"], r["seed"])]
+
+
 def report(store: expkit.RunStore, cfg) -> None:
     runs = store.load_all()
     if not runs:
@@ -98,22 +116,17 @@ def report(store: expkit.RunStore, cfg) -> None:
         dt, cv = series["deeptwist"].get(ratio, []), series["conventional"].get(ratio, [])
         paper = PAPER.get(ratio, ("-", "-"))
         ref = (dt or cv)[0]
-        diff = "-"
         pairs = [(a, b) for a in dt for b in cv if a["seed"] == b["seed"]]
-        if pairs:
-            a = np.concatenate([expkit.unpack_bools(p[0]["test_correct"], p[0]["test_n"]) for p in pairs])
-            b = np.concatenate([expkit.unpack_bools(p[1]["test_correct"], p[1]["test_n"]) for p in pairs])
-            m, lo, hi = expkit.paired_bootstrap(a, b)
-            diff = f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
         acc = lambda rs: " / ".join(f"{100 * x['test_acc']:.2f}" for x in sorted(rs, key=lambda x: x["seed"])) or "-"
         table.append([f"{ref['layers_ratio']:.2f}x (asked {ratio:g})", f"{ref['model_ratio']:.2f}x", paper[0],
-                      paper[1], acc(dt), acc(cv), diff, len(pairs)])
+                      paper[1], acc(dt), acc(cv), difference(pairs), len(pairs)])
     sweep = sorted((r for r in runs if r["arm"] == "deeptwist" and r["ratio_requested"] == 4.3
                     and not variant_of(r)),
                    key=lambda r: (r["period"], r["seed"]))
-    sweep_rows = [[r["period"], r["seed"], r["distortions"], f"{100 * r['test_acc']:.2f}"] for r in sweep]
+    sweep_rows = [[r["period"], r["seed"], r["distortions"], f"{100 * r['test_acc']:.2f}",
+                   difference(conventional_pair(r, runs))] for r in sweep]
     run_rows = [[run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r)),
-                 f"{100 * r['test_acc']:.2f}",
+                 f"{100 * r['test_acc']:.2f}", difference(conventional_pair(r, runs)),
                  f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
                  f"{100 * r['test_acc_before_final_projection']:.2f}" if r.get("test_acc_before_final_projection")
                  else "-",
@@ -139,13 +152,15 @@ def report(store: expkit.RunStore, cfg) -> None:
           "Control, the dense model fine-tuned with the same budget: "
           + (", ".join(f"{100 * r['test_acc']:.2f}% (seed {r['seed']})" for r in finetuned) or "not run yet") + ".\n",
           expkit.markdown_table(header, table), "\n## S_D sweep at 4.3x\n",
-          expkit.markdown_table(["S_D", "seed", "distortions", "test acc %"], sweep_rows),
-          "\n## How much of each kernel the projection removes\n",
-          "||W - P(W)|| / ||W|| at the run's ranks, mean over each stage's 10 convs: the pre-trained kernel, "
-          "and for DeepTwist (->) the kernel at the final projection.\n",
-          expkit.markdown_table(["run", "layer1 (16 ch)", "layer2 (32 ch)", "layer3 (64 ch)"], change_rows),
+          expkit.markdown_table(["S_D", "seed", "distortions", "test acc %", "vs conventional [95% CI]"],
+                                sweep_rows),
+          *(["\n## How much of each kernel the projection removes\n",
+             "||W - P(W)|| / ||W|| at the run's ranks, mean over each stage's 10 convs: the pre-trained kernel, "
+             "and for DeepTwist (->) the kernel at the final projection.\n",
+             expkit.markdown_table(["run", "layer1 (16 ch)", "layer2 (32 ch)", "layer3 (64 ch)"], change_rows)]
+            if change_rows else []),
           "\n## All runs\n",
-          expkit.markdown_table(["run", "test acc %", "acc right after decomposition %",
+          expkit.markdown_table(["run", "test acc %", "vs conventional [95% CI]", "acc right after decomposition %",
                                  "acc before the final projection %", "steps", "distortions", "minutes", "machine"],
                                 run_rows),
           "\nCommands that produced these runs (each run's JSON has its own):\n",
