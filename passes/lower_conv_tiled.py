@@ -4,10 +4,10 @@
 
 Tiles come from `tile=HxW` (ragged edge tiles allowed) or `grid=RxC` on the lowered matrix in the
 column `order`. All tiles run as two batched matrix products; ragged tiles are zero-padded to the
-common tile shape, which is exact. `im2col=tap-blocks` needs no im2col matrix: under tap-major order,
-tiles whose width divides the input channels are channel blocks of one kernel tap, and their
-products become grouped 1x1 convs on strided slices of the input (ops.TapBlockGemm). Layers trained by DeepTwist with decomp=tiled-svd take rank,
-order and tiles from the projection.
+common tile shape, which is exact. `im2col=tap-blocks` needs no im2col matrix: under tap-major
+order, tiles whose width divides the input channels are channel blocks of one kernel tap, and their
+products become grouped 1x1 convs on strided slices of the input (ops.TapBlockGemm). Layers trained
+by DeepTwist with decomp=tiled-svd take rank, order and tiles from the projection.
 """
 from __future__ import annotations
 
@@ -52,16 +52,14 @@ class LowerConvTiledLowrank(LowRankOptions):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         def rewrite(site, entry):
             k = lowered(site.weight(gm), entry.order)
-            grid = entry.tile_grid(tuple(k.shape))
+            factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
             if self.im2col == "tap-blocks":
-                im2col = im2col_for(site, entry.order, "slices")
-                reason = TapBlockGemm.misfit(im2col, grid)
-                if reason:
-                    raise PassError(f"layer {site.name}: {reason}; use im2col=onehot for it")
-                gemm = TapBlockGemm
+                try:
+                    module = TapBlockGemm(im2col_for(site, entry.order, "slices"), factors, site.bias(gm))
+                except ValueError as e:
+                    raise PassError(f"layer {site.name}: {e}; use im2col=onehot for it") from None
             else:
-                im2col, gemm = im2col_for(site, entry.order, self.im2col), LowRankGemm
-            module = gemm(im2col, tiled_svd(k, grid, entry.ranks[0]), site.bias(gm))
+                module = LowRankGemm(im2col_for(site, entry.order, self.im2col), factors, site.bias(gm))
             replace_with_module(gm, site, lowered_path(gm, site, "tiled"), module)
 
         return self.lower_each(gm, "tiled-svd", "tiled-lowrank", rewrite)

@@ -236,19 +236,11 @@ class TapBlockGemm(LowRankGemm):
     """
 
     def __init__(self, im2col: Im2Col, factors: TiledLowRank, bias: torch.Tensor | None):
-        reason = self.misfit(im2col, factors.grid)
-        if reason:
-            raise ValueError(reason)
-        super().__init__(im2col, factors, bias)
-
-    @staticmethod
-    def misfit(im2col: Im2Col, grid) -> str | None:
-        """Why these tiles are not channel blocks of single taps, or None when they are."""
-        widths = {b - a for a, b in grid.cols}
+        widths = {b - a for a, b in factors.grid.cols}
         if im2col.order != "tap-major" or len(widths) > 1 or im2col.channels % widths.pop():
-            return (f"tap-blocks needs order=tap-major and column tiles of one width that divides the "
-                    f"{im2col.channels} input channels")
-        return None
+            raise ValueError(f"tap-blocks needs order=tap-major and column tiles of one width that divides "
+                             f"the {im2col.channels} input channels")
+        super().__init__(im2col, factors, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         taps = self.im2col.taps(x)
