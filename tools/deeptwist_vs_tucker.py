@@ -43,7 +43,7 @@ DEFAULT_LR = 0.01  # fixed before any run; other values are investigation runs, 
 GRID = (
     [(arm, r, 200, 0) for r in (2.1, 4.3, 6.7) for arm in ("deeptwist", "conventional")]
     + [("finetune", 1.0, 200, 0)]  # control: the dense model, same fine-tuning budget
-    + [("deeptwist", 4.3, sd, 0) for sd in (25, 50)]
+    + [("deeptwist", 4.3, sd, 0) for sd in (25, 50)] + [("deeptwist", 6.7, 50, 0)]  # S_D = 50 where 200 lost most
     + [(arm, r, 200, 0) for r in (1.6, 2.8) for arm in ("deeptwist", "conventional")]
     + [(arm, r, 200, 1) for r in (2.1, 4.3, 6.7) for arm in ("deeptwist", "conventional")]
 )
