@@ -69,6 +69,8 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert "conv4" in text and "tucker-chain" in text and "ONNX check" in text
     assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"])
     assert "the final projection removed" in (out / "report.md").read_text()
+    changes = report["training"]["distortion_changes"]
+    assert len(changes) == 4 and changes[-1] < changes[0] < 1
     program = torch.export.load(out / "model.pt2")
     x = torch.randn(3, 1, 8, 8)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -159,6 +159,7 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
         "macs_before": sum(r["macs_before"] for r in layers), "macs_after": sum(r["macs_after"] for r in layers),
         "steps": t.steps if t else 0, "distortions": t.distortions if t else 0,
         "final_projections": t.final_projections if t else 0, "train_loss": t.losses if t else [],
+        "distortion_changes": t.distortion_changes if t else [],
         "test_acc_before_final_projection": t.accuracy_before_final_projection if t else None,
         "plan": state.plan.to_json(), "seconds": time.perf_counter() - start, **metadata(),
     })

@@ -114,6 +114,9 @@ def summary_lines(report: dict) -> list[str]:
         t = report["training"]
         lines.append(f"training: {t['epochs']} epochs, {t['steps']} steps, {t['distortions']} distortions, "
                      f"{t['final_projections']} final projections, {t['seconds']:.0f}s")
+        if t.get("distortion_changes"):
+            c = t["distortion_changes"]
+            lines.append(f"the first distortion removed {c[0]:.1%} of a kernel's norm on average, the last {c[-1]:.1%}")
         if t.get("accuracy_before_final_projection") is not None:
             lines.append(f"accuracy just before the final projection: {t['accuracy_before_final_projection']:.2%}")
     changes = {l["name"]: l["final_projection_change"] for l in report["layers"]

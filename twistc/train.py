@@ -56,12 +56,14 @@ class TrainResult:
     seconds: float = 0.0
     lr: float = 0.0
     losses: list[float] = field(default_factory=list)  # mean loss per epoch
+    # per distortion step: ||W - P(W)|| / ||W|| averaged over the layers it projected
+    distortion_changes: list[float] = field(default_factory=list)
     accuracy_before_final_projection: float | None = None  # on eval data, when there is any
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses",
-                 "accuracy_before_final_projection")}
+                 "distortion_changes", "accuracy_before_final_projection")}
 
 
 def _first_nonfinite_parameter(module: nn.Module) -> str | None:
@@ -98,6 +100,9 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             loss = loss_fn(module(x), y)
             distorted = distortions(module) > before
             distortion_steps += distorted
+            if distorted:
+                changes = [float(p.change) for p in projections(module) if int(p.step) % p.period == 0]
+                result.distortion_changes.append(sum(changes) / len(changes))
             if distorted and reset_momentum:
                 _clear_momentum(module, optimizer)
             if not torch.isfinite(loss):
@@ -109,7 +114,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             loss.backward()
             optimizer.step()
             total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortion_steps, refresh=False)
+            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortion_steps, refresh=False,
+                            **({"removed": f"{result.distortion_changes[-1]:.1%}"} if distortion_steps else {}))
         bar.close()
         result.losses.append(total / max(count, 1))
         log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
@@ -215,5 +221,5 @@ class Train(Stage):
 def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
     return TrainResult(a.epochs + b.epochs, a.steps + b.steps, a.distortions + b.distortions,
                        a.final_projections + b.final_projections, b.final_loss, a.seconds + b.seconds,
-                       b.lr, a.losses + b.losses,
+                       b.lr, a.losses + b.losses, a.distortion_changes + b.distortion_changes,
                        b.accuracy_before_final_projection or a.accuracy_before_final_projection)

@@ -113,6 +113,10 @@ def test_train_stage_counts_steps_and_distortions_and_calls_train_data_each_epoc
     result = ctx.results["train"]
     assert len(calls) == 3 and result.steps == 15 and result.distortions == 3  # steps 4, 8, 12
     assert result.final_projections == 2  # conv1 and conv2; 1x1 and grouped convs are skipped
+    assert len(result.distortion_changes) == 3 and 0 < result.distortion_changes[0] < 1
+    assert result.distortion_changes[1] < result.distortion_changes[0]  # 4 small steps after a projection
+    Pipeline.parse("train{epochs=1,lr=0.01}").run(gm, ctx)  # steps 16 and 20; appended to the first
+    assert len(ctx.results["train"].distortion_changes) == 5 and ctx.results["train"].to_json()["distortion_changes"]
 
 
 def test_lowering_after_deeptwist_rejects_conflicting_ranks():
