@@ -105,11 +105,12 @@ def report(store: expkit.RunStore, cfg) -> None:
     if not runs:
         return
     baseline = cfg.baseline_acc
-    table, series = [], {"deeptwist": {}, "conventional": {}}
+    table, series = [], {"deeptwist": {}, "conventional": {}, "deeptwist, S_D = 50": {}}
     finetuned = [r for r in runs if r["arm"] == "finetune"]
     for r in runs:
-        if not variant_of(r) and (r["arm"] == "conventional" or (r["arm"] == "deeptwist" and r["period"] == 200)):
-            series[r["arm"]].setdefault(r["ratio_requested"], []).append(r)
+        arm = {200: "deeptwist", 50: "deeptwist, S_D = 50"}.get(r["period"]) if r["arm"] == "deeptwist" else r["arm"]
+        if not variant_of(r) and arm in series:
+            series[arm].setdefault(r["ratio_requested"], []).append(r)
     header = ["ratio (layers)", "ratio (model)", "paper DT", "paper conv", "ours DT", "ours conv",
               "DT - conv [95% CI]", "seeds"]
     for ratio in sorted(set(series["deeptwist"]) | set(series["conventional"])):
@@ -178,11 +179,12 @@ def plot(series, baseline, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for arm, style in (("deeptwist", "o-"), ("conventional", "s-")):
+    for arm, style in (("deeptwist", "o-"), ("conventional", "s-"), ("deeptwist, S_D = 50", "^--")):
         points = sorted((np.mean([r["layers_ratio"] for r in rs]), 100 * np.mean([r["test_acc"] for r in rs]))
                         for rs in series[arm].values())
         if points:
-            ax.plot(*zip(*points), style, label=f"ours: {arm}")
+            label = {"deeptwist": "DeepTwist, S_D = 200", "deeptwist, S_D = 50": "DeepTwist, S_D = 50"}.get(arm, arm)
+            ax.plot(*zip(*points), style, label=f"ours: {label}")
     for i, (arm, style) in enumerate((("DeepTwist", "o:"), ("conventional", "s:"))):
         ax.plot(list(PAPER), [v[i] for v in PAPER.values()], style, alpha=0.4, label=f"paper: {arm}")
     ax.axhline(100 * baseline, ls="--", color="gray", label=f"our baseline {100 * baseline:.2f}%")
