@@ -123,16 +123,17 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
         speed = "-"
         if lat:
             speed = " / ".join(f"{lat[b][rid] / lat[b]['dense']:.2f}" for b in ("1", "128"))
-        rows.append([f"{ratio}x", scheme, rank, paper, acc, gap, macs, speed])
+        minutes = f"{r['seconds'] / 60:.1f}" if r else "-"
+        rows.append([f"{ratio}x", scheme, rank, paper, acc, gap, macs, speed, minutes])
     md = ["# Tiled SVD and other schemes at equal size: ResNet-32 on CIFAR-10, the 9 largest convs\n",
           f"Baseline (pre-trained checkpoint, 10,000 JPEG test images): **{100 * budget.baseline_acc:.2f}%** "
           f"(paper: {PAPER_BASELINE}%). Fine-tuning: {budget.epochs} epochs, SGD Nesterov, cosine from lr "
-          f"{budget.lr:g}, batch {budget.batch}; DeepTwist S_D = {200 if not budget.smoke else 1}. Ratio: weights of the 9 compressed convs. "
+          f"{budget.lr:g}, batch {budget.batch}, seed 0; DeepTwist S_D = {200 if not budget.smoke else 1}. Ratio: weights of the 9 compressed convs. "
           "MAC ratio: those layers' MACs, dense / lowered. Latency: whole ResNet-32 in onnxruntime (CPU EP), "
           "lowered / dense median, batch 1 / batch 128 (below 1 is faster). vs best: test accuracy minus "
           "the best finished run at the same ratio, 95% paired bootstrap CI over test images.\n",
           expkit.markdown_table(["ratio", "scheme", "rank", "paper test %", "ours test %", "vs best", "MAC ratio",
-                                 "latency vs dense (b1 / b128)"], rows)]
+                                 "latency vs dense (b1 / b128)", "run minutes"], rows)]
     if runs:
         md.append(f"\nCommand: `{next(iter(runs.values()))['command']}`; machine: "
                   f"{next(iter(runs.values()))['machine']['cpu']}.")
