@@ -5,7 +5,8 @@ exported to ONNX and timed side by side with `twistc.bench` (round-robin, median
 SVD as a conv pair, SVD as im2col + GEMM, tiled SVD as im2col + batched tile GEMMs, each im2col
 written three ways ("unfold": gather-based; "onehot": a grouped one-hot conv; "slices": strided
 slices per kernel tap), and tiled SVD in tap-major order as "tap-blocks" (no im2col matrix: grouped
-1x1 convs on each tap's slice). The fastest exact form is the passes' default. Writes results/bench_im2col/{results.json,results.md}.
+1x1 convs on each tap's slice). The fastest exact form is the passes' default. Writes
+results/bench_im2col/{results.json,results.md}.
 
     python tools/bench_im2col.py [--threads 1] [--ratio 2]
 """

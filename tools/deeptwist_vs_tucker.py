@@ -62,6 +62,10 @@ def variant_of(r: dict) -> str:
     return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False))
 
 
+def id_of(r: dict) -> str:
+    return run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r))
+
+
 def pipelines(arm: str, ratio: float, period: int, train: str) -> list[str]:
     if arm == "finetune":
         return [train]
@@ -80,16 +84,6 @@ def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, b
         result["test_acc_decomposed"] = result.pop("test_acc_after_first_pipeline")
     return {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
             "recalibrate_bn": bn, "reset_momentum": reset_momentum, **result}
-
-
-def difference(pairs: list[tuple[dict, dict]]) -> str:
-    """Mean test accuracy difference a - b over paired runs, with its paired bootstrap 95% CI."""
-    if not pairs:
-        return "-"
-    a, b = (np.concatenate([expkit.unpack_bools(p[k]["test_correct"], p[k]["test_n"]) for p in pairs])
-            for k in (0, 1))
-    m, lo, hi = expkit.paired_bootstrap(a, b)
-    return f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
 
 
 def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
@@ -120,14 +114,13 @@ def report(store: expkit.RunStore, cfg) -> None:
         pairs = [(a, b) for a in dt for b in cv if a["seed"] == b["seed"]]
         acc = lambda rs: " / ".join(f"{100 * x['test_acc']:.2f}" for x in sorted(rs, key=lambda x: x["seed"])) or "-"
         table.append([f"{ref['layers_ratio']:.2f}x (asked {ratio:g})", f"{ref['model_ratio']:.2f}x", paper[0],
-                      paper[1], acc(dt), acc(cv), difference(pairs), len(pairs)])
+                      paper[1], acc(dt), acc(cv), expkit.paired_difference(pairs), len(pairs)])
     sweep = sorted((r for r in runs if r["arm"] == "deeptwist" and r["ratio_requested"] == 4.3
                     and not variant_of(r)),
                    key=lambda r: (r["period"], r["seed"]))
     sweep_rows = [[r["period"], r["seed"], r["distortions"], f"{100 * r['test_acc']:.2f}",
-                   difference(conventional_pair(r, runs))] for r in sweep]
-    run_rows = [[run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r)),
-                 f"{100 * r['test_acc']:.2f}", difference(conventional_pair(r, runs)),
+                   expkit.paired_difference(conventional_pair(r, runs))] for r in sweep]
+    run_rows = [[id_of(r), f"{100 * r['test_acc']:.2f}", expkit.paired_difference(conventional_pair(r, runs)),
                  f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
                  f"{100 * r['test_acc_before_final_projection']:.2f}" if r.get("test_acc_before_final_projection")
                  else "-",
@@ -136,7 +129,7 @@ def report(store: expkit.RunStore, cfg) -> None:
     for r in runs:
         if "projection_change" not in r:
             continue
-        row = [run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r))]
+        row = [id_of(r)]
         for stage in ("layer1", "layer2", "layer3"):
             c = [v for k, v in r["projection_change"].items() if k.startswith(stage + ".")]
             mean = lambda key: sum(v[key] for v in c) / len(c)

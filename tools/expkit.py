@@ -68,6 +68,15 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int 
     return float(diff.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def paired_difference(pairs: list[tuple[dict, dict]]) -> str:
+    """Test accuracy of a minus b over paired runs (seeds pooled), with its paired bootstrap 95% CI."""
+    if not pairs:
+        return "-"
+    a, b = (np.concatenate([unpack_bools(p[k]["test_correct"], p[k]["test_n"]) for p in pairs]) for k in (0, 1))
+    m, lo, hi = paired_bootstrap(a, b)
+    return f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
 @torch.no_grad()
 def correctness(module: torch.nn.Module, batches) -> np.ndarray:
     module.eval()
@@ -119,11 +128,6 @@ class Budget:
         return self._baseline
 
 
-@torch.no_grad()
-def relative_change(entry, weight: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(weight - entry.reconstruct(weight)) / torch.linalg.vector_norm(weight))
-
-
 def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False) -> dict:
     """Run `pipelines` in order on the pre-trained ResNet-32 (one RunContext, so `train` stages see the
     training data) and measure the result on the test set."""
@@ -148,9 +152,11 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
     before, after = sum(r["params_before"] for r in layers), sum(r["params_after"] for r in layers)
     t = ctx.results.get("train")
     checkpoint = load_resnet32(budget.checkpoint)
-    result["projection_change"] = {  # ||W - P(W)|| / ||W||: the pre-trained kernel vs. the final one
-        r["name"]: {"checkpoint": relative_change(state.plan.get(r["name"]), checkpoint.get_parameter(f"{r['name']}.weight")),
-                    "final": r["final_projection_change"]} for r in layers}
+    with torch.no_grad():  # ||W - P(W)|| / ||W||: the pre-trained kernel vs. the final one
+        result["projection_change"] = {
+            r["name"]: {"checkpoint": float(state.plan.get(r["name"]).project(
+                checkpoint.get_parameter(f"{r['name']}.weight"))[1]), "final": r["final_projection_change"]}
+            for r in layers}
     result.update({
         "test_acc": float(correct.mean()), "test_n": int(len(correct)), "test_correct": pack_bools(correct),
         "compressed_layers": len(layers), "layers_ratio": before / after if after else 1.0,

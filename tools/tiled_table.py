@@ -109,11 +109,7 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
     for scheme, ratio in GRID:
         rid = run_id(scheme, ratio)
         r = runs.get(rid)
-        gap = "-"
-        if r and r is not best[ratio]:
-            m, lo, hi = expkit.paired_bootstrap(*(expkit.unpack_bools(x["test_correct"], x["test_n"])
-                                                  for x in (r, best[ratio])))
-            gap = f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+        gap = expkit.paired_difference([(r, best[ratio])] if r and r is not best[ratio] else [])
         tile = scheme.split()[1] if scheme.startswith("tiled") and "tap" not in scheme else None
         paper = PAPER.get((ratio, tile), "-") if tile else "-"
         acc = f"{100 * r['test_acc']:.2f}" if r else "not run yet"

@@ -55,8 +55,7 @@ class LowRankProjection(nn.Module):
                 f"layer {self.layer}: weight is not finite at step {int(self.step)}; "
                 "lower the learning rate or raise the ranks"
             )
-        projected = self.plan.reconstruct(weight)
-        change = torch.linalg.vector_norm(weight - projected) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
+        projected, change = self.plan.project(weight)
         weight.copy_(projected)
         return change
 

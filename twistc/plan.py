@@ -44,6 +44,12 @@ class LayerPlan:
             return TileGrid.from_tile(matrix_shape, self.tile)
         return TileGrid.from_grid(matrix_shape, self.grid or (1, 1))
 
+    def project(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction and ||W - P(W)|| / ||W||, the share of the kernel's norm it removes."""
+        projected = self.reconstruct(weight)
+        change = torch.linalg.vector_norm(weight - projected) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
+        return projected, change
+
     def reconstruct(self, weight: torch.Tensor) -> torch.Tensor:
         """The kernel's low-rank reconstruction under this plan (same shape and dtype)."""
         if self.decomp == "tucker":
