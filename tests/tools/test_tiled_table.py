@@ -1,6 +1,8 @@
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -19,6 +21,36 @@ def test_pipelines_of_each_scheme():
     assert "order=tap-major" in tiled_table.pipelines("tiled 64x64 tap-major", 4, train, 200)[0]
     assert tiled_table.pipelines("tucker-conv", 4, train, 200)[1] == train
     assert len(tiled_table.GRID) == 15
+
+
+def test_runs_cover_the_table_4x_first_then_a_second_seed_at_4x():
+    runs = tiled_table.RUNS
+    assert sorted((s, r) for s, r, seed in runs if seed == 0) == sorted(tiled_table.GRID)
+    assert [r for _, r, seed in runs if seed == 0] == sorted((r for _, r in tiled_table.GRID), reverse=True)
+    assert [(s, r) for s, r, seed in runs if seed == 1] == [(s, 4) for s in tiled_table.SCHEMES]
+    assert runs[-1][2] == 1 and tiled_table.run_id("svd", 4, 1) == "svd-r4-s1"
+    assert tiled_table.run_id("tiled 8x8", 2) == "tiled-8x8-r2"
+
+
+def fake_run(scheme, seed, correct):
+    return {"scheme": scheme, "ratio_requested": 4, "seed": seed, "test_acc": float(np.mean(correct)),
+            "test_correct": expkit.pack_bools(np.array(correct)), "test_n": len(correct), "seconds": 60,
+            "plan": {"a": {"ranks": [2]}}, "macs_before": 4, "macs_after": 1, "command": "c",
+            "machine": {"cpu": "cpu"}}
+
+
+def test_report_lists_both_seeds_and_pairs_them_with_the_best_scheme(tmp_path):
+    store = expkit.RunStore(tmp_path)
+    correct = np.arange(1000) % 10 < 9                     # 90%
+    store.save("svd-r4", fake_run("svd", 0, correct))
+    store.save("svd-r4-s1", fake_run("svd", 1, correct & (np.arange(1000) % 100 != 0)))  # 89%
+    store.save("tucker-r4", fake_run("tucker", 0, np.arange(1000) % 20 < 17))          # 85%
+    budget = SimpleNamespace(baseline_acc=0.9, epochs=3, lr=0.01, batch=128, smoke=False)
+    tiled_table.report(store, budget)
+    text = (tmp_path / "results.md").read_text()
+    assert "| 4x | svd | 2 | - | 90.00 / 89.00 | - |" in text            # best: mean 89.5 > 85
+    assert "| 4x | tucker | 2 | - | 85.00 | -5.00 [" in text            # paired on seed 0 only
+    assert "| 2x | svd | - | - | not run yet |" in text
 
 
 @needs_data
