@@ -47,8 +47,10 @@ PAPER = {(2, "64x64"): "93.34 (r=16)", (2, "32x32"): "93.11 (r=8)", (2, "16x16")
          (4, "16x16"): "93.00 (r=2)", (4, "8x8"): "92.81 (r=1)"}
 SCHEMES = [f"tiled {t}" for t in TILES] + ["svd", "tucker", "tucker-conv"]
 GRID = [(s, r) for r in (2, 4) for s in SCHEMES] + [("tiled 64x64 tap-major", 4)]  # table rows
+# seed 1 at 4x goes in the order of the seed-0 results, best first, so the close calls finish first
+SEED1_4X = ["tucker-conv", "tiled 64x64", "tiled 16x16", "tucker", "tiled 32x32", "tiled 8x8", "svd"]
 RUNS = ([(s, 4, 0) for s in SCHEMES] + [("tiled 64x64 tap-major", 4, 0)] + [(s, 2, 0) for s in SCHEMES]
-        + [(s, 4, 1) for s in SCHEMES])
+        + [(s, 4, 1) for s in SEED1_4X])
 
 
 def run_id(scheme: str, ratio: float, seed: int = 0) -> str:
