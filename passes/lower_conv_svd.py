@@ -57,5 +57,6 @@ class LowerConvSvd(LowRankOptions):
                 factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
                 module = LowRankGemm(im2col_for(site, entry.order, self.im2col), factors, site.bias(gm))
                 replace_with_module(gm, site, path, module)
+                return self.im2col
 
         return self.lower_each(gm, "svd", FORMS[self.form], rewrite)

@@ -4,10 +4,15 @@
 
 Tiles come from `tile=HxW` (ragged edge tiles allowed) or `grid=RxC` on the lowered matrix in the
 column `order`. All tiles run as two batched matrix products; ragged tiles are zero-padded to the
-common tile shape, which is exact. `im2col=tap-blocks` needs no im2col matrix: under tap-major
-order, tiles whose width divides the input channels are channel blocks of one kernel tap, and their
-products become grouped 1x1 convs on strided slices of the input (ops.TapBlockGemm). Layers trained
-by DeepTwist with decomp=tiled-svd take rank, order and tiles from the projection.
+common tile shape, which is exact. Two forms need no im2col matrix, for tiles that line up with
+the input channels:
+  - `im2col=channel-blocks`: under channel-major order, tiles of width m*kh*kw are m whole input
+    channels with all their taps; the V products become one grouped kh x kw conv (ops.ChannelBlockConv).
+  - `im2col=tap-blocks`: under tap-major order, tiles whose width divides the input channels are
+    channel blocks of one kernel tap; the V products become grouped 1x1 convs on strided slices of
+    the input (ops.TapBlockGemm).
+In both, the U products are one 1x1 conv grouped by row tile. Layers trained by DeepTwist with
+decomp=tiled-svd take rank, order and tiles from the projection.
 """
 from __future__ import annotations
 
@@ -20,12 +25,13 @@ from twistc.convs import im2col_for, lowered_path, replace_with_module
 from twistc.decomp.svd import ORDERS, lowered
 from twistc.decomp.tiling import tiled_svd
 from twistc.errors import PassError, SpecError
-from twistc.ops import Im2Col, LowRankGemm, TapBlockGemm
+from twistc.ops import ChannelBlockConv, Im2Col, LowRankGemm, TapBlockGemm
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
 from twistc.selection import LowRankOptions, check_choice
 
-IM2COL = (*Im2Col.METHODS, "tap-blocks")
+BLOCK_FORMS = {"channel-blocks": ChannelBlockConv, "tap-blocks": TapBlockGemm}
+IM2COL = ("auto", *Im2Col.METHODS, *BLOCK_FORMS)
 
 
 @dataclass(frozen=True)
@@ -36,7 +42,7 @@ class LowerConvTiledLowrank(LowRankOptions):
     tile: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None
     order: str = "channel-major"
-    im2col: str = "onehot"
+    im2col: str = "auto"  # channel-blocks where the tiles fit it, else onehot: the fastest exact forms
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,13 +59,18 @@ class LowerConvTiledLowrank(LowRankOptions):
         def rewrite(site, entry):
             k = lowered(site.weight(gm), entry.order)
             factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
-            if self.im2col == "tap-blocks":
+            form = self.im2col
+            if form == "auto":
+                fits = ChannelBlockConv.fits(entry.order, site.geometry.kernel, factors.grid)
+                form = "channel-blocks" if fits else "onehot"
+            if form in BLOCK_FORMS:
                 try:
-                    module = TapBlockGemm(im2col_for(site, entry.order, "slices"), factors, site.bias(gm))
+                    module = BLOCK_FORMS[form](im2col_for(site, entry.order, "slices"), factors, site.bias(gm))
                 except ValueError as e:
                     raise PassError(f"layer {site.name}: {e}; use im2col=onehot for it") from None
             else:
-                module = LowRankGemm(im2col_for(site, entry.order, self.im2col), factors, site.bias(gm))
+                module = LowRankGemm(im2col_for(site, entry.order, form), factors, site.bias(gm))
             replace_with_module(gm, site, lowered_path(gm, site, "tiled"), module)
+            return form
 
         return self.lower_each(gm, "tiled-svd", "tiled-lowrank", rewrite)

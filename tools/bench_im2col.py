@@ -4,8 +4,10 @@ For each conv shape and batch size, the dense conv and its lowerings at the same
 exported to ONNX and timed side by side with `twistc.bench` (round-robin, medians after warm-up):
 SVD as a conv pair, SVD as im2col + GEMM, tiled SVD as im2col + batched tile GEMMs, each im2col
 written three ways ("unfold": gather-based; "onehot": a grouped one-hot conv; "slices": strided
-slices per kernel tap), and tiled SVD in tap-major order as "tap-blocks" (no im2col matrix: grouped
-1x1 convs on each tap's slice). The fastest exact form is the passes' default. Writes
+slices per kernel tap), tiled SVD in tap-major order as "tap-blocks" (no im2col matrix: grouped
+1x1 convs on each tap's slice), and tiles of whole input channels (16x18: 2 channels with their 9
+taps) as "channel-blocks" (a grouped 3x3 conv, then a grouped 1x1 conv) beside one-hot im2col on the
+same tiles. The fastest exact forms are the passes' default. Writes
 results/bench_im2col/{results.json,results.md}.
 
     python tools/bench_im2col.py [--threads 1] [--ratio 2]
@@ -35,12 +37,16 @@ SHAPES = [("16->16 @32", 16, 16, 1, 32), ("16->32 s2 @32", 16, 32, 2, 32), ("32-
 
 def variants(ratio: float, tile: int) -> dict[str, str | None]:
     tiled = f"lower-conv-tiled-lowrank{{{{tile={tile}x{tile},ratio={ratio:g},im2col={{}}}}}}"
+    width = 9 * max(1, round(tile / 9))  # the nearest tile width of whole channels of a 3x3 conv
+    blocks = f"lower-conv-tiled-lowrank{{{{tile={tile}x{width},ratio={ratio:g},im2col={{}}}}}}"
     return {
         "dense": None,
         "svd conv pair": f"lower-conv-svd{{ratio={ratio:g}}}",
         **{f"svd im2col {m}": f"lower-conv-svd{{form=im2col,im2col={m},ratio={ratio:g}}}" for m in IM2COL},
         **{f"tiled {tile}x{tile} {m}": tiled.format(m) for m in IM2COL},
         f"tiled {tile}x{tile} tap-blocks": tiled.format("tap-blocks,order=tap-major"),
+        f"tiled {tile}x{width} onehot": blocks.format("onehot"),
+        f"tiled {tile}x{width} channel-blocks": blocks.format("channel-blocks"),
     }
 
 

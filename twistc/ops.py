@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twistc.decomp.svd import unlowered
-from twistc.decomp.tiling import TiledLowRank
+from twistc.decomp.tiling import TileGrid, TiledLowRank
 from twistc.errors import NonFiniteError
 from twistc.plan import LayerPlan
 
@@ -225,6 +225,17 @@ class LowRankGemm(nn.Module):
             y = y + self.bias[:, None]
         return y.reshape(b, self.out_channels, h, w)
 
+    def sum_over_column_tiles(self, z: torch.Tensor) -> torch.Tensor:
+        """Y_i = sum_j U_ij Z_ij as a 1x1 conv grouped by row tile; z is [B, gc*gr*r, H, W] in (j, i, k) order."""
+        (gr, gc), (th, _), r = self.grid, self.tile, self.rank
+        b, _, h, w = z.shape
+        if gr > 1:
+            z = z.view(b, gc, gr, r, h, w).transpose(1, 2).reshape(b, gr * gc * r, h, w)
+        y = F.conv2d(z, self.u_blocks.view(gr * th, gc * r, 1, 1), groups=gr)
+        if gr * th != self.out_channels:
+            y = y[:, : self.out_channels]
+        return y if self.bias is None else y + self.bias[:, None, None]
+
 
 class TapBlockGemm(LowRankGemm):
     """Tiled products without an im2col matrix, for tap-major tiles that are channel blocks of one tap.
@@ -243,14 +254,37 @@ class TapBlockGemm(LowRankGemm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         taps = self.im2col.taps(x)
-        (gr, gc), (th, tw), r = self.grid, self.tile, self.rank
+        gr, tw, r = self.grid[0], self.tile[1], self.rank
         blocks = self.im2col.channels // tw
         v = self.v_blocks.view(len(taps), blocks * gr * r, tw, 1, 1)
         z = torch.cat([F.conv2d(tap, v[t], groups=blocks) for t, tap in enumerate(taps)], 1)  # (j, i, k)
-        b, _, h, w = z.shape
-        if gr > 1:
-            z = z.view(b, gc, gr, r, h, w).transpose(1, 2).reshape(b, gr * gc * r, h, w)
-        y = F.conv2d(z, self.u_blocks.view(gr * th, gc * r, 1, 1), groups=gr)
-        if gr * th != self.out_channels:
-            y = y[:, : self.out_channels]
-        return y if self.bias is None else y + self.bias[:, None, None]
+        return self.sum_over_column_tiles(z)
+
+
+class ChannelBlockConv(LowRankGemm):
+    """Tiled products as two grouped convs, for channel-major tiles that are blocks of whole input channels.
+
+    Under channel-major order a column tile of width m*kh*kw is m input channels with all their taps,
+    so V_ij X_j is a kh x kw conv on those channels: one conv grouped by column tile computes every
+    V product, and one 1x1 conv grouped by row tile sums U_ij over j. No im2col matrix is built.
+    """
+
+    def __init__(self, im2col: Im2Col, factors: TiledLowRank, bias: torch.Tensor | None):
+        if not self.fits(im2col.order, im2col.kernel, factors.grid):
+            raise ValueError(f"channel-blocks needs order=channel-major and column tiles of one width that is a "
+                             f"multiple of kh*kw = {im2col.kernel[0] * im2col.kernel[1]}")
+        super().__init__(im2col, factors, bias)
+
+    @staticmethod
+    def fits(order: str, kernel, grid: TileGrid) -> bool:
+        widths = {b - a for a, b in grid.cols}
+        return order == "channel-major" and len(widths) == 1 and widths.pop() % (kernel[0] * kernel[1]) == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        im, (gr, gc), (_, tw), r = self.im2col, self.grid, self.tile, self.rank
+        left, right, top, bottom = im.pads
+        padding = (top, left)
+        if im.mode != "constant" or left != right or top != bottom:
+            x, padding = im.pad(x), 0
+        v = self.v_blocks.view(gc * gr * r, tw // (im.kernel[0] * im.kernel[1]), *im.kernel)
+        return self.sum_over_column_tiles(F.conv2d(x, v, None, im.stride, padding, im.dilation, gc))

@@ -79,7 +79,10 @@ def layer_rows(report: dict) -> list[tuple[str, ...]]:
     for layer in report["layers"]:
         shape = "x".join(str(d) for d in layer["shape"])
         ranks = "x".join(str(r) for r in layer["ranks"]) if layer["lowering"] and layer["ranks"] else "-"
-        rows.append((layer["name"], shape, layer["lowering"] or "-", ranks,
+        lowering = layer["lowering"] or "-"
+        if layer.get("form"):
+            lowering += f" ({layer['form']})"
+        rows.append((layer["name"], shape, lowering, ranks,
                      f"{_count(layer['params_before'])} -> {_count(layer['params_after'])}",
                      f"{_count(layer['macs_before'])} -> {_count(layer['macs_after'])}",
                      f"{layer['ratio_achieved']:.2f}x", layer["skip_reason"] or _tiles_note(layer.get("tiles"))))

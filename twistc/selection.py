@@ -120,7 +120,8 @@ class LowRankOptions(Pass):
 
     def lower_each(self, gm: fx.GraphModule, decomp: str, lowering: str, rewrite) -> PassResult:
         """The loop of every lowering pass: for each layer with an entry, make a trained kernel exactly
-        low-rank, call `rewrite(site, entry)` to change the graph, and record the result."""
+        low-rank, call `rewrite(site, entry)` to change the graph, and record the result. `rewrite` may
+        return the name of the form it chose (an im2col method or block form), which is recorded."""
         state, sites = self.sites(gm)
         rewrites = 0
         for site in sites:
@@ -129,8 +130,8 @@ class LowRankOptions(Pass):
                 state.skip(site.name, entry)
                 continue
             finalize_projection(gm, site)
-            rewrite(site, entry)
-            record_lowering(state, site, entry)
+            form = rewrite(site, entry)
+            record_lowering(state, site, entry, form)
             rewrites += 1
         return PassResult(gm, rewrites > 0, rewrites)
 
@@ -148,11 +149,11 @@ def record_plan(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
     record.skip_reason = None
 
 
-def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
+def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan, form: str | None = None) -> None:
     """Write a finished lowering into the plan and the layer's record."""
     record_plan(state, site, entry)
     record = state.layers[site.name]
-    record.lowering, record.after = entry.lowering, entry.cost(site.geometry)
+    record.lowering, record.form, record.after = entry.lowering, form, entry.cost(site.geometry)
     record.tiles = entry.tiling(site.geometry)
     if site.projection is not None:
         record.final_projection_change = float(site.projection.change)

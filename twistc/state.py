@@ -26,6 +26,7 @@ class LayerRecord:
     ranks: tuple[int, ...] | None = None
     ratio_requested: float | None = None
     after: Cost | None = None
+    form: str | None = None   # the im2col method or block form a 2-D lowering used
     tiles: dict | None = None  # 2-D lowerings: LayerPlan.tiling()
     final_projection_change: float | None = None  # ||W - P(W)|| / ||W|| at DeepTwist's final projection
 
@@ -47,6 +48,7 @@ class LayerRecord:
             "out_hw": list(g.out_hw),
             "decomp": self.decomp,
             "lowering": self.lowering,
+            "form": self.form,
             "skip_reason": self.skip_reason if self.lowering is None else None,
             "ranks": list(self.ranks) if self.ranks else None,
             "ratio_requested": self.ratio_requested,

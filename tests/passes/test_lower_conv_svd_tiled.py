@@ -7,7 +7,7 @@ from torch import nn
 import twistc
 from twistc.decomp.svd import lowered, unlowered
 from twistc.decomp.tiling import TileGrid, tiled_svd
-from twistc.ops import LowRankGemm, SvdConv, TapBlockGemm
+from twistc.ops import ChannelBlockConv, LowRankGemm, SvdConv, TapBlockGemm
 from twistc.pipeline import Pipeline
 from twistc.report import layer_rows
 from models_for_tests import CONV_CASES, FunctionalConv, Net
@@ -74,11 +74,43 @@ def test_tap_blocks_equal_the_conv_and_the_math(case, tile):
     torch.testing.assert_close(gm(X), _reference(conv, grid, 1, "tap-major")(X), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("options", ["tile=4x4,order=tap-major", "tile=3x3", "grid=2x3,order=tap-major"])
-def test_tap_blocks_refuse_tiles_that_are_not_channel_blocks(options):
+@pytest.mark.parametrize("rows,channels", [(3, 1), (8, 2), (5, 3), (4, 6)])  # tile: rows x channels*kh*kw
+@pytest.mark.parametrize("case", CASES)
+def test_channel_blocks_equal_the_conv_and_the_math(case, rows, channels):
+    conv = nn.Conv2d(S, T, **CASES[case]).eval()
+    taps = conv.kernel_size[0] * conv.kernel_size[1]
+    grid = TileGrid.from_tile((T, S * taps), (rows, channels * taps))
+    spec = f"lower-conv-tiled-lowrank{{{{tile={rows}x{channels * taps},im2col=channel-blocks,ranks={{}}}}}}"
+    gm = Pipeline.parse(spec.format(min(grid.tile))).run(twistc.trace(nn.Sequential(conv), (X,)))
+    assert isinstance(gm.get_submodule("0"), ChannelBlockConv)
+    torch.testing.assert_close(gm(X), conv(X), atol=1e-5, rtol=0)
+    gm = Pipeline.parse(spec.format(1)).run(twistc.trace(nn.Sequential(conv), (X,)))
+    torch.testing.assert_close(gm(X), _reference(conv, grid, 1, "channel-major")(X), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("form,options", [
+    ("tap-blocks", "tile=4x4,order=tap-major"), ("tap-blocks", "tile=3x3"), ("tap-blocks", "grid=2x3,order=tap-major"),
+    ("channel-blocks", "tile=4x4"), ("channel-blocks", "tile=4x9,order=tap-major"), ("channel-blocks", "tile=4x36"),
+])
+def test_block_forms_refuse_tiles_that_do_not_line_up_with_channels(form, options):
     gm = twistc.trace(nn.Sequential(nn.Conv2d(S, T, 3)), (X,))
-    with pytest.raises(twistc.TwistcError, match="layer 0: tap-blocks needs order=tap-major"):
-        Pipeline.parse(f"lower-conv-tiled-lowrank{{{options},im2col=tap-blocks,ranks=1}}").run(gm)
+    with pytest.raises(twistc.TwistcError, match=f"layer 0: {form} needs order="):
+        Pipeline.parse(f"lower-conv-tiled-lowrank{{{options},im2col={form},ranks=1}}").run(gm)
+
+
+@pytest.mark.parametrize("options,form,module", [
+    ("tile=4x18", "channel-blocks", ChannelBlockConv), ("grid=2x3", "channel-blocks", ChannelBlockConv),
+    ("tile=4x8", "onehot", LowRankGemm), ("tile=4x18,order=tap-major", "onehot", LowRankGemm),
+])
+def test_auto_form_uses_channel_blocks_where_the_tiles_fit_and_reports_it(options, form, module):
+    conv = nn.Conv2d(S, T, 3, padding=1).eval()
+    gm = Pipeline.parse(f"lower-conv-tiled-lowrank{{{options},ranks=2}}").run(twistc.trace(nn.Sequential(conv), (X,)))
+    assert type(gm.get_submodule("0")) is module
+    layer = twistc.state_of(gm).layers["0"].to_json()
+    assert layer["form"] == form
+    report = {"layers": [layer], "totals": {"params_before": 1, "params_after": 1, "macs_before": 1, "macs_after": 1,
+                                            "ratio": 1.0}}
+    assert layer_rows(report)[0][2] == f"tiled-lowrank ({form})"
 
 
 def test_functional_conv_and_report_costs():
@@ -120,6 +152,7 @@ def test_ratio_chooses_rank_and_skips_grouped():
     "lower-conv-tiled-lowrank{tile=4x8,ranks=2,im2col=onehot},cleanup",
     "lower-conv-tiled-lowrank{tile=3x8,ranks=2,im2col=slices,order=tap-major},cleanup",
     "lower-conv-tiled-lowrank{tile=3x2,ranks=2,im2col=tap-blocks,order=tap-major},cleanup",
+    "lower-conv-tiled-lowrank{tile=3x18,ranks=2,im2col=channel-blocks},cleanup",
 ])
 def test_onnx_matches_pytorch(spec, tmp_path):
     model = nn.Sequential(nn.Conv2d(S, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1,
