@@ -115,9 +115,10 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
     mean = {k: np.mean([r["test_acc"] for r in v.values()]) for k, v in seeds.items()}
     best = {ratio: max((k for k in seeds if k[1] == ratio), key=mean.get) for _, ratio in seeds}
     lat_file = store.root / "latency.json"
-    lat = json.loads(lat_file.read_text())["batches"] if lat_file.is_file() else None
+    timed = json.loads(lat_file.read_text()) if lat_file.is_file() else None
+    lat = timed["batches"] if timed else None
     rows = []
-    for scheme, ratio in GRID:
+    for scheme, ratio in sorted(GRID, key=lambda g: g[1]):
         by_seed = seeds.get((scheme, ratio), {})
         r = next(iter(by_seed.values()), None)
         top = seeds[best[ratio]] if r else {}
@@ -147,6 +148,9 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
                                  "latency vs dense (b1 / b128)", "run minutes"], rows)]
     if runs:
         md.append(f"\nCommand: `{runs[0]['command']}`; machine: {runs[0]['machine']['cpu']}.")
+    if timed:
+        md.append(f"Latency: `{timed['command']}`, {timed['threads']} thread, onnxruntime "
+                  f"{timed['versions']['onnxruntime']}.")
     (store.root / "results.md").write_text("\n".join(md) + "\n")
     if runs:
         plot(seeds, lat, budget.baseline_acc, store.root / "accuracy.png")
