@@ -162,11 +162,13 @@ def test_onnx_matches_pytorch(spec, tmp_path):
     assert check.max_abs_diff < 1e-4
 
 
-@pytest.mark.parametrize("decomp,lower,extra", [
-    ("svd", "lower-conv-svd", ""), ("svd", "lower-conv-svd{form=im2col}", ",order=tap-major"),
-    ("tiled-svd", "lower-conv-tiled-lowrank", ",tile=4x8"), ("tiled-svd", "lower-conv-tiled-lowrank", ",grid=2x3"),
+@pytest.mark.parametrize("decomp,lower,extra,conv2_form", [
+    ("svd", "lower-conv-svd", "", None), ("svd", "lower-conv-svd{form=im2col}", ",order=tap-major", "onehot"),
+    ("tiled-svd", "lower-conv-tiled-lowrank", ",tile=4x8", "onehot"),
+    ("tiled-svd", "lower-conv-tiled-lowrank", ",grid=2x3", "onehot"),
+    ("tiled-svd", "lower-conv-tiled-lowrank", ",tile=4x18", "channel-blocks"),
 ])
-def test_deeptwist_2d_projection_makes_every_tile_low_rank_and_lowering_exact(decomp, lower, extra):
+def test_deeptwist_2d_projection_makes_every_tile_low_rank_and_lowering_exact(decomp, lower, extra, conv2_form):
     model = Net().eval()
     x = torch.randn(4, 3, 12, 12)
     gm = Pipeline.parse(f"deeptwist{{decomp={decomp},ranks=2,period=3,layers=conv*{extra}}}").run(
@@ -184,6 +186,7 @@ def test_deeptwist_2d_projection_makes_every_tile_low_rank_and_lowering_exact(de
     gm = Pipeline.parse(f"{lower},cleanup").run(gm)
     torch.testing.assert_close(gm(x), projected, atol=1e-5, rtol=1e-5)
     assert twistc.state_of(gm).layers["conv2"].lowering in ("svd-conv", "svd-im2col", "tiled-lowrank")
+    assert twistc.state_of(gm).layers["conv2"].form == conv2_form
 
 
 def test_tiled_options_are_validated():
