@@ -19,14 +19,12 @@ is on all 10,000 test images. Each (arm, ratio, S_D, seed) is a resumable run wr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import expkit  # noqa: E402
@@ -193,27 +191,16 @@ def plot(series, baseline, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(expkit.SHARED_DATA / "cifar10-jpg.tar.gz"))
-    p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
-    p.add_argument("--out", default=str(expkit.REPO / "results" / "deeptwist_vs_tucker"))
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="other values get -lrX run ids")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
+    p = expkit.budget_parser(__doc__.split("\n")[0], "deeptwist_vs_tucker", lr=DEFAULT_LR,
+                             lr_help="other values get -lrX run ids",
+                             smoke_help="tiny budget: both arms at 4.3x, period 1")
     p.add_argument("--only", help="comma-separated run ids to run (default: the whole grid)")
-    p.add_argument("--max-runs", type=int, help="stop after this many new runs")
-    p.add_argument("--smoke", action="store_true", help="tiny budget: both arms at 4.3x, period 1")
-    p.add_argument("--report-only", action="store_true")
-    p.add_argument("--progress", action="store_true", help="tqdm bars")
     p.add_argument("--recalibrate-bn", type=int, default=0,
                    help="re-estimate BatchNorm statistics on N batches after the final projection (runs get -bnN)")
     p.add_argument("--reset-momentum", action="store_true",
                    help="zero SGD momentum after each distortion (runs get -mr)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    cfg = expkit.Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke)
+    cfg = expkit.budget_of(args)
     store = expkit.RunStore(Path(args.out))
     grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
     suffix = variant(args.lr, args.recalibrate_bn, args.reset_momentum)

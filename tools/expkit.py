@@ -5,8 +5,10 @@ spread over several sessions and each finished run committed on its own.
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import json
+import logging
 import os
 import platform
 import shlex
@@ -126,6 +128,30 @@ class Budget:
         if self._baseline is None:
             self._baseline = float(correctness(load_resnet32(self.checkpoint), self.test_batches()).mean())
         return self._baseline
+
+
+def budget_parser(description: str, out: str, smoke_help: str, lr: float = 0.01,
+                  lr_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every CIFAR-10 experiment here shares; `budget_of` turns them into a Budget."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--data", default=str(SHARED_DATA / "cifar10-jpg.tar.gz"))
+    p.add_argument("--checkpoint", default=str(SHARED_DATA / "resnet32_cifar10.pt"))
+    p.add_argument("--out", default=str(REPO / "results" / out))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--progress", action="store_true", help="tqdm bars")
+    return p
+
+
+def budget_of(args: argparse.Namespace) -> Budget:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    return Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke)
 
 
 def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False) -> dict:

@@ -24,7 +24,6 @@ only: the same lowering applied to the checkpoint, which has the trained models'
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -199,22 +198,12 @@ def plot(seeds: dict, lat: dict | None, baseline: float, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=str(expkit.SHARED_DATA / "cifar10-jpg.tar.gz"))
-    p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
-    p.add_argument("--out", default=str(expkit.REPO / "results" / "tiled_table"))
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-runs", type=int)
+    p = expkit.budget_parser(__doc__.split("\n")[0], "tiled_table",
+                             smoke_help="tiny budget, tiled 16x16 and tucker-conv at 4x only")
     p.add_argument("--latency", action="store_true", help="also time the lowered models in onnxruntime")
     p.add_argument("--latency-reps", type=int, default=30)
-    p.add_argument("--smoke", action="store_true", help="tiny budget, tiled 16x16 and tucker-conv at 4x only")
-    p.add_argument("--report-only", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
-    budget = expkit.Budget(args.data, args.checkpoint, args.epochs, args.lr, smoke=args.smoke)
+    budget = expkit.budget_of(args)
     store = expkit.RunStore(Path(args.out))
     plan = [("tiled 16x16", 4, 0), ("tucker-conv", 4, 0)] if args.smoke else RUNS
     new = 0
