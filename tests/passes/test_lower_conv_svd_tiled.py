@@ -61,31 +61,25 @@ def test_full_and_truncated_rank(case, spec_name, order):
     torch.testing.assert_close(gm(X), ref(X), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tile", [(3, 3), (8, 2), (5, 6)])
-@pytest.mark.parametrize("case", CASES)
-def test_tap_blocks_equal_the_conv_and_the_math(case, tile):
-    conv = nn.Conv2d(S, T, **CASES[case]).eval()
-    grid = TileGrid.from_tile((T, S * conv.kernel_size[0] * conv.kernel_size[1]), tile)
-    spec = f"lower-conv-tiled-lowrank{{{{tile={tile[0]}x{tile[1]},order=tap-major,im2col=tap-blocks,ranks={{}}}}}}"
-    gm = Pipeline.parse(spec.format(min(grid.tile))).run(twistc.trace(nn.Sequential(conv), (X,)))
-    assert isinstance(gm.get_submodule("0"), TapBlockGemm)
-    torch.testing.assert_close(gm(X), conv(X), atol=1e-5, rtol=0)
-    gm = Pipeline.parse(spec.format(1)).run(twistc.trace(nn.Sequential(conv), (X,)))
-    torch.testing.assert_close(gm(X), _reference(conv, grid, 1, "tap-major")(X), atol=1e-5, rtol=0)
+# (form, order, module, rows, channels): column tiles are `channels` input channels of one tap
+# (tap-blocks) or `channels` whole input channels with all their taps (channel-blocks)
+BLOCK_TILES = [("tap-blocks", "tap-major", TapBlockGemm, r, c) for r, c in [(3, 3), (8, 2), (5, 6)]] + [
+    ("channel-blocks", "channel-major", ChannelBlockConv, r, c) for r, c in [(3, 1), (8, 2), (5, 3), (4, 6)]]
 
 
-@pytest.mark.parametrize("rows,channels", [(3, 1), (8, 2), (5, 3), (4, 6)])  # tile: rows x channels*kh*kw
+@pytest.mark.parametrize("form,order,module,rows,channels", BLOCK_TILES)
 @pytest.mark.parametrize("case", CASES)
-def test_channel_blocks_equal_the_conv_and_the_math(case, rows, channels):
+def test_block_forms_equal_the_conv_and_the_math(case, form, order, module, rows, channels):
     conv = nn.Conv2d(S, T, **CASES[case]).eval()
     taps = conv.kernel_size[0] * conv.kernel_size[1]
-    grid = TileGrid.from_tile((T, S * taps), (rows, channels * taps))
-    spec = f"lower-conv-tiled-lowrank{{{{tile={rows}x{channels * taps},im2col=channel-blocks,ranks={{}}}}}}"
+    width = channels * taps if form == "channel-blocks" else channels
+    grid = TileGrid.from_tile((T, S * taps), (rows, width))
+    spec = f"lower-conv-tiled-lowrank{{{{tile={rows}x{width},order={order},im2col={form},ranks={{}}}}}}"
     gm = Pipeline.parse(spec.format(min(grid.tile))).run(twistc.trace(nn.Sequential(conv), (X,)))
-    assert isinstance(gm.get_submodule("0"), ChannelBlockConv)
+    assert type(gm.get_submodule("0")) is module
     torch.testing.assert_close(gm(X), conv(X), atol=1e-5, rtol=0)
     gm = Pipeline.parse(spec.format(1)).run(twistc.trace(nn.Sequential(conv), (X,)))
-    torch.testing.assert_close(gm(X), _reference(conv, grid, 1, "channel-major")(X), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gm(X), _reference(conv, grid, 1, order)(X), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("form,options", [
