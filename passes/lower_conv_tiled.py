@@ -1,4 +1,4 @@
-"""lower-conv-tiled-lowrank: im2col, then tiled low-rank matrix products.
+"""lower-conv-tiled-lowrank: tiled low-rank products in place of a conv.
 
     K[T, S*kh*kw] = [K_ij],  K_ij ~= U_ij V_ij     Y_i = sum_j U_ij (V_ij X_j),  X = im2col(x)
 
@@ -11,8 +11,9 @@ the input channels:
   - `im2col=tap-blocks`: under tap-major order, tiles whose width divides the input channels are
     channel blocks of one kernel tap; the V products become grouped 1x1 convs on strided slices of
     the input (ops.TapBlockGemm).
-In both, the U products are one 1x1 conv grouped by row tile. Layers trained by DeepTwist with
-decomp=tiled-svd take rank, order and tiles from the projection.
+In both, the U products are one 1x1 conv grouped by row tile. The default, `im2col=auto`, takes
+channel-blocks where the tiles fit it and one-hot im2col elsewhere (see tools/bench_im2col.py).
+Layers trained by DeepTwist with decomp=tiled-svd take rank, order and tiles from the projection.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ IM2COL = ("auto", *Im2Col.METHODS, *BLOCK_FORMS)
 @dataclass(frozen=True)
 class LowerConvTiledLowrank(LowRankOptions):
     name = "lower-conv-tiled-lowrank"
-    summary = "rewrite each conv as im2col + per-tile low-rank GEMMs (tiled SVD of its lowered matrix)"
+    summary = "rewrite each conv as per-tile low-rank products (tiled SVD of its lowered matrix)"
 
     tile: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None

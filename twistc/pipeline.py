@@ -43,7 +43,7 @@ PRESETS = {
     "deeptwist-svd": ("deeptwist{decomp=svd},train,lower-conv-svd,cleanup",
                       "DeepTwist with SVD of each lowered (im2col) matrix, lowered to a conv pair"),
     "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower-conv-tiled-lowrank,cleanup",
-                            "DeepTwist with tiled SVD of each lowered matrix, lowered to im2col + tiled GEMMs"),
+                            "DeepTwist with tiled SVD of each lowered matrix, lowered to tiled GEMMs or grouped convs"),
 }
 
 
