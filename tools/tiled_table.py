@@ -119,12 +119,13 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
     rows = []
     for scheme, ratio in sorted(GRID, key=lambda g: g[1]):
         by_seed = seeds.get((scheme, ratio), {})
-        r = next(iter(by_seed.values()), None)
+        ordered = [by_seed[s] for s in sorted(by_seed)]  # seed 0 first
+        r = ordered[0] if ordered else None
         top = seeds[best[ratio]] if r else {}
         pairs = [(by_seed[s], top[s]) for s in sorted(by_seed) if s in top and best[ratio] != (scheme, ratio)]
         tile = scheme.split()[1] if scheme.startswith("tiled") and "tap" not in scheme else None
         paper = PAPER.get((ratio, tile), "-") if tile else "-"
-        acc = " / ".join(f"{100 * by_seed[s]['test_acc']:.2f}" for s in sorted(by_seed)) or "not run yet"
+        acc = " / ".join(f"{100 * x['test_acc']:.2f}" for x in ordered) or "not run yet"
         ranks = sorted({tuple(e["ranks"]) for e in r["plan"].values()}) if r else []
         rank = ", ".join("x".join(map(str, x)) for x in ranks) or "-"
         macs = f"{r['macs_before'] / r['macs_after']:.2f}x" if r else "-"
@@ -132,7 +133,7 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
         if lat:
             rid = run_id(scheme, ratio)
             speed = " / ".join(f"{lat[b][rid] / lat[b]['dense']:.2f}" for b in ("1", "128"))
-        minutes = " / ".join(f"{by_seed[s]['seconds'] / 60:.1f}" for s in sorted(by_seed)) or "-"
+        minutes = " / ".join(f"{x['seconds'] / 60:.1f}" for x in ordered) or "-"
         rows.append([f"{ratio}x", scheme, rank, paper, acc, expkit.paired_difference(pairs), macs, speed, minutes])
     runs = [r for v in seeds.values() for r in v.values()]
     md = ["# Tiled SVD and other schemes at equal size: ResNet-32 on CIFAR-10, the 9 largest convs\n",
