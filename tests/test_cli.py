@@ -49,8 +49,8 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
                  "--epochs", "1", "--period", "10", "--set", "pretrain_epochs=4", "-o", str(out), "--quiet"])
     text = capsys.readouterr().out
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(["original.onnx", "model.onnx", "model.pt2",
-                                                            "report.json", "report.md"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([".twistc-output.json", "original.onnx", "model.onnx",
+                                                            "model.pt2", "report.json", "report.md"])
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"] == "deeptwist{period=10,ratio=3},train{epochs=1},lower-conv-tucker,cleanup"
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4"]
@@ -159,7 +159,7 @@ def test_non_empty_output_needs_force(tmp_path, capsys):
     out.mkdir()
     (out / "mine.txt").write_text("x")
     _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(out)], "not empty")
-    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(out), "--force"], "no report.json")
+    _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(out), "--force"], "did not write it")
     assert (out / "mine.txt").read_text() == "x"
 
 

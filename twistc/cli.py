@@ -11,9 +11,9 @@ import json
 import logging
 import os
 import re
-import shutil
+import signal
 import sys
-import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from twistc.bench import bench
-from twistc.errors import SpecError, TwistcError
+from twistc.errors import SpecError, Stopped, TwistcError
 from twistc.export import export_onnx, save_program
 from twistc.modelfile import load_model_file
+from twistc.outdir import OutputDir, check_output
 from twistc.pipeline import Pipeline, RunContext, describe, expand_presets, parse_item, split_items
 from twistc.plan import DEFAULT_RATIO, Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", type=float, default=1e-4, help="ONNX check absolute tolerance (1e-4)")
     c.add_argument("--rtol", type=float, default=1e-4, help="ONNX check relative tolerance (1e-4)")
     c.add_argument("--threads", type=int, help="torch threads")
+    c.add_argument("--checkpoint", metavar="DIR",
+                   help="save training checkpoints in DIR (each epoch end, and on Ctrl-C or SIGTERM)")
+    c.add_argument("--resume", action="store_true", help="continue training from the checkpoint in --checkpoint DIR")
     c.add_argument("-o", "--output", default="twistc-out", help="output directory (default twistc-out)")
     c.add_argument("--force", action="store_true", help="replace an earlier twistc output directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,19 +100,6 @@ def _options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _check_output(out: Path, model_path: Path, force: bool) -> None:
-    out = out.resolve()
-    if out == model_path or out in model_path.parents:
-        raise SpecError(f"output {out} would overwrite the input {model_path}; choose another -o")
-    if out.exists() and not out.is_dir():
-        raise SpecError(f"output {out} is a file; choose a directory with -o")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise SpecError(f"output directory {out} is not empty; choose another -o or pass --force")
-        if not (out / "report.json").is_file():
-            raise SpecError(f"--force replaces only earlier twistc outputs, and {out} has no report.json")
-
-
 def build_pipeline(spec: str, args) -> Pipeline:
     """The pipeline from --pass; the other flags fill options the spec does not write. Lowering passes
     after deeptwist take ranks, order and tiles from the trained projections, so those flags skip them."""
@@ -135,8 +126,10 @@ def compile_command(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipeline = build_pipeline(args.pipeline, args)
+    if args.resume and not args.checkpoint:
+        raise SpecError("--resume needs --checkpoint DIR, the folder the stopped run saved into")
     plan = Plan.load(args.plan) if args.plan else None
-    _check_output(out, model_path, args.force)
+    check_output(out, model_path, args.force, OUTPUTS)
     mf = load_model_file(model_path, _options(args.options))
     trains = any(isinstance(s, Train) and s.epochs > 0 for s in pipeline.stages)
     if trains and not mf.has("train_data"):
@@ -153,12 +146,12 @@ def compile_command(args) -> int:
     state = state_of(gm)
     if plan is not None:
         state.plan = plan
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    writer = OutputDir(out, model_path, args.force)
+    with writer as tmp:
         _say("exporting original.onnx")
         export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
-        ctx = RunContext(mf.data("train_data"), eval_data, progress=not args.quiet)
+        ctx = RunContext(mf.data("train_data"), eval_data, progress=not args.quiet, checkpoint=args.checkpoint,
+                         resume=args.resume)
         gm = pipeline.run(gm, ctx)
         gm.eval()
         _say("exporting model.onnx")
@@ -167,15 +160,14 @@ def compile_command(args) -> int:
         acc_after = accuracy(gm, eval_data()) if eval_data else None
         training = ctx.results.get("train")
         report = build_report(
-            state, pipeline=str(pipeline), original=original, compiled=gm, onnx=check.to_json(),
+            state, pipeline=str(pipeline), original=original, compiled=gm,
+            onnx={**check.to_json(), "path": str(Path(os.path.abspath(out)) / "model.onnx")},
             training=training.to_json() if training else None,
             accuracy={"before": acc_before, "after": acc_after} if eval_data else None,
             model_file=str(model_path), seconds=time.perf_counter() - start)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown(report))
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.commit()
     _say("")
     _say(text_table(layer_rows(report)))
     _say("")
@@ -183,17 +175,6 @@ def compile_command(args) -> int:
         _say(line)
     _say(f"wrote {', '.join(OUTPUTS)} to {out}")
     return 0
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def passes_command(args) -> int:
@@ -222,16 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("twistc")
     log.addHandler(handler)
     log.setLevel(logging.WARNING)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # SIGTERM unwinds like Ctrl-C, so temporary files are removed
+        previous = signal.signal(signal.SIGTERM, _raise_stopped)
     command = {"compile": compile_command, "passes": passes_command, "bench": bench_command}[args.command]
     try:
         return command(args)
+    except KeyboardInterrupt as e:
+        return _stopped(getattr(e, "signum", signal.SIGINT), getattr(e, "message", ""))
     except TwistcError as e:
+        if _signals_received:  # a library turned the stop into an error of its own
+            return _stopped(_signals_received[-1])
         print(f"twistc: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("twistc: interrupted; nothing was written", file=sys.stderr)
-        return 130
     except Exception as e:
+        if _signals_received:
+            return _stopped(_signals_received[-1])
         if args.debug:
             traceback.print_exc()
         print(f"twistc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
@@ -239,6 +226,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         log.removeHandler(handler)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        _signals_received.clear()
+
+
+_signals_received: list[int] = []
+
+
+def _stopped(signum: int, message: str = "") -> int:
+    print(f"twistc: stopped by {signal.Signals(signum).name}; {message or 'nothing was written'}", file=sys.stderr)
+    return 128 + signum
+
+
+def _raise_stopped(signum, frame):
+    _signals_received.append(signum)
+    raise Stopped(signum)
 
 
 if __name__ == "__main__":

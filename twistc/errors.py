@@ -31,3 +31,12 @@ class ExportCheckError(TwistcError):
 
 class ModelFileError(TwistcError):
     """MODEL.py is missing, broken, or does not follow the contract."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; `signum` says which (the exit status is 128 + signum)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
