@@ -47,17 +47,21 @@ GRID = (
 )
 
 
+DEFAULT_EPOCHS = 3
+
+
 def run_id(arm, ratio, period, seed, variant: str = "") -> str:
     return f"{arm}-r{ratio:g}" + (f"-sd{period}" if arm == "deeptwist" else "") + variant + f"-s{seed}"
 
 
-def variant(lr: float, bn: int = 0, reset_momentum: bool = False) -> str:
+def variant(lr: float, bn: int = 0, reset_momentum: bool = False, epochs: int = DEFAULT_EPOCHS) -> str:
     """The run-id suffix of the investigation options ("" for the grid's own runs)."""
-    return (f"-lr{lr:g}" if lr != DEFAULT_LR else "") + (f"-bn{bn}" if bn else "") + ("-mr" if reset_momentum else "")
+    return ((f"-e{epochs}" if epochs != DEFAULT_EPOCHS else "") + (f"-lr{lr:g}" if lr != DEFAULT_LR else "")
+            + (f"-bn{bn}" if bn else "") + ("-mr" if reset_momentum else ""))
 
 
 def variant_of(r: dict) -> str:
-    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False))
+    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), r["epochs"])
 
 
 def id_of(r: dict) -> str:
@@ -73,11 +77,11 @@ def pipelines(arm: str, ratio: float, period: int, train: str) -> list[str]:
 
 
 def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, bn: int = 0,
-        reset_momentum: bool = False) -> dict:
+        reset_momentum: bool = False, rid: str | None = None) -> dict:
     train = (budget.train_spec(seed)[:-1] + (f",recalibrate_bn={bn}" if bn else "")
              + (",reset_momentum=true" if reset_momentum else "") + "}")
     result = expkit.finetune_run(budget, pipelines(arm, ratio, period, train), seed,
-                                 eval_after_first=arm == "conventional")
+                                 eval_after_first=arm == "conventional", run_id=rid)
     if "test_acc_after_first_pipeline" in result:
         result["test_acc_decomposed"] = result.pop("test_acc_after_first_pipeline")
     return {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
@@ -88,8 +92,39 @@ def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
     """A DeepTwist run paired with the conventional run at its ratio, seed and learning rate."""
     if r["arm"] != "deeptwist":
         return []
-    return [(r, c) for c in runs if c["arm"] == "conventional" and variant_of(c) == variant(r["lr"])
+    return [(r, c) for c in runs if c["arm"] == "conventional" and variant_of(c) == variant(r["lr"], epochs=r["epochs"])
             and (c["ratio_requested"], c["seed"]) == (r["ratio_requested"], r["seed"])]
+
+
+def options_of(r: dict) -> str:
+    """The run's investigation options other than its budget."""
+    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False))
+
+
+def budget_series(runs: list[dict], epochs: int) -> dict:
+    """arm -> ratio -> the grid's runs at this budget (no investigation options)."""
+    series = {"deeptwist": {}, "conventional": {}, "deeptwist, S_D = 50": {}}
+    for r in runs:
+        arm = {200: "deeptwist", 50: "deeptwist, S_D = 50"}.get(r["period"]) if r["arm"] == "deeptwist" else r["arm"]
+        if r["epochs"] == epochs and not options_of(r) and arm in series:
+            series[arm].setdefault(r["ratio_requested"], []).append(r)
+    return series
+
+
+def main_table(series: dict) -> list[list]:
+    table = []
+    for ratio in sorted(set(series["deeptwist"]) | set(series["conventional"])):
+        dt, cv = series["deeptwist"].get(ratio, []), series["conventional"].get(ratio, [])
+        dt50 = series["deeptwist, S_D = 50"].get(ratio, [])
+        paper = PAPER.get(ratio, ("-", "-"))
+        ref = (dt or cv)[0]
+        pairs = [(a, b) for a in dt for b in cv if a["seed"] == b["seed"]]
+        pairs50 = [(a, b) for a in dt50 for b in cv if a["seed"] == b["seed"]]
+        acc = lambda rs: " / ".join(f"{100 * x['test_acc']:.2f}" for x in sorted(rs, key=lambda x: x["seed"])) or "-"
+        table.append([f"{ref['layers_ratio']:.2f}x (asked {ratio:g})", f"{ref['model_ratio']:.2f}x", paper[0],
+                      paper[1], acc(dt), acc(cv), expkit.paired_difference(pairs), len(pairs),
+                      acc(dt50), expkit.paired_difference(pairs50)])
+    return table
 
 
 def report(store: expkit.RunStore, cfg) -> None:
@@ -97,24 +132,18 @@ def report(store: expkit.RunStore, cfg) -> None:
     if not runs:
         return
     baseline = cfg.baseline_acc
-    table, series = [], {"deeptwist": {}, "conventional": {}, "deeptwist, S_D = 50": {}}
     finetuned = [r for r in runs if r["arm"] == "finetune"]
-    for r in runs:
-        arm = {200: "deeptwist", 50: "deeptwist, S_D = 50"}.get(r["period"]) if r["arm"] == "deeptwist" else r["arm"]
-        if not variant_of(r) and arm in series:
-            series[arm].setdefault(r["ratio_requested"], []).append(r)
+    budgets = sorted({r["epochs"] for r in runs})
+    series = budget_series(runs, DEFAULT_EPOCHS if DEFAULT_EPOCHS in budgets else budgets[0])
     header = ["ratio (layers)", "ratio (model)", "paper DT", "paper conv", "ours DT", "ours conv",
-              "DT - conv [95% CI]", "seeds"]
-    for ratio in sorted(set(series["deeptwist"]) | set(series["conventional"])):
-        dt, cv = series["deeptwist"].get(ratio, []), series["conventional"].get(ratio, [])
-        paper = PAPER.get(ratio, ("-", "-"))
-        ref = (dt or cv)[0]
-        pairs = [(a, b) for a in dt for b in cv if a["seed"] == b["seed"]]
-        acc = lambda rs: " / ".join(f"{100 * x['test_acc']:.2f}" for x in sorted(rs, key=lambda x: x["seed"])) or "-"
-        table.append([f"{ref['layers_ratio']:.2f}x (asked {ratio:g})", f"{ref['model_ratio']:.2f}x", paper[0],
-                      paper[1], acc(dt), acc(cv), expkit.paired_difference(pairs), len(pairs)])
+              "DT - conv [95% CI]", "seeds", "ours DT, S_D = 50", "DT50 - conv [95% CI]"]
+    tables = []
+    for epochs in budgets:
+        steps = next(r["steps_per_epoch"] for r in runs if r["epochs"] == epochs) * epochs
+        tables += [f"\n## {epochs} epochs ({steps:,} steps)\n", expkit.markdown_table(header, main_table(
+            budget_series(runs, epochs)))]
     sweep = sorted((r for r in runs if r["arm"] == "deeptwist" and r["ratio_requested"] == 4.3
-                    and not variant_of(r)),
+                    and not options_of(r) and r["epochs"] == DEFAULT_EPOCHS),
                    key=lambda r: (r["period"], r["seed"]))
     sweep_rows = [[r["period"], r["seed"], r["distortions"], f"{100 * r['test_acc']:.2f}",
                    expkit.paired_difference(conventional_pair(r, runs))] for r in sweep]
@@ -136,14 +165,15 @@ def report(store: expkit.RunStore, cfg) -> None:
     md = ["# DeepTwist vs. conventional Tucker fine-tuning, CIFAR-10 ResNet-32\n",
           f"Baseline (pre-trained checkpoint, all 10,000 JPEG test images): **{100 * baseline:.2f}%** "
           f"(paper: {PAPER_BASELINE}% on the original images with a longer schedule).",
-          f"Fine-tuning budget per run: {runs[0]['epochs']} epochs x {runs[0]['steps_per_epoch']} steps, batch "
+          f"Fine-tuning budget per run: the epochs of each table below, {runs[0]['steps_per_epoch']} steps each, batch "
           f"{runs[0]['batch']} on all 50,000 training images, SGD Nesterov 0.9, cosine from lr {runs[0]['lr']:g} "
           "(fixed beforehand, not tuned), weight decay 5e-4. "
           "Ratio (layers): weight compression of the 30 compressed 3x3 convs; ratio (model): all parameters. "
           "DT - conv: paired bootstrap over test images (10,000 resamples), seeds pooled. S_D = 200.",
           "Control, the dense model fine-tuned with the same budget: "
-          + (", ".join(f"{100 * r['test_acc']:.2f}% (seed {r['seed']})" for r in finetuned) or "not run yet") + ".\n",
-          expkit.markdown_table(header, table), "\n## S_D sweep at 4.3x\n",
+          + (", ".join(f"{100 * r['test_acc']:.2f}% (seed {r['seed']}, {r['epochs']} epochs)" for r in finetuned)
+             or "not run yet") + ".",
+          *tables, "\n## S_D sweep at 4.3x\n",
           expkit.markdown_table(["S_D", "seed", "distortions", "test acc %", "vs conventional [95% CI]"],
                                 sweep_rows),
           *(["\n## How much of each kernel the projection removes\n",
@@ -162,6 +192,37 @@ def report(store: expkit.RunStore, cfg) -> None:
     (store.root / "results.json").write_text(json.dumps({"baseline_test_acc": baseline, "paper": PAPER,
                                                          "runs": slim}, indent=1) + "\n")
     plot(series, baseline, store.root / "accuracy_vs_ratio.png")
+    if len(budgets) > 1:
+        plot_budget(runs, budgets, store.root / "accuracy_vs_budget.png")
+
+
+def plot_budget(runs: list[dict], budgets: list[int], path: Path) -> None:
+    """Test accuracy against fine-tuning epochs, one line per (arm, ratio), seed 0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    lines: dict = {}
+    for epochs in budgets:
+        for arm, by_ratio in budget_series(runs, epochs).items():
+            for ratio, rs in by_ratio.items():
+                for r in rs:
+                    if r["seed"] == 0:
+                        lines.setdefault((arm, ratio), []).append((epochs, 100 * r["test_acc"]))
+    for (arm, ratio), points in sorted(lines.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if len(points) > 1:
+            ax.plot(*zip(*sorted(points)), "o-" if arm.startswith("deeptwist") else "s--", label=f"{arm}, {ratio:g}x")
+    ax.set_xscale("log")
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("fine-tuning epochs")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("ResNet-32 on CIFAR-10: accuracy against budget (seed 0)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot(series, baseline, path: Path) -> None:
@@ -203,7 +264,7 @@ def main(argv=None) -> int:
     cfg = expkit.budget_of(args)
     store = expkit.RunStore(Path(args.out))
     grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
-    suffix = variant(args.lr, args.recalibrate_bn, args.reset_momentum)
+    suffix = variant(args.lr, args.recalibrate_bn, args.reset_momentum, cfg.epochs)
     if args.only:
         wanted = set(args.only.split(","))
         grid = [g for g in grid if run_id(*g, suffix) in wanted]
@@ -216,8 +277,8 @@ def main(argv=None) -> int:
         if args.max_runs is not None and new >= args.max_runs:
             break
         log.info("%s: running", rid)
-        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum)
-        store.save(rid, result)
+        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum, rid)
+        store.save(rid, result, cfg.checkpoints)
         new += 1
         log.info("%s: test acc %.2f%% (layers %.2fx, model %.2fx) in %.1f min", rid, 100 * result["test_acc"],
                  result["layers_ratio"], result["model_ratio"], result["seconds"] / 60)

@@ -12,6 +12,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from twistc.report import count_parameters, cpu_model, versions
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+CHECKPOINTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twistc" / "experiments"
 
 
 class RunStore:
@@ -41,13 +43,15 @@ class RunStore:
     def done(self, run_id: str) -> bool:
         return self.path(run_id).is_file()
 
-    def save(self, run_id: str, result: dict) -> None:
-        """Atomic write: a run file exists only when the run finished."""
+    def save(self, run_id: str, result: dict, checkpoints: str | None = None) -> None:
+        """Atomic write: a run file exists only when the run finished; then its checkpoint goes."""
         fd, tmp = tempfile.mkstemp(dir=self.root / "runs", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
         os.replace(tmp, self.path(run_id))
+        if checkpoints:
+            shutil.rmtree(Path(checkpoints) / run_id, ignore_errors=True)
 
     def load_all(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted((self.root / "runs").glob("*.json"))]
@@ -108,6 +112,7 @@ class Budget:
     batch: int = 128
     progress: bool = False
     smoke: bool = False  # tiny subsets: a few steps, 200 test images
+    checkpoints: str | None = None  # folder of per-run training checkpoints (resumed after a stop)
 
     def __post_init__(self):
         self.train_subset = np.arange(0, 45000, 700)[:64] if self.smoke else None
@@ -145,18 +150,23 @@ def budget_parser(description: str, out: str, smoke_help: str, lr: float = 0.01,
     p.add_argument("--smoke", action="store_true", help=smoke_help)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--progress", action="store_true", help="tqdm bars")
+    p.add_argument("--checkpoints", default=str(CHECKPOINTS / out),
+                   help="per-run training checkpoints; a stopped run resumes from its own (default: %(default)s)")
     return p
 
 
 def budget_of(args: argparse.Namespace) -> Budget:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    return Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke)
+    return Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke,
+                  None if args.smoke else args.checkpoints)
 
 
-def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False) -> dict:
+def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False,
+                 run_id: str | None = None) -> dict:
     """Run `pipelines` in order on the pre-trained ResNet-32 (one RunContext, so `train` stages see the
-    training data) and measure the result on the test set."""
+    training data) and measure the result on the test set. With `run_id` and `budget.checkpoints`, training
+    saves checkpoints under that name and continues from them after a stop."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = load_resnet32(budget.checkpoint)
@@ -165,7 +175,9 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
                                     seed=seed)
     test = budget.test_batches()
     gm = trace(model, (torch.randn(1, 3, 32, 32),))
-    ctx = RunContext(train_data=lambda: train_batches, eval_data=lambda: test, progress=budget.progress)
+    folder = Path(budget.checkpoints) / run_id if budget.checkpoints and run_id else None
+    ctx = RunContext(train_data=lambda: train_batches, eval_data=lambda: test, progress=budget.progress,
+                     checkpoint=str(folder) if folder else None, resume=True)
     result = {"pipelines": pipelines, "seed": seed, "epochs": budget.epochs, "lr": budget.lr, "batch": budget.batch,
               "steps_per_epoch": len(train_batches)}
     for i, spec in enumerate(pipelines):
@@ -195,4 +207,6 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
         "test_acc_before_final_projection": t.accuracy_before_final_projection if t else None,
         "plan": state.plan.to_json(), "seconds": time.perf_counter() - start, **metadata(),
     })
+    if t:
+        result["train_seconds"] = t.seconds  # over all sessions of a resumed run
     return result

@@ -216,8 +216,9 @@ def main(argv=None) -> int:
             break
         log.info("%s: running", rid)
         period = 1 if args.smoke else 200
-        result = expkit.finetune_run(budget, pipelines(scheme, ratio, budget.train_spec(seed), period), seed=seed)
-        store.save(rid, {"scheme": scheme, "ratio_requested": ratio, "period": period, **result})
+        result = expkit.finetune_run(budget, pipelines(scheme, ratio, budget.train_spec(seed), period), seed=seed,
+                                     run_id=rid)
+        store.save(rid, {"scheme": scheme, "ratio_requested": ratio, "period": period, **result}, budget.checkpoints)
         new += 1
         log.info("%s: test acc %.2f%% (layers %.2fx)", rid, 100 * result["test_acc"], result["layers_ratio"])
         report(store, budget)

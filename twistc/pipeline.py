@@ -62,6 +62,9 @@ class RunContext:
     eval_data: Callable[[], Any] | None = None
     progress: bool = True
     results: dict[str, Any] = field(default_factory=dict)  # stage outputs, e.g. results["train"]
+    checkpoint: str | None = None  # folder where `train` saves checkpoints
+    resume: bool = False  # continue from the checkpoint there
+    pipeline: str = ""  # the spec being run (set by Pipeline.run); checkpoints record it
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,7 @@ class Pipeline:
         from twistc.verify import verify
 
         ctx = ctx or RunContext()
+        ctx.pipeline = str(self)
         done: list[str] = []
         verify(gm, "the traced model")
         for stage in self.stages:

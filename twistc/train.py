@@ -6,19 +6,28 @@ distortion count. A non-finite loss or weight stops it with a message naming the
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import random
+import signal
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from twistc.errors import NonFiniteError, SpecError
+from twistc import checkpoint
+from twistc.checkpoint import rng_state, set_rng_state
+from twistc.errors import NonFiniteError, SpecError, Stopped
 from twistc.ops import LowRankProjection
 from twistc.pipeline import RunContext, Stage
 
@@ -70,66 +79,156 @@ def _first_nonfinite_parameter(module: nn.Module) -> str | None:
     return next((n for n, p in module.named_parameters() if not torch.isfinite(p).all()), None)
 
 
+@dataclass
+class Checkpointing:
+    """Where the train loop saves (every epoch end and on SIGINT/SIGTERM), and whether it resumes."""
+
+    directory: Path
+    identity: dict  # checkpoint.identity(): the pipeline, model structure and world size
+    resume: bool = False
+
+
+@contextmanager
+def _deferred_stop():
+    """SIGINT and SIGTERM set a flag instead of raising, so the loop can stop between steps; a second
+    signal raises at once. Yields the list of signals received."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise Stopped(signum)
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
-          loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False) -> TrainResult:
+          loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
+          checkpointing: Checkpointing | None = None) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
+    An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
     `reset_momentum`: after a step that projected weights, clear those weights' momentum, so the
     velocity gathered before the distortion does not push them off the projection.
+    `checkpointing`: save at each epoch end and on SIGINT/SIGTERM (then raise Stopped); resume exactly.
     """
     torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
                                 weight_decay=weight_decay)
     result = TrainResult(epochs, lr=lr)
-    start, step, distortion_steps = time.perf_counter(), 0, 0
+    at = {"epoch": 0, "batch": 0, "step": 0, "distortion_steps": 0, "loss_total": 0.0}
+    saved = _resume(checkpointing, module, optimizer) if checkpointing else None
+    if saved:
+        result, at = TrainResult(**saved["result"]), saved["position"]
+        set_rng_state(saved["rng_epoch_start"] if at["batch"] else saved["rng"])
+    start = time.perf_counter() - result.seconds
     module.train()
-    for epoch in range(epochs):
-        batches = train_data()
-        per_epoch = len(batches) if hasattr(batches, "__len__") else None
-        bar = tqdm(batches, total=per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=None if progress else True, leave=False, dynamic_ncols=True)
-        total, count = 0.0, 0
-        for x, y in bar:
-            done = (epoch + (count / per_epoch if per_epoch else 0)) / epochs
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
-            step += 1
-            before = distortions(module)
-            loss = loss_fn(module(x), y)
-            distorted = distortions(module) > before
-            distortion_steps += distorted
-            if distorted:
-                changes = [float(p.change) for p in projections(module) if int(p.step) % p.period == 0]
-                result.distortion_changes.append(sum(changes) / len(changes))
-            if distorted and reset_momentum:
-                _clear_momentum(module, optimizer)
-            if not torch.isfinite(loss):
-                where = _first_nonfinite_parameter(module)
-                raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
-                                     + (f", parameter {where} is not finite" if where else "")
-                                     + "; lower --lr or raise the ranks")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.4f}", distortions=distortion_steps, refresh=False,
-                            **({"removed": f"{result.distortion_changes[-1]:.1%}"} if distortion_steps else {}))
-        bar.close()
-        result.losses.append(total / max(count, 1))
-        log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
+    with _deferred_stop() if checkpointing else nullcontext([]) as stop:
+        for epoch in range(at["epoch"], epochs):
+            epoch_rng = rng_state()
+            batches = train_data()
+            if hasattr(batches, "set_epoch"):
+                batches.set_epoch(epoch)
+            per_epoch = len(batches) if hasattr(batches, "__len__") else None
+            iterator = iter(batches)
+            for _ in range(at["batch"]):  # replay the part of the epoch done before the stop
+                next(iterator)
+            if at["batch"]:
+                set_rng_state(saved["rng"])
+            bar = tqdm(iterator, total=per_epoch, initial=at["batch"], desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=None if progress else True, leave=False, dynamic_ncols=True)
+            for x, y in bar:
+                done = (epoch + (at["batch"] / per_epoch if per_epoch else 0)) / epochs
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
+                at["step"] += 1
+                loss, distorted = _step(module, optimizer, loss_fn, x, y, at["step"], result, reset_momentum)
+                at["distortion_steps"] += distorted
+                at["batch"] += 1
+                at["loss_total"] += loss
+                bar.set_postfix(loss=f"{at['loss_total'] / at['batch']:.4f}", distortions=at["distortion_steps"],
+                                refresh=False, **({"removed": f"{result.distortion_changes[-1]:.1%}"}
+                                                  if at["distortion_steps"] else {}))
+                if stop:
+                    bar.close()
+                    result.seconds = time.perf_counter() - start
+                    where = _save(checkpointing, module, optimizer, result, at, epoch_rng)
+                    raise Stopped(stop[0], f"checkpoint saved in {where.parent}; continue with --resume")
+            bar.close()
+            result.losses.append(at["loss_total"] / max(at["batch"], 1))
+            log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
+            at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
+            if checkpointing:
+                result.seconds = time.perf_counter() - start
+                _save(checkpointing, module, optimizer, result, at, epoch_rng)
     where = _first_nonfinite_parameter(module)
     if where:
-        raise NonFiniteError(f"training ended with non-finite parameter {where} after step {step}")
-    result.steps = step
-    result.distortions = distortion_steps
+        raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
+    result.steps = at["step"]
+    result.distortions = at["distortion_steps"]
     result.final_loss = result.losses[-1] if result.losses else float("nan")
     if finalize:
         result.final_projections = final_projection(module)
     result.seconds = time.perf_counter() - start
     module.eval()
     return result
+
+
+def _step(module, optimizer, loss_fn, x, y, step: int, result: TrainResult, reset_momentum: bool) -> tuple[float, bool]:
+    """One optimizer step; returns the loss and whether a DeepTwist distortion happened in it."""
+    before = distortions(module)
+    loss = loss_fn(module(x), y)
+    distorted = distortions(module) > before
+    if distorted:
+        changes = [float(p.change) for p in projections(module) if int(p.step) % p.period == 0]
+        result.distortion_changes.append(sum(changes) / len(changes))
+        if reset_momentum:
+            _clear_momentum(module, optimizer)
+    if not torch.isfinite(loss):
+        where = _first_nonfinite_parameter(module)
+        raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
+                             + (f", parameter {where} is not finite" if where else "")
+                             + "; lower --lr or raise the ranks")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), distorted
+
+
+def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, epoch_rng: dict) -> Path:
+    return checkpoint.save(cp.directory, {
+        "identity": cp.identity, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+        "position": dict(at), "result": dataclasses.asdict(result), "rng": rng_state(), "rng_epoch_start": epoch_rng})
+
+
+def _resume(cp: Checkpointing, module, optimizer) -> dict | None:
+    payload = checkpoint.load(cp.directory)
+    if payload is None:
+        if cp.resume:
+            log.warning("no checkpoint in %s yet; training from the start", cp.directory)
+        return None
+    if not cp.resume:
+        raise checkpoint.CheckpointError(f"{cp.directory} already holds a checkpoint; pass --resume to continue "
+                                         "it, or choose another --checkpoint folder")
+    checkpoint.check_belongs(payload, cp.identity, cp.directory)
+    module.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    at = payload["position"]
+    log.warning("resuming from %s: epoch %d, batch %d, step %d", cp.directory, at["epoch"] + 1, at["batch"],
+                at["step"])
+    return payload
 
 
 @torch.no_grad()
@@ -195,6 +294,7 @@ class Train(Stage):
     seed: int = 0
     reset_momentum: bool = False
     recalibrate_bn: int = 0  # batches for re-estimating BatchNorm statistics after the final projection
+    checkpoint: str = ""  # folder for checkpoints (else the run context's --checkpoint)
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -206,8 +306,11 @@ class Train(Stage):
         if ctx.train_data is None:
             if self.epochs > 0:
                 raise SpecError("the train stage needs train_data(); define it in MODEL.py")
+        folder = self.checkpoint or ctx.checkpoint
+        checkpointing = Checkpointing(Path(folder), checkpoint.identity(ctx.pipeline, gm), ctx.resume) if folder else None
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
-                       ctx.progress, finalize=False, reset_momentum=self.reset_momentum) if self.epochs else TrainResult(0)
+                       ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
+                       checkpointing=checkpointing) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)

@@ -18,15 +18,15 @@ needs_data = pytest.mark.skipif(not (expkit.SHARED_DATA / "resnet32_cifar10.pt")
 def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "smoke"
     assert exp.main(["--smoke", "--out", str(out), "--max-runs", "1"]) == 0  # "interrupted" after one run
-    assert [p.name for p in (out / "runs").iterdir()] == ["deeptwist-r4.3-sd1-s0.json"]
-    first = (out / "runs" / "deeptwist-r4.3-sd1-s0.json").read_text()
+    assert [p.name for p in (out / "runs").iterdir()] == ["deeptwist-r4.3-sd1-e1-s0.json"]
+    first = (out / "runs" / "deeptwist-r4.3-sd1-e1-s0.json").read_text()
 
     calls = []
     real_run = exp.run
     monkeypatch.setattr(exp, "run", lambda cfg, *spec: calls.append(spec) or real_run(cfg, *spec))
     assert exp.main(["--smoke", "--out", str(out)]) == 0
-    assert calls == [("conventional", 4.3, 1, 0, 0, False)]  # the finished run was not recomputed
-    assert (out / "runs" / "deeptwist-r4.3-sd1-s0.json").read_text() == first
+    assert calls == [("conventional", 4.3, 1, 0, 0, False, "conventional-r4.3-e1-s0")]  # the finished run was not recomputed
+    assert (out / "runs" / "deeptwist-r4.3-sd1-e1-s0.json").read_text() == first
 
     runs = {r["arm"]: r for r in expkit.RunStore(out).load_all()}
     dt, cv = runs["deeptwist"], runs["conventional"]
@@ -46,7 +46,7 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "accuracy_vs_ratio.png"}
     text = (out / "results.md").read_text()
     assert "| 4.47x (asked 4.3)" in text
-    assert "| deeptwist-r4.3-sd1-s0 | 0." in text and " -> 0." in text  # projection change per stage
+    assert "| deeptwist-r4.3-sd1-e1-s0 | 0." in text and " -> 0." in text  # projection change per stage
     assert json.loads((out / "results.json").read_text())["runs"][0]["command"]
 
 

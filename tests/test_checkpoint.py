@@ -1,0 +1,152 @@
+"""Checkpoint and resume: a run stopped by a signal mid-epoch and resumed ends where an unstopped run ends."""
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from twistc import Pipeline, trace
+from twistc import checkpoint
+from twistc.checkpoint import CheckpointError
+from twistc.errors import Stopped
+from twistc.train import Checkpointing, projections, train
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def _deeptwist_model():
+    gm = trace(_model(), (torch.randn(1, 3, 8, 8),))
+    return Pipeline.parse("deeptwist{ratio=2,period=3}").run(gm)
+
+
+class Data:
+    """Batches whose order and noise come from the global torch, numpy and Python RNGs, as user code's might;
+    sends SIGTERM to this process while producing batch `stop_at` of the whole run."""
+
+    def __init__(self, stop_at=None):
+        self.stop_at, self.made = stop_at, 0
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
+
+    def __call__(self):
+        order = torch.randperm(40)
+        for i in range(0, 40, 8):
+            self.made += 1
+            if self.made == self.stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            idx = order[i:i + 8]
+            noise = float(np.random.rand()) * random.random()
+            yield self.x[idx] + 0.1 * noise * torch.randn_like(self.x[idx]), self.y[idx]
+
+    def __len__(self):
+        return 5
+
+
+def _run(folder, stop_at=None, resume=False, epochs=3):
+    gm = _deeptwist_model()
+    cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume) if folder else None
+    data = Data(stop_at)
+    result = train(gm, lambda: data(), epochs, lr=0.05, seed=3, progress=False, finalize=False, checkpointing=cp)
+    return gm, result
+
+
+@pytest.mark.parametrize("stop_at", [7, 10])  # mid-epoch, and on an epoch's last batch
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_at):
+    torch.set_num_threads(1)
+    reference, ref_result = _run(None)
+    with pytest.raises(Stopped) as stopped:
+        _run(tmp_path, stop_at=stop_at)
+    assert stopped.value.signum == signal.SIGTERM and "--resume" in stopped.value.message
+    assert (tmp_path / checkpoint.FILE).is_file()
+    resumed, result = _run(tmp_path, resume=True)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    assert [int(p.step) for p in projections(resumed)] == [15, 15]
+    assert (result.steps, result.distortions) == (ref_result.steps, ref_result.distortions) == (15, 5)
+    assert np.allclose(result.losses, ref_result.losses, atol=1e-6)
+    assert result.distortion_changes == pytest.approx(ref_result.distortion_changes, abs=1e-6)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    _run(tmp_path, epochs=1)
+    with pytest.raises(CheckpointError, match="pass --resume"):
+        _run(tmp_path)
+    gm = trace(_model(), (torch.randn(1, 3, 8, 8),))  # no deeptwist: another structure
+    cp = Checkpointing(tmp_path, checkpoint.identity("deeptwist,train", gm), resume=True)
+    with pytest.raises(CheckpointError, match="another model structure"):
+        train(gm, Data(), 1, progress=False, checkpointing=cp)
+    gm = _deeptwist_model()
+    for ident, what in ((checkpoint.identity("train{epochs=9}", gm), "another pipeline"),
+                        (checkpoint.identity("deeptwist,train", gm, world_size=2), "another world size")):
+        with pytest.raises(CheckpointError, match=what):
+            train(gm, Data(), 1, progress=False, checkpointing=Checkpointing(tmp_path, ident, resume=True))
+
+
+def test_identity_ignores_the_checkpoint_folder():
+    gm = _deeptwist_model()
+    assert checkpoint.identity("deeptwist,train{checkpoint=/a,epochs=2}", gm)["pipeline"] == "deeptwist,train{epochs=2}"
+    assert checkpoint.identity("train{checkpoint=/a}", gm)["pipeline"] == "train"
+
+
+def test_a_stop_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, {"identity": {}, "n": 1})
+    real_save = torch.save
+
+    def interrupted(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, {"identity": {}, "n": 2})
+    assert checkpoint.load(tmp_path)["n"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]
+
+
+TINY = '''
+import os, signal, torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+def example_inputs():
+    return (torch.randn(1, 3, 8, 8),)
+
+def train_data(stop: int = 0):
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        if stop and os.path.exists(os.environ["STOP_FILE"]):
+            os.remove(os.environ["STOP_FILE"])
+            os.kill(os.getpid(), signal.SIGINT)
+        yield torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+'''
+
+
+def test_cli_stops_with_a_checkpoint_and_resumes(tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text(TINY)
+    stop_file = tmp_path / "stop"
+    stop_file.touch()
+    common = [sys.executable, "-m", "twistc.cli", "compile", str(model), "--pass", "deeptwist-tucker", "--epochs", "2",
+              "--period", "2", "--checkpoint", str(tmp_path / "ckpt"), "--quiet", "--set", "stop=1"]
+    env = {**os.environ, "STOP_FILE": str(stop_file)}
+    first = subprocess.run(common + ["-o", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert first.returncode == 130, first.stderr
+    assert "stopped by SIGINT; checkpoint saved in" in first.stderr and not (tmp_path / "out").exists()
+    again = subprocess.run(common + ["-o", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = subprocess.run(common + ["-o", str(tmp_path / "out"), "--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and (tmp_path / "out" / "model.onnx").is_file()
