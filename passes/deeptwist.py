@@ -59,7 +59,9 @@ class DeepTwist(LowRankOptions):
         for site in sites:
             if site.projection is not None:
                 continue
-            entry = self.entry(gm, site, state, self.decomp)
+            planned = state.plan.get(site.name)  # a plan's decomposition wins over the option
+            decomp = planned.decomp if planned is not None and planned.decomp in DECOMPS else self.decomp
+            entry = self.entry(gm, site, state, decomp)
             if isinstance(entry, str):
                 state.skip(site.name, entry)
                 continue

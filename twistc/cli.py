@@ -23,6 +23,7 @@ import torch
 from twistc.bench import bench
 from twistc.errors import SpecError, Stopped, TwistcError
 from twistc.export import export_onnx, save_program
+from twistc.latency import Runtime, compare_models, model_timer
 from twistc.modelfile import load_model_file
 from twistc.outdir import OutputDir, check_output
 from twistc.pipeline import Pipeline, RunContext, describe, expand_presets, parse_item, split_items
@@ -32,6 +33,8 @@ from twistc.state import state_of
 from twistc.trace import trace
 from twistc.train import Train, accuracy
 from twistc.passes.deeptwist import DeepTwist
+
+log = logging.getLogger(__name__)
 
 OUTPUTS = ("original.onnx", "model.onnx", "model.pt2", "report.json", "report.md")
 
@@ -61,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", type=float, default=1e-4, help="ONNX check absolute tolerance (1e-4)")
     c.add_argument("--rtol", type=float, default=1e-4, help="ONNX check relative tolerance (1e-4)")
     c.add_argument("--threads", type=int, help="torch threads")
+    c.add_argument("--target-speedup", type=float, metavar="S",
+                   help="tucker and deeptwist-tucker: choose each layer's form and ranks by measured latency so that "
+                        "the model runs S times faster (plan-latency{speedup=S}; --threads sets its thread count)")
+    c.add_argument("--latency-cache", metavar="PATH",
+                   help="latency cache of plan-latency (default: ~/.cache/twistc/latency.json)")
     c.add_argument("--checkpoint", metavar="DIR",
                    help="save training checkpoints in DIR (each epoch end, and on Ctrl-C or SIGTERM)")
     c.add_argument("--resume", action="store_true", help="continue training from the checkpoint in --checkpoint DIR")
@@ -104,11 +112,12 @@ def build_pipeline(spec: str, args) -> Pipeline:
     """The pipeline from --pass; the other flags fill options the spec does not write. Lowering passes
     after deeptwist take ranks, order and tiles from the trained projections, so those flags skip them."""
     stages, projected = [], False
-    for text in split_items(expand_presets(spec, args.epochs)):
-        values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period}
+    for text in split_items(expand_presets(spec, args.epochs, args.target_speedup)):
+        values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
+                  "threads": args.threads, "cache": args.latency_cache}
         if not projected:
             values.update(order=args.order, tile=args.tile, grid=args.grid)
-            if not re.search(r"\b(ranks|energy)=", text):
+            if not re.search(r"\b(ranks|energy|speedup)=", text) and not text.startswith("plan-latency"):
                 values["ratio"] = args.ratio
         stage = parse_item(text, values)
         stages.append(stage)
@@ -157,13 +166,14 @@ def compile_command(args) -> int:
         _say("exporting model.onnx")
         check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
         save_program(gm, example, tmp / "model.pt2")
+        latency = _measure_speedup(state, original, gm, example, tmp)
         acc_after = accuracy(gm, eval_data()) if eval_data else None
         training = ctx.results.get("train")
         report = build_report(
             state, pipeline=str(pipeline), original=original, compiled=gm,
             onnx={**check.to_json(), "path": str(Path(os.path.abspath(out)) / "model.onnx")},
             training=training.to_json() if training else None,
-            accuracy={"before": acc_before, "after": acc_after} if eval_data else None,
+            accuracy={"before": acc_before, "after": acc_after} if eval_data else None, latency=latency,
             model_file=str(model_path), seconds=time.perf_counter() - start)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown(report))
@@ -175,6 +185,28 @@ def compile_command(args) -> int:
         _say(line)
     _say(f"wrote {', '.join(OUTPUTS)} to {out}")
     return 0
+
+
+def _measure_speedup(state, original, compiled, example, folder: Path) -> dict | None:
+    """After plan-latency: the original and the compiled model timed in its runtime, paired; a warning
+    names the layers with the least predicted gain when the compiled model measures slower."""
+    if state.latency is None:
+        return None
+    runtime = Runtime(**{k: state.latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")})
+    _say(f"timing original and compiled model ({runtime.runtime} {runtime.device}, {runtime.threads} thread(s), "
+         f"batch {runtime.batch})")
+    timers = [model_timer(original, example[0], runtime, folder / "original.onnx"),
+              model_timer(compiled, example[0], runtime, folder / "model.onnx")]
+    result = compare_models(timers)
+    before, after = result["median_ms"]
+    measured = {"before_ms": before, "after_ms": after, "speedup": result["speedup"],
+                "speedup_ci95": result["speedup_ci95"], "reps": result["reps"], "samples_ms": result["samples_ms"]}
+    if measured["speedup"] < 1:
+        gains = sorted((r.latency_after - r.latency_before, r.name) for r in state.layers.values()
+                       if r.lowering and r.latency_before)
+        log.warning("warning: the compiled model measured slower than the original (%.2fx); the layers with the "
+                    "least predicted gain: %s", measured["speedup"], ", ".join(n for _, n in gains[-3:][::-1]))
+    return {**state.latency, "measured": measured}
 
 
 def passes_command(args) -> int:

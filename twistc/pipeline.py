@@ -26,6 +26,7 @@ from twistc.errors import SpecError, TwistcError
 log = logging.getLogger(__name__)
 
 REGISTRY = {
+    "plan-latency": "twistc.passes.plan_latency:PlanLatency",
     "deeptwist": "twistc.passes.deeptwist:DeepTwist",
     "lower-conv-tucker": "twistc.passes.lower_conv_tucker:LowerConvTucker",
     "lower-conv-svd": "twistc.passes.lower_conv_svd:LowerConvSvd",
@@ -196,16 +197,27 @@ def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
     return stage
 
 
-def expand_presets(spec: str, epochs: int | None = None) -> str:
+LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
+
+
+def expand_presets(spec: str, epochs: int | None = None, target_speedup: float | None = None) -> str:
+    """Presets replaced by their pipelines. `target_speedup` puts plan-latency in front of a Tucker preset
+    and lowers the layers it gives an SVD pair (1x1 convs among them) as well."""
     items = []
     for item in split_items(spec):
         if item in PRESETS:
             expansion = PRESETS[item][0]
             if item == "tucker" and epochs:
                 expansion += ",train"
+            if target_speedup is not None and item in LATENCY_PRESETS:
+                expansion = (f"plan-latency{{speedup={format_value(target_speedup)}}},"
+                             + expansion.replace("lower-conv-tucker", "lower-conv-tucker,lower-conv-svd"))
             items.append(expansion)
         else:
             items.append(item)
+    if target_speedup is not None and not any(i in LATENCY_PRESETS for i in split_items(spec)):
+        raise SpecError(f"--target-speedup applies to the presets {' and '.join(LATENCY_PRESETS)}; in a pipeline "
+                        "of your own, write plan-latency{speedup=S} in front")
     return ",".join(items)
 
 

@@ -74,6 +74,13 @@ def _tiles_note(tiles: dict | None) -> str:
     return note + (f", ragged edges {tiles['ragged_edges']}" if tiles["ragged_edges"] else "")
 
 
+def _latency_note(layer: dict) -> str:
+    if layer.get("latency_before") is None:
+        return ""
+    before, after = 1e3 * layer["latency_before"], 1e3 * layer["latency_after"]
+    return f"measured {before:.1f} -> {after:.1f} us, error {layer['approx_error']:.3f}"
+
+
 def layer_rows(report: dict) -> list[tuple[str, ...]]:
     rows = []
     for layer in report["layers"]:
@@ -85,7 +92,8 @@ def layer_rows(report: dict) -> list[tuple[str, ...]]:
         rows.append((layer["name"], shape, lowering, ranks,
                      f"{_count(layer['params_before'])} -> {_count(layer['params_after'])}",
                      f"{_count(layer['macs_before'])} -> {_count(layer['macs_after'])}",
-                     f"{layer['ratio_achieved']:.2f}x", layer["skip_reason"] or _tiles_note(layer.get("tiles"))))
+                     f"{layer['ratio_achieved']:.2f}x",
+                     layer["skip_reason"] or _tiles_note(layer.get("tiles")) or _latency_note(layer)))
     t = report["totals"]
     rows.append(("total (convs)", "", "", "", f"{_count(t['params_before'])} -> {_count(t['params_after'])}",
                  f"{_count(t['macs_before'])} -> {_count(t['macs_after'])}", f"{t['ratio']:.2f}x", ""))
@@ -131,11 +139,27 @@ def summary_lines(report: dict) -> list[str]:
     if "accuracy" in report:
         a = report["accuracy"]
         lines.append(f"accuracy: before {a['before']:.2%}, after {a['after']:.2%}")
+    if "latency" in report:
+        lines.append(latency_line(report["latency"]))
     if "onnx" in report:
         o = report["onnx"]
         lines.append(f"ONNX check (onnxruntime vs PyTorch, atol={o['atol']:g}, rtol={o['rtol']:g}): "
                      f"max |diff| {o['max_abs_diff']:.2e}, ok")
     return lines
+
+
+def latency_line(latency: dict) -> str:
+    r = latency["runtime"]
+    where = (f"{r['runtime']} {r['device']} ({r['machine']}), {r['threads']} thread{'s' * (r['threads'] > 1)}, "
+             f"batch {r['batch']}")
+    line = (f"latency in {where}: predicted {latency['model_ms_before']:.3f} -> {latency['predicted_ms_after']:.3f} ms "
+            f"({latency['predicted_speedup']:.2f}x)")
+    m = latency.get("measured")
+    if m:
+        lo, hi = m["speedup_ci95"]
+        line += (f", measured {m['before_ms']:.3f} -> {m['after_ms']:.3f} ms ({m['speedup']:.2f}x, "
+                 f"95% CI {lo:.2f}-{hi:.2f})")
+    return line
 
 
 def markdown(report: dict) -> str:

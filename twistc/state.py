@@ -29,6 +29,9 @@ class LayerRecord:
     form: str | None = None   # the im2col method or block form a 2-D lowering used
     tiles: dict | None = None  # 2-D lowerings: LayerPlan.tiling()
     final_projection_change: float | None = None  # ||W - P(W)|| / ||W|| at DeepTwist's final projection
+    latency_before: float | None = None  # plan-latency: the dense conv's measured median (ms)
+    latency_after: float | None = None   # ... and the chosen form's
+    approx_error: float | None = None    # ... and its relative kernel error as planned
 
     @property
     def before(self) -> Cost:
@@ -61,6 +64,11 @@ class LayerRecord:
             "flops_after": 2 * now.macs,
             "tiles": self.tiles,
             "final_projection_change": self.final_projection_change,
+            "latency_before": self.latency_before,
+            "latency_after": self.latency_after,
+            "speedup": (self.latency_before / self.latency_after
+                        if self.latency_before and self.latency_after else None),
+            "approx_error": self.approx_error,
         }
 
 
@@ -71,6 +79,7 @@ class CompileState:
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     leaves: dict[str, str] = field(default_factory=dict)   # module path -> why it is a leaf
     plan: Plan = field(default_factory=Plan)
+    latency: dict | None = None  # plan-latency: runtime settings, measured and predicted model latency
 
     def skip(self, name: str, reason: str) -> None:
         record = self.layers.get(name)

@@ -60,3 +60,11 @@ def truncated_svd(matrix: Tensor, rank: int) -> LowRank:
 
 def singular_energies(matrix: Tensor) -> Tensor:
     return torch.linalg.svdvals(matrix.detach().double()) ** 2
+
+
+def truncation_errors(matrix: Tensor, ranks: list[int]) -> list[float]:
+    """||K - K_r|| / ||K|| of the best rank-r approximation, for each r (Eckart-Young)."""
+    energies = singular_energies(matrix)
+    total = energies.sum().clamp_min(1e-300)
+    tail = energies.flip(0).cumsum(0).flip(0)  # tail[i] = sum of energies from i on
+    return [float((tail[r] / total).sqrt()) if r < len(energies) else 0.0 for r in ranks]

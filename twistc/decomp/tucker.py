@@ -96,3 +96,20 @@ def _relative_error(w: Tensor, core: Tensor, norm: Tensor) -> float:
 
 def _cast(t: Tucker2, dtype: torch.dtype) -> Tucker2:
     return Tucker2(t.core.to(dtype), t.u_out.to(dtype), t.u_in.to(dtype))
+
+
+def hosvd_errors(weight: Tensor, rank_pairs: list[tuple[int, int]]) -> list[float]:
+    """||W - W_hosvd|| / ||W|| for each (r_out, r_in), from one eigendecomposition per channel mode.
+
+    HOOI, which the lowering uses, reaches at most this error, so it is a cheap, safe estimate
+    for comparing many candidate ranks."""
+    w = weight.detach().double()
+    norm = torch.linalg.vector_norm(w).clamp_min(1e-300)
+    errors = []
+    with tl.backend_context("pytorch"):
+        bases = [leading_subspace(tl.unfold(w, mode), w.shape[mode]) for mode in (0, 1)]
+        for r_out, r_in in rank_pairs:
+            core = _project_core(w, bases[0][:, :r_out], bases[1][:, :r_in])  # orthonormal: kept norm = ||core||
+            kept = torch.linalg.vector_norm(core) ** 2
+            errors.append(float((norm ** 2 - kept).clamp_min(0).sqrt() / norm))
+    return errors

@@ -1,0 +1,166 @@
+"""plan-latency: choose each conv's form and ranks by latency measured in the target runtime.
+
+    minimise  sum_l err_l(c_l)^2    over one candidate c_l per layer (dense, Tucker-2 chains, SVD pairs)
+    such that model_ms - sum_l dense_ms_l + sum_l ms_l(c_l) <= model_ms / speedup     (speedup=S)
+         or  sum_l params_l(c_l) <= sum_l dense_params_l / ratio                     (ratio=R)
+
+`err` is the relative kernel reconstruction error (||W - W_r|| / ||W||; HOSVD's for Tucker, an upper
+bound on what the lowering's HOOI reaches). Latencies are medians measured with the real lowered
+modules at each layer's input shape (twistc.latency), cached across compiles. A candidate measured
+slower than its dense conv is never chosen. The pass only writes the plan (and the predictions into
+the layer records); deeptwist and the lowering passes consume it unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from twistc import knapsack
+from twistc.convs import ConvSite, conv_sites
+from twistc.decomp.cost import conv_cost
+from twistc.decomp.rank import tucker_max_ranks
+from twistc.decomp.svd import lowered, truncation_errors
+from twistc.decomp.tucker import hosvd_errors
+from twistc.errors import RankError, SpecError
+from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
+from twistc.pipeline import Pass, PassResult
+from twistc.plan import LayerPlan
+from twistc.selection import check_choice, first_failure
+from twistc.state import state_of
+
+log = logging.getLogger(__name__)
+
+FORMS = {"tucker-chain": "tucker", "svd-conv": "svd"}
+DENSE = LayerPlan("none", (), "none")
+
+
+@dataclass(frozen=True)
+class PlanLatency(Pass):
+    name = "plan-latency"
+    summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R)"
+
+    speedup: float | None = None
+    ratio: float | None = None
+    runtime: str = "ort"
+    device: str = "cpu"
+    threads: int = 1
+    batch: int = 1
+    forms: str = "tucker-chain|svd-conv"
+    steps: int = 8  # rank grid: k/steps of each mode's full rank, k = 1..steps-1
+    round_to: int = 1
+    layers: str | None = None
+    cache: str = ""
+    reps: int = 25
+
+    def __post_init__(self):
+        if (self.speedup is None) == (self.ratio is None):
+            raise SpecError("plan-latency needs exactly one of speedup=S or ratio=R")
+        for key in ("speedup", "ratio"):
+            value = getattr(self, key)
+            if value is not None and not 1 < value < float("inf"):
+                raise SpecError(f"plan-latency: {key} must be a finite number > 1, got {value:g}")
+        for form in self.forms.split("|"):
+            check_choice(form, tuple(FORMS), "plan-latency forms")
+        for key in ("steps", "round_to", "reps"):
+            if getattr(self, key) < 1 or (key == "steps" and self.steps < 2):
+                raise SpecError(f"plan-latency: {key} must be >= {2 if key == 'steps' else 1}, got {getattr(self, key)}")
+        self.target()
+
+    def target(self) -> Runtime:
+        return Runtime(self.runtime, self.device, self.threads, self.batch)
+
+    def selects(self, name: str) -> bool:
+        from fnmatch import fnmatchcase
+        return self.layers is None or any(fnmatchcase(name, p) for p in self.layers.split("|"))
+
+    @torch.no_grad()
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        state = state_of(gm)
+        runtime, cache = self.target(), LatencyCache(self.cache or None)
+        sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
+        options, chosen_for = [], []
+        for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
+            entries = [None] + (self.candidates(gm, site) if self.selects(site.name) else [])
+            errors = [0.0] + self.errors(gm, site, entries[1:])
+            ms = measure_layer(LayerShape.of(site), entries, runtime, cache, reps=self.reps)
+            keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
+            options.append([(entries[i], ms[i], errors[i]) for i in keep])
+            chosen_for.append(site)
+        cache.save()
+        model_ms = paired_medians([model_timer(gm, state.example_inputs[0], runtime)], reps=self.reps)[0]
+        picks = self.solve(chosen_for, options, model_ms)
+        rest = max(model_ms - sum(o[0][1] for o in options), 0.0)
+        predicted = rest + sum(o[i][1] for o, i in zip(options, picks))
+        rewrites = 0
+        for site, opts, i in zip(chosen_for, options, picks):
+            entry, ms, error = opts[i]
+            state.plan.set(site.name, entry or DENSE)
+            record = state.layers[site.name]
+            record.latency_before, record.latency_after, record.approx_error = opts[0][1], ms, error
+            rewrites += entry is not None
+        state.latency = {"runtime": runtime.to_json(), "target": {"speedup": self.speedup, "ratio": self.ratio},
+                         "model_ms_before": model_ms, "predicted_ms_after": predicted,
+                         "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
+        log.info("plan-latency: %d of %d convs compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites,
+                 len(sites), model_ms, predicted, model_ms / predicted)
+        return PassResult(gm, rewrites > 0, rewrites)
+
+    def candidates(self, gm: fx.GraphModule, site: ConvSite) -> list[LayerPlan]:
+        """Tucker chains and SVD pairs over the rank grid, each with fewer weights than the conv."""
+        g, out = site.geometry, []
+        dense_params = conv_cost(g).params
+        for form in self.forms.split("|"):
+            decomp = FORMS[form]
+            if first_failure(site, decomp):
+                continue
+            for k in range(1, self.steps):
+                if decomp == "tucker":
+                    top_out, top_in = tucker_max_ranks(g)
+                    ranks = (self._rank(top_out * k / self.steps, top_out), self._rank(top_in * k / self.steps, top_in))
+                    entry = LayerPlan("tucker", ranks, form)
+                else:
+                    top = min(g.out_channels, g.in_channels * g.taps)
+                    entry = LayerPlan("svd", (self._rank(top * k / self.steps, top),), form, order="channel-major")
+                if entry.cost(g).params < dense_params and entry not in out:
+                    out.append(entry)
+        return out
+
+    def _rank(self, r: float, top: int) -> int:
+        return min(top, max(self.round_to, round(r / self.round_to) * self.round_to))
+
+    @staticmethod
+    def errors(gm: fx.GraphModule, site: ConvSite, entries: list[LayerPlan]) -> list[float]:
+        weight = site.weight(gm)
+        tucker = [e.ranks for e in entries if e.decomp == "tucker"]
+        svd = [e.ranks[0] for e in entries if e.decomp == "svd"]
+        by_form = {"tucker": iter(hosvd_errors(weight, tucker) if tucker else []),
+                   "svd": iter(truncation_errors(lowered(weight), svd) if svd else [])}
+        return [next(by_form[e.decomp]) for e in entries]
+
+    def solve(self, sites: list[ConvSite], options: list[list[tuple]], model_ms: float) -> list[int]:
+        """Indices into each layer's options: the least summed squared error within the budget."""
+        def weight(site, entry, ms):
+            return ms if self.speedup else (entry.cost(site.geometry) if entry else conv_cost(site.geometry)).params
+
+        groups = [[(weight(s, e, ms), err ** 2) for e, ms, err in o] for s, o in zip(sites, options)]
+        if self.speedup:
+            dense = sum(o[0][1] for o in options)
+            budget = model_ms / self.speedup - max(model_ms - dense, 0.0)
+            what = f"speedup {self.speedup:g}"
+        else:
+            budget = sum(conv_cost(s.geometry).params for s in sites) / self.ratio
+            what = f"ratio {self.ratio:g}"
+        try:
+            return knapsack.choose(groups, budget)
+        except knapsack.Unreachable as e:
+            if self.speedup:
+                best = model_ms / (model_ms - dense + e.least)
+                raise RankError(f"plan-latency: {what} is out of reach in {self.runtime}/{self.device}: the fastest "
+                                f"candidates give {best:.2f}x ({model_ms - dense:.3f} of {model_ms:.3f} ms is outside "
+                                "the convs); ask for less, or add forms or a finer rank grid (steps=)") from None
+            raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
+                            f"dense (at most {sum(c[0][0] for c in groups) / e.least:.2f}x)") from None

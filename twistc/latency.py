@@ -1,0 +1,296 @@
+"""Measured latency of layers and models in the runtime a user deploys to.
+
+A candidate is a layer's dense conv or one of its lowered forms (a LayerPlan), built with the real
+lowering modules (ops.TuckerConv, ops.SvdConv, ...) at the layer's real input shape. The candidates
+of one layer are timed together, round-robin (one run of each per repetition, after warm-up), so
+machine noise hits all of them alike; the median is kept. Medians go to a cache keyed by the
+runtime, its settings and the machine, the layer's shapes and conv parameters, the form and the
+ranks, so a second compile measures nothing new.
+
+Runtimes: `ort` (onnxruntime, provider cpu or cuda; each candidate is exported to a small ONNX
+model) and `torch` (PyTorch eager on cpu or cuda; CUDA timings use events after synchronising).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from twistc.errors import SpecError, TwistcError
+from twistc.ops import SvdConv, TuckerConv
+from twistc.plan import LayerPlan
+from twistc.report import cpu_model
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = {"ort": ("cpu", "cuda"), "torch": ("cpu", "cuda")}
+
+
+def default_cache_path() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "twistc" / "latency.json"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where latency is measured: the runtime, its device (ort: execution provider), threads and batch."""
+
+    runtime: str = "ort"
+    device: str = "cpu"
+    threads: int = 1
+    batch: int = 1
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise SpecError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.device not in RUNTIMES[self.runtime]:
+            raise SpecError(f"device must be one of {', '.join(RUNTIMES[self.runtime])}, got {self.device!r}")
+        if self.threads < 1 or self.batch < 1:
+            raise SpecError(f"threads and batch must be >= 1, got threads={self.threads}, batch={self.batch}")
+
+    def machine(self) -> str:
+        if self.device == "cuda":
+            return torch.cuda.get_device_name() if torch.cuda.is_available() else "cuda (unavailable)"
+        return cpu_model()
+
+    def key(self) -> str:
+        version = _ort().__version__ if self.runtime == "ort" else torch.__version__
+        return (f"{self.runtime}-{version}|{self.device}|{self.machine()}|threads={self.threads}"
+                f"|batch={self.batch}")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "machine": self.machine()}
+
+    def timer(self, module: nn.Module, example: torch.Tensor) -> Callable[[], float]:
+        """A function that runs `module` once on `example` in this runtime and returns the seconds taken."""
+        module = module.eval()
+        if self.runtime == "torch":
+            return _torch_timer(module, example.to(self.device), self.device, self.threads)
+        return _ort_timer(module, example, self.device, self.threads)
+
+
+def _ort():
+    import onnxruntime
+    return onnxruntime
+
+
+def _torch_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int) -> Callable[[], float]:
+    module = module.to(device)
+
+    @torch.inference_mode()
+    def run() -> float:
+        torch.set_num_threads(threads)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            module(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t = time.perf_counter()
+        module(x)
+        return time.perf_counter() - t
+
+    return run
+
+
+def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
+    """A small ONNX model of `module` (TorchScript exporter: milliseconds per layer, the same ONNX ops)."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"])
+        except Exception:  # what the TorchScript exporter cannot take, the dynamo exporter may
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "model.onnx"
+                torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False, verbose=False)
+                return path.read_bytes()
+    return buffer.getvalue()
+
+
+def _ort_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int,
+               model: bytes | str | None = None) -> Callable[[], float]:
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
+    if provider not in ort.get_available_providers():
+        raise TwistcError(f"onnxruntime here has no {provider}; measure with runtime=torch or install onnxruntime-gpu")
+    session = ort.InferenceSession(model or onnx_bytes(module, x), options, providers=[provider])
+    feed = {session.get_inputs()[0].name: x.numpy()}
+
+    def run() -> float:
+        t = time.perf_counter()
+        session.run(None, feed)
+        return time.perf_counter() - t
+
+    return run
+
+
+def paired_medians(timers: list[Callable[[], float]], warmup: int = 5, reps: int = 25,
+                   samples: list[list[float]] | None = None) -> list[float]:
+    """Round-robin timing: each repetition runs every timer once. Medians in milliseconds; the raw
+    samples are appended to `samples` when it is given."""
+    for _ in range(warmup):
+        for run in timers:
+            run()
+    times = [[] for _ in timers]
+    for _ in range(reps):
+        for i, run in enumerate(timers):
+            times[i].append(run() * 1e3)
+    if samples is not None:
+        samples.extend(times)
+    return [statistics.median(t) for t in times]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What a conv's latency depends on: its kernel shape, conv parameters and input shape."""
+
+    out_channels: int
+    in_channels: int
+    kernel: tuple[int, int]
+    in_hw: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] | str
+    dilation: tuple[int, int]
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @classmethod
+    def of(cls, site) -> "LayerShape":
+        g = site.geometry
+        return cls(g.out_channels, g.in_channels, tuple(g.kernel), tuple(g.in_hw), tuple(site.stride),
+                   site.padding if isinstance(site.padding, str) else tuple(site.padding), tuple(site.dilation),
+                   site.groups, site.padding_mode)
+
+    def key(self) -> str:
+        pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
+        return (f"conv={self.out_channels}x{self.in_channels // self.groups}x{self.kernel[0]}x{self.kernel[1]}"
+                f",in={self.in_channels}x{self.in_hw[0]}x{self.in_hw[1]},stride={'x'.join(map(str, self.stride))}"
+                f",pad={pad},dil={'x'.join(map(str, self.dilation))},groups={self.groups},mode={self.padding_mode}")
+
+    def conv_args(self) -> dict:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                "padding_mode": self.padding_mode}
+
+    def example(self, batch: int) -> torch.Tensor:
+        return torch.randn(batch, self.in_channels, *self.in_hw, generator=torch.Generator().manual_seed(0))
+
+
+def candidate_key(entry: LayerPlan | None) -> str:
+    if entry is None:
+        return "dense"
+    return f"{entry.lowering}:{'x'.join(map(str, entry.ranks))}" + (f":{entry.order}" if entry.order else "")
+
+
+def build(shape: LayerShape, entry: LayerPlan | None) -> nn.Module:
+    """The layer as it runs after lowering, with random weights (latency does not depend on values).
+    Every form carries a bias, as a conv does once BatchNorm is folded into it."""
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g) * 0.1
+    t, s = shape.out_channels, shape.in_channels
+    bias = rand(t)
+    if entry is None:
+        return nn.Conv2d(s, t, shape.kernel, groups=shape.groups, **shape.conv_args())
+    if entry.lowering == "tucker-chain":
+        r_out, r_in = entry.ranks
+        return TuckerConv(shape.conv_args(), rand(t, r_out), rand(r_out, r_in, *shape.kernel), rand(s, r_in), bias)
+    if entry.lowering == "svd-conv":
+        r = entry.ranks[0]
+        taps = shape.kernel[0] * shape.kernel[1]
+        return SvdConv(shape.conv_args(), shape.kernel, rand(t, r), rand(r, s * taps), bias, entry.order)
+    raise SpecError(f"latency of lowering {entry.lowering!r} cannot be measured yet; "
+                    "choose forms from tucker-chain, svd-conv")
+
+
+class LatencyCache:
+    """A JSON file of medians (ms), keyed by runtime, layer shape and candidate; written atomically."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else default_cache_path()
+        self.entries: dict[str, float] = {}
+        if self.path.is_dir():
+            raise SpecError(f"latency cache {self.path} is a folder; give a file path with --latency-cache")
+        if self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+                self.entries = {str(k): float(v) for k, v in data.get("entries", {}).items()}
+            except (ValueError, AttributeError, TypeError):
+                log.warning("latency cache %s is unreadable; it will be rewritten", self.path)
+
+    def get(self, key: str) -> float | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, ms: float) -> None:
+        self.entries[key] = ms
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": 1, "unit": "ms (median)", "entries": self.entries}, f, indent=0, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def measure_layer(shape: LayerShape, entries: list[LayerPlan | None], runtime: Runtime, cache: LatencyCache,
+                  warmup: int = 5, reps: int = 25) -> list[float]:
+    """Latency (ms) of each candidate (None: the dense conv), from the cache or measured now.
+
+    The dense conv is always timed with the candidates it is compared with, and so is a ReLU on the
+    same input: its median (the runtime's per-call cost: feeding, launching, returning) is subtracted,
+    so that a layer's number is what it adds inside a whole model."""
+    keys = [f"{runtime.key()}|{shape.key()}|{candidate_key(e)}" for e in entries]
+    missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
+    if missing:
+        dense = next((i for i, e in enumerate(entries) if e is None), None)
+        timed = sorted(set(missing) | ({dense} if dense is not None else set()))
+        x = shape.example(runtime.batch)
+        timers = [runtime.timer(nn.ReLU(), x)] + [runtime.timer(build(shape, entries[i]), x) for i in timed]
+        null, *medians = paired_medians(timers, warmup, reps)
+        for i, ms in zip(timed, medians):
+            cache.put(keys[i], max(ms - null, 1e-6))
+    return [cache.get(k) for k in keys]
+
+
+def model_timer(module: nn.Module, example: torch.Tensor, runtime: Runtime,
+                onnx_path: str | Path | None = None) -> Callable[[], float]:
+    """A timer for a whole model: its ONNX file in onnxruntime (exported here when no path is given),
+    or the module itself under runtime=torch."""
+    x = _batched(example, runtime.batch)
+    if runtime.runtime == "torch":
+        return runtime.timer(module, x)
+    return _ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path) if onnx_path else None)
+
+
+def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([x] * batch)[:batch] if x.shape[0] != batch else x
+
+
+def compare_models(timers: list[Callable[[], float]], warmup: int = 5, reps: int = 30) -> dict:
+    """Paired timing of whole models: medians, the per-repetition ratios to the first and a bootstrap
+    95% interval of the median ratio."""
+    samples: list[list[float]] = []
+    medians = paired_medians(timers, warmup, reps, samples)
+    rng = np.random.default_rng(0)
+    out = {"median_ms": medians, "samples_ms": samples, "reps": reps}
+    if len(timers) > 1:
+        ratios = np.array(samples[0]) / np.array(samples[1])  # speedup of the second over the first, per rep
+        boot = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
+        out["speedup"] = float(np.median(ratios))
+        out["speedup_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return out
