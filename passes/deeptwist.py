@@ -31,6 +31,7 @@ DECOMPS = ("tucker", "svd", "tiled-svd")
 @dataclass(frozen=True)
 class DeepTwist(LowRankOptions):
     name = "deeptwist"
+    writes_plan = True
     summary = "training-time: project each selected conv's weight to low rank every `period` steps"
 
     decomp: str = "tucker"

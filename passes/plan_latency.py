@@ -3,6 +3,7 @@
     minimise  sum_l err_l(c_l)^2    over one candidate c_l per layer (dense, Tucker-2 chains, SVD pairs)
     such that model_ms - sum_l dense_ms_l + sum_l ms_l(c_l) <= model_ms / speedup     (speedup=S)
          or  sum_l params_l(c_l) <= sum_l dense_params_l / ratio                     (ratio=R)
+         or  sum_l macs_l(c_l) <= sum_l dense_macs_l / macs                          (macs=M)
 
 `err` is the relative kernel reconstruction error (||W - W_r|| / ||W||; HOSVD's for Tucker, an upper
 bound on what the lowering's HOOI reaches). Latencies are medians measured with the real lowered
@@ -36,15 +37,18 @@ log = logging.getLogger(__name__)
 
 FORMS = {"tucker-chain": "tucker", "svd-conv": "svd"}
 DENSE = LayerPlan("none", (), "none")
+TARGETS = ("speedup", "ratio", "macs")
 
 
 @dataclass(frozen=True)
 class PlanLatency(Pass):
     name = "plan-latency"
-    summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R)"
+    writes_plan = True
+    summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
 
     speedup: float | None = None
     ratio: float | None = None
+    macs: float | None = None
     runtime: str = "ort"
     device: str = "cpu"
     threads: int = 1
@@ -57,9 +61,9 @@ class PlanLatency(Pass):
     reps: int = 25
 
     def __post_init__(self):
-        if (self.speedup is None) == (self.ratio is None):
-            raise SpecError("plan-latency needs exactly one of speedup=S or ratio=R")
-        for key in ("speedup", "ratio"):
+        if sum(getattr(self, k) is not None for k in TARGETS) != 1:
+            raise SpecError("plan-latency needs exactly one of speedup=S, ratio=R (weights) or macs=M (MACs)")
+        for key in TARGETS:
             value = getattr(self, key)
             if value is not None and not 1 < value < float("inf"):
                 raise SpecError(f"plan-latency: {key} must be a finite number > 1, got {value:g}")
@@ -91,7 +95,7 @@ class PlanLatency(Pass):
             options.append([(entries[i], ms[i], errors[i]) for i in keep])
             chosen_for.append(site)
         cache.save()
-        model_ms = paired_medians([model_timer(gm, state.example_inputs[0], runtime)], reps=self.reps)[0]
+        model_ms = self.model_ms(gm, runtime)
         picks = self.solve(chosen_for, options, model_ms)
         rest = max(model_ms - sum(o[0][1] for o in options), 0.0)
         predicted = rest + sum(o[i][1] for o, i in zip(options, picks))
@@ -102,12 +106,16 @@ class PlanLatency(Pass):
             record = state.layers[site.name]
             record.latency_before, record.latency_after, record.approx_error = opts[0][1], ms, error
             rewrites += entry is not None
-        state.latency = {"runtime": runtime.to_json(), "target": {"speedup": self.speedup, "ratio": self.ratio},
+        state.latency = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
                          "model_ms_before": model_ms, "predicted_ms_after": predicted,
                          "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
         log.info("plan-latency: %d of %d convs compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites,
                  len(sites), model_ms, predicted, model_ms / predicted)
         return PassResult(gm, rewrites > 0, rewrites)
+
+    def model_ms(self, gm: fx.GraphModule, runtime: Runtime) -> float:
+        """The whole model's median latency now; what lies outside the convs is this minus their sum."""
+        return paired_medians([model_timer(gm, state_of(gm).example_inputs[0], runtime)], reps=self.reps)[0]
 
     def candidates(self, gm: fx.GraphModule, site: ConvSite) -> list[LayerPlan]:
         """Tucker chains and SVD pairs over the rank grid, each with fewer weights than the conv."""
@@ -144,16 +152,19 @@ class PlanLatency(Pass):
     def solve(self, sites: list[ConvSite], options: list[list[tuple]], model_ms: float) -> list[int]:
         """Indices into each layer's options: the least summed squared error within the budget."""
         def weight(site, entry, ms):
-            return ms if self.speedup else (entry.cost(site.geometry) if entry else conv_cost(site.geometry)).params
+            if self.speedup:
+                return ms
+            cost = entry.cost(site.geometry) if entry else conv_cost(site.geometry)
+            return cost.params if self.ratio else cost.macs
 
         groups = [[(weight(s, e, ms), err ** 2) for e, ms, err in o] for s, o in zip(sites, options)]
+        dense = sum(g[0][0] for g in groups)
         if self.speedup:
-            dense = sum(o[0][1] for o in options)
             budget = model_ms / self.speedup - max(model_ms - dense, 0.0)
             what = f"speedup {self.speedup:g}"
         else:
-            budget = sum(conv_cost(s.geometry).params for s in sites) / self.ratio
-            what = f"ratio {self.ratio:g}"
+            budget = dense / (self.ratio or self.macs)
+            what = f"ratio {self.ratio:g}" if self.ratio else f"macs {self.macs:g}"
         try:
             return knapsack.choose(groups, budget)
         except knapsack.Unreachable as e:
@@ -163,4 +174,4 @@ class PlanLatency(Pass):
                                 f"candidates give {best:.2f}x ({model_ms - dense:.3f} of {model_ms:.3f} ms is outside "
                                 "the convs); ask for less, or add forms or a finer rank grid (steps=)") from None
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
-                            f"dense (at most {sum(c[0][0] for c in groups) / e.least:.2f}x)") from None
+                            f"dense (at most {dense / e.least:.2f}x)") from None

@@ -266,3 +266,42 @@ def model():
 def unused():''')
     _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
            "torch.onnx cannot export")
+
+
+WIDE = '''
+import torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 64, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+
+def example_inputs():
+    return (torch.randn(1, 3, 32, 32),)
+'''
+
+
+def test_target_speedup_plans_by_measured_latency(tmp_path, capsys):
+    out = tmp_path / "out"
+    cache = tmp_path / "latency.json"
+    argv = ["compile", str(_model_file(tmp_path, WIDE)), "--pass", "tucker", "--target-speedup", "1.5",
+            "--epochs", "0", "--threads", "1", "--latency-cache", str(cache), "-o", str(out), "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"].startswith("plan-latency{speedup=1.5,threads=1,cache=")
+    assert report["pipeline"].endswith("lower-conv-tucker,lower-conv-svd,cleanup")
+    latency = report["latency"]
+    assert latency["runtime"]["threads"] == 1 and latency["predicted_speedup"] >= 1.5
+    assert latency["measured"]["speedup"] > 1 and len(latency["measured"]["samples_ms"]) == 2
+    lowered = [layer for layer in report["layers"] if layer["lowering"]]
+    assert lowered and all(layer["latency_after"] < layer["latency_before"] for layer in lowered)
+    assert "predicted" in capsys.readouterr().out
+    entries = len(json.loads(cache.read_text())["entries"])
+    assert main(argv[:-3] + ["-o", str(tmp_path / "again"), "--quiet"]) == 0  # the cache is warm now
+    assert len(json.loads(cache.read_text())["entries"]) == entries
+
+
+def test_target_speedup_needs_a_tucker_preset(tmp_path, capsys):
+    _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", "lower-conv-svd,cleanup", "--target-speedup",
+                    "2", "-o", str(tmp_path / "o")], "--target-speedup applies to the presets")

@@ -109,19 +109,20 @@ def _options(pairs: list[str]) -> dict[str, str]:
 
 
 def build_pipeline(spec: str, args) -> Pipeline:
-    """The pipeline from --pass; the other flags fill options the spec does not write. Lowering passes
-    after deeptwist take ranks, order and tiles from the trained projections, so those flags skip them."""
-    stages, projected = [], False
+    """The pipeline from --pass; the other flags fill options the spec does not write. Passes after one
+    that writes the plan (deeptwist, plan-latency) take ranks, order and tiles from it, so those flags
+    skip them."""
+    stages, planned = [], False
     for text in split_items(expand_presets(spec, args.epochs, args.target_speedup)):
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
                   "threads": args.threads, "cache": args.latency_cache}
-        if not projected:
+        if not planned:
             values.update(order=args.order, tile=args.tile, grid=args.grid)
             if not re.search(r"\b(ranks|energy|speedup)=", text) and not text.startswith("plan-latency"):
                 values["ratio"] = args.ratio
         stage = parse_item(text, values)
         stages.append(stage)
-        projected |= isinstance(stage, DeepTwist)
+        planned |= stage.writes_plan
     return Pipeline(stages)
 
 

@@ -78,7 +78,7 @@ class Runtime:
         module = module.eval()
         if self.runtime == "torch":
             return _torch_timer(module, example.to(self.device), self.device, self.threads)
-        return _ort_timer(module, example, self.device, self.threads)
+        return ort_timer(module, example, self.device, self.threads)
 
 
 def _ort():
@@ -121,7 +121,7 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _ort_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int,
+def ort_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int,
                model: bytes | str | None = None) -> Callable[[], float]:
     ort = _ort()
     options = ort.SessionOptions()
@@ -274,7 +274,7 @@ def model_timer(module: nn.Module, example: torch.Tensor, runtime: Runtime,
     x = _batched(example, runtime.batch)
     if runtime.runtime == "torch":
         return runtime.timer(module, x)
-    return _ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path) if onnx_path else None)
+    return ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path) if onnx_path else None)
 
 
 def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:

@@ -74,6 +74,7 @@ class Stage:
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    writes_plan: ClassVar[bool] = False  # later passes take ranks and layout from the plan it writes
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "Stage":

@@ -1,0 +1,148 @@
+"""plan-latency with an injected latency table (no timing), then with real timing on a small model."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import twistc.passes.plan_latency as plan_latency
+from twistc import Pipeline, state_of, trace
+from twistc.errors import RankError, SpecError
+from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer
+from twistc.passes.plan_latency import PlanLatency
+from twistc.plan import LayerPlan
+from twistc.train import train
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
+
+
+def _traced():
+    return trace(_net(), (torch.randn(1, 3, 8, 8),))
+
+
+@pytest.fixture
+def table(monkeypatch):
+    """Latency = a function of the candidate; the whole model = 1.0 ms outside the convs + dense convs."""
+    rules = {"dense": lambda e, shape: 1.0}
+
+    def fake_measure(shape, entries, runtime, cache, warmup=5, reps=25):
+        return [rules["dense"](None, shape) if e is None else rules["lowered"](e, shape) for e in entries]
+
+    def fake_model_ms(self, gm, runtime):
+        return 1.0 + sum(rules["dense"](None, LayerShape.of(s)) for s in plan_latency.conv_sites(gm))
+
+    monkeypatch.setattr(plan_latency, "measure_layer", fake_measure)
+    monkeypatch.setattr(PlanLatency, "model_ms", fake_model_ms)
+    return rules
+
+
+def _run(spec, gm=None):
+    gm = gm or _traced()
+    return Pipeline.parse(spec).run(gm), gm
+
+
+def test_layers_whose_candidates_are_all_slower_stay_dense(table, tmp_path):
+    table["lowered"] = lambda e, shape: 1.5 if shape.in_channels == 3 else 0.1
+    gm, _ = _run(f"plan-latency{{speedup=1.3,cache={tmp_path / 'c.json'}}}")
+    plan = state_of(gm).plan
+    assert plan.get("0").decomp == "none" and plan.get("2").decomp != "none"
+    table["lowered"] = lambda e, shape: 1.5
+    with pytest.raises(RankError, match="speedup 1.3 is out of reach.*the fastest candidates give 1.00x"):
+        _run(f"plan-latency{{speedup=1.3,cache={tmp_path / 'c.json'}}}")
+    with pytest.raises(RankError, match="ratio 1.5 is out of reach with candidates that are not slower"):
+        _run(f"plan-latency{{ratio=1.5,cache={tmp_path / 'c.json'}}}")
+
+
+def test_meets_a_reachable_target_with_the_least_error(table, tmp_path):
+    # each lowered form costs 0.1 ms per rank unit (sum of ranks / 8): lower ranks are faster
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
+    gm, _ = _run(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}},lower-conv-tucker,lower-conv-svd,cleanup")
+    state = state_of(gm)
+    latency = state.latency
+    assert latency["model_ms_before"] == 4.0 and latency["predicted_ms_after"] <= 4.0 / 1.5 + 1e-9
+    chosen = [r for r in state.layers.values() if r.lowering]
+    assert chosen and all(r.latency_after < r.latency_before for r in chosen)
+    # the 1x1 conv can only take an SVD pair; the 3x3s take whichever form errs less for the time
+    assert state.plan.get("4").decomp in ("svd", "none")
+    # the least error: no other single pick of a candidate per layer meets the target with less squared error
+    total = sum(r.approx_error ** 2 for r in state.layers.values() if r.approx_error is not None)
+    for speedup in (1.2, 1.5, 2.0):
+        other, _ = _run(f"plan-latency{{speedup={speedup},cache={tmp_path / 'c.json'}}}")
+        errs = sum(r.approx_error ** 2 for r in state_of(other).layers.values() if r.approx_error is not None)
+        assert (errs <= total + 1e-12) == (speedup <= 1.5)
+
+
+def test_equal_latency_prefers_the_lower_error(table, tmp_path):
+    table["lowered"] = lambda e, shape: 0.2  # every candidate equally fast
+    gm, _ = _run(f"plan-latency{{speedup=1.3,cache={tmp_path / 'c.json'}}}")
+    for name, entry in state_of(gm).plan.layers.items():
+        if entry.decomp != "none":  # the largest ranks of the grid err least
+            candidates = PlanLatency(speedup=1.3).candidates(gm, next(
+                s for s in plan_latency.conv_sites(gm) if s.name == name))
+            errors = PlanLatency.errors(gm, next(s for s in plan_latency.conv_sites(gm) if s.name == name), candidates)
+            assert state_of(gm).layers[name].approx_error == pytest.approx(min(errors))
+
+
+def test_the_plan_is_consumed_unchanged_by_deeptwist_and_the_lowerings(table, tmp_path):
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
+    gm, _ = _run(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}},deeptwist{{period=2}}")
+    state = state_of(gm)
+    planned = {n: e for n, e in state.plan.layers.items()}
+    projections = {p.layer: p.plan for p in gm.modules() if type(p).__name__ == "LowRankProjection"}
+    assert projections == {n: e for n, e in planned.items() if e.decomp != "none"}
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
+    train(gm, lambda: data, 1, progress=False)
+    x = torch.randn(2, 3, 8, 8)
+    expected = gm(x)
+    gm = Pipeline.parse("lower-conv-tucker,lower-conv-svd,cleanup").run(gm)
+    torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
+    for name, entry in planned.items():
+        record = state.layers[name]
+        assert (record.lowering, record.ranks) == ((entry.lowering, entry.ranks) if entry.decomp != "none"
+                                                   else (None, None))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("plan-latency", "exactly one of"),
+    ("plan-latency{speedup=2,ratio=2}", "exactly one of"),
+    ("plan-latency{speedup=1}", "> 1"),
+    ("plan-latency{ratio=inf}", "finite"),
+    ("plan-latency{speedup=2,forms=cp}", "forms must be one of"),
+    ("plan-latency{speedup=2,steps=1}", "steps must be >= 2"),
+    ("plan-latency{speedup=2,runtime=tvm}", "runtime must be one of"),
+    ("plan-latency{speedup=2,threads=0}", "threads and batch"),
+])
+def test_bad_options(spec, message):
+    with pytest.raises(SpecError, match=message):
+        Pipeline.parse(spec)
+
+
+def test_cache_round_trips_and_is_keyed_by_runtime_shape_and_candidate(tmp_path, monkeypatch):
+    calls = []
+    real = plan_latency.measure_layer.__globals__["paired_medians"]
+    monkeypatch.setitem(plan_latency.measure_layer.__globals__, "paired_medians",
+                        lambda timers, *a, **k: calls.append(len(timers)) or real(timers, 1, 3))
+    shape = LayerShape(8, 4, (3, 3), (6, 6), (1, 1), (1, 1), (1, 1))
+    entries = [None, LayerPlan("tucker", (2, 2), "tucker-chain"), LayerPlan("svd", (3,), "svd-conv",
+                                                                            order="channel-major")]
+    path = tmp_path / "cache.json"
+    cache = LatencyCache(path)
+    first = measure_layer(shape, entries, Runtime(), cache)
+    cache.save()
+    assert calls == [4] and all(ms > 0 for ms in first)  # a ReLU for the per-call cost, then dense + 2
+    again = measure_layer(shape, entries, Runtime(), LatencyCache(path))
+    assert again == first and calls == [4]  # nothing measured the second time
+    keys = json.loads(path.read_text())["entries"]
+    assert len(keys) == 3 and all("threads=1|batch=1" in k and "conv=8x4x3x3,in=4x6x6" in k for k in keys)
+    measure_layer(shape, entries[:2], Runtime(threads=2), LatencyCache(path))
+    measure_layer(LayerShape(8, 4, (3, 3), (7, 7), (1, 1), (1, 1), (1, 1)), entries[:2], Runtime(), LatencyCache(path))
+    assert calls == [4, 3, 3]  # another thread count or input shape is measured anew
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with pytest.raises(SpecError, match="is a folder"):
+        LatencyCache(folder)

@@ -1,0 +1,195 @@
+"""Latency-aware compilation (plan-latency) against uniform Tucker ranks, measured in onnxruntime.
+
+For each model and setting (batch, threads) it compiles the variants below with twistc's own
+pipelines, exports each to ONNX and times all of them with the dense model round-robin in one
+process (median over repetitions after warm-up; speedup = dense median / variant median, with a
+bootstrap 95% CI of the per-repetition ratios). It reports measured and predicted speedup, the
+weight and MAC cuts, and the approximation error: sqrt(sum over convs of ||W - W_r||^2 / ||W||^2),
+with W_r the kernel the lowered form computes.
+
+  uniform r=2, r=4        lower-conv-tucker{ratio=R},cleanup (1x1 convs stay dense)
+  plan macs=M             plan-latency{macs=M}: the MAC cut of uniform r=2, spent where it is fastest
+  plan 1.25x, 1.5x, 2x    plan-latency{speedup=S}
+
+ResNet-32 carries the trained CIFAR-10 checkpoint; ResNet-18/50 (224x224) are randomly initialised
+(latency does not depend on the values; their errors only compare variants of one model).
+
+    python tools/latency_plan.py                                # all models and settings, skipping finished
+    python tools/latency_plan.py --models resnet32 --settings b1t1 --reps 10 --out /tmp/lp   # quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import expkit  # noqa: E402
+
+from twistc import Pipeline, state_of, trace  # noqa: E402
+from twistc.latency import onnx_bytes, ort_timer, paired_medians  # noqa: E402
+from twistc.models import load_resnet32, resnet18, resnet50  # noqa: E402
+
+log = logging.getLogger("latency_plan")
+
+MODELS = {
+    "resnet32": (lambda ckpt: load_resnet32(ckpt), (1, 3, 32, 32)),
+    "resnet18": (lambda ckpt: resnet18(), (1, 3, 224, 224)),
+    "resnet50": (lambda ckpt: resnet50(), (1, 3, 224, 224)),
+}
+SETTINGS = {"b1t1": (1, 1), "b8t2": (8, 2)}
+TARGETS = (1.25, 1.5, 2.0)
+LOWER = "lower-conv-tucker,lower-conv-svd,cleanup"
+
+
+def variants(macs_of_r2: float, batch: int, threads: int, cache: str) -> dict[str, str]:
+    plan = f"runtime=ort,device=cpu,threads={threads},batch={batch},cache={cache}"
+    out = {f"uniform r={r}": f"lower-conv-tucker{{ratio={r}}},cleanup" for r in (2, 4)}
+    out[f"plan macs={macs_of_r2:.2f}"] = f"plan-latency{{macs={macs_of_r2:.4f},{plan}}},{LOWER}"
+    out.update({f"plan {s:g}x": f"plan-latency{{speedup={s:g},{plan}}},{LOWER}" for s in TARGETS})
+    return out
+
+
+@torch.no_grad()
+def approximation_error(original: torch.nn.Module, state) -> float:
+    """sqrt(sum over lowered convs of ||W - W_r||^2 / ||W||^2), W_r from the plan's own reconstruction."""
+    total = 0.0
+    for name, record in state.layers.items():
+        if record.lowering:
+            w = original.get_parameter(f"{name}.weight")
+            total += float(state.plan.get(name).project(w)[1]) ** 2
+    return total ** 0.5
+
+
+def compile_variant(model: torch.nn.Module, x: torch.Tensor, spec: str) -> tuple[torch.nn.Module, dict]:
+    start = time.perf_counter()
+    gm = Pipeline.parse(spec).run(trace(model, (x,)))
+    state = state_of(gm)
+    layers = [r for r in state.layers.values()]
+    before = sum(r.before.params for r in layers), sum(r.before.macs for r in layers)
+    after = sum(r.current.params for r in layers), sum(r.current.macs for r in layers)
+    info = {"spec": spec, "compile_seconds": time.perf_counter() - start,
+            "compressed": sum(1 for r in layers if r.lowering), "convs": len(layers),
+            "weight_ratio": before[0] / after[0], "mac_ratio": before[1] / after[1],
+            "forms": {f: sum(1 for r in layers if r.lowering == f) for f in ("tucker-chain", "svd-conv")},
+            "error": approximation_error(model, state)}
+    if state.latency:
+        info["predicted_speedup"] = state.latency["predicted_speedup"]
+    return gm, info
+
+
+def run(model_name: str, setting: str, checkpoint: str, reps: int, cache: str) -> dict:
+    batch, threads = SETTINGS[setting]
+    torch.set_num_threads(threads)
+    build, shape = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build(checkpoint).eval()
+    x = torch.randn(*shape)
+    _, r2 = compile_variant(model, x, "lower-conv-tucker{ratio=2},cleanup")
+    results, modules = {}, {"dense": model}
+    for label, spec in variants(r2["mac_ratio"], batch, threads, cache).items():
+        log.info("%s %s: %s", model_name, setting, label)
+        try:
+            modules[label], results[label] = compile_variant(model, x, spec)
+        except Exception as e:  # an unreachable target is a result too
+            results[label] = {"spec": spec, "failed": f"{type(e).__name__}: {e}"}
+    xb = torch.cat([x] * batch)
+    timers = [ort_timer(m, xb, "cpu", threads, onnx_bytes(m.eval(), xb)) for m in modules.values()]
+    samples: list[list[float]] = []
+    medians = paired_medians(timers, warmup=5, reps=reps, samples=samples)
+    rng = np.random.default_rng(0)
+    dense_samples = np.array(samples[0])
+    for (label, _), median, s in zip(list(modules.items())[1:], medians[1:], samples[1:]):
+        ratios = dense_samples / np.array(s)
+        boot = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
+        results[label].update({"median_ms": median, "speedup": medians[0] / median,
+                               "speedup_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]})
+    return {"model": model_name, "setting": setting, "batch": batch, "threads": threads, "reps": reps,
+            "dense_median_ms": medians[0], "variants": results, **expkit.metadata()}
+
+
+def report(store: expkit.RunStore) -> None:
+    runs = store.load_all()
+    if not runs:
+        return
+    header = ["model", "setting", "variant", "measured speedup [95% CI]", "predicted", "weights cut", "MACs cut",
+              "error", "compressed / convs (tucker, svd)"]
+    rows = []
+    for r in sorted(runs, key=lambda r: (list(MODELS).index(r["model"]), r["setting"])):
+        rows.append([r["model"], r["setting"], "dense", f"1 ({r['dense_median_ms']:.2f} ms)", "", "", "", "0", ""])
+        for label, v in r["variants"].items():
+            if "failed" in v:
+                rows.append([r["model"], r["setting"], label, "not compiled: " + v["failed"][:120], "", "", "", "", ""])
+                continue
+            lo, hi = v["speedup_ci95"]
+            rows.append([r["model"], r["setting"], label, f"{v['speedup']:.2f} [{lo:.2f}, {hi:.2f}]",
+                         f"{v['predicted_speedup']:.2f}" if "predicted_speedup" in v else "-",
+                         f"{v['weight_ratio']:.2f}x", f"{v['mac_ratio']:.2f}x", f"{v['error']:.3f}",
+                         f"{v['compressed']} / {v['convs']} ({v['forms']['tucker-chain']}, {v['forms']['svd-conv']})"])
+    md = ["# Latency-aware compilation against uniform Tucker ranks\n",
+          "onnxruntime CPU execution provider; every variant is timed with the dense model round-robin in one "
+          "process. Setting b1t1: batch 1, 1 thread; b8t2: batch 8, 2 threads. Error: sqrt of the summed squared "
+          "relative kernel errors of the lowered convs. ResNet-18/50 have random weights.\n",
+          expkit.markdown_table(header, rows), "",
+          "Machines and commands:", ""]
+    md += sorted({f"- `{r['command']}` on {r['machine']['cpu']}" for r in runs}) + [""]
+    (store.root / "results.md").write_text("\n".join(md))
+    (store.root / "results.json").write_text(json.dumps(runs, indent=1) + "\n")
+    plot(runs, store.root / "predicted_vs_measured.png")
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for r in runs:
+        points = [(v["predicted_speedup"], v["speedup"]) for v in r["variants"].values()
+                  if "predicted_speedup" in v and "speedup" in v]
+        if points:
+            ax.plot(*zip(*points), "o", label=f"{r['model']} {r['setting']}")
+    top = max([2.2] + [v.get("speedup", 0) for r in runs for v in r["variants"].values()])
+    ax.plot([0.8, top], [0.8, top], "k--", lw=0.8, label="measured = predicted")
+    ax.fill_between([0.8, top], [0.72, 0.9 * top], [0.88, 1.1 * top], color="gray", alpha=0.15, label="within 10%")
+    ax.set_xlabel("predicted speedup (plan-latency)")
+    ax.set_ylabel("measured speedup")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
+    p.add_argument("--latency-cache", default=str(expkit.CHECKPOINTS.parent / "latency.json"))
+    p.add_argument("--out", default=str(expkit.REPO / "results" / "latency_plan"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    store = expkit.RunStore(Path(args.out))
+    for model in ([] if args.report_only else args.models.split(",")):
+        for setting in args.settings.split(","):
+            rid = f"{model}-{setting}"
+            if store.done(rid):
+                log.info("%s: done earlier, skipped", rid)
+                continue
+            store.save(rid, run(model, setting, args.checkpoint, args.reps, args.latency_cache))
+            report(store)
+    report(store)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
