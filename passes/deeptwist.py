@@ -23,7 +23,7 @@ from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice, record_plan
+from twistc.selection import LowRankOptions, check_choice, check_pair, record_plan
 
 DECOMPS = ("tucker", "svd", "tiled-svd")
 
@@ -46,6 +46,8 @@ class DeepTwist(LowRankOptions):
         check_choice(self.order, ORDERS, "order")
         if self.period < 1:
             raise SpecError(f"period must be >= 1, got {self.period}")
+        check_pair(self.tile, "tile")
+        check_pair(self.grid, "grid")
         if self.decomp == "tiled-svd" and (self.tile is None) == (self.grid is None):
             raise SpecError("decomp=tiled-svd needs exactly one of tile=HxW or grid=RxC")
         if self.decomp != "tiled-svd" and (self.tile or self.grid):

@@ -29,7 +29,7 @@ from twistc.errors import PassError, SpecError
 from twistc.ops import ChannelBlockConv, Im2Col, LowRankGemm, TapBlockGemm
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice
+from twistc.selection import LowRankOptions, check_choice, check_pair
 
 BLOCK_FORMS = {"channel-blocks": ChannelBlockConv, "tap-blocks": TapBlockGemm}
 IM2COL = ("auto", *Im2Col.METHODS, *BLOCK_FORMS)
@@ -51,6 +51,8 @@ class LowerConvTiledLowrank(LowRankOptions):
         check_choice(self.im2col, IM2COL, "im2col")
         if self.tile is not None and self.grid is not None:
             raise SpecError("give tile=HxW or grid=RxC, not both")
+        check_pair(self.tile, "tile")
+        check_pair(self.grid, "grid")
 
     def layout(self) -> Layout:
         return Layout(self.order, self.tile, self.grid if self.tile is None else None)

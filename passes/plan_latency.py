@@ -30,7 +30,7 @@ from twistc.errors import RankError, SpecError
 from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
 from twistc.pipeline import Pass, PassResult
 from twistc.plan import LayerPlan
-from twistc.selection import check_choice, first_failure
+from twistc.selection import check_choice, check_layers_pattern, first_failure
 from twistc.state import state_of
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class PlanLatency(Pass):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         state = state_of(gm)
         runtime, cache = self.target(), LatencyCache(self.cache or None)
+        check_layers_pattern(self.name, self.layers, list(state.layers))
         sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
         options, chosen_for = [], []
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
@@ -159,8 +160,12 @@ class PlanLatency(Pass):
 
         groups = [[(weight(s, e, ms), err ** 2) for e, ms, err in o] for s, o in zip(sites, options)]
         dense = sum(g[0][0] for g in groups)
+        rest = max(model_ms - dense, 0.0)  # what lies outside the convs
         if self.speedup:
-            budget = model_ms / self.speedup - max(model_ms - dense, 0.0)
+            if dense > 1.1 * model_ms:
+                log.warning("plan-latency: the convs timed alone take %.3f ms, more than the whole model (%.3f ms); "
+                            "the machine may be busy, and predictions will be off", dense, model_ms)
+            budget = model_ms / self.speedup - rest
             what = f"speedup {self.speedup:g}"
         else:
             budget = dense / (self.ratio or self.macs)
@@ -169,9 +174,9 @@ class PlanLatency(Pass):
             return knapsack.choose(groups, budget)
         except knapsack.Unreachable as e:
             if self.speedup:
-                best = model_ms / (model_ms - dense + e.least)
+                best = model_ms / (rest + e.least)
                 raise RankError(f"plan-latency: {what} is out of reach in {self.runtime}/{self.device}: the fastest "
-                                f"candidates give {best:.2f}x ({model_ms - dense:.3f} of {model_ms:.3f} ms is outside "
-                                "the convs); ask for less, or add forms or a finer rank grid (steps=)") from None
+                                f"candidates give {best:.2f}x ({rest:.3f} of {model_ms:.3f} ms is outside the convs); "
+                                "ask for less, or add forms or a finer rank grid (steps=)") from None
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
                             f"dense (at most {dense / e.least:.2f}x)") from None

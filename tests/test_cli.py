@@ -127,7 +127,20 @@ def example_inputs''')
 @pytest.mark.parametrize("args,message", [
     (["--pass", "lower-conv-cp"], "unknown pass 'lower-conv-cp'"),
     (["--pass", "deeptwist{speed=2},train"], "has no option 'speed'"),
-    (["--pass", "tucker", "--ratio", "1"], "ratio must be > 1"),
+    (["--pass", "tucker", "--ratio", "1"], "ratio must be a finite number > 1"),
+    (["--pass", "tucker", "--ratio", "inf"], "ratio must be a finite number > 1"),
+    (["--pass", "lower-conv-tucker{energy=0}"], "energy must be in (0, 1]"),
+    (["--pass", "lower-conv-tucker{energy=2}"], "energy must be in (0, 1]"),
+    (["--pass", "lower-conv-tucker{round_to=0}"], "round_to must be >= 1"),
+    (["--pass", "lower-conv-tucker{ratio=2,ratio=3}"], "option 'ratio' of lower-conv-tucker is given twice"),
+    (["--pass", "deeptwist{decomp=tiled-svd,tile=0x0},train"], "tile must be two positive integers"),
+    (["--pass", "deeptwist{decomp=tiled-svd,tile=-2x3},train"], "tile must be two positive integers"),
+    (["--pass", "lower-conv-tiled-lowrank{tile=2x2x2,ratio=2}"], "tile must be two positive integers"),
+    (["--pass", "lower-conv-tucker,train{momentum=-1}"], "momentum must be"),
+    (["--pass", "lower-conv-tucker,train{weight_decay=-1}"], "weight_decay must be"),
+    (["--pass", "tucker", "--threads", "-1"], "--threads must be >= 1"),
+    (["--pass", "lower-conv-tucker{layers=nothing*}"], "matches none of the model's convs (0, 2)"),
+    (["--pass", "tucker", "--resume"], "--resume needs --checkpoint"),
     (["--pass", "lower-conv-tucker{ranks=0x2}"], "ranks must be >= 1"),
     (["--pass", "lower-conv-tucker{ranks=8x9}"], "r_in=9 is outside 1..3"),
     (["--pass", "tucker", "--set", "colour=red"], "takes option(s) colour"),
@@ -186,12 +199,15 @@ def test_bench_command_writes_results(tmp_path, capsys):
     path = _model_file(tmp_path)
     out = tmp_path / "out"
     assert main(["compile", str(path), "--pass", "tucker", "-o", str(out), "--quiet"]) == 0
-    result_file = tmp_path / "bench.json"
     assert main(["bench", str(out / "original.onnx"), str(out / "model.onnx"), "--batch", "2", "--reps", "5",
-                 "--warmup", "1", "-o", str(result_file)]) == 0
-    result = json.loads(result_file.read_text())
+                 "--warmup", "1", "--spin", "-o", str(tmp_path / "new" / "bench.json")]) == 0
+    result = json.loads((tmp_path / "new" / "bench.json").read_text())
     assert [m["path"] for m in result["models"]] == [str(out / "original.onnx"), str(out / "model.onnx")]
-    assert result["batch"] == 2 and result["repetitions"] == 5
+    assert result["batch"] == 2 and result["repetitions"] == 5 and result["spinning"] is True
+    first, second = result["models"]
+    assert len(second["samples_ms"]) == 5 and first["speedup_vs_first"] == 1.0
+    lo, hi = second["speedup_ci95"]
+    assert lo <= second["speedup_vs_first"] <= hi
     _fails(capsys, ["bench", str(tmp_path / "missing.onnx")], "does not exist")
     _fails(capsys, ["bench", str(out / "model.onnx"), "--provider", "cuda"], "CUDAExecutionProvider")
 
@@ -302,6 +318,33 @@ def test_target_speedup_plans_by_measured_latency(tmp_path, capsys):
     assert len(json.loads(cache.read_text())["entries"]) == entries
 
 
+def test_plan_naming_missing_layers_is_an_error(tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"conv9": {"decomp": "none"}}))
+    _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", "tucker", "--plan", str(plan),
+                    "-o", str(tmp_path / "o")], "names layers the model does not have (conv9)")
+
+
+def test_empty_train_data_is_an_error(tmp_path, capsys):
+    body = TINY + "\ndef train_data():\n    return []\n"
+    _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "--epochs", "1",
+                    "-o", str(tmp_path / "o")], "train_data() yielded no batches in epoch 1")
+
+
+@pytest.mark.parametrize("flag, value", [("--reps", "0"), ("--batch", "-1"), ("--threads", "0"), ("--warmup", "-1")])
+def test_bad_bench_options(tmp_path, capsys, flag, value):
+    _fails(capsys, ["bench", str(tmp_path / "a.onnx"), flag, value], f"{flag} must be >=")
+
+
 def test_target_speedup_needs_a_tucker_preset(tmp_path, capsys):
     _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", "lower-conv-svd,cleanup", "--target-speedup",
                     "2", "-o", str(tmp_path / "o")], "--target-speedup applies to the presets")
+
+
+def test_passes_name_lists_the_options(capsys):
+    assert main(["passes", "plan-latency"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("plan-latency: planning:")
+    assert any(line.split()[:3] == ["steps", "int", "8"] for line in text.splitlines())
+    assert any(line.split()[:4] == ["speedup", "float", "|", "None"] for line in text.splitlines())
+    _fails(capsys, ["passes", "nope"], "unknown pass 'nope'")

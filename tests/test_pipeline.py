@@ -48,7 +48,7 @@ def test_presets_expand():
     ("deeptwist{period}", "not key=value"),
     ("train{epochs=3", "unbalanced"),
     ("", "empty"),
-    ("lower-conv-tucker{ratio=0.5}", "ratio must be > 1"),
+    ("lower-conv-tucker{ratio=0.5}", "ratio must be a finite number > 1"),
 ])
 def test_bad_specs_say_what_is_wrong(spec, message):
     with pytest.raises(twistc.TwistcError, match=message):

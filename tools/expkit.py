@@ -25,6 +25,7 @@ import torch
 from twistc import Pipeline, RunContext, state_of, trace
 from twistc.data import cifar10_batches
 from twistc.models import load_resnet32
+from twistc.plan import Plan
 from twistc.report import count_parameters, cpu_model, versions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,10 +164,10 @@ def budget_of(args: argparse.Namespace) -> Budget:
 
 
 def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False,
-                 run_id: str | None = None) -> dict:
+                 run_id: str | None = None, plan: dict | None = None) -> dict:
     """Run `pipelines` in order on the pre-trained ResNet-32 (one RunContext, so `train` stages see the
     training data) and measure the result on the test set. With `run_id` and `budget.checkpoints`, training
-    saves checkpoints under that name and continues from them after a stop."""
+    saves checkpoints under that name and continues from them after a stop. `plan`: a plan to start from."""
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = load_resnet32(budget.checkpoint)
@@ -175,6 +176,8 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
                                     seed=seed)
     test = budget.test_batches()
     gm = trace(model, (torch.randn(1, 3, 32, 32),))
+    if plan is not None:
+        state_of(gm).plan = Plan.from_json(plan)
     folder = Path(budget.checkpoints) / run_id if budget.checkpoints and run_id else None
     ctx = RunContext(train_data=lambda: train_batches, eval_data=lambda: test, progress=budget.progress,
                      checkpoint=str(folder) if folder else None, resume=True)

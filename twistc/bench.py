@@ -25,7 +25,7 @@ def resolve_provider(provider: str) -> str:
     return provider
 
 
-def session(path: str | Path, provider: str = "cpu", threads: int = 1) -> ort.InferenceSession:
+def session(path: str | Path, provider: str = "cpu", threads: int = 1, spin: bool = False) -> ort.InferenceSession:
     if provider not in PROVIDERS:
         raise TwistcError(f"unknown provider {provider!r} (choose {', '.join(PROVIDERS)})")
     name = PROVIDERS[provider]
@@ -37,6 +37,7 @@ def session(path: str | Path, provider: str = "cpu", threads: int = 1) -> ort.In
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
         return ort.InferenceSession(str(path), options, providers=[name])
     except Exception as e:
@@ -54,10 +55,12 @@ def _feed(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> d
 
 
 def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "cpu", warmup: int = 10,
-          reps: int = 50, seed: int = 0) -> dict:
+          reps: int = 50, seed: int = 0, spin: bool = False) -> dict:
+    """Medians, the raw samples, and each model's speedup over the first: the median of the paired
+    per-repetition ratios, with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed)
     provider = resolve_provider(provider)
-    sessions = [session(p, provider, threads) for p in paths]
+    sessions = [session(p, provider, threads, spin) for p in paths]
     feeds = [_feed(s, batch, rng) for s in sessions]
     for _ in range(warmup):
         for s, f in zip(sessions, feeds):
@@ -72,9 +75,13 @@ def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "c
     for path, t in zip(paths, times):
         q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
         models.append({"path": str(path), "median_ms": statistics.median(t), "p10_ms": q[0], "p90_ms": q[-1],
-                       "min_ms": min(t)})
+                       "min_ms": min(t), "samples_ms": t})
     base = models[0]["median_ms"]
-    for m in models:
+    for m, t in zip(models, times):
+        ratios = np.array(times[0]) / np.array(t)
+        boot = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
         m["ratio_to_first"] = m["median_ms"] / base
-    return {"models": models, "batch": batch, "threads": threads, "provider": provider, "warmup": warmup,
-            "repetitions": reps, "machine": cpu_model(), "versions": versions()}
+        m["speedup_vs_first"] = float(np.median(ratios))
+        m["speedup_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    return {"models": models, "batch": batch, "threads": threads, "provider": provider, "spinning": spin,
+            "warmup": warmup, "repetitions": reps, "machine": cpu_model(), "versions": versions()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from pathlib import Path
 
 import torch
@@ -26,7 +28,8 @@ from twistc.export import export_onnx, save_program
 from twistc.latency import Runtime, compare_models, model_timer
 from twistc.modelfile import load_model_file
 from twistc.outdir import OutputDir, check_output
-from twistc.pipeline import Pipeline, RunContext, describe, expand_presets, parse_item, split_items
+from twistc.pipeline import (Pipeline, RunContext, describe, expand_presets, format_value, parse_item,
+                             split_items, stage_class)
 from twistc.plan import DEFAULT_RATIO, Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
 from twistc.state import state_of
@@ -76,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an earlier twistc output directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    sub.add_parser("passes", help="list passes, stages and presets")
+    ps = sub.add_parser("passes", help="list passes, stages and presets; with NAME, that pass's options")
+    ps.add_argument("name", nargs="?", help="a pass or stage, e.g. plan-latency")
 
     b = sub.add_parser("bench", help="time ONNX models in onnxruntime, side by side")
     b.add_argument("models", nargs="+", help="ONNX files; ratios are relative to the first")
@@ -86,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="execution provider; auto: cuda when onnxruntime-gpu is installed, else cpu")
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--reps", type=int, default=50)
+    b.add_argument("--spin", action="store_true",
+                   help="let onnxruntime's idle threads spin (off by default: with several models timed in turn, "
+                        "each model's spinning threads steal the cores of the next)")
     b.add_argument("-o", "--output", help="write the results as JSON here")
     return p
 
@@ -133,7 +140,9 @@ def _say(msg: str) -> None:
 def compile_command(args) -> int:
     model_path = Path(args.model).resolve()
     out = Path(args.output)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SpecError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     pipeline = build_pipeline(args.pipeline, args)
     if args.resume and not args.checkpoint:
@@ -155,6 +164,10 @@ def compile_command(args) -> int:
     gm = trace(copy.deepcopy(original), example)
     state = state_of(gm)
     if plan is not None:
+        unknown = sorted(set(plan.layers) - set(state.layers))
+        if unknown:
+            raise SpecError(f"plan {args.plan} names layers the model does not have ({', '.join(unknown[:5])}); "
+                            f"its convs are: {', '.join(list(state.layers)[:12])}" + (", ..." if len(state.layers) > 12 else ""))
         state.plan = plan
     writer = OutputDir(out, model_path, args.force)
     with writer as tmp:
@@ -211,6 +224,14 @@ def _measure_speedup(state, original, compiled, example, folder: Path) -> dict |
 
 
 def passes_command(args) -> int:
+    if args.name:
+        cls = stage_class(args.name)
+        _say(f"{cls.name}: {cls.summary}\n")
+        hints = typing.get_type_hints(cls)
+        rows = [(f.name, _type_name(hints[f.name]), "-" if f.default is None else format_value(f.default), "")
+                for f in dataclasses.fields(cls)]
+        _say(text_table(rows, ("option", "type", "default", "")) if rows else "no options")
+        return 0
     rows = describe()
     width = max(len(r[0]) for r in rows)
     for name, summary, expansion in rows:
@@ -218,13 +239,25 @@ def passes_command(args) -> int:
     return 0
 
 
+def _type_name(tp) -> str:
+    text = getattr(tp, "__name__", None) or str(tp)
+    return text.replace("typing.", "").replace("NoneType", "None").replace("tuple[int, ...]", "HxW")
+
+
 def bench_command(args) -> int:
-    result = bench(args.models, args.batch, args.threads, args.provider, args.warmup, args.reps)
-    rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}", f"{m['ratio_to_first']:.3f}")
+    for flag, value, least in (("--batch", args.batch, 1), ("--threads", args.threads, 1), ("--reps", args.reps, 1),
+                               ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise SpecError(f"{flag} must be >= {least}, got {value}")
+    result = bench(args.models, args.batch, args.threads, args.provider, args.warmup, args.reps, spin=args.spin)
+    rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}", f"{m['ratio_to_first']:.3f}",
+             f"{m['speedup_vs_first']:.2f} [{m['speedup_ci95'][0]:.2f}, {m['speedup_ci95'][1]:.2f}]")
             for m in result["models"]]
-    _say(f"onnxruntime {result['provider']}, batch {args.batch}, {args.threads} threads, {args.reps} reps")
-    _say(text_table([r + ("",) for r in rows], ("model", "median ms", "p10-p90 ms", "vs first", "")))
+    _say(f"onnxruntime {result['provider']} ({result['machine']}), batch {args.batch}, {args.threads} threads, "
+         f"{args.reps} paired reps")
+    _say(text_table([r + ("",) for r in rows], ("model", "median ms", "p10-p90 ms", "vs first", "speedup [95% CI]", "")))
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

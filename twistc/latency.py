@@ -8,7 +8,8 @@ runtime, its settings and the machine, the layer's shapes and conv parameters, t
 ranks, so a second compile measures nothing new.
 
 Runtimes: `ort` (onnxruntime, provider cpu or cuda; each candidate is exported to a small ONNX
-model) and `torch` (PyTorch eager on cpu or cuda; CUDA timings use events after synchronising).
+model; thread spinning is off, since sessions timed round-robin would otherwise steal each other's
+cores) and `torch` (PyTorch eager on cpu or cuda; CUDA timings use events).
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ class Runtime:
 
     def key(self) -> str:
         version = _ort().__version__ if self.runtime == "ort" else torch.__version__
+        spin = "|spin=0" if self.runtime == "ort" else ""
         return (f"{self.runtime}-{version}|{self.device}|{self.machine()}|threads={self.threads}"
-                f"|batch={self.batch}")
+                f"|batch={self.batch}{spin}")
 
     def to_json(self) -> dict:
         return {**asdict(self), "machine": self.machine()}
@@ -127,6 +129,8 @@ def ort_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int,
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # no spinning: models timed round-robin would otherwise compete with each other's idle spinning threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
     if provider not in ort.get_available_providers():
         raise TwistcError(f"onnxruntime here has no {provider}; measure with runtime=torch or install onnxruntime-gpu")

@@ -189,6 +189,8 @@ def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
         key, eq, value = part.partition("=")
         if not eq or not key.strip():
             raise SpecError(f"option {part!r} of {name} is not key=value")
+        if key.strip() in options:
+            raise SpecError(f"option '{key.strip()}' of {name} is given twice; keep one")
         options[key.strip()] = value.strip()
     cls = stage_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}

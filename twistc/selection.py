@@ -41,8 +41,12 @@ class LowRankOptions(Pass):
     round_to: int = 1
 
     def __post_init__(self):
-        if self.ratio is not None and not self.ratio > 1:
-            raise RankError(f"ratio must be > 1, got {self.ratio:g}")
+        if self.ratio is not None and not 1 < self.ratio < float("inf"):
+            raise RankError(f"ratio must be a finite number > 1, got {self.ratio:g}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise RankError(f"energy must be in (0, 1], got {self.energy:g}")
+        if self.round_to < 1:
+            raise RankError(f"round_to must be >= 1, got {self.round_to}")
         if self.ranks is not None and min(self.ranks) < 1:
             raise RankError(f"ranks must be >= 1, got {self.ranks}")
         self.request()  # rejects more than one of ratio/ranks/energy
@@ -65,6 +69,7 @@ class LowRankOptions(Pass):
     def sites(self, gm: fx.GraphModule) -> tuple[CompileState, list[ConvSite]]:
         """The original model's convs still in the graph (never parts of lowered forms)."""
         state = state_of(gm)
+        check_layers_pattern(self.name, self.layers, list(state.layers))
         return state, [s for s in conv_sites(gm) if s.name in state.layers]
 
     def entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
@@ -134,6 +139,19 @@ class LowRankOptions(Pass):
             record_lowering(state, site, entry, form)
             rewrites += 1
         return PassResult(gm, rewrites > 0, rewrites)
+
+
+def check_layers_pattern(owner: str, layers: str | None, names: list[str]) -> None:
+    """A `layers=` pattern that selects none of the model's convs is an error that lists them."""
+    if layers and not any(fnmatch.fnmatchcase(n, p) for n in names for p in layers.split("|")):
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise SpecError(f"{owner}{{layers={layers}}} matches none of the model's convs ({shown})")
+
+
+def check_pair(value: tuple[int, ...] | None, what: str) -> None:
+    """tile= and grid= are two positive integers, HxW."""
+    if value is not None and (len(value) != 2 or min(value) < 1):
+        raise SpecError(f"{what} must be two positive integers HxW, e.g. 16x16, got {'x'.join(map(str, value))}")
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:

@@ -167,6 +167,9 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                     where = _save(checkpointing, module, optimizer, result, at, epoch_rng)
                     raise Stopped(stop[0], f"checkpoint saved in {where.parent}; continue with --resume")
             bar.close()
+            if at["batch"] == 0:
+                raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
+                                "(input, target) pairs every time it is called")
             result.losses.append(at["loss_total"] / max(at["batch"], 1))
             log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
@@ -299,8 +302,10 @@ class Train(Stage):
     def __post_init__(self):
         if self.epochs < 0:
             raise SpecError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr >= 0:
-            raise SpecError(f"lr must be >= 0, got {self.lr}")
+        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn"):
+            value = getattr(self, key)
+            if not 0 <= value < float("inf"):
+                raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
 
     def run(self, gm: fx.GraphModule, ctx: RunContext) -> TrainResult:
         if ctx.train_data is None:
