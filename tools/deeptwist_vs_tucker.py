@@ -198,11 +198,7 @@ def report(store: expkit.RunStore, cfg) -> None:
 
 def plot_budget(runs: list[dict], budgets: list[int], path: Path) -> None:
     """Test accuracy against fine-tuning epochs, one line per (arm, ratio), seed 0."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = expkit.figure((6, 4.2))
     lines: dict = {}
     for epochs in budgets:
         for arm, by_ratio in budget_series(runs, epochs).items():
@@ -218,19 +214,11 @@ def plot_budget(runs: list[dict], budgets: list[int], path: Path) -> None:
     ax.set_xlabel("fine-tuning epochs")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("ResNet-32 on CIFAR-10: accuracy against budget (seed 0)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    expkit.save_figure(fig, ax, path)
 
 
 def plot(series, baseline, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = expkit.figure((6, 4.2))
     for arm, style in (("deeptwist", "o-"), ("conventional", "s-"), ("deeptwist, S_D = 50", "^--")):
         points = sorted((np.mean([r["layers_ratio"] for r in rs]), 100 * np.mean([r["test_acc"] for r in rs]))
                         for rs in series[arm].values())
@@ -244,11 +232,7 @@ def plot(series, baseline, path: Path) -> None:
     ax.set_xlabel("compression ratio of the compressed convs (weights)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("ResNet-32 on CIFAR-10: Tucker-2")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    expkit.save_figure(fig, ax, path)
 
 
 def main(argv=None) -> int:

@@ -97,6 +97,26 @@ def metadata() -> dict:
             "versions": versions()}
 
 
+def figure(size=(6, 4.2)):
+    """A matplotlib figure and axes drawn off-screen."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def save_figure(fig, ax, path: Path, dpi: int = 120) -> None:
+    """Legend, grid, tight layout, then write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def markdown_table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])

@@ -195,11 +195,7 @@ def report(store: expkit.RunStore) -> None:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = expkit.figure((5, 4.5))
     for r in runs:
         points = [(v["predicted_speedup"], v["speedup"]) for v in r["variants"].values()
                   if "predicted_speedup" in v and "speedup" in v]
@@ -210,11 +206,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.fill_between([0.8, top], [0.72, 0.9 * top], [0.88, 1.1 * top], color="gray", alpha=0.15, label="within 10%")
     ax.set_xlabel("predicted speedup (plan-latency)")
     ax.set_ylabel("measured speedup")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    expkit.save_figure(fig, ax, path)
 
 
 def main(argv=None) -> int:
