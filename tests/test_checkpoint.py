@@ -51,23 +51,26 @@ class Data:
         return 5
 
 
-def _run(folder, stop_at=None, resume=False, epochs=3):
+def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd"):
     gm = _deeptwist_model()
     cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume) if folder else None
     data = Data(stop_at)
-    result = train(gm, lambda: data(), epochs, lr=0.05, seed=3, progress=False, finalize=False, checkpointing=cp)
+    lr = 0.05 if optimizer == "sgd" else 0.005
+    result = train(gm, lambda: data(), epochs, lr=lr, seed=3, progress=False, finalize=False, checkpointing=cp,
+                   optimizer=optimizer)
     return gm, result
 
 
-@pytest.mark.parametrize("stop_at", [7, 10])  # mid-epoch, and on an epoch's last batch
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_at):
+# mid-epoch, on an epoch's last batch, and mid-epoch under AdamW
+@pytest.mark.parametrize("stop_at, optimizer", [(7, "sgd"), (10, "sgd"), (7, "adamw")])
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_at, optimizer):
     torch.set_num_threads(1)
-    reference, ref_result = _run(None)
+    reference, ref_result = _run(None, optimizer=optimizer)
     with pytest.raises(Stopped) as stopped:
-        _run(tmp_path, stop_at=stop_at)
+        _run(tmp_path, stop_at=stop_at, optimizer=optimizer)
     assert stopped.value.signum == signal.SIGTERM and "--resume" in stopped.value.message
     assert (tmp_path / checkpoint.FILE).is_file()
-    resumed, result = _run(tmp_path, resume=True)
+    resumed, result = _run(tmp_path, resume=True, optimizer=optimizer)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
     assert [int(p.step) for p in projections(resumed)] == [15, 15]
@@ -150,3 +153,16 @@ def test_cli_stops_with_a_checkpoint_and_resumes(tmp_path):
     resumed = subprocess.run(common + ["-o", str(tmp_path / "out"), "--resume"], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_adamw_takes_adam_steps(monkeypatch):
+    """train{optimizer=adamw} runs torch's AdamW with momentum as beta1, and its loss falls."""
+    made = []
+    real = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: made.append(k) or real(*a, **k))
+    gm = _deeptwist_model()
+    data = Data()
+    result = train(gm, lambda: data(), 4, lr=0.01, momentum=0.8, weight_decay=0.01, progress=False,
+                   optimizer="adamw")
+    assert made == [{"lr": 0.01, "betas": (0.8, 0.999), "weight_decay": 0.01}]
+    assert result.losses[-1] < result.losses[0]

@@ -138,6 +138,7 @@ def example_inputs''')
     (["--pass", "lower-conv-tiled-lowrank{tile=2x2x2,ratio=2}"], "tile must be two positive integers"),
     (["--pass", "lower-conv-tucker,train{momentum=-1}"], "momentum must be"),
     (["--pass", "lower-conv-tucker,train{weight_decay=-1}"], "weight_decay must be"),
+    (["--pass", "lower-conv-tucker,train{optimizer=lion}"], "optimizer must be sgd or adamw"),
     (["--pass", "tucker", "--threads", "-1"], "--threads must be >= 1"),
     (["--pass", "lower-conv-tucker{layers=nothing*}"], "matches none of the model's convs (0, 2)"),
     (["--pass", "tucker", "--resume"], "--resume needs --checkpoint"),

@@ -113,20 +113,20 @@ def _deferred_stop():
 def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
           loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
-          checkpointing: Checkpointing | None = None) -> TrainResult:
+          checkpointing: Checkpointing | None = None, optimizer: str = "sgd") -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
     `reset_momentum`: after a step that projected weights, clear those weights' momentum, so the
     velocity gathered before the distortion does not push them off the projection.
     `checkpointing`: save at each epoch end and on SIGINT/SIGTERM (then raise Stopped); resume exactly.
+    `optimizer`: "sgd" (Nesterov momentum) or "adamw" (decoupled weight decay; `momentum` is beta1).
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0,
-                                weight_decay=weight_decay)
+    optimizer = _optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, momentum,
+                           weight_decay)
     result = TrainResult(epochs, lr=lr)
     at = {"epoch": 0, "batch": 0, "step": 0, "distortion_steps": 0, "loss_total": 0.0}
     saved = _resume(checkpointing, module, optimizer) if checkpointing else None
@@ -187,6 +187,12 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     result.seconds = time.perf_counter() - start
     module.eval()
     return result
+
+
+def _optimizer(name: str, params: list, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
 
 
 def _step(module, optimizer, loss_fn, x, y, step: int, result: TrainResult, reset_momentum: bool) -> tuple[float, bool]:
@@ -264,9 +270,10 @@ def recalibrate_batchnorm(module: nn.Module, train_data: Callable[[], Iterable],
 
 def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for p in projections(module):
-        buffer = optimizer.state.get(module.get_parameter(p.weight_name), {}).get("momentum_buffer")
-        if buffer is not None:
-            buffer.zero_()
+        state = optimizer.state.get(module.get_parameter(p.weight_name), {})
+        for key in ("momentum_buffer", "exp_avg"):  # SGD's velocity, AdamW's first moment
+            if state.get(key) is not None:
+                state[key].zero_()
 
 
 @torch.no_grad()
@@ -288,7 +295,7 @@ def accuracy(module: nn.Module, data: Iterable) -> float:
 @dataclass(frozen=True)
 class Train(Stage):
     name = "train"
-    summary = "stage: SGD (Nesterov momentum, cosine lr) on train_data(), then DeepTwist's final projection"
+    summary = "stage: SGD (Nesterov momentum) or AdamW with a cosine lr on train_data(), then DeepTwist's final projection"
 
     epochs: int = 3
     lr: float = 0.01
@@ -298,10 +305,15 @@ class Train(Stage):
     reset_momentum: bool = False
     recalibrate_bn: int = 0  # batches for re-estimating BatchNorm statistics after the final projection
     checkpoint: str = ""  # folder for checkpoints (else the run context's --checkpoint)
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw (momentum is its beta1)
 
     def __post_init__(self):
         if self.epochs < 0:
             raise SpecError(f"epochs must be >= 0, got {self.epochs}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.optimizer == "adamw" and not self.momentum < 1:
+            raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
         for key in ("lr", "momentum", "weight_decay", "recalibrate_bn"):
             value = getattr(self, key)
             if not 0 <= value < float("inf"):
@@ -315,7 +327,7 @@ class Train(Stage):
         checkpointing = Checkpointing(Path(folder), checkpoint.identity(ctx.pipeline, gm), ctx.resume) if folder else None
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
-                       checkpointing=checkpointing) if self.epochs else TrainResult(0)
+                       checkpointing=checkpointing, optimizer=self.optimizer) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
