@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-from twistc import knapsack
+from twistc import distributed, knapsack
 from twistc.convs import ConvSite, conv_sites
 from twistc.decomp.cost import conv_cost
 from twistc.decomp.rank import tucker_max_ranks
@@ -84,35 +84,48 @@ class PlanLatency(Pass):
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         state = state_of(gm)
-        runtime, cache = self.target(), LatencyCache(self.cache or None)
         check_layers_pattern(self.name, self.layers, list(state.layers))
+        # under torchrun, rank 0 measures and decides; every rank takes its plan
+        decided = distributed.broadcast_object(self.decide(gm) if distributed.is_main() else None)
+        if isinstance(decided, str):
+            raise RankError(decided)
+        layers, state.latency = decided
+        for name, (entry, before, after, error) in layers.items():
+            state.plan.set(name, entry)
+            record = state.layers[name]
+            record.latency_before, record.latency_after, record.approx_error = before, after, error
+        rewrites = sum(entry.decomp != "none" for entry, *_ in layers.values())
+        log.info("plan-latency: %d of %d convs compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites, len(layers),
+                 state.latency["model_ms_before"], state.latency["predicted_ms_after"],
+                 state.latency["predicted_speedup"])
+        return PassResult(gm, rewrites > 0, rewrites)
+
+    def decide(self, gm: fx.GraphModule) -> tuple[dict, dict] | str:
+        """Per layer (plan entry, dense ms, chosen ms, error), and the latency summary; or why the target
+        is out of reach."""
+        state = state_of(gm)
+        runtime, cache = self.target(), LatencyCache(self.cache or None)
         sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
-        options, chosen_for = [], []
+        options = []
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
             entries = [None] + (self.candidates(gm, site) if self.selects(site.name) else [])
             errors = [0.0] + self.errors(gm, site, entries[1:])
             ms = measure_layer(LayerShape.of(site), entries, runtime, cache, reps=self.reps)
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
             options.append([(entries[i], ms[i], errors[i]) for i in keep])
-            chosen_for.append(site)
         cache.save()
         model_ms = self.model_ms(gm, runtime)
-        picks = self.solve(chosen_for, options, model_ms)
+        try:
+            picks = self.solve(sites, options, model_ms)
+        except RankError as e:
+            return str(e)
         rest = max(model_ms - sum(o[0][1] for o in options), 0.0)
         predicted = rest + sum(o[i][1] for o, i in zip(options, picks))
-        rewrites = 0
-        for site, opts, i in zip(chosen_for, options, picks):
-            entry, ms, error = opts[i]
-            state.plan.set(site.name, entry or DENSE)
-            record = state.layers[site.name]
-            record.latency_before, record.latency_after, record.approx_error = opts[0][1], ms, error
-            rewrites += entry is not None
-        state.latency = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
-                         "model_ms_before": model_ms, "predicted_ms_after": predicted,
-                         "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
-        log.info("plan-latency: %d of %d convs compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites,
-                 len(sites), model_ms, predicted, model_ms / predicted)
-        return PassResult(gm, rewrites > 0, rewrites)
+        layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2])
+                  for site, opts, i in zip(sites, options, picks)}
+        return layers, {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
+                        "model_ms_before": model_ms, "predicted_ms_after": predicted,
+                        "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
 
     def model_ms(self, gm: fx.GraphModule, runtime: Runtime) -> float:
         """The whole model's median latency now; what lies outside the convs is this minus their sum."""

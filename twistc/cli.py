@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from twistc import distributed
 from twistc.bench import bench
 from twistc.errors import SpecError, Stopped, TwistcError
 from twistc.export import export_onnx, save_program
@@ -138,6 +139,7 @@ def _say(msg: str) -> None:
 
 
 def compile_command(args) -> int:
+    distributed.init_from_env()  # under torchrun: join the other ranks
     model_path = Path(args.model).resolve()
     out = Path(args.output)
     if args.threads is not None:
@@ -155,10 +157,12 @@ def compile_command(args) -> int:
         raise SpecError(f"pipeline '{pipeline}' trains, but {model_path.name} defines no train_data()")
     if any(isinstance(s, DeepTwist) for s in pipeline.stages) and not trains:
         raise SpecError("deeptwist needs a train stage with epochs > 0 after it (and train_data() in MODEL.py)")
-    _say(f"pipeline: {pipeline}")
+    main_rank = distributed.is_main()
+    if main_rank:
+        _say(f"pipeline: {pipeline}")
     original = mf.model().eval()
     example = mf.example_inputs()
-    eval_data = mf.data("eval_data")
+    eval_data = mf.data("eval_data") if main_rank else None  # rank 0 alone evaluates
     start = time.perf_counter()
     acc_before = accuracy(original, eval_data()) if eval_data else None
     gm = trace(copy.deepcopy(original), example)
@@ -169,12 +173,16 @@ def compile_command(args) -> int:
             raise SpecError(f"plan {args.plan} names layers the model does not have ({', '.join(unknown[:5])}); "
                             f"its convs are: {', '.join(list(state.layers)[:12])}" + (", ..." if len(state.layers) > 12 else ""))
         state.plan = plan
+    ctx = RunContext(mf.data("train_data"), eval_data, progress=main_rank and not args.quiet,
+                     checkpoint=args.checkpoint, resume=args.resume,
+                     train_data_sharded=mf.takes("train_data", "rank") and mf.takes("train_data", "world_size"))
+    if not main_rank:  # the other ranks train alongside; rank 0 exports and writes
+        pipeline.run(gm, ctx)
+        return 0
     writer = OutputDir(out, model_path, args.force)
     with writer as tmp:
         _say("exporting original.onnx")
         export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
-        ctx = RunContext(mf.data("train_data"), eval_data, progress=not args.quiet, checkpoint=args.checkpoint,
-                         resume=args.resume)
         gm = pipeline.run(gm, ctx)
         gm.eval()
         _say("exporting model.onnx")

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from twistc.distributed import world
 from twistc.errors import ModelFileError
 
 FUNCTIONS = ("model", "example_inputs", "train_data", "eval_data")
@@ -56,6 +57,8 @@ class ModelFile:
             raise ModelFileError(f"{self.path} defines no {name}() function")
         params = inspect.signature(fn).parameters
         kwargs = {k: _convert(v, params[k].default, k) for k, v in self.options.items() if k in params}
+        rank, size = world()
+        kwargs.update({k: v for k, v in (("rank", rank), ("world_size", size)) if k in params and k not in kwargs})
         try:
             return fn(**kwargs)
         except ModelFileError:
@@ -72,6 +75,10 @@ class ModelFile:
     def example_inputs(self) -> tuple:
         x = self.call("example_inputs")
         return x if isinstance(x, tuple) else (x,)
+
+    def takes(self, name: str, parameter: str) -> bool:
+        """Whether function `name` has a parameter called `parameter`."""
+        return self.has(name) and parameter in inspect.signature(getattr(self.module, name)).parameters
 
     def data(self, name: str):
         """`train_data` / `eval_data` as a zero-argument callable, or None when MODEL.py has none."""

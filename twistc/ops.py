@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twistc.decomp.svd import unlowered
+from twistc.distributed import broadcast_
 from twistc.decomp.tiling import TileGrid, TiledLowRank
 from twistc.errors import NonFiniteError
 from twistc.plan import LayerPlan
@@ -57,6 +58,7 @@ class LowRankProjection(nn.Module):
             )
         projected, change = self.plan.project(weight)
         weight.copy_(projected)
+        broadcast_(weight)  # under DDP, every rank continues from rank 0's projection
         return change
 
     def finalize_(self, weight: torch.Tensor) -> None:

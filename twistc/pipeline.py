@@ -66,6 +66,7 @@ class RunContext:
     checkpoint: str | None = None  # folder where `train` saves checkpoints
     resume: bool = False  # continue from the checkpoint there
     pipeline: str = ""  # the spec being run (set by Pipeline.run); checkpoints record it
+    train_data_sharded: bool = False  # under torchrun: train_data() already yields only this rank's batches
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from twistc import checkpoint
+from twistc import checkpoint, distributed
 from twistc.checkpoint import rng_state, set_rng_state
 from twistc.errors import NonFiniteError, SpecError, Stopped
 from twistc.ops import LowRankProjection
@@ -113,7 +113,7 @@ def _deferred_stop():
 def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
           loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
-          checkpointing: Checkpointing | None = None, optimizer: str = "sgd") -> TrainResult:
+          checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -121,6 +121,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     velocity gathered before the distortion does not push them off the projection.
     `checkpointing`: save at each epoch end and on SIGINT/SIGTERM (then raise Stopped); resume exactly.
     `optimizer`: "sgd" (Nesterov momentum) or "adamw" (decoupled weight decay; `momentum` is beta1).
+    Under torchrun the module trains as DistributedDataParallel, each rank on every world-size-th batch
+    (`shard=False`: train_data() already gives each rank its own); rank 0 alone saves checkpoints.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -135,6 +137,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
         set_rng_state(saved["rng_epoch_start"] if at["batch"] else saved["rng"])
     start = time.perf_counter() - result.seconds
     module.train()
+    net = distributed.wrap(module)
     with _deferred_stop() if checkpointing else nullcontext([]) as stop:
         for epoch in range(at["epoch"], epochs):
             epoch_rng = rng_state()
@@ -143,6 +146,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 batches.set_epoch(epoch)
             per_epoch = len(batches) if hasattr(batches, "__len__") else None
             iterator = iter(batches)
+            if shard:
+                iterator, per_epoch = distributed.shard(iterator, per_epoch)
             for _ in range(at["batch"]):  # replay the part of the epoch done before the stop
                 next(iterator)
             if at["batch"]:
@@ -154,18 +159,19 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
                 at["step"] += 1
-                loss, distorted = _step(module, optimizer, loss_fn, x, y, at["step"], result, reset_momentum)
+                loss, distorted = _step(module, net, optimizer, loss_fn, x, y, at["step"], result, reset_momentum)
                 at["distortion_steps"] += distorted
                 at["batch"] += 1
                 at["loss_total"] += loss
                 bar.set_postfix(loss=f"{at['loss_total'] / at['batch']:.4f}", distortions=at["distortion_steps"],
                                 refresh=False, **({"removed": f"{result.distortion_changes[-1]:.1%}"}
                                                   if at["distortion_steps"] else {}))
-                if stop:
+                if distributed.any_rank(bool(stop)):  # every rank stops after the same step
                     bar.close()
                     result.seconds = time.perf_counter() - start
-                    where = _save(checkpointing, module, optimizer, result, at, epoch_rng)
-                    raise Stopped(stop[0], f"checkpoint saved in {where.parent}; continue with --resume")
+                    _save(checkpointing, module, optimizer, result, at, epoch_rng)
+                    raise Stopped(stop[0] if stop else signal.SIGTERM,
+                                  f"checkpoint saved in {checkpointing.directory}; continue with --resume")
             bar.close()
             if at["batch"] == 0:
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
@@ -195,10 +201,12 @@ def _optimizer(name: str, params: list, lr: float, momentum: float, weight_decay
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
 
 
-def _step(module, optimizer, loss_fn, x, y, step: int, result: TrainResult, reset_momentum: bool) -> tuple[float, bool]:
-    """One optimizer step; returns the loss and whether a DeepTwist distortion happened in it."""
+def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
+          reset_momentum: bool) -> tuple[float, bool]:
+    """One optimizer step through `net` (the module, or its DDP wrapper); returns the loss and whether a
+    DeepTwist distortion happened in it."""
     before = distortions(module)
-    loss = loss_fn(module(x), y)
+    loss = loss_fn(net(x), y)
     distorted = distortions(module) > before
     if distorted:
         changes = [float(p.change) for p in projections(module) if int(p.step) % p.period == 0]
@@ -216,8 +224,10 @@ def _step(module, optimizer, loss_fn, x, y, step: int, result: TrainResult, rese
     return loss.item(), distorted
 
 
-def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, epoch_rng: dict) -> Path:
-    return checkpoint.save(cp.directory, {
+def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, epoch_rng: dict) -> None:
+    if not distributed.is_main():
+        return
+    checkpoint.save(cp.directory, {
         "identity": cp.identity, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
         "position": dict(at), "result": dataclasses.asdict(result), "rng": rng_state(), "rng_epoch_start": epoch_rng})
 
@@ -324,11 +334,13 @@ class Train(Stage):
             if self.epochs > 0:
                 raise SpecError("the train stage needs train_data(); define it in MODEL.py")
         folder = self.checkpoint or ctx.checkpoint
-        checkpointing = Checkpointing(Path(folder), checkpoint.identity(ctx.pipeline, gm), ctx.resume) if folder else None
+        identity = checkpoint.identity(ctx.pipeline, gm, distributed.world()[1])
+        checkpointing = Checkpointing(Path(folder), identity, ctx.resume) if folder else None
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
-                       checkpointing=checkpointing, optimizer=self.optimizer) if self.epochs else TrainResult(0)
-        if ctx.eval_data is not None and any(not p.finalized for p in projections(gm)):
+                       checkpointing=checkpointing, optimizer=self.optimizer,
+                       shard=not ctx.train_data_sharded) if self.epochs else TrainResult(0)
+        if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
         if self.recalibrate_bn and result.final_projections:

@@ -1,0 +1,91 @@
+"""DDP with gloo: 2 processes over shards of the batches end where 1 process over the same global batches ends."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from twistc import Pipeline, trace
+from twistc.train import projections, train
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available here")
+
+
+def _model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 8, 8),)))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(6)]
+
+
+def _train(gm, data):
+    return train(gm, lambda: data, 2, lr=0.05, progress=False)
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        gm = _model()
+        result = _train(gm, _batches())  # each rank takes every 2nd batch
+        torch.save({"state": gm.state_dict(), "steps": result.steps}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path):
+    torch.set_num_threads(1)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    batches = _batches()
+    global_batches = [(torch.cat([batches[i][0], batches[i + 1][0]]), torch.cat([batches[i][1], batches[i + 1][1]]))
+                      for i in range(0, 6, 2)]
+    single = _model()
+    result = _train(single, global_batches)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == result.steps == 6
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], value, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(ranks[1]["state"][name], ranks[0]["state"][name], atol=0, rtol=0, msg=name)
+    assert [int(p.step) for p in projections(single)] == [int(ranks[0]["state"][k]) for k in ranks[0]["state"]
+                                                           if k.endswith("projection.step")] == [6, 6]
+
+
+TINY = '''
+import torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+def example_inputs():
+    return (torch.randn(1, 3, 8, 8),)
+
+def train_data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(6)]
+'''
+
+
+def test_torchrun_compiles_with_two_ranks(tmp_path):
+    model = tmp_path / "model.py"
+    model.write_text(TINY)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "twistc", "compile", str(model), "--pass", "deeptwist-tucker", "--epochs", "1",
+                          "--period", "2", "--threads", "1", "-o", str(out), "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["steps"] == 3 and report["training"]["distortions"] == 1  # 6 batches over 2 ranks
+    assert run.stdout.count("wrote ") == 1  # rank 0 alone writes

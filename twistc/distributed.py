@@ -1,0 +1,78 @@
+"""Data-parallel training under torchrun: the process group and the few collectives twistc needs.
+
+`torchrun --nproc-per-node N -m twistc compile ...` starts N processes with RANK and WORLD_SIZE in
+their environment; `init_from_env` joins them into one process group (gloo, as models train on the
+CPU; multi-node through torchrun's own rendezvous flags). Each rank then trains a
+DistributedDataParallel copy on its shard of the batches; rank 0 alone evaluates, exports and writes.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_from_env() -> None:
+    """Join the process group torchrun describes in the environment (nothing to do without torchrun)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def wrap(module: nn.Module) -> nn.Module:
+    """The module as DistributedDataParallel when there are several ranks (parameters and buffers are
+    broadcast from rank 0 as it is built), else the module itself."""
+    if world()[1] == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module)
+
+
+def shard(batches: Iterator, count: int | None) -> tuple[Iterator, int | None]:
+    """Every world-size-th batch, from this rank's index on; all ranks get the same number (the last
+    `count % world` batches are dropped), so that their steps stay in lockstep."""
+    rank, size = world()
+    if size == 1:
+        return batches, count
+    if count is None:
+        raise ValueError("under torchrun, train_data() must return an iterable with a length, or take rank "
+                         "and world_size and shard itself")
+    per_rank = count // size
+    return itertools.islice(batches, rank, per_rank * size, size), per_rank
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether any rank raised `flag` (a no-op outside a process group)."""
+    if world()[1] == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_(tensor: torch.Tensor) -> None:
+    """Make `tensor` equal on every rank to rank 0's, in place."""
+    if world()[1] > 1:
+        dist.broadcast(tensor, src=0)
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (pickled)."""
+    if world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
