@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", type=float, default=1e-4, help="ONNX check absolute tolerance (1e-4)")
     c.add_argument("--rtol", type=float, default=1e-4, help="ONNX check relative tolerance (1e-4)")
     c.add_argument("--threads", type=int, help="torch threads")
+    c.add_argument("--device", default="auto",
+                   help="where the train stage runs: cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
     c.add_argument("--target-speedup", type=float, metavar="S",
                    help="tucker and deeptwist-tucker: choose each layer's form and ranks by measured latency so that "
                         "the model runs S times faster (plan-latency{speedup=S}; --threads sets its thread count)")
@@ -128,6 +130,9 @@ def build_pipeline(spec: str, args) -> Pipeline:
             values.update(order=args.order, tile=args.tile, grid=args.grid)
             if not re.search(r"\b(ranks|energy|speedup)=", text) and not text.startswith("plan-latency"):
                 values["ratio"] = args.ratio
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if device != "cpu" and not text.startswith("plan-latency"):  # plan-latency's device is where it measures
+            values["device"] = device
         stage = parse_item(text, values)
         stages.append(stage)
         planned |= stage.writes_plan

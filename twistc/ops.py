@@ -49,8 +49,11 @@ class LowRankProjection(nn.Module):
         return weight
 
     @torch.no_grad()
+    @torch.autocast("cpu", enabled=False)
+    @torch.autocast("cuda", enabled=False)
     def project_(self, weight: torch.Tensor) -> torch.Tensor:
-        """Replace `weight` in place by its low-rank reconstruction; returns ||W - P(W)|| / ||W||."""
+        """Replace `weight` in place by its low-rank reconstruction (in float32 or wider, whatever autocast
+        is on around it); returns ||W - P(W)|| / ||W||."""
         if not torch.isfinite(weight).all():
             raise NonFiniteError(
                 f"layer {self.layer}: weight is not finite at step {int(self.step)}; "

@@ -113,7 +113,8 @@ def _deferred_stop():
 def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr: float = 0.01,
           momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
           loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
-          checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True) -> TrainResult:
+          checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True,
+          device: str = "cpu", amp: str = "none") -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -123,10 +124,14 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     `optimizer`: "sgd" (Nesterov momentum) or "adamw" (decoupled weight decay; `momentum` is beta1).
     Under torchrun the module trains as DistributedDataParallel, each rank on every world-size-th batch
     (`shard=False`: train_data() already gives each rank its own); rank 0 alone saves checkpoints.
+    `device`: where it trains (the module returns to the CPU afterwards). `amp="bf16"`: the forward runs
+    under bfloat16 autocast; weights, optimizer state and DeepTwist's projections stay float32.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+    module.to(device)
+    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
     optimizer = _optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, momentum,
                            weight_decay)
     result = TrainResult(epochs, lr=lr)
@@ -159,7 +164,9 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
                 at["step"] += 1
-                loss, distorted = _step(module, net, optimizer, loss_fn, x, y, at["step"], result, reset_momentum)
+                with autocast():
+                    loss, distorted = _step(module, net, optimizer, loss_fn, x.to(device), y.to(device), at["step"],
+                                            result, reset_momentum)
                 at["distortion_steps"] += distorted
                 at["batch"] += 1
                 at["loss_total"] += loss
@@ -188,6 +195,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     result.steps = at["step"]
     result.distortions = at["distortion_steps"]
     result.final_loss = result.losses[-1] if result.losses else float("nan")
+    module.to("cpu")
     if finalize:
         result.final_projections = final_projection(module)
     result.seconds = time.perf_counter() - start
@@ -316,10 +324,18 @@ class Train(Stage):
     recalibrate_bn: int = 0  # batches for re-estimating BatchNorm statistics after the final projection
     checkpoint: str = ""  # folder for checkpoints (else the run context's --checkpoint)
     optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw (momentum is its beta1)
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 (autocast of the forward)
 
     def __post_init__(self):
         if self.epochs < 0:
             raise SpecError(f"epochs must be >= 0, got {self.epochs}")
+        if self.amp not in ("none", "bf16"):
+            raise SpecError(f"train: amp must be none or bf16, got {self.amp!r}")
+        if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
+            raise SpecError(f"train: device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise SpecError(f"train: device={self.device}, but this torch sees no CUDA device; use device=cpu")
         if self.optimizer not in ("sgd", "adamw"):
             raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.optimizer == "adamw" and not self.momentum < 1:
@@ -339,7 +355,7 @@ class Train(Stage):
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
                        checkpointing=checkpointing, optimizer=self.optimizer,
-                       shard=not ctx.train_data_sharded) if self.epochs else TrainResult(0)
+                       shard=not ctx.train_data_sharded, device=self.device, amp=self.amp) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)

@@ -1,0 +1,48 @@
+"""The train loop's precision and device options."""
+import pytest
+import torch
+from torch import nn
+
+from twistc import Pipeline, trace
+from twistc.errors import SpecError
+from twistc.train import projections, train
+
+
+def _deeptwist_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    return Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 8, 8),)))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
+
+
+def test_bf16_autocast_trains_on_cpu_and_keeps_float32_weights():
+    gm = _deeptwist_model()
+    data = _data()
+    result = train(gm, lambda: data, 2, lr=0.05, progress=False, amp="bf16")
+    assert result.steps == 8 and result.distortions == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(p.dtype == torch.float32 for p in gm.parameters())
+
+
+def test_the_projection_runs_in_full_precision_under_autocast():
+    gm = _deeptwist_model()
+    projection = projections(gm)[0]
+    weight = gm.get_parameter(projection.weight_name)
+    plain = weight.detach().clone()
+    projection.project_(plain)
+    under = weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        projection.project_(under)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spec, message", [("train{amp=fp8}", "amp must be none or bf16"),
+                                           ("train{device=tpu}", "device must be cpu, cuda or cuda:N")])
+def test_bad_precision_or_device(spec, message):
+    with pytest.raises(SpecError, match=message):
+        Pipeline.parse(spec)
