@@ -69,9 +69,9 @@ class PlanLatency(Pass):
                 raise SpecError(f"plan-latency: {key} must be a finite number > 1, got {value:g}")
         for form in self.forms.split("|"):
             check_choice(form, tuple(FORMS), "plan-latency forms")
-        for key in ("steps", "round_to", "reps"):
-            if getattr(self, key) < 1 or (key == "steps" and self.steps < 2):
-                raise SpecError(f"plan-latency: {key} must be >= {2 if key == 'steps' else 1}, got {getattr(self, key)}")
+        for key, least in (("steps", 2), ("round_to", 1), ("reps", 1)):
+            if getattr(self, key) < least:
+                raise SpecError(f"plan-latency: {key} must be >= {least}, got {getattr(self, key)}")
         self.target()
 
     def target(self) -> Runtime:

@@ -150,7 +150,8 @@ def test_cli_stops_with_a_checkpoint_and_resumes(tmp_path):
     assert "stopped by SIGINT; checkpoint saved in" in first.stderr and not (tmp_path / "out").exists()
     again = subprocess.run(common + ["-o", str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "pass --resume" in again.stderr
-    resumed = subprocess.run(common + ["-o", str(tmp_path / "out"), "--resume"], capture_output=True, text=True, env=env)
+    resumed = subprocess.run(common + ["-o", str(tmp_path / "out"), "--resume"], capture_output=True, text=True,
+                             env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and (tmp_path / "out" / "model.onnx").is_file()
 

@@ -33,6 +33,7 @@ from twistc.pipeline import (Pipeline, RunContext, describe, expand_presets, for
                              split_items, stage_class)
 from twistc.plan import DEFAULT_RATIO, Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
+from twistc.selection import name_list
 from twistc.state import state_of
 from twistc.trace import trace
 from twistc.train import Train, accuracy
@@ -175,8 +176,8 @@ def compile_command(args) -> int:
     if plan is not None:
         unknown = sorted(set(plan.layers) - set(state.layers))
         if unknown:
-            raise SpecError(f"plan {args.plan} names layers the model does not have ({', '.join(unknown[:5])}); "
-                            f"its convs are: {', '.join(list(state.layers)[:12])}" + (", ..." if len(state.layers) > 12 else ""))
+            raise SpecError(f"plan {args.plan} names layers the model does not have ({name_list(unknown, 5)}); "
+                            f"its convs are: {name_list(list(state.layers))}")
         state.plan = plan
     ctx = RunContext(mf.data("train_data"), eval_data, progress=main_rank and not args.quiet,
                      checkpoint=args.checkpoint, resume=args.resume,
@@ -268,7 +269,8 @@ def bench_command(args) -> int:
             for m in result["models"]]
     _say(f"onnxruntime {result['provider']} ({result['machine']}), batch {args.batch}, {args.threads} threads, "
          f"{args.reps} paired reps")
-    _say(text_table([r + ("",) for r in rows], ("model", "median ms", "p10-p90 ms", "vs first", "speedup [95% CI]", "")))
+    header = ("model", "median ms", "p10-p90 ms", "vs first", "speedup [95% CI]", "")
+    _say(text_table([r + ("",) for r in rows], header))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

@@ -144,8 +144,11 @@ class LowRankOptions(Pass):
 def check_layers_pattern(owner: str, layers: str | None, names: list[str]) -> None:
     """A `layers=` pattern that selects none of the model's convs is an error that lists them."""
     if layers and not any(fnmatch.fnmatchcase(n, p) for n in names for p in layers.split("|")):
-        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-        raise SpecError(f"{owner}{{layers={layers}}} matches none of the model's convs ({shown})")
+        raise SpecError(f"{owner}{{layers={layers}}} matches none of the model's convs ({name_list(names)})")
+
+
+def name_list(names: list[str], most: int = 12) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def check_pair(value: tuple[int, ...] | None, what: str) -> None:

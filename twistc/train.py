@@ -131,7 +131,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     np.random.seed(seed)
     random.seed(seed)
     module.to(device)
-    autocast = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp == "bf16" else nullcontext
+    autocast = ((lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp == "bf16"
+                else nullcontext)
     optimizer = _optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, momentum,
                            weight_decay)
     result = TrainResult(epochs, lr=lr)
@@ -146,17 +147,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     with _deferred_stop() if checkpointing else nullcontext([]) as stop:
         for epoch in range(at["epoch"], epochs):
             epoch_rng = rng_state()
-            batches = train_data()
-            if hasattr(batches, "set_epoch"):
-                batches.set_epoch(epoch)
-            per_epoch = len(batches) if hasattr(batches, "__len__") else None
-            iterator = iter(batches)
-            if shard:
-                iterator, per_epoch = distributed.shard(iterator, per_epoch)
-            for _ in range(at["batch"]):  # replay the part of the epoch done before the stop
-                next(iterator)
-            if at["batch"]:
-                set_rng_state(saved["rng"])
+            iterator, per_epoch = _epoch_batches(train_data, epoch, at["batch"], saved, shard)
             bar = tqdm(iterator, total=per_epoch, initial=at["batch"], desc=f"epoch {epoch + 1}/{epochs}",
                        disable=None if progress else True, leave=False, dynamic_ncols=True)
             for x, y in bar:
@@ -201,6 +192,23 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     result.seconds = time.perf_counter() - start
     module.eval()
     return result
+
+
+def _epoch_batches(train_data, epoch: int, done: int, saved: dict | None, shard: bool) -> tuple[Iterable, int | None]:
+    """This rank's batches of `epoch` and their count. After a resume, the `done` batches trained before
+    the stop are replayed (the RNG is at the epoch's starting state) and the saved RNG state restored."""
+    batches = train_data()
+    if hasattr(batches, "set_epoch"):
+        batches.set_epoch(epoch)
+    count = len(batches) if hasattr(batches, "__len__") else None
+    iterator = iter(batches)
+    if shard:
+        iterator, count = distributed.shard(iterator, count)
+    for _ in range(done):
+        next(iterator)
+    if done:
+        set_rng_state(saved["rng"])
+    return iterator, count
 
 
 def _optimizer(name: str, params: list, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -313,7 +321,8 @@ def accuracy(module: nn.Module, data: Iterable) -> float:
 @dataclass(frozen=True)
 class Train(Stage):
     name = "train"
-    summary = "stage: SGD (Nesterov momentum) or AdamW with a cosine lr on train_data(), then DeepTwist's final projection"
+    summary = ("stage: SGD (Nesterov momentum) or AdamW with a cosine lr on train_data(), then DeepTwist's "
+               "final projection")
 
     epochs: int = 3
     lr: float = 0.01
@@ -355,7 +364,8 @@ class Train(Stage):
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
                        checkpointing=checkpointing, optimizer=self.optimizer,
-                       shard=not ctx.train_data_sharded, device=self.device, amp=self.amp) if self.epochs else TrainResult(0)
+                       shard=not ctx.train_data_sharded, device=self.device,
+                       amp=self.amp) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
