@@ -1,4 +1,5 @@
 import json
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -349,3 +350,14 @@ def test_passes_name_lists_the_options(capsys):
     assert any(line.split()[:3] == ["steps", "int", "8"] for line in text.splitlines())
     assert any(line.split()[:4] == ["speedup", "float", "|", "None"] for line in text.splitlines())
     _fails(capsys, ["passes", "nope"], "unknown pass 'nope'")
+
+
+def test_status_lines_go_to_a_terminal_only(tmp_path, capsys, monkeypatch):
+    path = _model_file(tmp_path)
+    assert main(["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().err == ""  # not a terminal: the summary on stdout and nothing else
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "twistc: running lower-conv-tucker{ratio=2}" in err
+    assert "twistc: exporting model.onnx and checking it in onnxruntime" in err

@@ -144,6 +144,12 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _status(msg: str) -> None:
+    """What twistc is doing now, on a terminal's stderr (nothing when stderr is a file or pipe)."""
+    if sys.stderr.isatty():
+        print(f"twistc: {msg}", file=sys.stderr, flush=True)
+
+
 def compile_command(args) -> int:
     distributed.init_from_env()  # under torchrun: join the other ranks
     model_path = Path(args.model).resolve()
@@ -166,11 +172,16 @@ def compile_command(args) -> int:
     main_rank = distributed.is_main()
     if main_rank:
         _say(f"pipeline: {pipeline}")
+    status = _status if main_rank and not args.quiet else (lambda msg: None)
+    status(f"building the model ({model_path.name}: model())")
     original = mf.model().eval()
     example = mf.example_inputs()
     eval_data = mf.data("eval_data") if main_rank else None  # rank 0 alone evaluates
     start = time.perf_counter()
+    if eval_data:
+        status("evaluating the original model on eval_data()")
     acc_before = accuracy(original, eval_data()) if eval_data else None
+    status("tracing")
     gm = trace(copy.deepcopy(original), example)
     state = state_of(gm)
     if plan is not None:
@@ -180,21 +191,23 @@ def compile_command(args) -> int:
                             f"its convs are: {name_list(list(state.layers))}")
         state.plan = plan
     ctx = RunContext(mf.data("train_data"), eval_data, progress=main_rank and not args.quiet,
-                     checkpoint=args.checkpoint, resume=args.resume,
+                     checkpoint=args.checkpoint, resume=args.resume, status=status,
                      train_data_sharded=mf.takes("train_data", "rank") and mf.takes("train_data", "world_size"))
     if not main_rank:  # the other ranks train alongside; rank 0 exports and writes
         pipeline.run(gm, ctx)
         return 0
     writer = OutputDir(out, model_path, args.force)
     with writer as tmp:
-        _say("exporting original.onnx")
+        status("exporting original.onnx and checking it in onnxruntime")
         export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
         gm = pipeline.run(gm, ctx)
         gm.eval()
-        _say("exporting model.onnx")
+        status("exporting model.onnx and checking it in onnxruntime")
         check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
         save_program(gm, example, tmp / "model.pt2")
-        latency = _measure_speedup(state, original, gm, example, tmp)
+        latency = _measure_speedup(state, original, gm, example, tmp, status)
+        if eval_data:
+            status("evaluating the compiled model on eval_data()")
         acc_after = accuracy(gm, eval_data()) if eval_data else None
         training = ctx.results.get("train")
         report = build_report(
@@ -215,14 +228,14 @@ def compile_command(args) -> int:
     return 0
 
 
-def _measure_speedup(state, original, compiled, example, folder: Path) -> dict | None:
+def _measure_speedup(state, original, compiled, example, folder: Path, status) -> dict | None:
     """After plan-latency: the original and the compiled model timed in its runtime, paired; a warning
     names the layers with the least predicted gain when the compiled model measures slower."""
     if state.latency is None:
         return None
     runtime = Runtime(**{k: state.latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")})
-    _say(f"timing original and compiled model ({runtime.runtime} {runtime.device}, {runtime.threads} thread(s), "
-         f"batch {runtime.batch})")
+    status(f"timing the original and the compiled model ({runtime.runtime} {runtime.device}, "
+           f"{runtime.threads} thread(s), batch {runtime.batch})")
     timers = [model_timer(original, example[0], runtime, folder / "original.onnx"),
               model_timer(compiled, example[0], runtime, folder / "model.onnx")]
     result = compare_models(timers)

@@ -67,6 +67,7 @@ class RunContext:
     resume: bool = False  # continue from the checkpoint there
     pipeline: str = ""  # the spec being run (set by Pipeline.run); checkpoints record it
     train_data_sharded: bool = False  # under torchrun: train_data() already yields only this rank's batches
+    status: Callable[[str], None] = lambda msg: None  # told which stage runs now
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,7 @@ class Pipeline:
         done: list[str] = []
         verify(gm, "the traced model")
         for stage in self.stages:
+            ctx.status(f"running {stage.spec()}")
             start = time.perf_counter()
             if isinstance(stage, Pass):
                 result = stage(gm)
