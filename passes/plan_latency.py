@@ -6,13 +6,16 @@
          or  sum_l macs_l(c_l) <= sum_l dense_macs_l / macs                          (macs=M)
 
 `err` is the relative kernel reconstruction error (||W - W_r|| / ||W||; HOSVD's for Tucker, an upper
-bound on what the lowering's HOOI reaches). Latencies are medians measured with the real lowered
+bound on what the lowering's HOOI reaches). With `objective=eval` the cost of a candidate is instead
+the accuracy the model loses on `eval_batches` batches of eval_data() when that layer alone takes it
+(per-layer sensitivity, as AIMET measures it, but weighed against latency); the drops are summed. Latencies are medians measured with the real lowered
 modules at each layer's input shape (twistc.latency), cached across compiles. A candidate measured
 slower than its dense conv is never chosen. The pass only writes the plan (and the predictions into
 the layer records); deeptwist and the lowering passes consume it unchanged.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -28,10 +31,11 @@ from twistc.decomp.svd import lowered, truncation_errors
 from twistc.decomp.tucker import hosvd_errors
 from twistc.errors import RankError, SpecError
 from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
-from twistc.pipeline import Pass, PassResult
+from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure
 from twistc.state import state_of
+from twistc.train import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ TARGETS = ("speedup", "ratio", "macs")
 class PlanLatency(Pass):
     name = "plan-latency"
     writes_plan = True
+    takes_context = True
     summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
 
     speedup: float | None = None
@@ -59,6 +64,8 @@ class PlanLatency(Pass):
     layers: str | None = None
     cache: str = ""
     reps: int = 25
+    objective: str = "kernel"  # kernel: summed squared kernel errors | eval: summed accuracy drops
+    eval_batches: int = 2
 
     def __post_init__(self):
         if sum(getattr(self, k) is not None for k in TARGETS) != 1:
@@ -69,7 +76,8 @@ class PlanLatency(Pass):
                 raise SpecError(f"plan-latency: {key} must be a finite number > 1, got {value:g}")
         for form in self.forms.split("|"):
             check_choice(form, tuple(FORMS), "plan-latency forms")
-        for key, least in (("steps", 2), ("round_to", 1), ("reps", 1)):
+        check_choice(self.objective, ("kernel", "eval"), "plan-latency objective")
+        for key, least in (("steps", 2), ("round_to", 1), ("reps", 1), ("eval_batches", 1)):
             if getattr(self, key) < least:
                 raise SpecError(f"plan-latency: {key} must be >= {least}, got {getattr(self, key)}")
         self.target()
@@ -82,37 +90,46 @@ class PlanLatency(Pass):
         return self.layers is None or any(fnmatchcase(name, p) for p in self.layers.split("|"))
 
     @torch.no_grad()
-    def __call__(self, gm: fx.GraphModule) -> PassResult:
+    def __call__(self, gm: fx.GraphModule, ctx: RunContext | None = None) -> PassResult:
         state = state_of(gm)
         check_layers_pattern(self.name, self.layers, list(state.layers))
+        batches = None
+        if self.objective == "eval" and distributed.is_main():
+            if ctx is None or ctx.eval_data is None:
+                raise SpecError("plan-latency{objective=eval} needs eval_data() in MODEL.py")
+            batches = list(itertools.islice(ctx.eval_data(), self.eval_batches))
         # under torchrun, rank 0 measures and decides; every rank takes its plan
-        decided = distributed.broadcast_object(self.decide(gm) if distributed.is_main() else None)
+        decided = distributed.broadcast_object(self.decide(gm, batches) if distributed.is_main() else None)
         if isinstance(decided, str):
             raise RankError(decided)
         layers, state.latency = decided
-        for name, (entry, before, after, error) in layers.items():
+        for name, (entry, before, after, error, drop) in layers.items():
             state.plan.set(name, entry)
             record = state.layers[name]
             record.latency_before, record.latency_after, record.approx_error = before, after, error
+            record.accuracy_drop = drop
         rewrites = sum(entry.decomp != "none" for entry, *_ in layers.values())
         log.info("plan-latency: %d of %d convs compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites, len(layers),
                  state.latency["model_ms_before"], state.latency["predicted_ms_after"],
                  state.latency["predicted_speedup"])
         return PassResult(gm, rewrites > 0, rewrites)
 
-    def decide(self, gm: fx.GraphModule) -> tuple[dict, dict] | str:
-        """Per layer (plan entry, dense ms, chosen ms, error), and the latency summary; or why the target
-        is out of reach."""
+    def decide(self, gm: fx.GraphModule, batches: list | None = None) -> tuple[dict, dict] | str:
+        """Per layer (plan entry, dense ms, chosen ms, kernel error, accuracy drop or None), and the latency
+        summary; or why the target is out of reach. `batches`: eval batches for objective=eval."""
         state = state_of(gm)
         runtime, cache = self.target(), LatencyCache(self.cache or None)
         sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
         options = []
+        baseline = accuracy(gm, batches) if batches else None
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
             entries = [None] + (self.candidates(gm, site) if self.selects(site.name) else [])
             errors = [0.0] + self.errors(gm, site, entries[1:])
             ms = measure_layer(LayerShape.of(site), entries, runtime, cache, reps=self.reps)
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
-            options.append([(entries[i], ms[i], errors[i]) for i in keep])
+            drops = ([0.0] + [accuracy_drop(gm, site, entries[i], batches, baseline) for i in keep[1:]]
+                     if batches else [None] * len(keep))
+            options.append([(entries[i], ms[i], errors[i], drop) for i, drop in zip(keep, drops)])
         cache.save()
         model_ms = self.model_ms(gm, runtime)
         try:
@@ -121,7 +138,7 @@ class PlanLatency(Pass):
             return str(e)
         rest = max(model_ms - sum(o[0][1] for o in options), 0.0)
         predicted = rest + sum(o[i][1] for o, i in zip(options, picks))
-        layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2])
+        layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2], opts[i][3])
                   for site, opts, i in zip(sites, options, picks)}
         return layers, {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
                         "model_ms_before": model_ms, "predicted_ms_after": predicted,
@@ -171,7 +188,8 @@ class PlanLatency(Pass):
             cost = entry.cost(site.geometry) if entry else conv_cost(site.geometry)
             return cost.params if self.ratio else cost.macs
 
-        groups = [[(weight(s, e, ms), err ** 2) for e, ms, err in o] for s, o in zip(sites, options)]
+        groups = [[(weight(s, e, ms), drop if self.objective == "eval" else err ** 2) for e, ms, err, drop in o]
+                  for s, o in zip(sites, options)]
         dense = sum(g[0][0] for g in groups)
         rest = max(model_ms - dense, 0.0)  # what lies outside the convs
         if self.speedup:
@@ -193,3 +211,15 @@ class PlanLatency(Pass):
                                 "ask for less, or add forms or a finer rank grid (steps=)") from None
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
                             f"dense (at most {dense / e.least:.2f}x)") from None
+
+
+@torch.no_grad()
+def accuracy_drop(gm: fx.GraphModule, site: ConvSite, entry: LayerPlan, batches: list, baseline: float) -> float:
+    """How much accuracy the model loses on `batches` when this layer alone takes `entry`'s approximation."""
+    weight = site.weight(gm)
+    kept = weight.detach().clone()
+    weight.copy_(entry.reconstruct(kept))
+    try:
+        return max(baseline - accuracy(gm, batches), 0.0)
+    finally:
+        weight.copy_(kept)

@@ -109,7 +109,10 @@ class Stage:
 
 @dataclass(frozen=True)
 class Pass(Stage):
-    """A graph rewrite: GraphModule -> PassResult."""
+    """A graph rewrite: GraphModule -> PassResult. A pass with `takes_context` is also given the RunContext
+    (the user's data), as `pass(gm, ctx)`."""
+
+    takes_context: ClassVar[bool] = False
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError
@@ -254,7 +257,7 @@ class Pipeline:
             ctx.status(f"running {stage.spec()}")
             start = time.perf_counter()
             if isinstance(stage, Pass):
-                result = stage(gm)
+                result = stage(gm, ctx) if stage.takes_context else stage(gm)
                 gm = result.module
                 gm.recompile()
                 outcome = f"{result.rewrites} rewrites" if result.modified else "no change"

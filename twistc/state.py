@@ -32,6 +32,7 @@ class LayerRecord:
     latency_before: float | None = None  # plan-latency: the dense conv's measured median (ms)
     latency_after: float | None = None   # ... and the chosen form's
     approx_error: float | None = None    # ... and its relative kernel error as planned
+    accuracy_drop: float | None = None   # ... and, with objective=eval, the accuracy it costs alone
 
     @property
     def before(self) -> Cost:
@@ -69,6 +70,7 @@ class LayerRecord:
             "speedup": (self.latency_before / self.latency_after
                         if self.latency_before and self.latency_after else None),
             "approx_error": self.approx_error,
+            "accuracy_drop": self.accuracy_drop,
         }
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import twistc.passes.plan_latency as plan_latency
-from twistc import Pipeline, state_of, trace
+from twistc import Pipeline, RunContext, state_of, trace
 from twistc.errors import RankError, SpecError
 from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer
 from twistc.passes.plan_latency import PlanLatency
@@ -146,3 +146,33 @@ def test_cache_round_trips_and_is_keyed_by_runtime_shape_and_candidate(tmp_path,
     folder.mkdir()
     with pytest.raises(SpecError, match="is a folder"):
         LatencyCache(folder)
+
+
+class _TwoPaths(nn.Module):
+    """`a`'s output is multiplied by zero, so approximating it costs no accuracy; `b` decides the output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head((self.a(x) * 0.0 + self.b(x)).mean((2, 3)))
+
+
+def test_objective_eval_spends_the_budget_where_accuracy_does_not_suffer(table, tmp_path):
+    table["dense"] = lambda e, shape: 1.0
+    table["lowered"] = lambda e, shape: 0.5
+    net = _TwoPaths().eval()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    data = [(x[:32], net(x[:32]).argmax(1)), (x[32:], net(x[32:]).argmax(1))]  # 100% accurate before
+    gm = trace(net, (x[:1],))
+    ctx = RunContext(eval_data=lambda: data)
+    gm = Pipeline.parse(f"plan-latency{{speedup=1.15,objective=eval,cache={tmp_path / 'c.json'}}}").run(gm, ctx)
+    state = state_of(gm)
+    assert state.plan.get("a").decomp != "none" and state.layers["a"].accuracy_drop == 0.0
+    assert state.plan.get("b").decomp == "none"
+    with pytest.raises(SpecError, match="needs eval_data"):
+        Pipeline.parse(f"plan-latency{{speedup=1.15,objective=eval,cache={tmp_path / 'c.json'}}}").run(
+            trace(_TwoPaths(), (x[:1],)))
