@@ -33,6 +33,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CHECKPOINTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twistc" / "experiments"
 
 
+def resumable(main) -> int:
+    """Run an experiment's `main`; a stop (Ctrl-C, SIGTERM) ends it with one line, since the same command
+    continues from the checkpoints and finished runs."""
+    try:
+        return main()
+    except KeyboardInterrupt as e:
+        print(f"stopped: {getattr(e, 'message', '') or 'interrupted'}; run the same command again to continue",
+              file=sys.stderr)
+        return 128 + getattr(e, "signum", 2)
+
+
 class RunStore:
     def __init__(self, root: Path):
         self.root = Path(root)

@@ -137,7 +137,7 @@ def finetune_specs(store: expkit.RunStore) -> dict[str, tuple[list[str], dict | 
             out[f"finetune-deeptwist-{key}"] = ([f"deeptwist{{period=50}},TRAIN,{LOWER}"], v["plan"])
         else:
             out[f"finetune-conventional-{key}"] = ([v["spec"], "TRAIN"], None)
-    return out
+    return dict(sorted(out.items(), key=lambda kv: "deeptwist" in kv[0]))  # the conventional runs first
 
 
 def finetune(budget: expkit.Budget, store: expkit.RunStore, seed: int = 0) -> None:
@@ -242,4 +242,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(expkit.resumable(main))
