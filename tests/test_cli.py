@@ -361,3 +361,17 @@ def test_status_lines_go_to_a_terminal_only(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.splitlines()
     assert "twistc: running lower-conv-tucker{ratio=2}" in err
     assert "twistc: exporting model.onnx and checking it in onnxruntime" in err
+
+
+def test_eval_reports_the_accuracy_of_an_onnx_file(tmp_path, capsys):
+    body = TINY + TRAIN + "\ndef eval_data():\n    return train_data()\n"
+    path = _model_file(tmp_path, body)
+    out = tmp_path / "out"
+    assert main(["compile", str(path), "--pass", "tucker", "-o", str(out), "--quiet"]) == 0
+    expected = json.loads((out / "report.json").read_text())["accuracy"]["after"]
+    capsys.readouterr()
+    assert main(["eval", str(path), str(out / "model.onnx")]) == 0
+    assert f"top-1 accuracy {expected:.2%} (" in capsys.readouterr().out
+    _fails(capsys, ["eval", str(_model_file(tmp_path, TINY, "plain.py")), str(out / "model.onnx")],
+           "defines no eval_data()")
+    _fails(capsys, ["eval", str(path), str(tmp_path / "missing.onnx")], "does not exist")

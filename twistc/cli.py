@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from twistc import distributed
-from twistc.bench import bench
+from twistc.bench import bench, session
 from twistc.errors import SpecError, Stopped, TwistcError
 from twistc.export import export_onnx, save_program
 from twistc.latency import Runtime, compare_models, model_timer
@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("passes", help="list passes, stages and presets; with NAME, that pass's options")
     ps.add_argument("name", nargs="?", help="a pass or stage, e.g. plan-latency")
+
+    e = sub.add_parser("eval", help="top-1 accuracy of an ONNX file in onnxruntime on MODEL.py's eval_data()")
+    e.add_argument("model", help="MODEL.py defining eval_data()")
+    e.add_argument("onnx", help="the ONNX file, e.g. twistc-out/model.onnx")
+    e.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="option passed to MODEL.py functions that take KEY (repeatable)")
+    e.add_argument("--threads", type=int, default=1)
 
     b = sub.add_parser("bench", help="time ONNX models in onnxruntime, side by side")
     b.add_argument("models", nargs="+", help="ONNX files; ratios are relative to the first")
@@ -266,6 +273,25 @@ def passes_command(args) -> int:
     return 0
 
 
+def eval_command(args) -> int:
+    if args.threads < 1:
+        raise SpecError(f"--threads must be >= 1, got {args.threads}")
+    mf = load_model_file(Path(args.model).resolve(), _options(args.options))
+    if not mf.has("eval_data"):
+        raise SpecError(f"{args.model} defines no eval_data(); twistc eval needs (input, target) batches from it")
+    sess = session(args.onnx, "cpu", args.threads)
+    name = sess.get_inputs()[0].name
+    correct = seen = 0
+    for x, y in mf.call("eval_data"):
+        (logits,) = sess.run(None, {name: x.numpy()})[:1]
+        correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
+        seen += len(y)
+    if not seen:
+        raise SpecError(f"eval_data() in {args.model} yielded no batches")
+    _say(f"{args.onnx}: top-1 accuracy {correct / seen:.2%} ({correct:,} of {seen:,}) on eval_data() of {args.model}")
+    return 0
+
+
 def _type_name(tp) -> str:
     text = getattr(tp, "__name__", None) or str(tp)
     return text.replace("typing.", "").replace("NoneType", "None").replace("tuple[int, ...]", "HxW")
@@ -300,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # SIGTERM unwinds like Ctrl-C, so temporary files are removed
         previous = signal.signal(signal.SIGTERM, _raise_stopped)
-    command = {"compile": compile_command, "passes": passes_command, "bench": bench_command}[args.command]
+    command = {"compile": compile_command, "passes": passes_command, "bench": bench_command,
+               "eval": eval_command}[args.command]
     try:
         return command(args)
     except KeyboardInterrupt as e:
