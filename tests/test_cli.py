@@ -210,6 +210,10 @@ def test_bench_command_writes_results(tmp_path, capsys):
     assert len(second["samples_ms"]) == 5 and first["speedup_vs_first"] == 1.0
     lo, hi = second["speedup_ci95"]
     assert lo <= second["speedup_vs_first"] <= hi
+    assert main(["bench", str(out / "model.pt2"), str(out / "model.pt2"), "--runtime", "torch", "--provider", "cpu",
+                 "--reps", "3", "--warmup", "1", "-o", str(tmp_path / "torch.json")]) == 0
+    result = json.loads((tmp_path / "torch.json").read_text())
+    assert result["runtime"] == "torch" and result["provider"] == "cpu" and len(result["models"][1]["samples_ms"]) == 3
     _fails(capsys, ["bench", str(tmp_path / "missing.onnx")], "does not exist")
     _fails(capsys, ["bench", str(out / "model.onnx"), "--provider", "cuda"], "CUDAExecutionProvider")
 

@@ -32,14 +32,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import expkit  # noqa: E402
 
 from twistc import Pipeline, state_of, trace  # noqa: E402
-from twistc.latency import onnx_bytes, ort_timer, paired_medians  # noqa: E402
+from twistc.latency import onnx_bytes, ort_timer, paired_medians, paired_speedup  # noqa: E402
 from twistc.models import load_resnet32, resnet18, resnet50  # noqa: E402
 
 log = logging.getLogger("latency_plan")
@@ -109,13 +108,9 @@ def run(model_name: str, setting: str, checkpoint: str, reps: int, cache: str) -
     timers = [ort_timer(m, xb, "cpu", threads, onnx_bytes(m.eval(), xb)) for m in modules.values()]
     samples: list[list[float]] = []
     medians = paired_medians(timers, warmup=5, reps=reps, samples=samples)
-    rng = np.random.default_rng(0)
-    dense_samples = np.array(samples[0])
     for (label, _), median, s in zip(list(modules.items())[1:], medians[1:], samples[1:]):
-        ratios = dense_samples / np.array(s)
-        boot = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
         results[label].update({"median_ms": median, "speedup": medians[0] / median,
-                               "speedup_ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]})
+                               "speedup_ci95": paired_speedup(samples[0], s)[1]})
     return {"model": model_name, "setting": setting, "batch": batch, "threads": threads, "reps": reps,
             "dense_median_ms": medians[0], "variants": results, **expkit.metadata()}
 

@@ -1,4 +1,5 @@
-"""Latency of ONNX models in onnxruntime, measured side by side in one process.
+"""Latency of ONNX models in onnxruntime, or of torch.export programs in PyTorch, measured side by side in
+one process.
 
 Models are timed round-robin (one run of each per repetition) after warm-up, so that machine
 noise hits all of them alike; medians and their ratios to the first model are reported.
@@ -8,11 +9,14 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from twistc.errors import TwistcError
+from twistc.latency import Runtime, paired_medians, paired_speedup
 from twistc.report import cpu_model, versions
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -54,34 +58,59 @@ def _feed(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> d
     return feed
 
 
+def _ort_timer(path: str, provider: str, threads: int, spin: bool, batch: int, rng) -> Callable[[], float]:
+    sess = session(path, provider, threads, spin)
+    feed = _feed(sess, batch, rng)
+
+    def run() -> float:
+        start = time.perf_counter()
+        sess.run(None, feed)
+        return time.perf_counter() - start
+
+    return run
+
+
+def _program_timer(path: str, runtime: Runtime) -> Callable[[], float]:
+    """A timer of a torch.export program (.pt2) in PyTorch eager, on runtime.device."""
+    if not Path(path).is_file():
+        raise TwistcError(f"program file {path} does not exist")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:
+        raise TwistcError(f"torch.export cannot load {path}: {str(e).splitlines()[0]}") from None
+    (x, *_), _ = program.example_inputs
+    x = torch.randn(runtime.batch, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    return runtime.timer(program.module(), x)
+
+
 def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "cpu", warmup: int = 10,
-          reps: int = 50, seed: int = 0, spin: bool = False) -> dict:
-    """Medians, the raw samples, and each model's speedup over the first: the median of the paired
-    per-repetition ratios, with a bootstrap 95% interval."""
+          reps: int = 50, seed: int = 0, spin: bool = False, runtime: str = "ort") -> dict:
+    """Round-robin timing of ONNX files in onnxruntime (`runtime="ort"`, on `provider`) or of torch.export
+    programs (.pt2) in PyTorch (`runtime="torch"`, on `provider` as device, CUDA timed with events):
+    medians, the raw samples, and each model's speedup over the first, the median of the paired
+    per-repetition ratios with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed)
-    provider = resolve_provider(provider)
-    sessions = [session(p, provider, threads, spin) for p in paths]
-    feeds = [_feed(s, batch, rng) for s in sessions]
-    for _ in range(warmup):
-        for s, f in zip(sessions, feeds):
-            s.run(None, f)
-    times = [[] for _ in paths]
-    for _ in range(reps):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
-            start = time.perf_counter()
-            s.run(None, f)
-            times[i].append((time.perf_counter() - start) * 1e3)
+    if runtime == "torch":
+        device = provider if provider != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise TwistcError("this torch sees no CUDA device; bench on --provider cpu")
+        target = Runtime("torch", device, threads, batch)
+        timers = [_program_timer(p, target) for p in paths]
+        provider, machine = target.device, target.machine()
+    else:
+        provider = resolve_provider(provider)
+        timers = [_ort_timer(p, provider, threads, spin, batch, rng) for p in paths]
+        machine = cpu_model()
+    samples: list[list[float]] = []
+    paired_medians(timers, warmup, reps, samples)
     models = []
-    for path, t in zip(paths, times):
+    for path, t in zip(paths, samples):
         q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
+        speedup, ci = paired_speedup(samples[0], t, seed)
         models.append({"path": str(path), "median_ms": statistics.median(t), "p10_ms": q[0], "p90_ms": q[-1],
-                       "min_ms": min(t), "samples_ms": t})
-    base = models[0]["median_ms"]
-    for m, t in zip(models, times):
-        ratios = np.array(times[0]) / np.array(t)
-        boot = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
-        m["ratio_to_first"] = m["median_ms"] / base
-        m["speedup_vs_first"] = float(np.median(ratios))
-        m["speedup_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
-    return {"models": models, "batch": batch, "threads": threads, "provider": provider, "spinning": spin,
-            "warmup": warmup, "repetitions": reps, "machine": cpu_model(), "versions": versions()}
+                       "min_ms": min(t), "speedup_vs_first": speedup, "speedup_ci95": ci, "samples_ms": t})
+    for m in models:
+        m["ratio_to_first"] = m["median_ms"] / models[0]["median_ms"]
+    return {"models": models, "runtime": runtime, "batch": batch, "threads": threads, "provider": provider,
+            "spinning": spin if runtime == "ort" else None, "warmup": warmup, "repetitions": reps,
+            "machine": machine, "versions": versions()}

@@ -77,7 +77,10 @@ class Runtime:
 
     def timer(self, module: nn.Module, example: torch.Tensor) -> Callable[[], float]:
         """A function that runs `module` once on `example` in this runtime and returns the seconds taken."""
-        module = module.eval()
+        try:
+            module = module.eval()
+        except NotImplementedError:  # a torch.export program's module: exported in eval mode already
+            pass
         if self.runtime == "torch":
             return _torch_timer(module, example.to(self.device), self.device, self.threads)
         return ort_timer(module, example, self.device, self.threads)
@@ -285,16 +288,18 @@ def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([x] * batch)[:batch] if x.shape[0] != batch else x
 
 
+def paired_speedup(base: list[float], other: list[float], seed: int = 0) -> tuple[float, list[float]]:
+    """The median of the per-repetition ratios base / other, and a bootstrap 95% interval of it."""
+    ratios = np.array(base) / np.array(other)
+    boot = np.median(np.random.default_rng(seed).choice(ratios, size=(2000, len(ratios))), axis=1)
+    return float(np.median(ratios)), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+
 def compare_models(timers: list[Callable[[], float]], warmup: int = 5, reps: int = 30) -> dict:
-    """Paired timing of whole models: medians, the per-repetition ratios to the first and a bootstrap
-    95% interval of the median ratio."""
+    """Paired timing of whole models: medians, the raw samples and the second's speedup over the first."""
     samples: list[list[float]] = []
     medians = paired_medians(timers, warmup, reps, samples)
-    rng = np.random.default_rng(0)
     out = {"median_ms": medians, "samples_ms": samples, "reps": reps}
     if len(timers) > 1:
-        ratios = np.array(samples[0]) / np.array(samples[1])  # speedup of the second over the first, per rep
-        boot = np.median(rng.choice(ratios, size=(2000, len(ratios))), axis=1)
-        out["speedup"] = float(np.median(ratios))
-        out["speedup_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        out["speedup"], out["speedup_ci95"] = paired_speedup(samples[0], samples[1])
     return out
