@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn.functional as F
 
-from twistc.convs import ConvSite, erase_if_dead, insert_module
+from twistc.convs import ConvSite, erase_if_dead, insert_module, weight_groups
 from twistc.decomp.svd import ORDERS
 from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
@@ -59,7 +59,8 @@ class DeepTwist(LowRankOptions):
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         state, sites = self.sites(gm)
         rewrites = 0
-        for site in sites:
+        for group in weight_groups(gm, sites).values():  # a weight used by several convs is projected once
+            site = group[0]
             if site.projection is not None:
                 continue
             planned = state.plan.get(site.name)  # a plan's decomposition wins over the option
@@ -70,22 +71,27 @@ class DeepTwist(LowRankOptions):
                 continue
             projection = LowRankProjection(site.name, site.weight_name, entry, self.period)
             insert_module(gm, f"{site.weight_name}_projection", projection)
-            _route_weight(gm, site, f"{site.weight_name}_projection")
+            projected = None
+            for use in group:
+                projected = _route_weight(gm, use, f"{site.weight_name}_projection", projected)
             record_plan(state, site, entry)
             rewrites += 1
         return PassResult(gm, rewrites > 0, rewrites)
 
 
-def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str) -> None:
+def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str,
+                  projected: fx.Node | None = None) -> fx.Node:
+    """Feed the conv its weight through the projection; `projected`: the projection's node, when an
+    earlier use of the same weight made it. Returns that node."""
     graph = gm.graph
     with graph.inserting_before(site.node):
-        weight = graph.get_attr(site.weight_name)
-        projected = graph.call_module(projection_path, (weight,))
+        if projected is None:
+            projected = graph.call_module(projection_path, (graph.get_attr(site.weight_name),))
         if not site.is_module:
             old_weight = site.node.args[1] if len(site.node.args) > 1 else site.node.kwargs["weight"]
             site.node.replace_input_with(old_weight, projected)
             erase_if_dead(gm, [old_weight])
-            return
+            return projected
         bias = graph.get_attr(site.bias_name) if site.bias_name else None
         x, padding = site.input, site.padding
         if site.padding_mode != "zeros":
@@ -96,3 +102,4 @@ def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str) -> N
     conv.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(conv)
     graph.erase_node(site.node)
+    return projected

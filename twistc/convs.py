@@ -42,6 +42,7 @@ class ConvSite:
     padding_mode: str
     geometry: ConvGeometry
     projection: LowRankProjection | None = None
+    lowered_to: str | None = None  # set when a lowering replaced it: the path of the lowered module
 
     def weight(self, gm: fx.GraphModule) -> nn.Parameter:
         return gm.get_parameter(self.weight_name)
@@ -124,6 +125,23 @@ def conv_sites(gm: fx.GraphModule) -> list[ConvSite]:
     return sites
 
 
+def weight_groups(gm: fx.GraphModule, sites: list[ConvSite]) -> dict[int, list[ConvSite]]:
+    """Sites grouped by the weight they use (a conv applied twice, or convs with tied weights), in graph order."""
+    groups: dict[int, list[ConvSite]] = {}
+    for site in sites:
+        groups.setdefault(id(site.weight(gm)), []).append(site)
+    return groups
+
+
+def samples_alike(gm: fx.GraphModule, sites: list[ConvSite]) -> bool:
+    """Whether these convs sample their input alike and add the same bias, so that one lowered module can
+    serve them all."""
+    first = sites[0]
+    return all(s.conv_args() == first.conv_args() and s.groups == first.groups
+               and (s.bias(gm) is None) == (first.bias(gm) is None)
+               and (s.bias(gm) is None or s.bias(gm) is first.bias(gm)) for s in sites)
+
+
 def insert_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     """Put `module` at `path`, replacing whatever was there."""
     parent, _, attr = path.rpartition(".")
@@ -168,13 +186,22 @@ def replace_with_chain(gm: fx.GraphModule, site: ConvSite, path: str, module: nn
     _swap(gm, site, value, path, module)
 
 
-def _swap(gm: fx.GraphModule, site: ConvSite, value: fx.Node, path: str, module: nn.Module) -> None:
+def reuse_lowered(gm: fx.GraphModule, site: ConvSite, path: str) -> None:
+    """Replace another use of an already lowered weight by a call of the lowered module at `path`."""
+    with gm.graph.inserting_before(site.node):
+        node = gm.graph.create_node("call_module", path, (site.input,))
+    _swap(gm, site, node, path, None)
+
+
+def _swap(gm: fx.GraphModule, site: ConvSite, value: fx.Node, path: str, module: nn.Module | None) -> None:
     value.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(value)
     inputs = [n for n in site.node.all_input_nodes if n is not site.input]
     gm.graph.erase_node(site.node)
     erase_if_dead(gm, inputs)
-    insert_module(gm, path, module)
+    if module is not None:
+        insert_module(gm, path, module)
+    site.lowered_to = path
 
 
 def erase_if_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
@@ -184,11 +211,17 @@ def erase_if_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         node = pending.pop()
         if node in erased or node.users:
             continue
-        if node.op == "get_attr" or (
-                node.op == "call_module" and isinstance(gm.get_submodule(node.target), LowRankProjection)):
+        if node.op == "get_attr" or (node.op == "call_module" and _is_projection(gm, node)):
             pending.extend(node.all_input_nodes)
             gm.graph.erase_node(node)
             erased.add(node)
+
+
+def _is_projection(gm: fx.GraphModule, node: fx.Node) -> bool:
+    try:
+        return isinstance(gm.get_submodule(node.target), LowRankProjection)
+    except AttributeError:  # it lived in a conv that a lowering replaced: a projection of a shared weight
+        return True
 
 
 def lowered_path(gm: fx.GraphModule, site: ConvSite, form: str) -> str:

@@ -36,10 +36,11 @@ def build_report(state: CompileState, *, pipeline: str, original: nn.Module, com
                  **sections) -> dict:
     """Layers, totals, plan and versions; `sections` (onnx, training, accuracy, ...) are added as given."""
     layers = [record.to_json() for record in state.layers.values()]
-    totals = {key: sum(layer[key] for layer in layers) for key in
+    owned = [layer for layer in layers if not layer["shared_with"]]  # a shared weight counts once
+    totals = {key: sum(layer[key] for layer in owned) for key in
               ("params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after")}
     totals["ratio"] = totals["params_before"] / max(totals["params_after"], 1)
-    lowered = [layer for layer in layers if layer["lowering"]]
+    lowered = [layer for layer in owned if layer["lowering"]]
     compressed_before = sum(layer["params_before"] for layer in lowered)
     compressed_after = sum(layer["params_after"] for layer in lowered)
     report = {

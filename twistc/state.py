@@ -33,6 +33,7 @@ class LayerRecord:
     latency_after: float | None = None   # ... and the chosen form's
     approx_error: float | None = None    # ... and its relative kernel error as planned
     accuracy_drop: float | None = None   # ... and, with objective=eval, the accuracy it costs alone
+    shared_with: str | None = None  # a conv whose weight is this one's (tied weights): its lowering is reused
 
     @property
     def before(self) -> Cost:
@@ -53,7 +54,8 @@ class LayerRecord:
             "decomp": self.decomp,
             "lowering": self.lowering,
             "form": self.form,
-            "skip_reason": self.skip_reason if self.lowering is None else None,
+            "skip_reason": (self.skip_reason if self.lowering is None and not self.shared_with
+                            else f"shares its weight with {self.shared_with}" if self.shared_with else None),
             "ranks": list(self.ranks) if self.ranks else None,
             "ratio_requested": self.ratio_requested,
             "ratio_achieved": before.params / now.params,
@@ -71,6 +73,7 @@ class LayerRecord:
                         if self.latency_before and self.latency_after else None),
             "approx_error": self.approx_error,
             "accuracy_drop": self.accuracy_drop,
+            "shared_with": self.shared_with,
         }
 
 

@@ -129,8 +129,13 @@ def shape_prop(gm: fx.GraphModule, example_inputs: tuple):
 def _record_convs(gm: fx.GraphModule, state: CompileState) -> None:
     from twistc.convs import conv_sites  # late import: convs imports this module's state helpers
 
+    owners: dict[int, str] = {}  # id(weight) -> the first conv using it
     for site in conv_sites(gm):
-        state.layers[site.name] = LayerRecord(site.name, site.geometry)
+        if site.name in state.layers:  # the same conv applied again
+            continue
+        owner = owners.setdefault(id(site.weight(gm)), site.name)
+        state.layers[site.name] = LayerRecord(site.name, site.geometry,
+                                              shared_with=owner if owner != site.name else None)
     for path, why in state.leaves.items():
         leaf = gm.get_submodule(path)
         for sub, m in leaf.named_modules(prefix=path):
