@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch import nn
 
 import twistc
 from twistc.errors import TraceError
@@ -49,3 +50,25 @@ def test_untraceable_top_level_names_module_and_line():
 def test_bad_example_inputs_are_a_clear_error():
     with pytest.raises(TraceError, match="example_inputs"):
         twistc.trace(Net(), (torch.randn(1, 5, 8, 8),))
+
+
+def test_conv_kinds_without_a_decomposition_are_recorded_with_a_reason():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv1d(4, 6, 3)
+            self.c3 = nn.Conv3d(1, 2, (3, 3, 3))
+            self.up = nn.ConvTranspose2d(2, 3, 2, stride=2)
+            self.c2 = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, seq, vol):
+            img = self.c3(vol).mean(2)
+            return self.c2(self.up(img)).mean() + self.c1(seq).mean()
+
+    gm = twistc.trace(Mixed(), (torch.randn(1, 4, 10), torch.randn(1, 1, 5, 6, 6)))
+    gm = Pipeline.parse("lower-conv-tucker{ratio=1.5},cleanup").run(gm)
+    layers = twistc.state_of(gm).layers
+    assert layers["c2"].lowering == "tucker-chain"
+    for name, kind in (("c1", "Conv1d"), ("c3", "Conv3d"), ("up", "ConvTranspose2d")):
+        assert layers[name].lowering is None and layers[name].skip_reason.startswith(f"{kind}: no decomposition")
+    assert layers["c1"].before.params == 6 * 4 * 3 and layers["c3"].before.params == 2 * 1 * 27

@@ -136,12 +136,27 @@ def _record_convs(gm: fx.GraphModule, state: CompileState) -> None:
         owner = owners.setdefault(id(site.weight(gm)), site.name)
         state.layers[site.name] = LayerRecord(site.name, site.geometry,
                                               shared_with=owner if owner != site.name else None)
+    for node in gm.graph.nodes:  # conv kinds no decomposition handles yet, recorded with the reason
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, UNSUPPORTED_CONVS) and node.target not in state.layers:
+            state.layers[node.target] = LayerRecord(node.target, _any_conv_geometry(module), skip_reason=(
+                f"{type(module).__name__}: no decomposition handles this layer kind yet (only Conv2d)"))
     for path, why in state.leaves.items():
         leaf = gm.get_submodule(path)
         for sub, m in leaf.named_modules(prefix=path):
             if isinstance(m, nn.Conv2d):
                 g = _module_geometry(m)
                 state.layers[sub] = LayerRecord(sub, g, skip_reason=f"inside untraceable module {path}: {why}")
+
+
+UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _any_conv_geometry(m: nn.Module) -> ConvGeometry:
+    """A conv of any kind as counted in the report: its kernel's taps folded into one 2-D kernel."""
+    kernel = tuple(m.kernel_size)
+    kernel = (kernel[0], int(torch.tensor(kernel[1:]).prod())) if len(kernel) > 1 else (kernel[0], 1)
+    return ConvGeometry(m.out_channels, m.in_channels, kernel, m.groups)
 
 
 def _module_geometry(m: nn.Conv2d) -> ConvGeometry:
