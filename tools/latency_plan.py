@@ -143,6 +143,7 @@ def finetune(budget: expkit.Budget, store: expkit.RunStore, seed: int = 0) -> No
         log.info("%s: %s", rid, " then ".join(specs))
         result = expkit.finetune_run(budget, specs, seed, run_id=rid, plan=plan)
         store.save(rid, {"run": rid, **result}, budget.checkpoints)
+        report(store)
 
 
 def finetune_rows(runs: list[dict]) -> list[list]:
