@@ -1,5 +1,4 @@
 """Convs that share a weight (one conv applied twice, or tied weights) are lowered once and the result reused."""
-import pytest
 import torch
 from torch import nn
 
