@@ -33,6 +33,10 @@ class DeepTwist(LowRankOptions):
     name = "deeptwist"
     writes_plan = True
     summary = "training-time: project each selected conv's weight to low rank every `period` steps"
+    option_help = {**LowRankOptions.option_help, "decomp": "tucker, svd or tiled-svd",
+                   "period": "S_D: training steps between projections",
+                   "order": "svd, tiled-svd: column order of the lowered matrix, channel-major or tap-major",
+                   "tile": "tiled-svd: tile shape HxW", "grid": "tiled-svd: tile grid RxC"}
 
     decomp: str = "tucker"
     period: int = 200

@@ -30,6 +30,9 @@ FORMS = {"conv": "svd-conv", "im2col": "svd-im2col"}
 class LowerConvSvd(LowRankOptions):
     name = "lower-conv-svd"
     summary = "rewrite each conv through a truncated SVD of its lowered matrix (conv pair or im2col + GEMM)"
+    option_help = {**LowRankOptions.option_help, "form": "conv (a kxk conv, then a 1x1) or im2col",
+                   "order": "column order of the lowered matrix, channel-major or tap-major",
+                   "im2col": "form=im2col: onehot, slices or unfold"}
 
     form: str = "conv"
     order: str = "channel-major"

@@ -39,6 +39,9 @@ IM2COL = ("auto", *Im2Col.METHODS, *BLOCK_FORMS)
 class LowerConvTiledLowrank(LowRankOptions):
     name = "lower-conv-tiled-lowrank"
     summary = "rewrite each conv as per-tile low-rank products (tiled SVD of its lowered matrix)"
+    option_help = {**LowRankOptions.option_help, "tile": "tile shape HxW (ragged edges allowed)",
+                   "grid": "tile grid RxC", "order": "column order, channel-major or tap-major",
+                   "im2col": "auto, onehot, slices, unfold, channel-blocks or tap-blocks"}
 
     tile: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None

@@ -50,6 +50,18 @@ class PlanLatency(Pass):
     writes_plan = True
     takes_context = True
     summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
+    option_help = {"speedup": "target: measured whole-model speedup", "ratio": "target: weight ratio of the convs",
+                   "macs": "target: MAC ratio of the convs", "runtime": "where to measure: ort or torch",
+                   "device": "ort: execution provider cpu or cuda; torch: cpu or cuda",
+                   "threads": "threads of the runtime", "batch": "batch size to measure at",
+                   "forms": "candidate forms joined by |: tucker-chain, svd-conv",
+                   "steps": "rank grid: k/steps of each mode's full rank, k = 1..steps-1",
+                   "round_to": "round ranks to multiples of this",
+                   "layers": "fnmatch patterns of the convs it may compress",
+                   "cache": "latency cache file (default ~/.cache/twistc/latency.json)",
+                   "reps": "timed repetitions per candidate",
+                   "objective": "kernel (summed squared kernel errors) or eval (summed accuracy drops)",
+                   "eval_batches": "objective=eval: batches of eval_data() per measurement"}
 
     speedup: float | None = None
     ratio: float | None = None
@@ -59,12 +71,12 @@ class PlanLatency(Pass):
     threads: int = 1
     batch: int = 1
     forms: str = "tucker-chain|svd-conv"
-    steps: int = 8  # rank grid: k/steps of each mode's full rank, k = 1..steps-1
+    steps: int = 8
     round_to: int = 1
     layers: str | None = None
     cache: str = ""
     reps: int = 25
-    objective: str = "kernel"  # kernel: summed squared kernel errors | eval: summed accuracy drops
+    objective: str = "kernel"
     eval_batches: int = 2
 
     def __post_init__(self):

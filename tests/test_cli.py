@@ -356,6 +356,17 @@ def test_passes_name_lists_the_options(capsys):
     _fails(capsys, ["passes", "nope"], "unknown pass 'nope'")
 
 
+def test_every_option_of_every_pass_says_what_it_means():
+    import dataclasses
+
+    from twistc.pipeline import REGISTRY, stage_class
+
+    for name in REGISTRY:
+        cls = stage_class(name)
+        missing = [f.name for f in dataclasses.fields(cls) if not cls.option_help.get(f.name)]
+        assert not missing, f"{name}: {missing}"
+
+
 def test_status_lines_go_to_a_terminal_only(tmp_path, capsys, monkeypatch):
     path = _model_file(tmp_path)
     assert main(["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "a")]) == 0

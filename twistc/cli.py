@@ -265,9 +265,9 @@ def passes_command(args) -> int:
         cls = stage_class(args.name)
         _say(f"{cls.name}: {cls.summary}\n")
         hints = typing.get_type_hints(cls)
-        rows = [(f.name, _type_name(hints[f.name]), "-" if f.default is None else format_value(f.default), "")
-                for f in dataclasses.fields(cls)]
-        _say(text_table(rows, ("option", "type", "default", "")) if rows else "no options")
+        rows = [(f.name, _type_name(hints[f.name]), "-" if f.default is None else format_value(f.default),
+                 cls.option_help.get(f.name, "")) for f in dataclasses.fields(cls)]
+        _say(text_table(rows, ("option", "type", "default", "meaning"), max_note=100) if rows else "no options")
         return 0
     rows = describe()
     width = max(len(r[0]) for r in rows)

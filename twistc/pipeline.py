@@ -77,6 +77,7 @@ class Stage:
     name: ClassVar[str]
     summary: ClassVar[str]
     writes_plan: ClassVar[bool] = False  # later passes take ranks and layout from the plan it writes
+    option_help: ClassVar[dict[str, str]] = {}  # option -> what it means, for `twistc passes NAME`
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "Stage":

@@ -34,6 +34,12 @@ def first_failure(site: ConvSite, decomp: str) -> str | None:
 class LowRankOptions(Pass):
     """Options of every pass that chooses ranks. `layers`: fnmatch patterns joined by '|'."""
 
+    option_help = {"layers": "fnmatch patterns of the convs to touch, joined by |",
+                   "ratio": "per-layer weight compression ratio (> 1)",
+                   "ranks": "explicit ranks, e.g. 16x8 (Tucker r_out x r_in) or 16 (SVD)",
+                   "energy": "keep this share (0, 1] of each mode's squared singular values",
+                   "round_to": "round ranks to multiples of this"}
+
     layers: str | None = None
     ratio: float | None = None
     ranks: tuple[int, ...] | None = None

@@ -323,6 +323,13 @@ class Train(Stage):
     name = "train"
     summary = ("stage: SGD (Nesterov momentum) or AdamW with a cosine lr on train_data(), then DeepTwist's "
                "final projection")
+    option_help = {"epochs": "passes over train_data()", "lr": "peak learning rate (cosine decay to 0)",
+                   "momentum": "SGD's Nesterov momentum, or AdamW's beta1", "weight_decay": "weight decay",
+                   "seed": "seeds torch, numpy and random", "reset_momentum": "clear projected weights' momentum "
+                   "after each distortion", "recalibrate_bn": "batches for re-estimating BatchNorm statistics "
+                   "after the final projection", "checkpoint": "folder for checkpoints (else --checkpoint)",
+                   "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
+                   "amp": "none, or bf16 (the forward under bfloat16 autocast)"}
 
     epochs: int = 3
     lr: float = 0.01
@@ -330,11 +337,11 @@ class Train(Stage):
     weight_decay: float = 5e-4
     seed: int = 0
     reset_momentum: bool = False
-    recalibrate_bn: int = 0  # batches for re-estimating BatchNorm statistics after the final projection
-    checkpoint: str = ""  # folder for checkpoints (else the run context's --checkpoint)
-    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw (momentum is its beta1)
-    device: str = "cpu"  # cpu | cuda | cuda:N
-    amp: str = "none"  # none | bf16 (autocast of the forward)
+    recalibrate_bn: int = 0
+    checkpoint: str = ""
+    optimizer: str = "sgd"
+    device: str = "cpu"
+    amp: str = "none"
 
     def __post_init__(self):
         if self.epochs < 0:
