@@ -13,6 +13,7 @@ cores) and `torch` (PyTorch eager on cpu or cuda; CUDA timings use events).
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -92,21 +93,26 @@ def _ort():
 
 
 def _torch_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int) -> Callable[[], float]:
-    module = module.to(device)
+    if device != "cpu":  # a copy: the caller's module stays where it is
+        module = copy.deepcopy(module).to(device)
 
     @torch.inference_mode()
     def run() -> float:
+        previous = torch.get_num_threads()
         torch.set_num_threads(threads)
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        try:
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                module(x)
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / 1e3
+            t = time.perf_counter()
             module(x)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t = time.perf_counter()
-        module(x)
-        return time.perf_counter() - t
+            return time.perf_counter() - t
+        finally:
+            torch.set_num_threads(previous)
 
     return run
 
