@@ -176,3 +176,17 @@ def test_objective_eval_spends_the_budget_where_accuracy_does_not_suffer(table, 
     with pytest.raises(SpecError, match="needs eval_data"):
         Pipeline.parse(f"plan-latency{{speedup=1.15,objective=eval,cache={tmp_path / 'c.json'}}}").run(
             trace(_TwoPaths(), (x[:1],)))
+
+
+def test_runtime_torch_measures_in_pytorch_and_leaves_threads_alone(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
+    threads = torch.get_num_threads()
+    gm = Pipeline.parse(f"plan-latency{{ratio=1.5,runtime=torch,steps=4,reps=3,cache={tmp_path / 'c.json'}}}").run(
+        trace(net, (torch.randn(1, 3, 24, 24),)))
+    state = state_of(gm)
+    assert state.latency["runtime"]["runtime"] == "torch" and torch.get_num_threads() == threads
+    keys = json.loads((tmp_path / "c.json").read_text())["entries"]
+    assert keys and all(k.startswith(f"torch-{torch.__version__}|cpu|") for k in keys)
+    assert state.plan.get("2").decomp != "none"  # the wide conv is where 1.5x fewer weights come cheapest
