@@ -148,9 +148,15 @@ def finetune(budget: expkit.Budget, store: expkit.RunStore, seed: int = 0) -> No
 
 def finetune_rows(runs: list[dict]) -> list[list]:
     tuned = sorted((r for r in runs if r.get("run", "").startswith("finetune-")), key=lambda r: r["run"])
-    uniform = [r for r in tuned if r["run"] == "finetune-conventional-uniformr2"]
+    by_id = {r["run"]: r for r in tuned}
+    uniform = by_id.get("finetune-conventional-uniformr2")
+
+    def conventional(r):  # the conventional run under the same plan as a DeepTwist run
+        return by_id.get(r["run"].replace("-deeptwist-", "-conventional-")) if "-deeptwist-" in r["run"] else None
+
     return [[r["run"].removeprefix("finetune-"), f"{100 * r['test_acc']:.2f}",
-             expkit.paired_difference([(r, uniform[0])]) if uniform and r is not uniform[0] else "-",
+             expkit.paired_difference([(r, uniform)]) if uniform and r is not uniform else "-",
+             expkit.paired_difference([(r, conventional(r))]) if conventional(r) else "-",
              f"{r['layers_ratio']:.2f}x", r["steps"], r["distortions"], f"{r['seconds'] / 60:.0f}"] for r in tuned]
 
 
@@ -181,7 +187,8 @@ def report(store: expkit.RunStore) -> None:
           *(["## ResNet-32 after fine-tuning (plans for batch 1, 1 thread)\n",
              "3 epochs on CIFAR-10 from the checkpoint (88.83%), SGD Nesterov from lr 0.01, cosine, seed 0; test "
              "accuracy on all 10,000 test images. DeepTwist: S_D = 50 under the same plan.\n",
-             expkit.markdown_table(["run", "test acc %", "vs uniform r=2 [95% CI]", "weights cut (compressed convs)",
+             expkit.markdown_table(["run", "test acc %", "vs uniform r=2 [95% CI]",
+                                    "DeepTwist vs conventional, same plan [95% CI]", "weights cut (compressed convs)",
                                     "steps", "distortions", "minutes"], tuned), ""] if tuned else []),
           "Machines and commands:", ""]
     md += sorted({f"- `{r['command']}` on {r['machine']['cpu']}" for r in store.load_all()}) + [""]
