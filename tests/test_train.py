@@ -46,3 +46,13 @@ def test_the_projection_runs_in_full_precision_under_autocast():
 def test_bad_precision_or_device(spec, message):
     with pytest.raises(SpecError, match=message):
         Pipeline.parse(spec)
+
+
+def test_channels_last_trains_like_contiguous_and_hands_back_contiguous_weights():
+    data = _data()
+    plain, fast = _deeptwist_model(), _deeptwist_model()
+    train(plain, lambda: data, 1, lr=0.05, progress=False)
+    train(fast, lambda: data, 1, lr=0.05, progress=False, channels_last=True)
+    for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
+    assert all(p.is_contiguous() for p in fast.parameters())
