@@ -390,3 +390,11 @@ def test_eval_reports_the_accuracy_of_an_onnx_file(tmp_path, capsys):
     _fails(capsys, ["eval", str(_model_file(tmp_path, TINY, "plain.py")), str(out / "model.onnx")],
            "defines no eval_data()")
     _fails(capsys, ["eval", str(path), str(tmp_path / "missing.onnx")], "does not exist")
+
+
+def test_a_float64_model_gets_a_clear_error(tmp_path, capsys):
+    body = TINY.replace("nn.Linear(8, 4))", "nn.Linear(8, 4)).double()").replace(
+        "torch.randn(1, 3, 8, 8)", "torch.randn(1, 3, 8, 8, dtype=torch.float64)")
+    _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
+           "the model holds float64 weights")
+    assert not (tmp_path / "o").exists()

@@ -98,7 +98,14 @@ def export_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol
 @torch.no_grad()
 def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol: float = 1e-4,
                rtol: float = 1e-4) -> OnnxCheck:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # e.g. no kernel for an op at this dtype
+        dtypes = {p.dtype for p in module.parameters()} - {torch.float32}
+        hint = (f"; the model holds {', '.join(str(d).removeprefix('torch.') for d in dtypes)} weights, and "
+                "onnxruntime's CPU kernels for Conv take float32: return model().float() from MODEL.py"
+                if dtypes else "")
+        raise ExportCheckError(f"onnxruntime cannot run {Path(path).name}: {str(e).splitlines()[0]}{hint}") from None
     names = [i.name for i in session.get_inputs()]
     worst, sizes = 0.0, []
     for batch in (example_inputs[0].shape[0], 3):
