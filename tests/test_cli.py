@@ -398,3 +398,12 @@ def test_a_float64_model_gets_a_clear_error(tmp_path, capsys):
     _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
            "the model holds float64 weights")
     assert not (tmp_path / "o").exists()
+
+
+def test_non_finite_outputs_are_named_as_such(tmp_path, capsys):
+    body = TINY.replace("    return nn.Sequential(", "    net = nn.Sequential(").replace(
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))",
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))\n"
+        "    with torch.no_grad():\n        net[5].weight[0, 0] = float('nan')\n    return net")
+    _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
+           "non-finite output (PyTorch gives NaN or inf")

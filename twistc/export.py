@@ -115,6 +115,10 @@ def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol:
         for e, g in zip(expected, got):
             if e.shape != g.shape:
                 raise ExportCheckError(f"{path}: onnxruntime output shape {g.shape} != PyTorch {e.shape}")
+            if not (np.isfinite(e).all() and np.isfinite(g).all()):
+                which = "PyTorch" if not np.isfinite(e).all() else "onnxruntime"
+                raise ExportCheckError(f"{Path(path).name}: non-finite output ({which} gives NaN or inf at batch "
+                                       f"{batch}); check the model's weights and inputs for NaN or inf")
             diff = float(np.max(np.abs(e - g))) if e.size else 0.0
             worst = max(worst, diff)
             if not np.allclose(g, e, atol=atol, rtol=rtol):
