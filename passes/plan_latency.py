@@ -8,8 +8,9 @@
 `err` is the relative kernel reconstruction error (||W - W_r|| / ||W||; HOSVD's for Tucker, an upper
 bound on what the lowering's HOOI reaches). With `objective=eval` the cost of a candidate is instead
 the accuracy the model loses on `eval_batches` batches of eval_data() when that layer alone takes it
-(per-layer sensitivity, as AIMET measures it, but weighed against latency); the drops are summed. Latencies are medians measured with the real lowered
-modules at each layer's input shape (twistc.latency), cached across compiles. A candidate measured
+(per-layer sensitivity, as AIMET measures it, but weighed against latency); the drops are summed.
+Latencies are medians measured with the real lowered modules at each layer's input shape
+(twistc.latency), cached across compiles. A candidate measured
 slower than its dense conv is never chosen. The pass only writes the plan (and the predictions into
 the layer records); deeptwist and the lowering passes consume it unchanged.
 """
@@ -33,7 +34,7 @@ from twistc.errors import RankError, SpecError
 from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
 from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
-from twistc.selection import check_choice, check_layers_pattern, first_failure
+from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
 from twistc.state import state_of
 from twistc.train import accuracy
 
@@ -97,10 +98,6 @@ class PlanLatency(Pass):
     def target(self) -> Runtime:
         return Runtime(self.runtime, self.device, self.threads, self.batch)
 
-    def selects(self, name: str) -> bool:
-        from fnmatch import fnmatchcase
-        return self.layers is None or any(fnmatchcase(name, p) for p in self.layers.split("|"))
-
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule, ctx: RunContext | None = None) -> PassResult:
         state = state_of(gm)
@@ -135,7 +132,7 @@ class PlanLatency(Pass):
         options = []
         baseline = accuracy(gm, batches) if batches else None
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
-            entries = [None] + (self.candidates(gm, site) if self.selects(site.name) else [])
+            entries = [None] + (self.candidates(gm, site) if selected(self.layers, site.name) else [])
             errors = [0.0] + self.errors(gm, site, entries[1:])
             ms = measure_layer(LayerShape.of(site), entries, runtime, cache, reps=self.reps)
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense

@@ -2,6 +2,20 @@
 import torch.nn.functional as F
 from torch import nn
 
+# A MODEL.py for CLI tests: a small CNN on 3x8x8 inputs, 4 classes (tests add train_data() and eval_data())
+TINY_MODEL_PY = '''
+import torch
+from torch import nn
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+def example_inputs():
+    return (torch.randn(1, 3, 8, 8),)
+'''
+
 # nn.Conv2d keyword arguments covering bias, stride, padding ('same' too), padding modes, dilation, kernel shapes
 CONV_CASES = {
     "bias": dict(kernel_size=3, padding=1),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from models_for_tests import TINY_MODEL_PY
 from twistc import Pipeline, trace
 from twistc import checkpoint
 from twistc.checkpoint import CheckpointError
@@ -115,17 +116,8 @@ def test_a_stop_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == [checkpoint.FILE]
 
 
-TINY = '''
-import os, signal, torch
-from torch import nn
-
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-
-def example_inputs():
-    return (torch.randn(1, 3, 8, 8),)
+TINY = TINY_MODEL_PY + '''
+import os, signal
 
 def train_data(stop: int = 0):
     g = torch.Generator().manual_seed(1)

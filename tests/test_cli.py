@@ -6,22 +6,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from models_for_tests import TINY_MODEL_PY
 from twistc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = '''
-import torch
-from torch import nn
-
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-
-def example_inputs():
-    return (torch.randn(1, 3, 8, 8),)
-'''
+TINY = TINY_MODEL_PY
 TRAIN = '''
 def train_data():
     g = torch.Generator().manual_seed(1)

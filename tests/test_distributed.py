@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from models_for_tests import TINY_MODEL_PY
 from twistc import Pipeline, trace
 from twistc.train import projections, train
 
@@ -59,18 +60,7 @@ def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path):
                                                            if k.endswith("projection.step")] == [6, 6]
 
 
-TINY = '''
-import torch
-from torch import nn
-
-def model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-
-def example_inputs():
-    return (torch.randn(1, 3, 8, 8),)
-
+TINY = TINY_MODEL_PY + '''
 def train_data():
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(6)]

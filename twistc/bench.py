@@ -16,34 +16,25 @@ import onnxruntime as ort
 import torch
 
 from twistc.errors import TwistcError
-from twistc.latency import Runtime, paired_medians, paired_speedup
+from twistc.latency import ORT_PROVIDERS, Runtime, ort_session, paired_medians, paired_speedup
 from twistc.report import cpu_model, versions
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
 
 def resolve_provider(provider: str) -> str:
     """'auto' is cuda when this onnxruntime has the CUDA execution provider (onnxruntime-gpu), else cpu."""
     if provider == "auto":
-        return "cuda" if PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"
+        return "cuda" if ORT_PROVIDERS["cuda"] in ort.get_available_providers() else "cpu"
     return provider
 
 
 def session(path: str | Path, provider: str = "cpu", threads: int = 1, spin: bool = False) -> ort.InferenceSession:
-    if provider not in PROVIDERS:
-        raise TwistcError(f"unknown provider {provider!r} (choose {', '.join(PROVIDERS)})")
-    name = PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        raise TwistcError(f"onnxruntime here has no {name}; for cuda, replace onnxruntime by onnxruntime-gpu "
-                          "(see README)")
+    if provider not in ORT_PROVIDERS:
+        raise TwistcError(f"unknown provider {provider!r} (choose {', '.join(ORT_PROVIDERS)})")
     if not Path(path).is_file():
         raise TwistcError(f"ONNX file {path} does not exist")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=[name])
+        return ort_session(str(path), provider, threads, spin)
+    except TwistcError:
+        raise
     except Exception as e:
         raise TwistcError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
 

@@ -132,18 +132,27 @@ def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def ort_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int,
-               model: bytes | str | None = None) -> Callable[[], float]:
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def ort_session(model: bytes | str, device: str = "cpu", threads: int = 1, spin: bool = False):
+    """An onnxruntime session on `device` with `threads` intra-op threads. Spinning is off unless asked:
+    models timed round-robin would otherwise compete with each other's idle spinning threads."""
     ort = _ort()
+    provider = ORT_PROVIDERS[device]
+    if provider not in ort.get_available_providers():
+        raise TwistcError(f"onnxruntime here has no {provider}; measure with the torch runtime, or replace "
+                          "onnxruntime by onnxruntime-gpu (see README)")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    # no spinning: models timed round-robin would otherwise compete with each other's idle spinning threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[device]
-    if provider not in ort.get_available_providers():
-        raise TwistcError(f"onnxruntime here has no {provider}; measure with runtime=torch or install onnxruntime-gpu")
-    session = ort.InferenceSession(model or onnx_bytes(module, x), options, providers=[provider])
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    return ort.InferenceSession(model, options, providers=[provider])
+
+
+def ort_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int,
+              model: bytes | str | None = None) -> Callable[[], float]:
+    session = ort_session(model or onnx_bytes(module, x), device, threads)
     feed = {session.get_inputs()[0].name: x.numpy()}
 
     def run() -> float:

@@ -42,7 +42,7 @@ def check_output(out: Path, protected: Path, force: bool, names: tuple[str, ...]
     """Refuse an output path that is a file, holds `protected` (the input), lies under a file or holds
     files twistc did not write. `names`: the files the run will write (checked for clashes)."""
     out = Path(os.path.abspath(out))
-    if out.resolve() == protected or out.resolve() in protected.parents:
+    if out.resolve() in (protected, *protected.parents):
         raise SpecError(f"output {out} would overwrite the input {protected}; choose another -o")
     if out.is_symlink() and not out.exists():
         raise SpecError(f"output {out} is a dangling symbolic link; remove it or choose another -o")

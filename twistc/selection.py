@@ -70,7 +70,7 @@ class LowRankOptions(Pass):
         return any(v is not None for v in (self.ratio, self.ranks, self.energy))
 
     def selects(self, name: str) -> bool:
-        return self.layers is None or any(fnmatch.fnmatchcase(name, p) for p in self.layers.split("|"))
+        return selected(self.layers, name)
 
     def sites(self, gm: fx.GraphModule) -> tuple[CompileState, list[ConvSite]]:
         """The original model's convs still in the graph (never parts of lowered forms)."""
@@ -153,9 +153,14 @@ class LowRankOptions(Pass):
         return PassResult(gm, rewrites > 0, rewrites)
 
 
+def selected(layers: str | None, name: str) -> bool:
+    """Whether `layers=` (fnmatch patterns joined by '|'; None: all) selects the layer `name`."""
+    return layers is None or any(fnmatch.fnmatchcase(name, p) for p in layers.split("|"))
+
+
 def check_layers_pattern(owner: str, layers: str | None, names: list[str]) -> None:
     """A `layers=` pattern that selects none of the model's convs is an error that lists them."""
-    if layers and not any(fnmatch.fnmatchcase(n, p) for n in names for p in layers.split("|")):
+    if layers and not any(selected(layers, n) for n in names):
         raise SpecError(f"{owner}{{layers={layers}}} matches none of the model's convs ({name_list(names)})")
 
 

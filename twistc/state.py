@@ -54,8 +54,8 @@ class LayerRecord:
             "decomp": self.decomp,
             "lowering": self.lowering,
             "form": self.form,
-            "skip_reason": (self.skip_reason if self.lowering is None and not self.shared_with
-                            else f"shares its weight with {self.shared_with}" if self.shared_with else None),
+            "skip_reason": None if self.lowering else (
+                f"shares its weight with {self.shared_with}" if self.shared_with else self.skip_reason),
             "ranks": list(self.ranks) if self.ranks else None,
             "ratio_requested": self.ratio_requested,
             "ratio_achieved": before.params / now.params,

@@ -7,6 +7,7 @@ whose own forward cannot be traced is an error that names the module and the off
 from __future__ import annotations
 
 import logging
+import math
 import traceback
 from pathlib import Path
 
@@ -155,7 +156,7 @@ UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2
 def _any_conv_geometry(m: nn.Module) -> ConvGeometry:
     """A conv of any kind as counted in the report: its kernel's taps folded into one 2-D kernel."""
     kernel = tuple(m.kernel_size)
-    kernel = (kernel[0], int(torch.tensor(kernel[1:]).prod())) if len(kernel) > 1 else (kernel[0], 1)
+    kernel = (kernel[0], math.prod(kernel[1:]))
     return ConvGeometry(m.out_channels, m.in_channels, kernel, m.groups)
 
 
