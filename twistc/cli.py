@@ -225,7 +225,7 @@ def compile_command(args) -> int:
             onnx={**check.to_json(), "path": str(Path(os.path.abspath(out)) / "model.onnx")},
             training=training.to_json() if training else None,
             accuracy={"before": acc_before, "after": acc_after} if eval_data else None, latency=latency,
-            model_file=str(model_path), seconds=time.perf_counter() - start)
+            model_file=str(model_path), seconds=time.perf_counter() - start, stage_seconds=ctx.results.get("seconds"))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown(report))
         writer.commit()

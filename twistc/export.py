@@ -1,14 +1,18 @@
 """ONNX export with a numerical check in onnxruntime.
 
-The file is self-contained (weights inside, no external-data file that a rename would orphan)
-and its batch axis is dynamic. The check runs the exported model in onnxruntime on the example
-inputs and on a batch of a different size, and compares with PyTorch in eval mode.
+One export path serves the files twistc writes and the models plan-latency times: torch.onnx's
+TorchScript exporter (about a second for a ResNet-50, where the dynamo exporter takes four to six),
+falling back to the dynamo exporter for what the TorchScript one cannot take. The file is
+self-contained (weights inside, no external-data file that a rename would orphan) and its batch axis
+is dynamic. The check runs the exported model in onnxruntime on the example inputs and on a batch of
+a different size, and compares with PyTorch in eval mode.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +63,61 @@ def _dynamic_batch(example_inputs: tuple) -> tuple:
 def save_program(module: nn.Module, example_inputs: tuple, path: str | Path) -> None:
     """torch.export the module (eval mode, dynamic batch) to a .pt2 file: no pickled Python objects."""
     module.eval()
-    with _quiet(), torch.no_grad():
-        program = torch.export.export(module, _batched(example_inputs, 2), dynamic_shapes=_dynamic_batch(example_inputs))
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.export.export(module, _batched(example_inputs, 2),
+                                          dynamic_shapes=_dynamic_batch(example_inputs))
+    except Exception as e:
+        raise _cannot_export("torch.export", module, e) from None
     torch.export.save(program, str(path))
 
 
 def _batched(example_inputs: tuple, batch: int) -> tuple:
     return tuple(torch.cat([x] * batch)[:batch] if torch.is_tensor(x) and x.dim() else x for x in example_inputs)
+
+
+def onnx_model(module: nn.Module, example_inputs: tuple, dynamic_batch: bool = True,
+               opset: int | None = None) -> bytes:
+    """`module` in eval mode as an ONNX model (bytes), its batch axis dynamic unless asked otherwise."""
+    inputs = _batched(example_inputs, 2) if dynamic_batch else example_inputs
+    with _quiet(), torch.no_grad():
+        outputs = len(_tensors(module(*inputs)))
+        names = [f"input{i}" for i in range(len(inputs))], [f"output{i}" for i in range(outputs)]
+        axes = {n: {0: "batch"} for n, x in zip(names[0], inputs) if torch.is_tensor(x) and x.dim()}
+        axes.update({n: {0: "batch"} for n in names[1]})
+        buffer = io.BytesIO()
+        try:
+            if any(isinstance(m, nn.Conv2d) and m.padding == "same" and m.dilation != (1, 1) for m in module.modules()):
+                raise NotImplementedError("the TorchScript exporter writes padding='same' as auto_pad, "
+                                          "which onnxruntime refuses with dilation")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.onnx.export(module, inputs, buffer, dynamo=False, input_names=names[0],
+                                  output_names=names[1], dynamic_axes=axes if dynamic_batch else None,
+                                  opset_version=opset)
+            # a traced branch on a tensor's value would be baked in: leave such models to torch.export
+            if not any(issubclass(w.category, torch.jit.TracerWarning) for w in caught):
+                return buffer.getvalue()
+        except Exception:
+            pass
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        try:
+            with _quiet(), torch.no_grad():
+                torch.onnx.export(module, inputs, str(path), dynamo=True, external_data=False, verbose=False,
+                                  dynamic_shapes=_dynamic_batch(example_inputs) if dynamic_batch else None,
+                                  opset_version=opset)
+        except Exception as e:
+            raise _cannot_export("torch.onnx", module, e) from None
+        return path.read_bytes()
+
+
+def _cannot_export(exporter: str, module: nn.Module, e: Exception) -> ExportCheckError:
+    cause = e.__cause__ or e
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    return ExportCheckError(f"{exporter} cannot export {type(module).__name__}: {type(cause).__name__}: {first} "
+                            "(control flow that depends on tensor values has no static form; express it with "
+                            "tensor ops or torch.cond)")
 
 
 def export_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol: float = 1e-4,
@@ -77,17 +129,7 @@ def export_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
-        dynamic = _dynamic_batch(example_inputs)
-        try:
-            with _quiet(), torch.no_grad():
-                torch.onnx.export(module, _batched(example_inputs, 2), str(path), dynamo=True, external_data=False,
-                                  dynamic_shapes=dynamic, opset_version=opset, verbose=False)
-        except Exception as e:
-            cause = e.__cause__ or e
-            raise ExportCheckError(
-                f"torch.onnx cannot export {type(module).__name__}: {type(cause).__name__}: "
-                f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''} (control flow that depends "
-                "on tensor values has no static ONNX form; express it with tensor ops or torch.cond)") from None
+        path.write_bytes(onnx_model(module, example_inputs, opset=opset))
         onnx.checker.check_model(str(path))
         return check_onnx(module, example_inputs, path, atol, rtol)
     finally:

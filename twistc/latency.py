@@ -14,14 +14,12 @@ cores) and `torch` (PyTorch eager on cpu or cuda; CUDA timings use events).
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
 import os
 import statistics
 import tempfile
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from twistc.errors import SpecError, TwistcError
+from twistc.export import onnx_model
 from twistc.ops import SvdConv, TuckerConv
 from twistc.plan import LayerPlan
 from twistc.report import cpu_model
@@ -118,18 +117,8 @@ def _torch_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int) 
 
 
 def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
-    """A small ONNX model of `module` (TorchScript exporter: milliseconds per layer, the same ONNX ops)."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"])
-        except Exception:  # what the TorchScript exporter cannot take, the dynamo exporter may
-            with tempfile.TemporaryDirectory() as folder:
-                path = Path(folder) / "model.onnx"
-                torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False, verbose=False)
-                return path.read_bytes()
-    return buffer.getvalue()
+    """A small ONNX model of `module` at the fixed shape of `example`, by the exporter twistc writes files with."""
+    return onnx_model(module.eval(), (example,), dynamic_batch=False)
 
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

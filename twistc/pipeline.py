@@ -62,7 +62,7 @@ class RunContext:
     train_data: Callable[[], Any] | None = None
     eval_data: Callable[[], Any] | None = None
     progress: bool = True
-    results: dict[str, Any] = field(default_factory=dict)  # stage outputs, e.g. results["train"]
+    results: dict[str, Any] = field(default_factory=dict)  # stage outputs: results["train"], results["seconds"]
     checkpoint: str | None = None  # folder where `train` saves checkpoints
     resume: bool = False  # continue from the checkpoint there
     pipeline: str = ""  # the spec being run (set by Pipeline.run); checkpoints record it
@@ -267,7 +267,9 @@ class Pipeline:
                 outcome = "done"
             before = ", ".join(done) or "nothing"
             verify(gm, f"pass '{stage.spec()}' (after: {before})")
-            log.info("%s: %s in %.2fs", stage.spec(), outcome, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            ctx.results.setdefault("seconds", {})[stage.spec()] = seconds
+            log.info("%s: %s in %.2fs", stage.spec(), outcome, seconds)
             done.append(stage.spec())
         return gm
 

@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from twistc.convs import ConvSite, conv_sites, finalize_projection, reuse_lowered, samples_alike, weight_groups
 from twistc.decomp.cost import conv_cost
+from twistc.decomp.threads import on_free_cores
 from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass, PassResult
 from twistc.plan import LayerPlan, Layout, RankRequest, check_entry, choose
@@ -135,22 +136,26 @@ class LowRankOptions(Pass):
         return the name of the form it chose (an im2col method or block form), which is recorded."""
         state, sites = self.sites(gm)
         rewrites = 0
-        for group in weight_groups(gm, sites).values():  # one lowering per weight, reused by its other uses
-            site = group[0]
-            entry = self.lowering_entry(gm, site, state, decomp, lowering)
-            if not isinstance(entry, str) and not samples_alike(gm, group):
-                entry = ("shares its weight with convs that sample or add bias differently "
-                         f"({name_list([s.node.name for s in group])})")
-            if isinstance(entry, str):
-                state.skip(site.name, entry)
-                continue
-            finalize_projection(gm, site)
-            form = rewrite(site, entry)
-            record_lowering(state, site, entry, form)
-            for other in group[1:]:
-                reuse_lowered(gm, other, site.lowered_to)
-            rewrites += 1
+        with on_free_cores():
+            for group in weight_groups(gm, sites).values():
+                rewrites += self._lower_group(gm, state, group, decomp, lowering, rewrite)
         return PassResult(gm, rewrites > 0, rewrites)
+
+    def _lower_group(self, gm, state, group, decomp, lowering, rewrite) -> int:  # one lowering per weight, reused by its other uses
+        site = group[0]
+        entry = self.lowering_entry(gm, site, state, decomp, lowering)
+        if not isinstance(entry, str) and not samples_alike(gm, group):
+            entry = ("shares its weight with convs that sample or add bias differently "
+                     f"({name_list([s.node.name for s in group])})")
+        if isinstance(entry, str):
+            state.skip(site.name, entry)
+            return 0
+        finalize_projection(gm, site)
+        form = rewrite(site, entry)
+        record_lowering(state, site, entry, form)
+        for other in group[1:]:
+            reuse_lowered(gm, other, site.lowered_to)
+        return 1
 
 
 def selected(layers: str | None, name: str) -> bool:
