@@ -43,7 +43,7 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted([".twistc-output.json", "original.onnx", "model.onnx",
                                                             "model.pt2", "report.json", "report.md"])
     report = json.loads((out / "report.json").read_text())
-    assert report["pipeline"] == "deeptwist{period=10,ratio=3},train{epochs=1},lower-conv-tucker,cleanup"
+    assert report["pipeline"] == "deeptwist{period=10,ratio=3},train{epochs=1},lower-conv-tucker,fold,cleanup"
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4"]
     for layer in report["layers"]:
         assert layer["lowering"] == "tucker-chain" and layer["ratio_achieved"] >= 3
@@ -80,7 +80,7 @@ def test_passes_lists_passes_and_presets(capsys):
     text = capsys.readouterr().out
     for name in ("deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"):
         assert name in text
-    assert "= deeptwist,train,lower-conv-tucker,cleanup" in text
+    assert "= deeptwist,train,lower-conv-tucker,fold,cleanup" in text
 
 
 @pytest.mark.parametrize("body,message", [
@@ -302,7 +302,7 @@ def test_target_speedup_plans_by_measured_latency(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"].startswith("plan-latency{speedup=1.5,threads=1,cache=")
-    assert report["pipeline"].endswith("lower-conv-tucker,lower-conv-svd,cleanup")
+    assert report["pipeline"].endswith("lower-conv-tucker,lower-conv-svd,fold,cleanup")
     latency = report["latency"]
     assert latency["runtime"]["threads"] == 1 and latency["predicted_speedup"] >= 1.5
     assert latency["measured"]["speedup"] > 1 and len(latency["measured"]["samples_ms"]) == 2

@@ -32,11 +32,11 @@ def test_options_are_typed():
 
 
 def test_presets_expand():
-    assert expand_presets("deeptwist-tucker") == "deeptwist,train,lower-conv-tucker,cleanup"
-    assert expand_presets("tucker") == "lower-conv-tucker,cleanup"
-    assert expand_presets("tucker", epochs=2) == "lower-conv-tucker,cleanup,train"
+    assert expand_presets("deeptwist-tucker") == "deeptwist,train,lower-conv-tucker,fold,cleanup"
+    assert expand_presets("tucker") == "lower-conv-tucker,fold,cleanup"
+    assert expand_presets("tucker", epochs=2) == "lower-conv-tucker,train,fold,cleanup"
     assert [s.name for s in Pipeline.parse("deeptwist-tucker").stages] == [
-        "deeptwist", "train", "lower-conv-tucker", "cleanup"]
+        "deeptwist", "train", "lower-conv-tucker", "fold", "cleanup"]
     names = [row[0] for row in pipeline.describe()]
     assert {"deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"} <= set(names)
 

@@ -31,19 +31,21 @@ REGISTRY = {
     "lower-conv-tucker": "twistc.passes.lower_conv_tucker:LowerConvTucker",
     "lower-conv-svd": "twistc.passes.lower_conv_svd:LowerConvSvd",
     "lower-conv-tiled-lowrank": "twistc.passes.lower_conv_tiled:LowerConvTiledLowrank",
+    "fold": "twistc.passes.fold:Fold",
     "cleanup": "twistc.passes.cleanup:Cleanup",
     "train": "twistc.train:Train",
 }
 
-# name -> (expansion, one-line summary). "tucker" gains ",train" when epochs > 0.
+# name -> (expansion, one-line summary). "tucker" gains ",train" when epochs > 0 (before `fold`, which
+# freezes BatchNorm into the convs).
 PRESETS = {
-    "tucker": ("lower-conv-tucker,cleanup",
+    "tucker": ("lower-conv-tucker,fold,cleanup",
                "conventional: Tucker-decompose, then fine-tune the decomposed model (adds train when --epochs > 0)"),
-    "deeptwist-tucker": ("deeptwist,train,lower-conv-tucker,cleanup",
+    "deeptwist-tucker": ("deeptwist,train,lower-conv-tucker,fold,cleanup",
                          "DeepTwist: train in the original shape with periodic Tucker projections, then lower"),
-    "deeptwist-svd": ("deeptwist{decomp=svd},train,lower-conv-svd,cleanup",
+    "deeptwist-svd": ("deeptwist{decomp=svd},train,lower-conv-svd,fold,cleanup",
                       "DeepTwist with SVD of each lowered (im2col) matrix, lowered to a conv pair"),
-    "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower-conv-tiled-lowrank,cleanup",
+    "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower-conv-tiled-lowrank,fold,cleanup",
                             "DeepTwist with tiled SVD of each lowered matrix, lowered to tiled GEMMs or grouped convs"),
 }
 
@@ -217,7 +219,7 @@ def expand_presets(spec: str, epochs: int | None = None, target_speedup: float |
         if item in PRESETS:
             expansion = PRESETS[item][0]
             if item == "tucker" and epochs:
-                expansion += ",train"
+                expansion = expansion.replace(",fold", ",train,fold")
             if target_speedup is not None and item in LATENCY_PRESETS:
                 expansion = (f"plan-latency{{speedup={format_value(target_speedup)}}},"
                              + expansion.replace("lower-conv-tucker", "lower-conv-tucker,lower-conv-svd"))
@@ -277,7 +279,7 @@ class Pipeline:
 def describe() -> list[tuple[str, str, str]]:
     """(name, summary, expansion) of every pass, stage and preset, for `twistc passes`."""
     rows = [(name, stage_class(name).summary, "") for name in REGISTRY]
-    rows += [(name, summary, expansion + (" [,train]" if name == "tucker" else ""))
+    rows += [(name, summary, expansion.replace(",fold", "[,train],fold") if name == "tucker" else expansion)
              for name, (expansion, summary) in PRESETS.items()]
     return rows
 

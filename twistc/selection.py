@@ -197,6 +197,7 @@ def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan, form:
     record_plan(state, site, entry)
     record = state.layers[site.name]
     record.lowering, record.form, record.after = entry.lowering, form, entry.cost(site.geometry)
+    record.module = site.lowered_to
     record.tiles = entry.tiling(site.geometry)
     if site.projection is not None:
         record.final_projection_change = float(site.projection.change)

@@ -34,6 +34,7 @@ class LayerRecord:
     approx_error: float | None = None    # ... and its relative kernel error as planned
     accuracy_drop: float | None = None   # ... and, with objective=eval, the accuracy it costs alone
     shared_with: str | None = None  # a conv whose weight is this one's (tied weights): its lowering is reused
+    module: str | None = None  # the path of its lowered module
 
     @property
     def before(self) -> Cost:

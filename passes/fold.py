@@ -1,0 +1,108 @@
+"""fold: fold each BatchNorm into the conv before it, and merge adjacent convs of a lowered chain.
+
+    conv -> BatchNorm2d              ->  one conv with a bias (running statistics, as in eval mode)
+    1x1 -> kh x kw  or  kh x kw -> 1x1  ->  one kh x kw conv, where that costs no more MACs
+
+Nothing non-linear lies between the convs of a lowered chain, so merging is exact. It pays where a
+Tucker rank equals the channels it reduces (the reducing 1x1 is then a change of basis the core can
+absorb) and wherever the merged kernel is cheaper than the pair. Only convs whose output feeds nothing
+else, called once, and inside one lowered module are merged, so each layer's record stays its own.
+The model is for inference afterwards: BatchNorm no longer learns statistics, so fold after `train`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from twistc.convs import insert_module
+from twistc.decomp.cost import Cost
+from twistc.fold import fold_batchnorm, foldable_batchnorm, merge_convs, merged_macs_per_pixel, mergeable
+from twistc.pipeline import Pass, PassResult
+from twistc.state import state_of
+from twistc.trace import shape_prop
+
+
+@dataclass(frozen=True)
+class Fold(Pass):
+    name = "fold"
+    summary = "fold BatchNorm into the conv before it; merge a lowered chain's adjacent convs where cheaper"
+    option_help = {"batchnorm": "fold BatchNorm2d (running statistics) into the conv before it",
+                   "merge": "merge adjacent convs of a lowered chain where the merged conv costs no more MACs"}
+
+    batchnorm: bool = True
+    merge: bool = True
+
+    @torch.no_grad()
+    def __call__(self, gm: fx.GraphModule) -> PassResult:
+        state = state_of(gm)
+        shape_prop(gm, state.example_inputs)
+        calls = _call_counts(gm)
+        folds = 0
+        for node in list(gm.graph.nodes):
+            first = _single_conv_input(gm, node, calls)
+            if first is None:
+                continue
+            module = gm.get_submodule(node.target)
+            if self.batchnorm and foldable_batchnorm(module):
+                insert_module(gm, first.target, fold_batchnorm(gm.get_submodule(first.target), module))
+                node.replace_all_uses_with(first)
+                gm.graph.erase_node(node)
+                folds += 1
+            elif self.merge and isinstance(module, nn.Conv2d) and self._cheaper(gm, first, node):
+                insert_module(gm, node.target, merge_convs(gm.get_submodule(first.target), module))
+                node.args = first.args
+                gm.graph.erase_node(first)
+                gm.delete_submodule(first.target)
+                folds += 1
+        if folds:
+            _recount(gm)
+        return PassResult(gm, folds > 0, folds)
+
+    @staticmethod
+    def _cheaper(gm: fx.GraphModule, first: fx.Node, second: fx.Node) -> bool:
+        a, b = gm.get_submodule(first.target), gm.get_submodule(second.target)
+        if first.target.rpartition(".")[0] != second.target.rpartition(".")[0] or not mergeable(a, b):
+            return False
+        ratio = _pixels(first) / _pixels(second)
+        pair, merged = merged_macs_per_pixel(a, b, ratio)
+        return merged <= pair
+
+
+def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
+def _single_conv_input(gm: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> fx.Node | None:
+    """The call of an nn.Conv2d (called nowhere else) that feeds `node` alone, when `node` is a module call."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
+        return None
+    first = node.args[0]
+    if (isinstance(first, fx.Node) and first.op == "call_module" and calls[first.target] == 1
+            and len(first.users) == 1 and isinstance(gm.get_submodule(first.target), nn.Conv2d)):
+        return first
+    return None
+
+
+def _pixels(node: fx.Node) -> int:
+    return math.prod(node.meta["tensor_meta"].shape[2:])
+
+
+def _recount(gm: fx.GraphModule) -> None:
+    """Each lowered layer's cost from the convs its module now runs."""
+    shape_prop(gm, state_of(gm).example_inputs)
+    for record in state_of(gm).layers.values():
+        if not record.module or record.after is None:
+            continue
+        convs = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(record.module + ".")
+                 and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
+        if convs:
+            weights = [gm.get_submodule(n.target).weight.numel() for n in convs]
+            record.after = Cost(sum(weights), sum(w * _pixels(n) for w, n in zip(weights, convs)))
