@@ -52,8 +52,9 @@ class PlanLatency(Pass):
     takes_context = True
     summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
     option_help = {"speedup": "target: measured whole-model speedup", "ratio": "target: weight ratio of the convs",
-                   "macs": "target: MAC ratio of the convs", "runtime": "where to measure: ort or torch",
-                   "device": "ort: execution provider cpu or cuda; torch: cpu or cuda",
+                   "macs": "target: MAC ratio of the convs",
+                   "runtime": "where to measure: ort, torch (eager) or torch-compile",
+                   "device": "ort: execution provider cpu or cuda; torch and torch-compile: cpu or cuda",
                    "threads": "threads of the runtime", "batch": "batch size to measure at",
                    "forms": "candidate forms joined by |: tucker-chain, svd-conv",
                    "steps": "rank grid: k/steps of each mode's full rank, k = 1..steps-1",

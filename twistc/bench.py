@@ -81,11 +81,11 @@ def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "c
     medians, the raw samples, and each model's speedup over the first, the median of the paired
     per-repetition ratios with a bootstrap 95% interval."""
     rng = np.random.default_rng(seed)
-    if runtime == "torch":
+    if runtime != "ort":
         device = provider if provider != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise TwistcError("this torch sees no CUDA device; bench on --provider cpu")
-        target = Runtime("torch", device, threads, batch)
+        target = Runtime(runtime, device, threads, batch)
         timers = [_program_timer(p, target) for p in paths]
         provider, machine = target.device, target.machine()
     else:

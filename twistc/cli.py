@@ -94,14 +94,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=1)
 
     b = sub.add_parser("bench", help="time ONNX models in onnxruntime (or .pt2 programs in PyTorch), side by side")
-    b.add_argument("models", nargs="+", help="ONNX files (.pt2 programs with --runtime torch); ratios are "
-                                             "relative to the first")
-    b.add_argument("--runtime", choices=("ort", "torch"), default="ort",
-                   help="ort: onnxruntime; torch: PyTorch eager on the model.pt2 programs, CUDA timed with events")
+    b.add_argument("models", nargs="+", help="ONNX files (.pt2 programs with --runtime torch or torch-compile); "
+                                             "ratios are relative to the first")
+    b.add_argument("--runtime", choices=("ort", "torch", "torch-compile"), default="ort",
+                   help="ort: onnxruntime; torch: PyTorch eager on the model.pt2 programs, CUDA timed with events; "
+                        "torch-compile: the programs under torch.compile (CUDA graphs on CUDA)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="execution provider (the device under --runtime torch); auto: cuda when available, else cpu")
+                   help="execution provider (the device under --runtime torch and torch-compile); "
+                        "auto: cuda when available, else cpu")
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--reps", type=int, default=50)
     b.add_argument("--spin", action="store_true",
@@ -310,7 +312,7 @@ def bench_command(args) -> int:
     rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}", f"{m['ratio_to_first']:.3f}",
              f"{m['speedup_vs_first']:.2f} [{m['speedup_ci95'][0]:.2f}, {m['speedup_ci95'][1]:.2f}]")
             for m in result["models"]]
-    where = "onnxruntime" if args.runtime == "ort" else "PyTorch"
+    where = {"ort": "onnxruntime", "torch": "PyTorch eager", "torch-compile": "PyTorch, torch.compile"}[args.runtime]
     _say(f"{where} {result['provider']} ({result['machine']}), batch {args.batch}, {args.threads} threads, "
          f"{args.reps} paired reps")
     header = ("model", "median ms", "p10-p90 ms", "vs first", "speedup [95% CI]", "")

@@ -9,7 +9,8 @@ ranks, so a second compile measures nothing new.
 
 Runtimes: `ort` (onnxruntime, provider cpu or cuda; each candidate is exported to a small ONNX
 model; thread spinning is off, since sessions timed round-robin would otherwise steal each other's
-cores) and `torch` (PyTorch eager on cpu or cuda; CUDA timings use events).
+cores), `torch` (PyTorch eager on cpu or cuda; CUDA timings use events) and `torch-compile`
+(torch.compile with static shapes; on CUDA with CUDA graphs).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from twistc.report import cpu_model
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = {"ort": ("cpu", "cuda"), "torch": ("cpu", "cuda")}
+RUNTIMES = {"ort": ("cpu", "cuda"), "torch": ("cpu", "cuda"), "torch-compile": ("cpu", "cuda")}
 
 
 def default_cache_path() -> Path:
@@ -81,9 +82,12 @@ class Runtime:
             module = module.eval()
         except NotImplementedError:  # a torch.export program's module: exported in eval mode already
             pass
-        if self.runtime == "torch":
-            return _torch_timer(module, example.to(self.device), self.device, self.threads)
-        return ort_timer(module, example, self.device, self.threads)
+        if self.runtime == "ort":
+            return ort_timer(module, example, self.device, self.threads)
+        if self.device != "cpu":  # a copy: the caller's module stays where it is
+            module = copy.deepcopy(module).to(self.device)
+        run = _compiled(module, self.device) if self.runtime == "torch-compile" else module
+        return _torch_timer(run, example.to(self.device), self.device, self.threads)
 
 
 def _ort():
@@ -91,10 +95,35 @@ def _ort():
     return onnxruntime
 
 
-def _torch_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int) -> Callable[[], float]:
-    if device != "cpu":  # a copy: the caller's module stays where it is
-        module = copy.deepcopy(module).to(device)
+def _compiled(module: nn.Module, device: str) -> Callable:
+    """torch.compile for timing: static shapes, CUDA graphs on CUDA (mode reduce-overhead). The candidates
+    of every layer share nn.Conv2d.forward's code, so dynamo's recompile limit is raised, and reaching it
+    fails loudly instead of timing eager code. A module that does not compile is a clear error."""
+    import torch._dynamo.config as dynamo
 
+    for limit in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo, limit):
+            setattr(dynamo, limit, max(getattr(dynamo, limit), 1 << 16))
+    dynamo.fail_on_recompile_limit_hit = True
+    compiled = torch.compile(module, dynamic=False, mode="reduce-overhead" if device == "cuda" else None)
+    first = True
+
+    def call(x):
+        nonlocal first
+        if not first:
+            return compiled(x)
+        first = False
+        try:
+            return compiled(x)
+        except Exception as e:
+            raise TwistcError(f"torch.compile cannot compile {type(module).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
+                              "measure in runtime torch (eager) instead") from None
+
+    return call
+
+
+def _torch_timer(module: Callable, x: torch.Tensor, device: str, threads: int) -> Callable[[], float]:
     @torch.inference_mode()
     def run() -> float:
         previous = torch.get_num_threads()
@@ -281,9 +310,9 @@ def measure_layer(shape: LayerShape, entries: list[LayerPlan | None], runtime: R
 def model_timer(module: nn.Module, example: torch.Tensor, runtime: Runtime,
                 onnx_path: str | Path | None = None) -> Callable[[], float]:
     """A timer for a whole model: its ONNX file in onnxruntime (exported here when no path is given),
-    or the module itself under runtime=torch."""
+    or the module itself under runtime torch or torch-compile."""
     x = _batched(example, runtime.batch)
-    if runtime.runtime == "torch":
+    if runtime.runtime != "ort":
         return runtime.timer(module, x)
     return ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path) if onnx_path else None)
 

@@ -190,3 +190,14 @@ def test_runtime_torch_measures_in_pytorch_and_leaves_threads_alone(tmp_path):
     keys = json.loads((tmp_path / "c.json").read_text())["entries"]
     assert keys and all(k.startswith(f"torch-{torch.__version__}|cpu|") for k in keys)
     assert state.plan.get("2").decomp != "none"  # the wide conv is where 1.5x fewer weights come cheapest
+
+
+def test_runtime_torch_compile_times_compiled_candidates(tmp_path):
+    entries = [None, LayerPlan("svd", (4,), "svd-conv", order="channel-major")]
+    cache = LatencyCache(tmp_path / "c.json")
+    ms = measure_layer(LayerShape(16, 8, (3, 3), (10, 10), (1, 1), (1, 1), (1, 1)), entries,
+                       Runtime("torch-compile"), cache, reps=3)
+    assert len(ms) == 2 and all(m > 0 for m in ms)
+    cache.save()
+    keys = json.loads((tmp_path / "c.json").read_text())["entries"]
+    assert len(keys) == 2 and all(k.startswith(f"torch-compile-{torch.__version__}|cpu|") for k in keys)
