@@ -19,6 +19,23 @@ def train_data():
 '''
 
 
+EVAL = '''
+def eval_data():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g))]
+'''
+WRAP = '''
+class Wrap(nn.Module):
+    def __init__(self, *layers_and_key):
+        super().__init__()
+        self.body, self.key = nn.Sequential(*layers_and_key[:-1]), layers_and_key[-1]
+
+    def forward(self, x):
+        return {self.key: self.body(x)}
+
+'''
+
+
 def _model_file(tmp_path, body=TINY + TRAIN, name="model.py"):
     path = tmp_path / name
     path.write_text(body)
@@ -88,11 +105,32 @@ def test_passes_lists_passes_and_presets(capsys):
     ("import torch\ndef example_inputs():\n    return torch.zeros(1)\n", "must define model()"),
     (TINY.replace("torch.manual_seed(0)", "raise ValueError('no weights here')"), "model() in model.py raised ValueError: no weights here"),
     ("import no_such_package_xyz\n", "importing model.py raised ModuleNotFoundError"),
+    ("import sys\nsys.exit(0)\n", "importing model.py called sys.exit(0)"),
+    (TINY.replace("torch.manual_seed(0)", "import sys; sys.exit(3)"), "model() in model.py called sys.exit(3)"),
+    (TINY.replace("(torch.randn(1, 3, 8, 8),)", "(torch.randn(0, 3, 8, 8),)"), "a batch of 0"),
+    (TINY.replace("(torch.randn(1, 3, 8, 8),)", "(torch.randn(1, 3, 8, 8).numpy(),)"), "gives a ndarray as input 0"),
+    (TINY.replace("(torch.randn(1, 3, 8, 8),)", "(torch.randn(1, 5, 8, 8),)"), "running Sequential on example_inputs()"),
+    (TINY + EVAL.replace("torch.randint(0, 4", "torch.randint(7, 9"), "targets must be class indices in [0, 4)"),
+    (TINY + EVAL.replace("torch.randn(4, 3,", "torch.randn(4, 5,"), "running the model on a batch of eval_data()"),
+    (TINY.replace("return nn.Sequential(", "return Wrap(").replace("def model():", WRAP + "def model():")
+     .replace("nn.Linear(8, 4))", "nn.Linear(8, 4), 'scores')") + EVAL, "it returns a dict"),
 ])
 def test_broken_model_files(tmp_path, capsys, body, message):
     path = _model_file(tmp_path, body)
     _fails(capsys, ["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "out")], message)
     assert not (tmp_path / "out").exists()
+
+
+def test_model_outputs_that_hold_logits_are_evaluated(tmp_path, capsys):
+    body = (TINY.replace("return nn.Sequential(", "return Wrap(").replace("def model():", WRAP + "def model():")
+            .replace("nn.Linear(8, 4))", "nn.Linear(8, 4), 'logits')") + EVAL)
+    assert main(["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["accuracy"]["after"] is not None
+
+
+def test_plan_path_that_is_a_folder(tmp_path, capsys):
+    _fails(capsys, ["compile", str(_model_file(tmp_path, TINY)), "--pass", "tucker", "--plan", str(tmp_path),
+                    "-o", str(tmp_path / "o")], "is a folder")
 
 
 def test_missing_model_file(tmp_path, capsys):

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 from torch import nn
 
 from twistc.distributed import world
@@ -63,6 +64,9 @@ class ModelFile:
             return fn(**kwargs)
         except ModelFileError:
             raise
+        except SystemExit as e:
+            raise ModelFileError(f"{name}() in {self.path.name} called sys.exit({e.code!r}){_where(e, self.path)}; "
+                                 "raise an exception instead") from None
         except Exception as e:
             raise ModelFileError(f"{name}() in {self.path.name} raised {type(e).__name__}: {e}{_where(e, self.path)}") from None
 
@@ -74,7 +78,15 @@ class ModelFile:
 
     def example_inputs(self) -> tuple:
         x = self.call("example_inputs")
-        return x if isinstance(x, tuple) else (x,)
+        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+        for i, t in enumerate(inputs):
+            if not torch.is_tensor(t):
+                raise ModelFileError(f"example_inputs() in {self.path.name} gives a {type(t).__name__} as input {i}; "
+                                     "return a tuple of torch tensors (torch.from_numpy converts arrays)")
+            if t.dim() and t.shape[0] == 0:
+                raise ModelFileError(f"example_inputs() in {self.path.name} gives input {i} of shape "
+                                     f"{tuple(t.shape)}, a batch of 0; give at least one sample")
+        return inputs
 
     def takes(self, name: str, parameter: str) -> bool:
         """Whether function `name` has a parameter called `parameter`."""
@@ -94,6 +106,9 @@ def load_model_file(path: str | Path, options: dict[str, str] | None = None) -> 
     sys.path.insert(0, str(path.parent))  # let MODEL.py import its neighbours
     try:
         spec.loader.exec_module(module)
+    except SystemExit as e:
+        raise ModelFileError(f"importing {path.name} called sys.exit({e.code!r}){_where(e, path)}; keep "
+                             "command-line code under `if __name__ == '__main__':`") from None
     except SyntaxError as e:
         raise ModelFileError(f"syntax error in {path.name} line {e.lineno}: {e.msg}") from None
     except Exception as e:

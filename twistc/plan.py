@@ -133,6 +133,10 @@ class Plan:
             raise SpecError(f"plan file {path} does not exist") from None
         except json.JSONDecodeError as e:
             raise SpecError(f"plan file {path} is not valid JSON: {e}") from None
+        except IsADirectoryError:
+            raise SpecError(f"plan file {path} is a folder; give the plan's JSON file (or a report.json)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"cannot read plan file {path}: {getattr(e, 'strerror', None) or e}") from None
         return cls.from_json(data)
 
 

@@ -6,6 +6,8 @@ whose own forward cannot be traced is an error that names the module and the off
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import traceback
@@ -119,8 +121,8 @@ def shape_prop(gm: fx.GraphModule, example_inputs: tuple):
     """ShapeProp in eval mode under no_grad (projections stay identities); training flags restored."""
     modes = {m: m.training for m in gm.modules()}
     gm.eval()
-    try:
-        with torch.no_grad():
+    try:  # ShapeProp prints a traceback of its own before raising; the caller reports the error
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             return ShapeProp(gm).propagate(*example_inputs)
     finally:
         for m, mode in modes.items():

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from twistc import checkpoint, distributed
 from twistc.checkpoint import rng_state, set_rng_state
-from twistc.errors import NonFiniteError, SpecError, Stopped
+from twistc.errors import ModelFileError, NonFiniteError, SpecError, Stopped
 from twistc.ops import LowRankProjection
 from twistc.pipeline import RunContext, Stage
 
@@ -316,12 +316,36 @@ def accuracy(module: nn.Module, data: Iterable) -> float:
     correct = seen = 0
     try:
         for x, y in data:
-            correct += int((module(x).argmax(1) == y).sum())
+            try:
+                out = module(x)
+            except Exception as e:
+                raise ModelFileError(f"running the model on a batch of eval_data() failed: {type(e).__name__}: "
+                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; eval_data() must "
+                                     "yield (input, target) batches that the model takes, like example_inputs()") from None
+            logits = _logits(out)
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+                raise ModelFileError(f"eval_data() gives targets {int(y.min())}..{int(y.max())}, but the model has "
+                                     f"{logits.shape[1]} outputs: targets must be class indices in "
+                                     f"[0, {logits.shape[1]})")
+            correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     finally:
         for m, mode in modes.items():
             m.training = mode
     return correct / max(seen, 1)
+
+
+def _logits(out) -> torch.Tensor:
+    """The class scores in a model's output: the tensor itself, a dict's 'logits', or a tuple's first tensor."""
+    if isinstance(out, dict) and torch.is_tensor(out.get("logits")):
+        out = out["logits"]
+    elif isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
+        out = out[0]
+    if not torch.is_tensor(out) or out.dim() != 2:
+        what = f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+        raise ModelFileError(f"eval_data() needs the model to return class scores [batch, classes] (a tensor, a "
+                             f"dict with 'logits', or a tuple whose first item they are); it returns {what}")
+    return out
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ def verify(gm: fx.GraphModule, where: str) -> None:
             _resolve(gm, node)
         shapes = output_shapes(shape_prop(gm, state.example_inputs))
     except Exception as e:
-        raise PassError(f"invalid graph after {where}: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PassError(f"invalid graph after {where}: {type(e).__name__}: {first}") from None
     if shapes != state.output_shapes:
         raise PassError(f"invalid graph after {where}: output shapes {shapes} != original {state.output_shapes}")
