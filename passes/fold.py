@@ -1,6 +1,7 @@
 """fold: fold each BatchNorm into the conv before it, and merge adjacent convs of a lowered chain.
 
     conv -> BatchNorm2d              ->  one conv with a bias (running statistics, as in eval mode)
+    lowered GEMM form -> BatchNorm2d ->  the same form, its U blocks scaled, with a bias
     1x1 -> kh x kw  or  kh x kw -> 1x1  ->  one kh x kw conv, where that costs no more MACs
 
 Nothing non-linear lies between the convs of a lowered chain, so merging is exact. It pays where a
@@ -19,9 +20,10 @@ import torch.fx as fx
 from torch import nn
 
 from twistc.convs import insert_module
-from twistc.decomp.cost import Cost
 from twistc.fold import fold_batchnorm, foldable_batchnorm, merge_convs, merged_macs_per_pixel, mergeable
+from twistc.ops import LowRankGemm
 from twistc.pipeline import Pass, PassResult
+from twistc.selection import lowered_cost
 from twistc.state import state_of
 from twistc.trace import shape_prop
 
@@ -43,7 +45,7 @@ class Fold(Pass):
         calls = _call_counts(gm)
         folds = 0
         for node in list(gm.graph.nodes):
-            first = _single_conv_input(gm, node, calls)
+            first = _single_input(gm, node, calls)
             if first is None:
                 continue
             module = gm.get_submodule(node.target)
@@ -52,7 +54,8 @@ class Fold(Pass):
                 node.replace_all_uses_with(first)
                 gm.graph.erase_node(node)
                 folds += 1
-            elif self.merge and isinstance(module, nn.Conv2d) and self._cheaper(gm, first, node):
+            elif (self.merge and isinstance(module, nn.Conv2d) and isinstance(gm.get_submodule(first.target), nn.Conv2d)
+                  and self._cheaper(gm, first, node)):
                 insert_module(gm, node.target, merge_convs(gm.get_submodule(first.target), module))
                 node.args = first.args
                 gm.graph.erase_node(first)
@@ -80,13 +83,14 @@ def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
-def _single_conv_input(gm: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> fx.Node | None:
-    """The call of an nn.Conv2d (called nowhere else) that feeds `node` alone, when `node` is a module call."""
+def _single_input(gm: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> fx.Node | None:
+    """The call of a conv or lowered GEMM form (called nowhere else) that feeds `node` alone, when `node`
+    is a module call."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
         return None
     first = node.args[0]
     if (isinstance(first, fx.Node) and first.op == "call_module" and calls[first.target] == 1
-            and len(first.users) == 1 and isinstance(gm.get_submodule(first.target), nn.Conv2d)):
+            and len(first.users) == 1 and isinstance(gm.get_submodule(first.target), (nn.Conv2d, LowRankGemm))):
         return first
     return None
 
@@ -104,5 +108,5 @@ def _recount(gm: fx.GraphModule) -> None:
         convs = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(record.module + ".")
                  and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
         if convs:
-            weights = [gm.get_submodule(n.target).weight.numel() for n in convs]
-            record.after = Cost(sum(weights), sum(w * _pixels(n) for w, n in zip(weights, convs)))
+            macs = sum(gm.get_submodule(n.target).weight.numel() * _pixels(n) for n in convs)
+            record.after = lowered_cost(gm, record, macs)

@@ -8,6 +8,7 @@ import twistc
 from twistc.errors import ExportCheckError
 from twistc.bench import bench
 from twistc.pipeline import Pipeline
+from twistc.report import build_report
 from models_for_tests import Net
 
 X = torch.randn(1, 3, 12, 12)
@@ -51,3 +52,36 @@ def test_bench_times_models_side_by_side(lowered, tmp_path):
     assert result["models"][0]["ratio_to_first"] == 1.0
     assert all(m["median_ms"] > 0 and m["p10_ms"] <= m["p90_ms"] for m in result["models"])
     assert result["repetitions"] == 5 and result["provider"] == "cpu" and result["threads"] == 1
+
+
+LOWERINGS = {
+    "tucker-chain": "lower-conv-tucker{ratio=2}",
+    "svd-conv": "lower-conv-svd{ratio=2}",
+    "svd-onehot": "lower-conv-svd{ratio=2,form=im2col,im2col=onehot}",
+    "svd-slices": "lower-conv-svd{ratio=2,form=im2col,im2col=slices}",
+    "svd-unfold": "lower-conv-svd{ratio=2,form=im2col,im2col=unfold}",
+    "tiled-onehot": "lower-conv-tiled-lowrank{ratio=2,tile=8x9,im2col=onehot}",
+    "tiled-channel-blocks": "lower-conv-tiled-lowrank{ratio=2,tile=8x18,im2col=channel-blocks,layers=1|4}",
+    "tiled-tap-blocks": "lower-conv-tiled-lowrank{ratio=2,tile=8x8,order=tap-major,im2col=tap-blocks,layers=1|4}",
+}
+
+
+@pytest.mark.parametrize("form", list(LOWERINGS))
+def test_reported_numbers_are_what_the_onnx_file_stores(form, tmp_path):
+    """params_after counts every stored number, one-hot kernels and tile padding included: after `fold`
+    it is the element count of model.onnx's initializers, and each layer's count is its module's."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                              torch.nn.Conv2d(16, 16, 1), torch.nn.Conv2d(16, 32, 3, padding=1),
+                              torch.nn.BatchNorm2d(32), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    gm = Pipeline.parse(f"{LOWERINGS[form]},fold,cleanup").run(twistc.trace(net, (torch.randn(1, 3, 8, 8),)))
+    twistc.export_onnx(gm, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx")
+    stored = sum(int(np.prod(t.dims)) for t in onnx.load(tmp_path / "m.onnx").graph.initializer
+                 if t.data_type == onnx.TensorProto.FLOAT)
+    report = build_report(twistc.state_of(gm), pipeline="", original=net, compiled=gm)
+    assert report["model"]["params_after"] == stored
+    for layer in report["layers"]:
+        if layer["lowering"]:
+            module = gm.get_submodule(twistc.state_of(gm).layers[layer["name"]].module)
+            assert layer["params_after"] == sum(t.numel() for n, t in (*module.named_parameters(),
+                                                                      *module.named_buffers()) if "bias" not in n)

@@ -34,7 +34,6 @@ class ConvSite:
     name: str                          # qualified parameter name without '.weight'
     weight_name: str                   # qualified name of the weight parameter
     bias_name: str | None
-    input: fx.Node
     stride: tuple[int, int]
     padding: tuple[int, int] | str
     dilation: tuple[int, int]
@@ -43,6 +42,11 @@ class ConvSite:
     geometry: ConvGeometry
     projection: LowRankProjection | None = None
     lowered_to: str | None = None  # set when a lowering replaced it: the path of the lowered module
+
+    @property
+    def input(self) -> fx.Node:
+        """The conv's input as the graph has it now (an earlier rewrite may have replaced that node)."""
+        return self.node.args[0] if self.node.args else self.node.kwargs["input"]
 
     def weight(self, gm: fx.GraphModule) -> nn.Parameter:
         return gm.get_parameter(self.weight_name)
@@ -79,7 +83,7 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
         return None
     return ConvSite(
         node, node.target, f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
-        node.args[0], _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups, m.padding_mode,
+        _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups, m.padding_mode,
         _geometry(m.weight, m.groups, node.args[0], node),
     )
 
@@ -106,7 +110,7 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
         return None
     name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
     return ConvSite(
-        node, name, weight.target, bias.target if bias is not None else None, args["input"],
+        node, name, weight.target, bias.target if bias is not None else None,
         _pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"]), args["groups"], "zeros",
         _geometry(w, args["groups"], args["input"], node), projection,
     )

@@ -1,6 +1,7 @@
 """Exact algebra on inference-time convs: BatchNorm folded into a conv, two convs merged into one.
 
     BN(conv(x)) = conv'(x)        W' = W * s,  b' = (b - mean) * s + beta,  s = gamma / sqrt(var + eps)
+                                  (for the lowered GEMM forms, W is the stacked U blocks)
     conv2(conv1(x)) = conv'(x)    when conv1 is a plain 1x1 (mixing channels pixel by pixel) or conv2 is
 
 A 1x1 first conv commutes with the second's sampling (stride, dilation, padding) as long as padding
@@ -8,8 +9,12 @@ cannot see its bias: padded zeros would not carry it. Only ungrouped convs with 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+from twistc.ops import LowRankGemm
 
 
 def foldable_batchnorm(bn: nn.Module) -> bool:
@@ -17,18 +22,30 @@ def foldable_batchnorm(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None
 
 
-@torch.no_grad()
-def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """conv followed by bn (eval) as one conv with a bias."""
+def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN in eval mode as y = x * scale + shift per channel (float64)."""
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.double()
     shift = -bn.running_mean.double() * scale
     if bn.bias is not None:
         shift = shift + bn.bias.double()
-    bias = conv.bias.double() * scale + shift if conv.bias is not None else shift
-    folded = _like(conv, conv.in_channels, conv.out_channels, conv.kernel_size, bias=True)
-    folded.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
+    return scale, shift
+
+
+@torch.no_grad()
+def fold_batchnorm(layer: nn.Conv2d | LowRankGemm, bn: nn.BatchNorm2d) -> nn.Conv2d | LowRankGemm:
+    """A conv or a lowered GEMM form followed by bn (eval), as one layer of the same kind with a bias."""
+    scale, shift = _affine(bn)
+    bias = layer.bias.double() * scale + shift if layer.bias is not None else shift
+    if isinstance(layer, LowRankGemm):  # output channel o is row o of the stacked U blocks
+        folded = copy.deepcopy(layer)
+        rows = folded.u_blocks.view(-1, folded.u_blocks.shape[-1])[: folded.out_channels]
+        rows.copy_(rows.double() * scale[:, None])
+        folded.bias = nn.Parameter(bias.to(rows.dtype))
+        return folded
+    folded = _like(layer, layer.in_channels, layer.out_channels, layer.kernel_size, bias=True)
+    folded.weight.copy_(layer.weight.double() * scale.view(-1, 1, 1, 1))
     folded.bias.copy_(bias)
     return folded
 

@@ -14,7 +14,17 @@ COLUMNS = ("layer", "shape", "lowering", "ranks", "params", "MACs", "ratio", "no
 
 
 def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """The numbers a model stores for inference: parameters and floating-point buffers (BatchNorm
+    statistics, one-hot im2col kernels). For a model whose BatchNorms are folded this is the element
+    count of its ONNX file's initializers."""
+    return sum(t.numel() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
+
+
+def count_weights(module: nn.Module) -> int:
+    """The numbers a lowered layer stores besides its bias: weights and constants (one-hot kernels, the
+    zero padding of ragged tiles), as a layer's compression ratio counts them."""
+    return sum(t.numel() for name, t in (*module.named_parameters(), *module.named_buffers())
+               if t.is_floating_point() and name.rpartition(".")[2] != "bias")
 
 
 def cpu_model() -> str:
@@ -120,7 +130,7 @@ def summary_lines(report: dict) -> list[str]:
     if c["ratio"]:
         lines.append(f"compressed layers: {c['count']}, weights {c['params_before']:,} -> {c['params_after']:,} "
                      f"({c['ratio']:.2f}x)")
-    lines.append(f"whole model: parameters {m['params_before']:,} -> {m['params_after']:,} ({m['ratio']:.2f}x); "
+    lines.append(f"whole model: stored numbers {m['params_before']:,} -> {m['params_after']:,} ({m['ratio']:.2f}x); "
                  f"conv MACs {report['totals']['macs_before']:,} -> {report['totals']['macs_after']:,}")
     if "training" in report:
         t = report["training"]

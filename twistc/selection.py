@@ -12,11 +12,12 @@ from dataclasses import dataclass, replace
 import torch.fx as fx
 
 from twistc.convs import ConvSite, conv_sites, finalize_projection, reuse_lowered, samples_alike, weight_groups
-from twistc.decomp.cost import conv_cost
+from twistc.decomp.cost import Cost, conv_cost
 from twistc.decomp.threads import on_free_cores
 from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass, PassResult
 from twistc.plan import LayerPlan, Layout, RankRequest, check_entry, choose
+from twistc.report import count_weights
 from twistc.state import CompileState, state_of
 
 _GROUPED = (lambda s: s.groups != 1, lambda s: f"grouped conv (groups={s.groups}); only groups=1 is decomposed")
@@ -152,7 +153,7 @@ class LowRankOptions(Pass):
             return 0
         finalize_projection(gm, site)
         form = rewrite(site, entry)
-        record_lowering(state, site, entry, form)
+        record_lowering(gm, state, site, entry, form)
         for other in group[1:]:
             reuse_lowered(gm, other, site.lowered_to)
         return 1
@@ -192,12 +193,18 @@ def record_plan(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
     record.skip_reason = None
 
 
-def record_lowering(state: CompileState, site: ConvSite, entry: LayerPlan, form: str | None = None) -> None:
+def lowered_cost(gm: fx.GraphModule, record, macs: int) -> Cost:
+    """A lowered layer's cost: the weights and constants its module stores, and `macs`."""
+    return Cost(count_weights(gm.get_submodule(record.module)), macs)
+
+
+def record_lowering(gm: fx.GraphModule, state: CompileState, site: ConvSite, entry: LayerPlan,
+                    form: str | None = None) -> None:
     """Write a finished lowering into the plan and the layer's record."""
     record_plan(state, site, entry)
     record = state.layers[site.name]
-    record.lowering, record.form, record.after = entry.lowering, form, entry.cost(site.geometry)
-    record.module = site.lowered_to
+    record.lowering, record.form, record.module = entry.lowering, form, site.lowered_to
+    record.after = lowered_cost(gm, record, entry.cost(site.geometry).macs)
     record.tiles = entry.tiling(site.geometry)
     if site.projection is not None:
         record.final_projection_change = float(site.projection.change)

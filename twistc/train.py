@@ -319,9 +319,10 @@ def accuracy(module: nn.Module, data: Iterable) -> float:
             try:
                 out = module(x)
             except Exception as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ModelFileError(f"running the model on a batch of eval_data() failed: {type(e).__name__}: "
-                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; eval_data() must "
-                                     "yield (input, target) batches that the model takes, like example_inputs()") from None
+                                     f"{first}; eval_data() must yield (input, target) batches that the model "
+                                     "takes, like example_inputs()") from None
             logits = _logits(out)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
                 raise ModelFileError(f"eval_data() gives targets {int(y.min())}..{int(y.max())}, but the model has "
