@@ -420,12 +420,21 @@ def test_eval_reports_the_accuracy_of_an_onnx_file(tmp_path, capsys):
     _fails(capsys, ["eval", str(path), str(tmp_path / "missing.onnx")], "does not exist")
 
 
-def test_a_float64_model_gets_a_clear_error(tmp_path, capsys):
-    body = TINY.replace("nn.Linear(8, 4))", "nn.Linear(8, 4)).double()").replace(
-        "torch.randn(1, 3, 8, 8)", "torch.randn(1, 3, 8, 8, dtype=torch.float64)")
-    _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
-           "the model holds float64 weights")
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("dtype, onnx_dtype, atol", [("float16", "float16", 1e-2), ("bfloat16", "float32", 1e-4),
+                                                    ("float64", "float32", 1e-4)])
+def test_models_compile_in_their_own_dtype(tmp_path, capsys, dtype, onnx_dtype, atol):
+    body = (TINY.replace("nn.Linear(8, 4))", f"nn.Linear(8, 4)).to(torch.{dtype})")
+            .replace("torch.randn(1, 3, 8, 8)", f"torch.randn(1, 3, 8, 8, dtype=torch.{dtype})") + EVAL.replace(
+                "torch.randn(4, 3, 8, 8, generator=g)", f"torch.randn(4, 3, 8, 8, generator=g).to(torch.{dtype})"))
+    out = tmp_path / "o"
+    assert main(["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "--ratio", "2", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["onnx"]["model_dtype"] == dtype and report["onnx"]["dtype"] == onnx_dtype
+    assert report["onnx"]["atol"] == atol and report["accuracy"]["after"] is not None
+    program = torch.export.load(str(out / "model.pt2"))
+    assert {p.dtype for p in program.state_dict.values()} == {getattr(torch, dtype)}
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == f"tensor({'float' if onnx_dtype == 'float32' else onnx_dtype})"
 
 
 def test_non_finite_outputs_are_named_as_such(tmp_path, capsys):

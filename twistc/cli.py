@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", help="plan JSON (or a report.json) whose per-layer entries override pass options")
     c.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="option passed to MODEL.py functions that take KEY (repeatable)")
-    c.add_argument("--atol", type=float, default=1e-4, help="ONNX check absolute tolerance (1e-4)")
-    c.add_argument("--rtol", type=float, default=1e-4, help="ONNX check relative tolerance (1e-4)")
+    c.add_argument("--atol", type=float, help="ONNX check absolute tolerance (1e-4; 1e-2 for a float16 model)")
+    c.add_argument("--rtol", type=float, help="ONNX check relative tolerance (1e-4; 1e-2 for a float16 model)")
     c.add_argument("--threads", type=int, help="torch threads")
     c.add_argument("--device", default="auto",
                    help="where the train stage runs: cpu, cuda, cuda:N, or auto (cuda when torch sees one)")

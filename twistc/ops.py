@@ -95,10 +95,11 @@ class TuckerConv(nn.Sequential):
     def __init__(self, conv_args: dict, u_out: torch.Tensor, core: torch.Tensor, u_in: torch.Tensor,
                  bias: torch.Tensor | None):
         r_out, r_in, kh, kw = core.shape
+        like = {"dtype": core.dtype, "device": core.device}  # the model's own dtype and device
         super().__init__()
-        self.add_module("reduce", nn.Conv2d(u_in.shape[0], r_in, 1, bias=False))
-        self.add_module("core", nn.Conv2d(r_in, r_out, (kh, kw), bias=False, **conv_args))
-        self.add_module("expand", nn.Conv2d(r_out, u_out.shape[0], 1, bias=bias is not None))
+        self.add_module("reduce", nn.Conv2d(u_in.shape[0], r_in, 1, bias=False, **like))
+        self.add_module("core", nn.Conv2d(r_in, r_out, (kh, kw), bias=False, **conv_args, **like))
+        self.add_module("expand", nn.Conv2d(r_out, u_out.shape[0], 1, bias=bias is not None, **like))
         _set(self.reduce.weight, u_in.T[:, :, None, None])
         _set(self.core.weight, core)
         _set(self.expand.weight, u_out[:, :, None, None])
@@ -112,9 +113,10 @@ class SvdConv(nn.Sequential):
     def __init__(self, conv_args: dict, kernel: tuple[int, int], u: torch.Tensor, v: torch.Tensor,
                  bias: torch.Tensor | None, order: str):
         r, s = v.shape[0], v.shape[1] // (kernel[0] * kernel[1])
+        like = {"dtype": v.dtype, "device": v.device}
         super().__init__()
-        self.add_module("reduce", nn.Conv2d(s, r, kernel, bias=False, **conv_args))
-        self.add_module("expand", nn.Conv2d(r, u.shape[0], 1, bias=bias is not None))
+        self.add_module("reduce", nn.Conv2d(s, r, kernel, bias=False, **conv_args, **like))
+        self.add_module("expand", nn.Conv2d(r, u.shape[0], 1, bias=bias is not None, **like))
         _set(self.reduce.weight, unlowered(v, (r, s, *kernel), order))
         _set(self.expand.weight, u[:, :, None, None])
         if bias is not None:
@@ -198,14 +200,15 @@ class LowRankGemm(nn.Module):
 
     def __init__(self, im2col: Im2Col, factors: TiledLowRank, bias: torch.Tensor | None):
         super().__init__()
-        self.im2col = im2col
+        like = next(iter(factors.factors.values())).v  # the model's own dtype and device
+        self.im2col = im2col.to(like.device, like.dtype)
         grid = factors.grid
         (gr, gc), (th, tw) = grid.shape, grid.tile
         r = max(f.rank for f in factors.factors.values())
         self.out_channels, self.columns = factors.shape
         self.grid, self.tile, self.rank = (gr, gc), (th, tw), r
-        v_blocks = torch.zeros(gc, gr * r, tw)
-        u_blocks = torch.zeros(gr, th, gc * r)
+        v_blocks = torch.zeros(gc, gr * r, tw, dtype=like.dtype, device=like.device)
+        u_blocks = torch.zeros(gr, th, gc * r, dtype=like.dtype, device=like.device)
         for i, j, rs, cs in grid.tiles():
             f = factors.factors[i, j]
             v_blocks[j, i * r:i * r + f.rank, : cs.stop - cs.start] = f.v

@@ -154,7 +154,9 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(latency_line(report["latency"]))
     if "onnx" in report:
         o = report["onnx"]
-        lines.append(f"ONNX check (onnxruntime vs PyTorch, atol={o['atol']:g}, rtol={o['rtol']:g}): "
+        copy = (f", a {o['dtype']} copy of the {o['model_dtype']} model (onnxruntime has no {o['model_dtype']} Conv)"
+                if o.get("dtype", "float32") != o.get("model_dtype", "float32") else "")
+        lines.append(f"ONNX check (onnxruntime vs PyTorch, atol={o['atol']:g}, rtol={o['rtol']:g}{copy}): "
                      f"max |diff| {o['max_abs_diff']:.2e}, ok")
     return lines
 

@@ -27,7 +27,8 @@ def verify(gm: fx.GraphModule, where: str) -> None:
             _resolve(gm, node)
         shapes = output_shapes(shape_prop(gm, state.example_inputs))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise PassError(f"invalid graph after {where}: {type(e).__name__}: {first}") from None
+        cause = e.__cause__ or e  # ShapeProp wraps the error of the node that failed
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise PassError(f"invalid graph after {where}: {type(cause).__name__}: {first}") from None
     if shapes != state.output_shapes:
         raise PassError(f"invalid graph after {where}: output shapes {shapes} != original {state.output_shapes}")
