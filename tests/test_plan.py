@@ -34,6 +34,8 @@ def test_plan_entries_override_pass_options():
     ({"decomp": "cp", "ranks": [2]}, "decomp must be one of"),
     ({"decomp": "tucker", "ranks": "4x2"}, "list of integers"),
     ({"decomp": "tucker", "ranks": [2, 2], "speed": 1}, "unknown keys"),
+    (5, "plan entry 'conv1' is 5, not an object"),
+    ([16, 8], "not an object"),
 ])
 def test_bad_plan_entries(entry, message):
     with pytest.raises(SpecError, match=message):

@@ -77,6 +77,9 @@ class LayerPlan:
 
     @classmethod
     def from_json(cls, name: str, data: dict) -> "LayerPlan":
+        if not isinstance(data, dict):
+            raise SpecError(f"plan entry '{name}' is {json.dumps(data)}, not an object such as "
+                            '{"decomp": "tucker", "ranks": [16, 8]}')
         unknown = set(data) - set(_KEYS)
         if unknown:
             raise SpecError(f"plan entry '{name}' has unknown keys {sorted(unknown)}")
