@@ -424,11 +424,13 @@ def test_eval_reports_the_accuracy_of_an_onnx_file(tmp_path, capsys):
                                                     ("float64", "float32", 1e-4)])
 def test_models_compile_in_their_own_dtype(tmp_path, capsys, dtype, onnx_dtype, atol):
     body = (TINY.replace("nn.Linear(8, 4))", f"nn.Linear(8, 4)).to(torch.{dtype})")
-            .replace("torch.randn(1, 3, 8, 8)", f"torch.randn(1, 3, 8, 8, dtype=torch.{dtype})") + EVAL.replace(
+            .replace("torch.randn(1, 3, 8, 8)", f"torch.randn(1, 3, 8, 8, dtype=torch.{dtype})") + (EVAL + TRAIN).replace(
                 "torch.randn(4, 3, 8, 8, generator=g)", f"torch.randn(4, 3, 8, 8, generator=g).to(torch.{dtype})"))
     out = tmp_path / "o"
-    assert main(["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "--ratio", "2", "-o", str(out)]) == 0
+    assert main(["compile", str(_model_file(tmp_path, body)), "--pass", "deeptwist-tucker", "--ratio", "2",
+                 "--epochs", "1", "--period", "2", "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["training"]["distortions"] >= 1
     assert report["onnx"]["model_dtype"] == dtype and report["onnx"]["dtype"] == onnx_dtype
     assert report["onnx"]["atol"] == atol and report["accuracy"]["after"] is not None
     program = torch.export.load(str(out / "model.pt2"))
