@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from twistc.convs import ConvSite, erase_if_dead, insert_module, weight_groups
+from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.svd import ORDERS
 from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
@@ -25,7 +26,6 @@ from twistc.pipeline import PassResult
 from twistc.plan import Layout
 from twistc.selection import LowRankOptions, check_choice, check_pair, record_plan
 
-DECOMPS = ("tucker", "svd", "tiled-svd")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class DeepTwist(LowRankOptions):
     name = "deeptwist"
     writes_plan = True
     summary = "training-time: project each selected conv's weight to low rank every `period` steps"
-    option_help = {**LowRankOptions.option_help, "decomp": "tucker, svd or tiled-svd",
+    option_help = {**LowRankOptions.option_help, "decomp": " or ".join(DECOMPOSITIONS),
                    "period": "S_D: training steps between projections",
                    "order": "svd, tiled-svd: column order of the lowered matrix, channel-major or tap-major",
                    "tile": "tiled-svd: tile shape HxW", "grid": "tiled-svd: tile grid RxC"}
@@ -46,16 +46,17 @@ class DeepTwist(LowRankOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice(self.decomp, DECOMPS, "decomp")
+        check_choice(self.decomp, tuple(DECOMPOSITIONS), "decomp")
         check_choice(self.order, ORDERS, "order")
         if self.period < 1:
             raise SpecError(f"period must be >= 1, got {self.period}")
         check_pair(self.tile, "tile")
         check_pair(self.grid, "grid")
-        if self.decomp == "tiled-svd" and (self.tile is None) == (self.grid is None):
-            raise SpecError("decomp=tiled-svd needs exactly one of tile=HxW or grid=RxC")
-        if self.decomp != "tiled-svd" and (self.tile or self.grid):
-            raise SpecError("tile and grid apply to decomp=tiled-svd only")
+        tiled = [name for name, d in DECOMPOSITIONS.items() if d.tiled]
+        if DECOMPOSITIONS[self.decomp].tiled and (self.tile is None) == (self.grid is None):
+            raise SpecError(f"decomp={self.decomp} needs exactly one of tile=HxW or grid=RxC")
+        if not DECOMPOSITIONS[self.decomp].tiled and (self.tile or self.grid):
+            raise SpecError(f"tile and grid apply to decomp={' or '.join(tiled)} only")
 
     def layout(self) -> Layout:
         return Layout(self.order, self.tile, self.grid)
@@ -68,7 +69,7 @@ class DeepTwist(LowRankOptions):
             if site.projection is not None:
                 continue
             planned = state.plan.get(site.name)  # a plan's decomposition wins over the option
-            decomp = planned.decomp if planned is not None and planned.decomp in DECOMPS else self.decomp
+            decomp = planned.decomp if planned is not None and planned.decomp in DECOMPOSITIONS else self.decomp
             entry = self.entry(gm, site, state, decomp)
             if isinstance(entry, str):
                 state.skip(site.name, entry)

@@ -26,10 +26,8 @@ from tqdm import tqdm
 
 from twistc import distributed, knapsack
 from twistc.convs import ConvSite, conv_sites
+from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import conv_cost
-from twistc.decomp.rank import tucker_max_ranks
-from twistc.decomp.svd import lowered, truncation_errors
-from twistc.decomp.tucker import hosvd_errors
 from twistc.errors import RankError, SpecError
 from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
 from twistc.pipeline import Pass, PassResult, RunContext
@@ -166,14 +164,9 @@ class PlanLatency(Pass):
             decomp = FORMS[form]
             if first_failure(site, decomp):
                 continue
-            for k in range(1, self.steps):
-                if decomp == "tucker":
-                    top_out, top_in = tucker_max_ranks(g)
-                    ranks = (self._rank(top_out * k / self.steps, top_out), self._rank(top_in * k / self.steps, top_in))
-                    entry = LayerPlan("tucker", ranks, form)
-                else:
-                    top = min(g.out_channels, g.in_channels * g.taps)
-                    entry = LayerPlan("svd", (self._rank(top * k / self.steps, top),), form, order="channel-major")
+            order = "channel-major" if DECOMPOSITIONS[decomp].matrix else None
+            for ranks in DECOMPOSITIONS[decomp].rank_grid(g, self.steps, self._rank):
+                entry = LayerPlan(decomp, ranks, form, order=order)
                 if entry.cost(g).params < dense_params and entry not in out:
                     out.append(entry)
         return out
@@ -183,12 +176,12 @@ class PlanLatency(Pass):
 
     @staticmethod
     def errors(gm: fx.GraphModule, site: ConvSite, entries: list[LayerPlan]) -> list[float]:
-        weight = site.weight(gm)
-        tucker = [e.ranks for e in entries if e.decomp == "tucker"]
-        svd = [e.ranks[0] for e in entries if e.decomp == "svd"]
-        by_form = {"tucker": iter(hosvd_errors(weight, tucker) if tucker else []),
-                   "svd": iter(truncation_errors(lowered(weight), svd) if svd else [])}
-        return [next(by_form[e.decomp]) for e in entries]
+        """Each entry's relative kernel error, computed per decomposition in one go."""
+        weight, errors = site.weight(gm), {}
+        for decomp in {e.decomp for e in entries}:
+            mine = [e for e in entries if e.decomp == decomp]
+            errors.update(zip(mine, DECOMPOSITIONS[decomp].errors(weight, mine)))
+        return [errors[e] for e in entries]
 
     def solve(self, sites: list[ConvSite], options: list[list[tuple]], model_ms: float) -> list[int]:
         """Indices into each layer's options: the least summed squared error within the budget."""

@@ -1,8 +1,8 @@
 """Which layers a low-rank pass touches and with what ranks: the options shared by such passes.
 
 Order of authority for one layer: a DeepTwist projection (the layer was trained for its ranks) >
-the plan (from `--plan` or an earlier pass) > the pass options > the default ratio. Legality is a
-table of predicates per decomposition, each with the reason it gives.
+the plan (from `--plan` or an earlier pass) > the pass options > the default ratio. Which layers a
+decomposition takes, and why not, its entry in twistc.decomp.DECOMPOSITIONS says.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch.fx as fx
 
 from twistc.convs import ConvSite, conv_sites, finalize_projection, reuse_lowered, samples_alike, weight_groups
+from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import Cost, conv_cost
 from twistc.decomp.threads import on_free_cores
 from twistc.errors import PassError, RankError, SpecError
@@ -20,16 +21,9 @@ from twistc.plan import LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.report import count_weights
 from twistc.state import CompileState, state_of
 
-_GROUPED = (lambda s: s.groups != 1, lambda s: f"grouped conv (groups={s.groups}); only groups=1 is decomposed")
-LEGALITY = {
-    "tucker": [_GROUPED, (lambda s: s.geometry.taps == 1, lambda s: "1x1 conv: a Tucker chain of it is never smaller")],
-    "svd": [_GROUPED],
-    "tiled-svd": [_GROUPED],
-}
-
-
 def first_failure(site: ConvSite, decomp: str) -> str | None:
-    return next((reason(site) for test, reason in LEGALITY[decomp] if test(site)), None)
+    """Why `decomp` cannot take this conv, or None."""
+    return DECOMPOSITIONS[decomp].skip_reason(site.geometry)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from twistc.decomp.cost import ConvGeometry, conv_cost, tucker_chain_cost
-from twistc.decomp.rank import (check_tucker_ranks, tucker_max_ranks, tucker_ranks_for_energy,
+from twistc.decomp.tucker import tucker_ranks_for_energy
+from twistc.decomp.rank import (check_tucker_ranks, tucker_max_ranks,
                                 tucker_ranks_for_ratio, tucker_ratio)
 from twistc.errors import RankError
 

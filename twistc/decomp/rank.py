@@ -1,4 +1,4 @@
-"""Rank choosers for Tucker-2: explicit ranks, an energy threshold, or a compression ratio.
+"""Rank choosers for Tucker-2 (explicit ranks or a compression ratio) and for spectra (an energy threshold).
 
 The ratio is counted on weight parameters only (dense kernel / Tucker chain). Ranks keep
 r_out / T = r_in / S and are the largest such pair whose achieved ratio is still >= the request.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from twistc.decomp.cost import ConvGeometry, conv_cost, tucker_chain_cost
-from twistc.decomp.tucker import mode_energies
 from twistc.errors import RankError
 
 
@@ -55,11 +54,6 @@ def tucker_ranks_for_ratio(g: ConvGeometry, ratio: float, round_to: int = 1) -> 
             f"compresses this conv only {tucker_ratio(g, smallest):.2f}x"
         )
     return best
-
-
-def tucker_ranks_for_energy(weight: torch.Tensor, energy: float) -> tuple[int, int]:
-    """Smallest ranks keeping `energy` of each channel mode's squared singular values."""
-    return tuple(rank_for_energy(mode_energies(weight, mode), energy) for mode in (0, 1))
 
 
 def rank_for_energy(spectrum: torch.Tensor, energy: float) -> int:

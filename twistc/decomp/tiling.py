@@ -44,6 +44,11 @@ class TileGrid:
             raise RankError(f"grid {grid[0]}x{grid[1]} does not fit a {shape[0]}x{shape[1]} matrix")
         return cls(_even_spans(shape[0], grid[0]), _even_spans(shape[1], grid[1]))
 
+    @classmethod
+    def of(cls, shape: tuple[int, int], tile: tuple[int, int] | None, grid: tuple[int, int] | None) -> "TileGrid":
+        """Tiles of `tile` shape when given, else a `grid` of even tiles (default: one tile)."""
+        return cls.from_tile(shape, tile) if tile is not None else cls.from_grid(shape, grid or (1, 1))
+
     @property
     def shape(self) -> tuple[int, int]:
         return len(self.rows), len(self.cols)

@@ -16,6 +16,10 @@ import tensorly as tl
 import torch
 from tensorly.tenalg import multi_mode_dot
 
+from twistc.decomp.base import DEFAULT_RATIO, Decomposition
+from twistc.decomp.cost import tucker_chain_cost
+from twistc.decomp.rank import check_tucker_ranks, rank_for_energy, tucker_max_ranks, tucker_ranks_for_ratio
+
 Tensor = torch.Tensor
 
 
@@ -115,3 +119,43 @@ def hosvd_errors(weight: Tensor, rank_pairs: list[tuple[int, int]]) -> list[floa
             kept = torch.linalg.vector_norm(core) ** 2
             errors.append(float((norm ** 2 - kept).clamp_min(0).sqrt() / norm))
     return errors
+
+
+def tucker_ranks_for_energy(weight: Tensor, energy: float) -> tuple[int, int]:
+    """Smallest ranks keeping `energy` of each channel mode's squared singular values."""
+    return tuple(rank_for_energy(mode_energies(weight, mode), energy) for mode in (0, 1))
+
+
+class Tucker(Decomposition):
+    name = "tucker"
+    summary = "Tucker-2 over the channel modes, lowered to 1x1 (S->r_in) -> kh x kw (r_in->r_out) -> 1x1 (r_out->T)"
+    lowerings = ("tucker-chain",)
+
+    def skip_reason(self, g):
+        if g.taps == 1:
+            return "1x1 conv: a Tucker chain of it is never smaller"
+        return super().skip_reason(g)
+
+    def choose_ranks(self, weight, g, request, layout):
+        if request.ranks is not None:
+            return check_tucker_ranks(g, tuple(request.ranks)), {}
+        if request.energy is not None:
+            return tucker_ranks_for_energy(weight, request.energy), {"energy": request.energy}
+        ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
+        return tucker_ranks_for_ratio(g, ratio, request.round_to), {"ratio": ratio}
+
+    def check_ranks(self, g, entry):
+        return check_tucker_ranks(g, tuple(entry.ranks))
+
+    def reconstruct(self, weight, entry):
+        return tucker2(weight, tuple(entry.ranks)).reconstruct()
+
+    def cost(self, g, entry):
+        return tucker_chain_cost(g, tuple(entry.ranks))
+
+    def rank_grid(self, g, steps, rounded):
+        top_out, top_in = tucker_max_ranks(g)
+        return [(rounded(top_out * k / steps, top_out), rounded(top_in * k / steps, top_in)) for k in range(1, steps)]
+
+    def errors(self, weight, entries):
+        return hosvd_errors(weight, [tuple(e.ranks) for e in entries])

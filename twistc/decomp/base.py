@@ -1,0 +1,91 @@
+"""What a decomposition is to the rest of twistc.
+
+Each decomposition is one `Decomposition` object in its own file under twistc/decomp/, listed in
+`twistc.decomp.DECOMPOSITIONS`. The plan, the passes, DeepTwist's projection, plan-latency and the
+report ask it, and nothing else, for: which layers it applies to (and why not), how it chooses ranks,
+how it reconstructs a kernel at those ranks (the DeepTwist step), what its lowered forms cost, and the
+lowered forms themselves (the passes named in `lowerings`). Adding one means one file here and, for a
+new lowered form, one pass file and one module in `twistc.ops`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from twistc.decomp.cost import ConvGeometry, Cost
+from twistc.errors import SpecError
+
+DEFAULT_RATIO = 2.0
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """What the user asked for; at most one of ranks, energy, ratio may be set."""
+
+    ratio: float | None = None
+    ranks: tuple[int, ...] | None = None
+    energy: float | None = None
+    round_to: int = 1
+
+    def __post_init__(self):
+        given = [k for k in ("ratio", "ranks", "energy") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise SpecError(f"give only one of ratio, ranks, energy (got {', '.join(given)})")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a 2-D decomposition sees the kernel: column order and tiling."""
+
+    order: str = "channel-major"
+    tile: tuple[int, int] | None = None
+    grid: tuple[int, int] | None = None
+
+
+class Decomposition:
+    """One decomposition. `entry` arguments are LayerPlans with `decomp == self.name`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    lowerings: ClassVar[tuple[str, ...]]   # its lowered forms, the default first
+    matrix: ClassVar[bool] = False          # works on the lowered matrix K[T, S*kh*kw] (order matters)
+    tiled: ClassVar[bool] = False           # ... split into tiles (tile= or grid=)
+
+    def skip_reason(self, g: ConvGeometry) -> str | None:
+        """Why a conv of this geometry cannot take this decomposition, or None."""
+        if g.groups != 1:
+            return f"grouped conv (groups={g.groups}); only groups=1 is decomposed"
+        return None
+
+    def choose_ranks(self, weight: torch.Tensor, g: ConvGeometry, request: RankRequest,
+                     layout: Layout) -> tuple[tuple[int, ...], dict]:
+        """The ranks `request` asks for, and what to record of it ({"ratio": R} or {"energy": E})."""
+        raise NotImplementedError
+
+    def check_ranks(self, g: ConvGeometry, entry) -> tuple[int, ...]:
+        """The entry's ranks, or RankError when they do not fit the layer."""
+        raise NotImplementedError
+
+    def reconstruct(self, weight: torch.Tensor, entry) -> torch.Tensor:
+        """The kernel's approximation at the entry's ranks (same shape and dtype): DeepTwist's projection."""
+        raise NotImplementedError
+
+    def cost(self, g: ConvGeometry, entry) -> Cost:
+        """Weights and MACs per sample of the lowered form, every constant it stores included."""
+        raise NotImplementedError
+
+    def tiling(self, g: ConvGeometry, entry) -> dict | None:
+        """How it tiles the lowered matrix (2-D decompositions), for the report."""
+        return None
+
+    def rank_grid(self, g: ConvGeometry, steps: int, rounded) -> list[tuple[int, ...]]:
+        """Candidate ranks for plan-latency: k/steps of each mode's full rank, k = 1..steps-1, passed
+        through `rounded(r, top)`."""
+        raise NotImplementedError
+
+    def errors(self, weight: torch.Tensor, entries: list) -> list[float]:
+        """A cheap ||W - W_r|| / ||W|| for each entry (an upper bound where the lowering does better)."""
+        return [float(torch.linalg.vector_norm(weight - self.reconstruct(weight, e))
+                      / torch.linalg.vector_norm(weight).clamp_min(1e-30)) for e in entries]

@@ -1,0 +1,81 @@
+"""Truncated SVD of the lowered (im2col) matrix K[T, S*kh*kw], whole (`svd`) or per tile (`tiled-svd`).
+
+SVD is tiled SVD on the 1x1 grid; it also chooses ranks by energy and has two lowered forms (a
+kh x kw conv and a 1x1 conv, or im2col and two matrix products).
+"""
+from __future__ import annotations
+
+from twistc.decomp.base import DEFAULT_RATIO, Decomposition
+from twistc.decomp.cost import lowrank_cost
+from twistc.decomp.rank import rank_for_energy
+from twistc.decomp.svd import lowered, singular_energies, truncation_errors, unlowered
+from twistc.decomp.tiling import TileGrid, rank_for_ratio, tiled_svd
+from twistc.errors import RankError, SpecError
+
+
+def check_matrix_rank(grid: TileGrid, ranks: tuple[int, ...]) -> int:
+    top = min(grid.tile)
+    if len(ranks) != 1 or not 1 <= ranks[0] <= top:
+        raise RankError(f"rank {'x'.join(map(str, ranks))} is outside 1..{top} (full rank of a {grid.tile[0]}x"
+                        f"{grid.tile[1]} tile)")
+    return int(ranks[0])
+
+
+class TiledSvd(Decomposition):
+    name = "tiled-svd"
+    summary = "truncated SVD of each tile of the lowered matrix, lowered to im2col and tiled GEMMs or grouped convs"
+    lowerings = ("tiled-lowrank",)
+    matrix = True
+    tiled = True
+
+    def grid(self, g, layout) -> TileGrid:
+        """The tiles of the layer's lowered matrix under `layout` (a Layout or a LayerPlan)."""
+        return TileGrid.of((g.out_channels, g.in_channels * g.taps), layout.tile, layout.grid)
+
+    def choose_ranks(self, weight, g, request, layout):
+        grid = self.grid(g, layout)
+        if request.ranks is not None:
+            return (check_matrix_rank(grid, request.ranks),), {}
+        if request.energy is not None:
+            raise SpecError("energy= chooses ranks for tucker and svd only; give ratio or ranks for tiled-svd")
+        ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
+        return (rank_for_ratio(grid, ratio),), {"ratio": ratio}
+
+    def check_ranks(self, g, entry):
+        return (check_matrix_rank(self.grid(g, entry), tuple(entry.ranks)),)
+
+    def reconstruct(self, weight, entry):
+        k = lowered(weight, entry.order)
+        factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
+        return unlowered(factors.reconstruct(), tuple(weight.shape), entry.order)
+
+    def cost(self, g, entry):
+        return lowrank_cost(g, self.grid(g, entry).factor_params(entry.ranks[0]))
+
+    def tiling(self, g, entry):
+        grid = self.grid(g, entry)
+        return {"grid": list(grid.shape), "tile": list(grid.tile),
+                "ragged_edges": "zero-padded to the common tile shape" if grid.ragged else None}
+
+
+class Svd(TiledSvd):
+    name = "svd"
+    summary = "truncated SVD of the lowered matrix, lowered to a kh x kw conv and a 1x1 conv (or im2col and GEMMs)"
+    lowerings = ("svd-conv", "svd-im2col")
+    tiled = False
+
+    def grid(self, g, layout) -> TileGrid:
+        return TileGrid.of((g.out_channels, g.in_channels * g.taps), None, None)
+
+    def choose_ranks(self, weight, g, request, layout):
+        if request.energy is not None:
+            spectrum = singular_energies(lowered(weight, layout.order))
+            return (rank_for_energy(spectrum, request.energy),), {"energy": request.energy}
+        return super().choose_ranks(weight, g, request, layout)
+
+    def rank_grid(self, g, steps, rounded):
+        top = min(g.out_channels, g.in_channels * g.taps)
+        return [(rounded(top * k / steps, top),) for k in range(1, steps)]
+
+    def errors(self, weight, entries):
+        return [truncation_errors(lowered(weight, e.order), [e.ranks[0]])[0] for e in entries]
