@@ -25,6 +25,7 @@ from twistc.ops import LowRankProjection
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
 from twistc.selection import LowRankOptions, check_choice, check_pair, record_plan
+from twistc.state import Skip
 
 
 
@@ -71,7 +72,7 @@ class DeepTwist(LowRankOptions):
             planned = state.plan.get(site.name)  # a plan's decomposition wins over the option
             decomp = planned.decomp if planned is not None and planned.decomp in DECOMPOSITIONS else self.decomp
             entry = self.entry(gm, site, state, decomp)
-            if isinstance(entry, str):
+            if isinstance(entry, Skip):
                 state.skip(site.name, entry)
                 continue
             projection = LowRankProjection(site.name, site.weight_name, entry, self.period)

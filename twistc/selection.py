@@ -19,7 +19,7 @@ from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass, PassResult
 from twistc.plan import LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.report import count_weights
-from twistc.state import CompileState, state_of
+from twistc.state import CompileState, Skip, state_of
 
 def first_failure(site: ConvSite, decomp: str) -> str | None:
     """Why `decomp` cannot take this conv, or None."""
@@ -75,53 +75,53 @@ class LowRankOptions(Pass):
         return state, [s for s in conv_sites(gm) if s.name in state.layers]
 
     def entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
-              lowering: str | None = None) -> LayerPlan | str:
+              lowering: str | None = None) -> LayerPlan | Skip:
         """The plan entry for this layer, or the reason it is skipped."""
         if not self.selects(site.name):
-            return f"not selected by layers={self.layers}"
+            return Skip(f"not selected by layers={self.layers}")
         reason = first_failure(site, decomp)
         if reason:
-            return reason
+            return Skip(reason)
         planned = state.plan.get(site.name)
         if planned is not None:
             if planned.decomp == "none":
-                return "left dense by the plan"
+                return Skip("left dense by the plan")
             if planned.decomp != decomp:
-                return f"the plan gives it decomp={planned.decomp}"
+                return Skip(f"the plan gives it decomp={planned.decomp}")
             return check_entry(site.geometry, planned)
         return self.chosen(gm, site, decomp, lowering)
 
-    def chosen(self, gm: fx.GraphModule, site: ConvSite, decomp: str, lowering: str | None = None) -> LayerPlan | str:
+    def chosen(self, gm: fx.GraphModule, site: ConvSite, decomp: str, lowering: str | None = None) -> LayerPlan | Skip:
         """The entry these options alone give the layer (no plan), or the reason it is skipped."""
         try:
             entry = choose(site.weight(gm), site.geometry, decomp, self.request(), self.layout(), lowering)
         except RankError as e:
             if self.ranks is not None:
                 raise RankError(f"layer {site.name}: {e}") from None
-            return str(e)
+            return Skip(str(e))
         if entry.cost(site.geometry).params >= conv_cost(site.geometry).params and self.ranks is None:
-            return f"{decomp} at ranks {entry.ranks} would not be smaller than the conv"
+            return Skip(f"{decomp} at ranks {entry.ranks} would not be smaller than the conv")
         return entry
 
     def lowering_entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
-                       lowering: str) -> LayerPlan | str:
+                       lowering: str) -> LayerPlan | Skip:
         """For lowering passes: the entry from the layer's projection, its plan entry, or these options."""
         projection = site.projection
         if projection is None:
             if site.name not in state.plan and not self.chooses_ranks:
-                return "no ranks asked for: give ratio, ranks or energy, or a plan entry"
+                return Skip("no ranks asked for: give ratio, ranks or energy, or a plan entry")
             entry = self.entry(gm, site, state, decomp, lowering)
-            return entry if isinstance(entry, str) else replace(entry, lowering=lowering)
+            return entry if isinstance(entry, Skip) else replace(entry, lowering=lowering)
         trained = projection.plan
         if trained.decomp != decomp:
-            return f"trained with decomp={trained.decomp}; lower it with the pass for {trained.decomp}"
+            return Skip(f"trained with decomp={trained.decomp}; lower it with the pass for {trained.decomp}")
         if not self.selects(site.name):
-            return f"not selected by layers={self.layers}"
+            return Skip(f"not selected by layers={self.layers}")
         if self.chooses_ranks:
             own = self.chosen(gm, site, decomp)
-            if isinstance(own, str) or own.ranks != trained.ranks:
+            if isinstance(own, Skip) or own.ranks != trained.ranks:
                 raise PassError(
-                    f"layer {site.name}: {self.spec()} asks for ranks {None if isinstance(own, str) else own.ranks} "
+                    f"layer {site.name}: {self.spec()} asks for ranks {None if isinstance(own, Skip) else own.ranks} "
                     f"but deeptwist trained the layer with ranks {trained.ranks}; drop the rank options of {self.name}")
         return replace(trained, lowering=lowering)
 
@@ -139,10 +139,10 @@ class LowRankOptions(Pass):
     def _lower_group(self, gm, state, group, decomp, lowering, rewrite) -> int:  # one lowering per weight, reused by its other uses
         site = group[0]
         entry = self.lowering_entry(gm, site, state, decomp, lowering)
-        if not isinstance(entry, str) and not samples_alike(gm, group):
-            entry = ("shares its weight with convs that sample or add bias differently "
-                     f"({name_list([s.node.name for s in group])})")
-        if isinstance(entry, str):
+        if not isinstance(entry, Skip) and not samples_alike(gm, group):
+            entry = Skip("shares its weight with convs that sample or add bias differently "
+                         f"({name_list([s.node.name for s in group])})")
+        if isinstance(entry, Skip):
             state.skip(site.name, entry)
             return 0
         finalize_projection(gm, site)

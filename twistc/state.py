@@ -14,6 +14,13 @@ from twistc.plan import Plan
 META_KEY = "twistc"
 
 
+@dataclass(frozen=True)
+class Skip:
+    """Why a pass leaves a layer as it is (in place of its plan entry)."""
+
+    reason: str
+
+
 @dataclass
 class LayerRecord:
     """One conv of the original model and what the passes did to it."""
@@ -87,10 +94,10 @@ class CompileState:
     plan: Plan = field(default_factory=Plan)
     latency: dict | None = None  # plan-latency: runtime settings, measured and predicted model latency
 
-    def skip(self, name: str, reason: str) -> None:
+    def skip(self, name: str, skip: Skip) -> None:
         record = self.layers.get(name)
         if record is not None and record.lowering is None:
-            record.skip_reason = reason
+            record.skip_reason = skip.reason
 
 
 def state_of(gm: fx.GraphModule) -> CompileState:
