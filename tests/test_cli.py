@@ -154,7 +154,7 @@ def example_inputs''')
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--pass", "lower-conv-cp"], "unknown pass 'lower-conv-cp'"),
+    (["--pass", "lower-conv-block-term"], "unknown pass 'lower-conv-block-term'"),
     (["--pass", "deeptwist{speed=2},train"], "has no option 'speed'"),
     (["--pass", "tucker", "--ratio", "1"], "ratio must be a finite number > 1"),
     (["--pass", "tucker", "--ratio", "inf"], "ratio must be a finite number > 1"),

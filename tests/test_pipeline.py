@@ -42,7 +42,7 @@ def test_presets_expand():
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("lower-conv-cp", "unknown pass 'lower-conv-cp'"),
+    ("lower-conv-block-term", "unknown pass 'lower-conv-block-term'"),
     ("deeptwist{speed=3}", "has no option 'speed'"),
     ("deeptwist{period=fast}", "cannot read 'fast' as int"),
     ("deeptwist{period}", "not key=value"),

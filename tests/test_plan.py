@@ -31,7 +31,7 @@ def test_plan_entries_override_pass_options():
 
 
 @pytest.mark.parametrize("entry,message", [
-    ({"decomp": "cp", "ranks": [2]}, "decomp must be one of"),
+    ({"decomp": "block-term", "ranks": [2]}, "decomp must be one of"),
     ({"decomp": "tucker", "ranks": "4x2"}, "list of integers"),
     ({"decomp": "tucker", "ranks": [2, 2], "speed": 1}, "unknown keys"),
     (5, "plan entry 'conv1' is 5, not an object"),

@@ -166,10 +166,10 @@ def finalize_projection(gm: fx.GraphModule, site: ConvSite) -> None:
     if site.projection is None:
         return
     weight = site.weight(gm)
-    if site.projection.finalized:
-        site.projection.project_(weight)
-    else:
+    if not site.projection.finalized:
         site.projection.finalize_(weight)
+    elif not site.projection.holds(weight):  # changed since its final projection
+        site.projection.project_(weight)
 
 
 def replace_with_module(gm: fx.GraphModule, site: ConvSite, path: str, module: nn.Module) -> None:

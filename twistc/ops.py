@@ -9,7 +9,7 @@ from twistc.decomp.svd import unlowered
 from twistc.distributed import broadcast_
 from twistc.decomp.tiling import TileGrid, TiledLowRank
 from twistc.errors import NonFiniteError
-from twistc.plan import LayerPlan
+from twistc.plan import LayerPlan, relative_change
 
 
 class LowRankProjection(nn.Module):
@@ -27,6 +27,7 @@ class LowRankProjection(nn.Module):
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
         self.layer, self.weight_name, self.plan, self.period = layer, weight_name, plan, int(period)
+        self.fitted = None  # the factors of the last projection
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("distortions", torch.zeros((), dtype=torch.int64))
         self.register_buffer("final_projections", torch.zeros((), dtype=torch.int64))
@@ -59,7 +60,9 @@ class LowRankProjection(nn.Module):
                 f"layer {self.layer}: weight is not finite at step {int(self.step)}; "
                 "lower the learning rate or raise the ranks"
             )
-        projected, change = self.plan.project(weight)
+        self.fitted = self.plan.fit(weight)  # the factors, for a lowering whose fit is not unique (CP)
+        projected = self.fitted.reconstruct()
+        change = relative_change(weight, projected)
         weight.copy_(projected)
         broadcast_(weight)  # under DDP, every rank continues from rank 0's projection
         return change
@@ -68,6 +71,11 @@ class LowRankProjection(nn.Module):
         """The final projection: afterwards the kernel is exactly low-rank."""
         self.change.copy_(self.project_(weight))
         self.final_projections += 1
+
+    @torch.no_grad()
+    def holds(self, weight: torch.Tensor) -> bool:
+        """Whether `weight` is still the reconstruction of the last projection's factors."""
+        return self.fitted is not None and torch.allclose(self.fitted.reconstruct(), weight, rtol=1e-6, atol=0)
 
     @property
     def finalized(self) -> bool:
@@ -121,6 +129,40 @@ class SvdConv(nn.Sequential):
         _set(self.expand.weight, u[:, :, None, None])
         if bias is not None:
             _set(self.expand.bias, bias)
+
+
+class CpConv(nn.Sequential):
+    """The CP chain: 1x1 (S->R), depthwise kh x 1 and 1 x kw (each R channels), 1x1 (R->T, with the bias).
+
+    The depthwise convs split the original sampling by axis: the kh x 1 conv takes the row stride,
+    padding and dilation, the 1 x kw conv the column ones. Padding columns commutes with a conv along
+    the rows, so this equals the 2-D padding in every padding mode.
+    """
+
+    def __init__(self, conv_args: dict, out: torch.Tensor, inp: torch.Tensor, rows: torch.Tensor,
+                 cols: torch.Tensor, bias: torch.Tensor | None):
+        (t, r), s, kh, kw = out.shape, inp.shape[0], rows.shape[0], cols.shape[0]
+        like = {"dtype": out.dtype, "device": out.device}
+        stride, padding, dilation = (_pair(conv_args[k]) for k in ("stride", "padding", "dilation"))
+        mode = conv_args.get("padding_mode", "zeros")
+        pad_rows, pad_cols = (padding, padding) if padding == "same" else ((padding[0], 0), (0, padding[1]))
+        super().__init__()
+        self.add_module("reduce", nn.Conv2d(s, r, 1, bias=False, **like))
+        self.add_module("rows", nn.Conv2d(r, r, (kh, 1), stride=(stride[0], 1), padding=pad_rows,
+                                          dilation=(dilation[0], 1), groups=r, bias=False, padding_mode=mode, **like))
+        self.add_module("cols", nn.Conv2d(r, r, (1, kw), stride=(1, stride[1]), padding=pad_cols,
+                                          dilation=(1, dilation[1]), groups=r, bias=False, padding_mode=mode, **like))
+        self.add_module("expand", nn.Conv2d(r, t, 1, bias=bias is not None, **like))
+        _set(self.reduce.weight, inp.T[:, :, None, None])
+        _set(self.rows.weight, rows.T[:, None, :, None])
+        _set(self.cols.weight, cols.T[:, None, None, :])
+        _set(self.expand.weight, out[:, :, None, None])
+        if bias is not None:
+            _set(self.expand.bias, bias)
+
+
+def _pair(v):
+    return v if isinstance(v, str) else ((v, v) if isinstance(v, int) else tuple(v))
 
 
 def same_padding(kernel, dilation) -> tuple[int, int, int, int]:

@@ -31,6 +31,7 @@ REGISTRY = {
     "lower-conv-tucker": "twistc.passes.lower_conv_tucker:LowerConvTucker",
     "lower-conv-svd": "twistc.passes.lower_conv_svd:LowerConvSvd",
     "lower-conv-tiled-lowrank": "twistc.passes.lower_conv_tiled:LowerConvTiledLowrank",
+    "lower-conv-cp": "twistc.passes.lower_conv_cp:LowerConvCp",
     "fold": "twistc.passes.fold:Fold",
     "cleanup": "twistc.passes.cleanup:Cleanup",
     "train": "twistc.train:Train",
@@ -45,6 +46,8 @@ PRESETS = {
                          "DeepTwist: train in the original shape with periodic Tucker projections, then lower"),
     "deeptwist-svd": ("deeptwist{decomp=svd},train,lower-conv-svd,fold,cleanup",
                       "DeepTwist with SVD of each lowered (im2col) matrix, lowered to a conv pair"),
+    "deeptwist-cp": ("deeptwist{decomp=cp},train,lower-conv-cp,fold,cleanup",
+                     "DeepTwist with CP projections (Lebedev et al. 2015), lowered to 1x1, kh x 1, 1 x kw and 1x1 convs"),
     "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower-conv-tiled-lowrank,fold,cleanup",
                             "DeepTwist with tiled SVD of each lowered matrix, lowered to tiled GEMMs or grouped convs"),
 }

@@ -26,6 +26,10 @@ LOWERINGS = {**{name: d.lowerings for name, d in DECOMPOSITIONS.items()}, "none"
 _KEYS = ("decomp", "ranks", "lowering", "ratio", "energy", "order", "tile", "grid")
 
 
+def relative_change(weight: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(weight - projected) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     decomp: str                        # a name in twistc.decomp.DECOMPOSITIONS, or none
@@ -47,8 +51,11 @@ class LayerPlan:
     def project(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The reconstruction and ||W - P(W)|| / ||W||, the share of the kernel's norm it removes."""
         projected = self.reconstruct(weight)
-        change = torch.linalg.vector_norm(weight - projected) / torch.linalg.vector_norm(weight).clamp_min(1e-30)
-        return projected, change
+        return projected, relative_change(weight, projected)
+
+    def fit(self, weight: torch.Tensor):
+        """The factors of the reconstruction (`fit(w).reconstruct()` is `reconstruct(w)`)."""
+        return self.decomposition.fit(weight, self)
 
     def reconstruct(self, weight: torch.Tensor) -> torch.Tensor:
         """The kernel's low-rank reconstruction under this plan (same shape and dtype)."""

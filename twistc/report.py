@@ -8,7 +8,10 @@ import onnxruntime
 import torch
 from torch import nn
 
+from twistc.decomp import DECOMPOSITIONS
+from twistc.decomp.cost import ConvGeometry
 from twistc.state import CompileState
+from twistc.trace import UNSUPPORTED_CONVS
 
 COLUMNS = ("layer", "shape", "lowering", "ranks", "params", "MACs", "ratio", "note")
 
@@ -185,3 +188,22 @@ def markdown(report: dict) -> str:
     v = report["versions"]
     parts.append(f"torch {v['torch']}, onnx {v['onnx']}, onnxruntime {v['onnxruntime']}; {report['machine']['cpu']}")
     return "\n".join(parts) + "\n"
+
+
+def support_table() -> str:
+    """Layer kinds x decompositions as a markdown table, derived from twistc.decomp.DECOMPOSITIONS."""
+    kinds = {"Conv2d, kh x kw > 1, groups=1": ConvGeometry(8, 8, (3, 3)), "Conv2d 1x1": ConvGeometry(8, 8, (1, 1)),
+             "Conv2d grouped or depthwise": ConvGeometry(8, 8, (3, 3), groups=8)}
+    rows = []
+    for kind, g in kinds.items():
+        cells = []
+        for d in DECOMPOSITIONS.values():
+            reason = d.skip_reason(g)
+            forms = ", ".join(f"`{f}`" for f in d.lowerings)
+            cells.append(f"skipped: {reason}" if reason else f"{forms} (`{d.lowering_pass}`)")
+        rows.append(f"| {kind} | " + " | ".join(cells) + " |")
+    others = ", ".join(c.__name__ for c in UNSUPPORTED_CONVS)
+    rows.append(f"| {others} | " + " | ".join("skipped; the report names the layer kind" for _ in DECOMPOSITIONS) + " |")
+    rows.append("| Linear | " + " | ".join("left as it is (not listed in the report)" for _ in DECOMPOSITIONS) + " |")
+    header = "| layer | " + " | ".join(f"`{name}`" for name in DECOMPOSITIONS) + " |"
+    return "\n".join([header, "|" + "---|" * (len(DECOMPOSITIONS) + 1), *rows])

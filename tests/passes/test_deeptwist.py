@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_training_with_the_step():
 
 
 def test_options_are_validated_and_second_run_changes_nothing():
-    for bad in ("deeptwist{period=0}", "deeptwist{decomp=cp}", "deeptwist{ratio=1}", "deeptwist{ranks=0x2}",
+    for bad in ("deeptwist{period=0}", "deeptwist{decomp=block-term}", "deeptwist{ratio=1}", "deeptwist{ranks=0x2}",
                 "deeptwist{ratio=2,ranks=3x3}"):
         with pytest.raises(twistc.TwistcError):
             Pipeline.parse(bad)

@@ -44,12 +44,21 @@ class Layout:
     grid: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class Reconstructed:
+    kernel: torch.Tensor
+
+    def reconstruct(self) -> torch.Tensor:
+        return self.kernel
+
+
 class Decomposition:
     """One decomposition. `entry` arguments are LayerPlans with `decomp == self.name`."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
     lowerings: ClassVar[tuple[str, ...]]   # its lowered forms, the default first
+    lowering_pass: ClassVar[str]           # the pass that rewrites a layer into them
     matrix: ClassVar[bool] = False          # works on the lowered matrix K[T, S*kh*kw] (order matters)
     tiled: ClassVar[bool] = False           # ... split into tiles (tile= or grid=)
 
@@ -70,7 +79,12 @@ class Decomposition:
 
     def reconstruct(self, weight: torch.Tensor, entry) -> torch.Tensor:
         """The kernel's approximation at the entry's ranks (same shape and dtype): DeepTwist's projection."""
-        raise NotImplementedError
+        return self.fit(weight, entry).reconstruct()
+
+    def fit(self, weight: torch.Tensor, entry):
+        """The factors of the approximation (anything with `reconstruct()`). A DeepTwist projection keeps
+        the last ones, so that a lowering whose fit is not unique (CP) can reuse them and stay exact."""
+        return Reconstructed(self.reconstruct(weight, entry))
 
     def cost(self, g: ConvGeometry, entry) -> Cost:
         """Weights and MACs per sample of the lowered form, every constant it stores included."""

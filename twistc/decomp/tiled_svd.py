@@ -25,6 +25,7 @@ class TiledSvd(Decomposition):
     name = "tiled-svd"
     summary = "truncated SVD of each tile of the lowered matrix, lowered to im2col and tiled GEMMs or grouped convs"
     lowerings = ("tiled-lowrank",)
+    lowering_pass = "lower-conv-tiled-lowrank"
     matrix = True
     tiled = True
 
@@ -62,6 +63,7 @@ class Svd(TiledSvd):
     name = "svd"
     summary = "truncated SVD of the lowered matrix, lowered to a kh x kw conv and a 1x1 conv (or im2col and GEMMs)"
     lowerings = ("svd-conv", "svd-im2col")
+    lowering_pass = "lower-conv-svd"
     tiled = False
 
     def grid(self, g, layout) -> TileGrid:

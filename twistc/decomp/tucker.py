@@ -130,6 +130,7 @@ class Tucker(Decomposition):
     name = "tucker"
     summary = "Tucker-2 over the channel modes, lowered to 1x1 (S->r_in) -> kh x kw (r_in->r_out) -> 1x1 (r_out->T)"
     lowerings = ("tucker-chain",)
+    lowering_pass = "lower-conv-tucker"
 
     def skip_reason(self, g):
         if g.taps == 1:
@@ -147,8 +148,11 @@ class Tucker(Decomposition):
     def check_ranks(self, g, entry):
         return check_tucker_ranks(g, tuple(entry.ranks))
 
+    def fit(self, weight, entry):
+        return tucker2(weight, tuple(entry.ranks))
+
     def reconstruct(self, weight, entry):
-        return tucker2(weight, tuple(entry.ranks)).reconstruct()
+        return self.fit(weight, entry).reconstruct()
 
     def cost(self, g, entry):
         return tucker_chain_cost(g, tuple(entry.ranks))

@@ -1,0 +1,67 @@
+"""Every decomposition in the registry keeps the same promises."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import twistc
+from twistc.decomp import DECOMPOSITIONS
+from twistc.decomp.cp import CpFactors
+from twistc.pipeline import Pipeline
+from twistc.report import count_weights, support_table
+from twistc.state import state_of
+
+T, S = 8, 6
+X = torch.randn(2, S, 9, 9, dtype=torch.float64)
+# each decomposition at a rank where it is exact on KERNELS[name], lowered to its default form
+FULL = {"tucker": "lower-conv-tucker{ranks=8x6}", "svd": "lower-conv-svd{ranks=8}",
+        "tiled-svd": "lower-conv-tiled-lowrank{ranks=8,tile=8x18,im2col=channel-blocks}",
+        "cp": "lower-conv-cp{ranks=3}"}
+
+
+def _kernel(name: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    if name == "cp":  # CP is exact only at the kernel's CP rank
+        return CpFactors(*(torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (T, S, 3, 3))).reconstruct()
+    return torch.randn(T, S, 3, 3, generator=g, dtype=torch.float64)
+
+
+def test_every_decomposition_is_covered_here():
+    assert set(FULL) == set(DECOMPOSITIONS)
+
+
+@pytest.mark.parametrize("name", list(DECOMPOSITIONS))
+def test_lowering_is_exact_and_costs_what_it_stores(name):
+    conv = nn.Conv2d(S, T, 3, padding=1).double().eval()
+    with torch.no_grad():
+        conv.weight.copy_(_kernel(name))
+    gm = Pipeline.parse(FULL[name]).run(twistc.trace(nn.Sequential(conv), (X,)))
+    torch.testing.assert_close(gm(X), conv(X), atol=1e-6, rtol=1e-5)
+    record = state_of(gm).layers["0"]
+    entry = state_of(gm).plan.get("0")
+    assert record.decomp == name and entry.decomp == name
+    assert entry.cost(record.geometry).params == count_weights(gm.get_submodule(record.module))
+
+
+@pytest.mark.parametrize("name", list(DECOMPOSITIONS))
+def test_a_deeptwist_trained_layer_lowers_exactly(name):
+    """Train with the projection, then lower: the lowered model computes what the trained one did."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten())
+    x = torch.randn(1, 3, 6, 6)
+    data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 8, (4,))) for _ in range(3)]
+    layout = ",grid=1x2" if DECOMPOSITIONS[name].tiled else ""
+    ctx = twistc.RunContext(train_data=lambda: data, progress=False)
+    spec = f"deeptwist{{decomp={name},ratio=2,period=2{layout}}},train{{epochs=1}}"
+    gm = Pipeline.parse(spec).run(twistc.trace(net, (x,)), ctx)
+    trained = gm.eval()(x)  # eval: a training-mode forward would count as a DeepTwist step
+    lower = DECOMPOSITIONS[name].lowering_pass
+    gm = Pipeline.parse(f"{lower},cleanup").run(gm)
+    assert {r.decomp for r in state_of(gm).layers.values()} == {name}
+    torch.testing.assert_close(gm(x), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_readme_support_table_is_current():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert support_table() in readme, "regenerate it: python -c 'from twistc.report import support_table; print(support_table())'"

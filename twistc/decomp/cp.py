@@ -1,0 +1,106 @@
+"""CP decomposition of a conv kernel (Lebedev et al., 2015, arXiv 1412.6553).
+
+    W[T,S,kh,kw] ~= sum_r U_T[t,r] U_S[s,r] U_h[i,r] U_w[j,r]
+
+lowered to 1x1 (S->R), a depthwise kh x 1 conv, a depthwise 1 x kw conv and 1x1 (R->T): four thin
+convs whose weights are the four factors. The fit is tensorly's `parafac` (ALS from an SVD start) in
+float64. CP's fit can be poor at low rank (ALS finds a local optimum), so the lowering records its
+relative error and warns when it removes more than half of the kernel's norm.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import tensorly as tl
+import torch
+from tensorly.decomposition import parafac
+
+from twistc.decomp.base import DEFAULT_RATIO, Decomposition
+from twistc.decomp.cost import ConvGeometry, Cost, conv_cost
+from twistc.errors import RankError, SpecError
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class CpFactors:
+    out: Tensor     # [T, R], the factor weights folded in
+    inp: Tensor     # [S, R]
+    rows: Tensor    # [kh, R]
+    cols: Tensor    # [kw, R]
+
+    @property
+    def rank(self) -> int:
+        return self.out.shape[1]
+
+    def reconstruct(self) -> Tensor:
+        return torch.einsum("tr,sr,ir,jr->tsij", self.out, self.inp, self.rows, self.cols)
+
+
+def cp(weight: Tensor, rank: int, n_iter: int = 200, tol: float = 1e-10) -> CpFactors:
+    """Rank-`rank` CP factors of a 4-way kernel, in the kernel's dtype."""
+    w = weight.detach().double()
+    with tl.backend_context("pytorch"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # tensorly notes a rank above a mode's size: expected here
+        weights, (out, inp, rows, cols) = parafac(w, rank, n_iter_max=n_iter, init="svd", tol=tol,
+                                                  random_state=0)
+    dtype = weight.dtype
+    return CpFactors((out * weights).to(dtype), inp.to(dtype), rows.to(dtype), cols.to(dtype))
+
+
+def cp_max_rank(g: ConvGeometry) -> int:
+    """An upper bound of a kernel's CP rank: the product of its modes but the largest."""
+    dims = sorted((g.out_channels, g.in_channels, *g.kernel))
+    return dims[0] * dims[1] * dims[2]
+
+
+def cp_cost(g: ConvGeometry, rank: int) -> Cost:
+    """1x1 at input resolution, kh x 1 at (out rows x in cols), 1 x kw and 1x1 at output resolution."""
+    (kh, kw), (hi, wi), (ho, wo) = g.kernel, g.in_hw, g.out_hw
+    macs = rank * (g.in_channels * hi * wi + kh * ho * wi + kw * ho * wo + g.out_channels * ho * wo)
+    return Cost(rank * (g.in_channels + kh + kw + g.out_channels), macs)
+
+
+class Cp(Decomposition):
+    name = "cp"
+    summary = ("CP (Lebedev et al. 2015), lowered to 1x1 (S->R) -> depthwise kh x 1 -> depthwise 1 x kw -> "
+               "1x1 (R->T)")
+    lowerings = ("cp-chain",)
+    lowering_pass = "lower-conv-cp"
+
+    def skip_reason(self, g):
+        if g.taps == 1:
+            return "1x1 conv: its CP is an SVD pair with two extra scalings; use svd"
+        return super().skip_reason(g)
+
+    def choose_ranks(self, weight, g, request, layout):
+        if request.ranks is not None:
+            return self.check_ranks(g, request), {}
+        if request.energy is not None:
+            raise SpecError("energy= does not choose CP ranks (CP has no ordered spectrum); give ratio or ranks")
+        ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
+        rank = int(conv_cost(g).params / (ratio * cp_cost(g, 1).params))
+        if rank < 1:
+            raise RankError(f"ratio {ratio:g} is out of reach: CP rank 1 compresses this conv only "
+                            f"{conv_cost(g).params / cp_cost(g, 1).params:.2f}x")
+        return (min(rank, cp_max_rank(g)),), {"ratio": ratio}
+
+    def check_ranks(self, g, entry):
+        ranks, top = tuple(entry.ranks), cp_max_rank(g)
+        if len(ranks) != 1 or not 1 <= ranks[0] <= top:
+            raise RankError(f"CP rank {'x'.join(map(str, ranks))} is outside 1..{top} for this kernel")
+        return ranks
+
+    def fit(self, weight, entry):
+        return cp(weight, entry.ranks[0])
+
+    def reconstruct(self, weight, entry):
+        return self.fit(weight, entry).reconstruct()
+
+    def cost(self, g, entry):
+        return cp_cost(g, entry.ranks[0])
+
+    def rank_grid(self, g, steps, rounded):
+        top = max(1, int(conv_cost(g).params / cp_cost(g, 1).params))  # rank at which CP stops saving weights
+        return [(rounded(top * k / steps, top),) for k in range(1, steps)]
