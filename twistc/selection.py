@@ -34,13 +34,17 @@ class LowRankOptions(Pass):
                    "ratio": "per-layer weight compression ratio (> 1)",
                    "ranks": "explicit ranks, e.g. 16x8 (Tucker r_out x r_in) or 16 (SVD)",
                    "energy": "keep this share (0, 1] of each mode's squared singular values",
-                   "round_to": "round ranks to multiples of this"}
+                   "round_to": "round ranks to multiples of this",
+                   "rank": "vbmf: each mode's rank by empirical variational Bayesian matrix factorization",
+                   "weaken": "rank=vbmf: move each rank this share (0..1) of the way to full rank"}
 
     layers: str | None = None
     ratio: float | None = None
     ranks: tuple[int, ...] | None = None
     energy: float | None = None
     round_to: int = 1
+    rank: str | None = None
+    weaken: float = 0.0
 
     def __post_init__(self):
         if self.ratio is not None and not 1 < self.ratio < float("inf"):
@@ -51,10 +55,15 @@ class LowRankOptions(Pass):
             raise RankError(f"round_to must be >= 1, got {self.round_to}")
         if self.ranks is not None and min(self.ranks) < 1:
             raise RankError(f"ranks must be >= 1, got {self.ranks}")
+        if self.rank is not None:
+            check_choice(self.rank, ("vbmf",), "rank")
+        if not 0 <= self.weaken <= 1 or (self.weaken and self.rank is None):
+            raise RankError(f"weaken must be in [0, 1] and goes with rank=vbmf, got weaken={self.weaken:g}")
         self.request()  # rejects more than one of ratio/ranks/energy
 
     def request(self) -> RankRequest:
-        return RankRequest(self.ratio, self.ranks, self.energy, self.round_to)
+        return RankRequest(self.ratio, self.ranks, self.energy, self.round_to,
+                           self.weaken if self.rank == "vbmf" else None)
 
     def layout(self) -> Layout:
         """Column order and tiling for 2-D decompositions; passes with such options override this."""
@@ -63,7 +72,7 @@ class LowRankOptions(Pass):
     @property
     def chooses_ranks(self) -> bool:
         """Whether these options ask for ranks at all."""
-        return any(v is not None for v in (self.ratio, self.ranks, self.energy))
+        return any(v is not None for v in (self.ratio, self.ranks, self.energy, self.rank))
 
     def selects(self, name: str) -> bool:
         return selected(self.layers, name)

@@ -22,17 +22,20 @@ DEFAULT_RATIO = 2.0
 
 @dataclass(frozen=True)
 class RankRequest:
-    """What the user asked for; at most one of ranks, energy, ratio may be set."""
+    """What the user asked for; at most one of ranks, energy, ratio, vbmf may be set. `vbmf` is the
+    weakening factor of VBMF ranks (0: VBMF's own ranks)."""
 
     ratio: float | None = None
     ranks: tuple[int, ...] | None = None
     energy: float | None = None
     round_to: int = 1
+    vbmf: float | None = None
 
     def __post_init__(self):
-        given = [k for k in ("ratio", "ranks", "energy") if getattr(self, k) is not None]
+        given = [k for k in ("ratio", "ranks", "energy", "vbmf") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise SpecError(f"give only one of ratio, ranks, energy (got {', '.join(given)})")
+            names = [("rank=vbmf" if k == "vbmf" else k) for k in given]
+            raise SpecError(f"give only one of ratio, ranks, energy, rank=vbmf (got {', '.join(names)})")
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,9 @@ class Cp(Decomposition):
     def choose_ranks(self, weight, g, request, layout):
         if request.ranks is not None:
             return self.check_ranks(g, request), {}
-        if request.energy is not None:
-            raise SpecError("energy= does not choose CP ranks (CP has no ordered spectrum); give ratio or ranks")
+        if request.energy is not None or request.vbmf is not None:
+            raise SpecError("energy= and rank=vbmf do not choose CP ranks (CP has no ordered spectrum); give "
+                            "ratio or ranks")
         ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
         rank = int(conv_cost(g).params / (ratio * cp_cost(g, 1).params))
         if rank < 1:

@@ -5,6 +5,8 @@ r_out / T = r_in / S and are the largest such pair whose achieved ratio is still
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from twistc.decomp.cost import ConvGeometry, conv_cost, tucker_chain_cost
@@ -62,3 +64,62 @@ def rank_for_energy(spectrum: torch.Tensor, energy: float) -> int:
         raise RankError(f"energy must be in (0, 1], got {energy}")
     share = spectrum.cumsum(0) / spectrum.sum().clamp_min(1e-300)
     return int(min(len(spectrum), int((share < energy - 1e-12).sum()) + 1))
+
+
+def _vbmf_threshold(alpha: float) -> float:
+    """tau solving log(tau + 1) + alpha log(tau / alpha + 1) - tau = 0, tau > 0 (by bisection)."""
+    f = lambda t: math.log(t + 1) + alpha * math.log(t / alpha + 1) - t  # noqa: E731
+    lo, hi = 1e-9, 1.0
+    while f(hi) > 0:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def vbmf_rank(matrix: torch.Tensor) -> int:
+    """The rank empirical variational Bayesian matrix factorization keeps (Nakajima et al., JMLR 2013):
+    the noise variance is the minimiser of the EVBMF free energy, found by a bounded 1-D search, and the
+    rank is the number of singular values above the threshold it implies. No tuning parameter."""
+    y = matrix.detach().double()
+    if y.shape[0] > y.shape[1]:
+        y = y.T
+    L, M = y.shape
+    s = torch.linalg.svdvals(y)
+    alpha = L / M
+    tau = _vbmf_threshold(alpha)
+    x_bar = (1 + tau) * (1 + alpha / tau)
+    H = max(1, min(L - 1, math.ceil(L / (1 + alpha)) - 1))  # the largest rank the bound allows
+    energy = s ** 2
+    upper = float(energy.sum()) / (L * M)
+    lower = max(float(energy[H]) / (M * x_bar), float(energy[H:].sum()) / (M * (L - H)))
+    def free_energy(var: float) -> float:
+        x = energy / (M * var)
+        big = x[x > x_bar]
+        t = 0.5 * (big - (1 + alpha) + torch.sqrt((big - (1 + alpha)) ** 2 - 4 * alpha))
+        return float((x - torch.log(x)).sum() + (torch.log(t + 1) + alpha * torch.log(t / alpha + 1) - t).sum())
+
+    # golden-section search of the free energy over [lower, upper], in log space
+    a, b = math.log(min(lower, upper)), math.log(upper)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = free_energy(math.exp(c)), free_energy(math.exp(d))
+    for _ in range(100):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = free_energy(math.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = free_energy(math.exp(d))
+    var = math.exp((a + b) / 2)
+    return int((energy / (M * var) > x_bar).sum())
+
+
+def vbmf_weakened(matrix: torch.Tensor, weaken: float) -> int:
+    """VBMF's rank moved `weaken` (0..1) of the way towards the matrix's full rank, at least 1."""
+    full = min(matrix.shape)
+    r = vbmf_rank(matrix)
+    return max(1, min(full, r + round(weaken * (full - r))))

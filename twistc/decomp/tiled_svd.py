@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twistc.decomp.base import DEFAULT_RATIO, Decomposition
 from twistc.decomp.cost import lowrank_cost
-from twistc.decomp.rank import rank_for_energy
+from twistc.decomp.rank import rank_for_energy, vbmf_weakened
 from twistc.decomp.svd import lowered, singular_energies, truncation_errors, unlowered
 from twistc.decomp.tiling import TileGrid, rank_for_ratio, tiled_svd
 from twistc.errors import RankError, SpecError
@@ -37,8 +37,9 @@ class TiledSvd(Decomposition):
         grid = self.grid(g, layout)
         if request.ranks is not None:
             return (check_matrix_rank(grid, request.ranks),), {}
-        if request.energy is not None:
-            raise SpecError("energy= chooses ranks for tucker and svd only; give ratio or ranks for tiled-svd")
+        if request.energy is not None or request.vbmf is not None:
+            raise SpecError("energy= and rank=vbmf choose ranks for tucker and svd only; give ratio or ranks "
+                            f"for {self.name}")
         ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
         return (rank_for_ratio(grid, ratio),), {"ratio": ratio}
 
@@ -73,6 +74,8 @@ class Svd(TiledSvd):
         if request.energy is not None:
             spectrum = singular_energies(lowered(weight, layout.order))
             return (rank_for_energy(spectrum, request.energy),), {"energy": request.energy}
+        if request.vbmf is not None:
+            return (vbmf_weakened(lowered(weight, layout.order), request.vbmf),), {}
         return super().choose_ranks(weight, g, request, layout)
 
     def rank_grid(self, g, steps, rounded):

@@ -18,7 +18,8 @@ from tensorly.tenalg import multi_mode_dot
 
 from twistc.decomp.base import DEFAULT_RATIO, Decomposition
 from twistc.decomp.cost import tucker_chain_cost
-from twistc.decomp.rank import check_tucker_ranks, rank_for_energy, tucker_max_ranks, tucker_ranks_for_ratio
+from twistc.decomp.rank import (check_tucker_ranks, rank_for_energy, tucker_max_ranks, tucker_ranks_for_ratio,
+                                vbmf_weakened)
 
 Tensor = torch.Tensor
 
@@ -142,6 +143,10 @@ class Tucker(Decomposition):
             return check_tucker_ranks(g, tuple(request.ranks)), {}
         if request.energy is not None:
             return tucker_ranks_for_energy(weight, request.energy), {"energy": request.energy}
+        if request.vbmf is not None:  # each channel mode's unfolding
+            with tl.backend_context("pytorch"):
+                return tuple(vbmf_weakened(tl.unfold(weight.detach().double(), mode), request.vbmf)
+                             for mode in (0, 1)), {}
         ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
         return tucker_ranks_for_ratio(g, ratio, request.round_to), {"ratio": ratio}
 
