@@ -446,3 +446,11 @@ def test_non_finite_outputs_are_named_as_such(tmp_path, capsys):
         "    with torch.no_grad():\n        net[5].weight[0, 0] = float('nan')\n    return net")
     _fails(capsys, ["compile", str(_model_file(tmp_path, body)), "--pass", "tucker", "-o", str(tmp_path / "o")],
            "non-finite output (PyTorch gives NaN or inf")
+
+
+def test_vbmf_ranks_from_the_command_line(tmp_path):
+    out = tmp_path / "o"
+    assert main(["compile", str(_model_file(tmp_path, TINY)), "--pass", "lower-conv-tucker{rank=vbmf},cleanup",
+                 "-o", str(out), "--quiet"]) == 0
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    assert all(layer["ranks"] or layer["skip_reason"] for layer in layers)

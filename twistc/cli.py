@@ -141,7 +141,7 @@ def build_pipeline(spec: str, args) -> Pipeline:
                   "threads": args.threads, "cache": args.latency_cache}
         if not planned:
             values.update(order=args.order, tile=args.tile, grid=args.grid)
-            if not re.search(r"\b(ranks|energy)=", text) and not text.startswith("plan-latency"):
+            if not re.search(r"\b(ranks|energy|rank)=", text) and not text.startswith("plan-latency"):
                 values["ratio"] = args.ratio
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         if device != "cpu" and not text.startswith("plan-latency"):  # plan-latency's device is where it measures
