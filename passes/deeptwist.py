@@ -39,6 +39,8 @@ class DeepTwist(LowRankOptions):
                    "order": "svd, tiled-svd: column order of the lowered matrix, channel-major or tap-major",
                    "tile": "tiled-svd: tile shape HxW", "grid": "tiled-svd: tile grid RxC"}
 
+    kinds = ("Conv2d", "Linear")  # the decomposition says which it takes
+
     decomp: str = "tucker"
     period: int = 200
     order: str = "channel-major"
@@ -99,13 +101,17 @@ def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str,
             erase_if_dead(gm, [old_weight])
             return projected
         bias = graph.get_attr(site.bias_name) if site.bias_name else None
-        x, padding = site.input, site.padding
-        if site.padding_mode != "zeros":
-            pads = gm.get_submodule(site.name)._reversed_padding_repeated_twice
-            x = graph.call_function(F.pad, (x, tuple(pads)), {"mode": site.padding_mode})
-            padding = 0
-        conv = graph.call_function(F.conv2d, (x, projected, bias, site.stride, padding, site.dilation, site.groups))
-    conv.meta = dict(site.node.meta)
-    site.node.replace_all_uses_with(conv)
+        if site.kind == "Linear":
+            layer = graph.call_function(F.linear, (site.input, projected, bias))
+        else:
+            x, padding = site.input, site.padding
+            if site.padding_mode != "zeros":
+                pads = gm.get_submodule(site.name)._reversed_padding_repeated_twice
+                x = graph.call_function(F.pad, (x, tuple(pads)), {"mode": site.padding_mode})
+                padding = 0
+            layer = graph.call_function(F.conv2d, (x, projected, bias, site.stride, padding, site.dilation,
+                                                   site.groups))
+    layer.meta = dict(site.node.meta)
+    site.node.replace_all_uses_with(layer)
     graph.erase_node(site.node)
     return projected

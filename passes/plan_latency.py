@@ -127,7 +127,7 @@ class PlanLatency(Pass):
         summary; or why the target is out of reach. `batches`: eval batches for objective=eval."""
         state = state_of(gm)
         runtime, cache = self.target(), LatencyCache(self.cache or None)
-        sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
+        sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None and s.kind == "Conv2d"]
         options = []
         baseline = accuracy(gm, batches) if batches else None
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):

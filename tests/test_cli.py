@@ -61,13 +61,14 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
                                                             "model.pt2", "report.json", "report.md"])
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"] == "deeptwist{period=10,ratio=3},train{epochs=1},lower-conv-tucker,fold,cleanup"
-    assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4"]
-    for layer in report["layers"]:
+    assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4", "fc"]
+    assert report["layers"][-1]["skip_reason"] == "Linear: lower-conv-tucker rewrites Conv2d layers"
+    for layer in report["layers"][:-1]:
         assert layer["lowering"] == "tucker-chain" and layer["ratio_achieved"] >= 3
         assert set(layer) >= {"name", "skip_reason", "ranks", "params_before", "params_after", "flops_before",
                               "flops_after"}
         assert report["plan"][layer["name"]]["ranks"] == layer["ranks"]
-    assert report["totals"]["params_before"] / report["totals"]["params_after"] >= 3
+    assert report["compressed_layers"]["ratio"] >= 3
     assert report["training"]["steps"] == 45 and report["training"]["distortions"] == 4
     assert report["training"]["final_projections"] == 4
     assert 0 < report["training"]["accuracy_before_final_projection"] <= 1
@@ -75,7 +76,7 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["atol"] == 1e-4
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
     assert "conv4" in text and "tucker-chain" in text and "ONNX check" in text
-    assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"])
+    assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"][:-1])
     assert "the final projection removed" in (out / "report.md").read_text()
     changes = report["training"]["distortion_changes"]
     assert len(changes) == 4 and changes[-1] < changes[0] < 1
@@ -169,7 +170,7 @@ def example_inputs''')
     (["--pass", "lower-conv-tucker,train{weight_decay=-1}"], "weight_decay must be"),
     (["--pass", "lower-conv-tucker,train{optimizer=lion}"], "optimizer must be sgd or adamw"),
     (["--pass", "tucker", "--threads", "-1"], "--threads must be >= 1"),
-    (["--pass", "lower-conv-tucker{layers=nothing*}"], "matches none of the model's convs (0, 2)"),
+    (["--pass", "lower-conv-tucker{layers=nothing*}"], "matches none of the model's layers (0, 2, 5)"),
     (["--pass", "tucker", "--resume"], "--resume needs --checkpoint"),
     (["--pass", "lower-conv-tucker{ranks=0x2}"], "ranks must be >= 1"),
     (["--pass", "lower-conv-tucker{ranks=8x9}"], "r_in=9 is outside 1..3"),
@@ -246,17 +247,17 @@ def test_bench_command_writes_results(tmp_path, capsys):
     _fails(capsys, ["bench", str(out / "model.onnx"), "--provider", "cuda"], "CUDAExecutionProvider")
 
 
-@pytest.mark.parametrize("args,lowering", [
-    (["--pass", "deeptwist-svd", "--order", "tap-major"], "svd-conv"),
-    (["--pass", "deeptwist-tiled-svd", "--tile", "4x8"], "tiled-lowrank"),
-    (["--pass", "deeptwist-tiled-svd", "--grid", "2x3"], "tiled-lowrank"),
+@pytest.mark.parametrize("args,lowering", [  # the last lowering is the Linear layer's
+    (["--pass", "deeptwist-svd", "--order", "tap-major"], ["svd-conv", "svd-conv", "svd-linear"]),
+    (["--pass", "deeptwist-tiled-svd", "--tile", "4x8"], ["tiled-lowrank", "tiled-lowrank", None]),
+    (["--pass", "deeptwist-tiled-svd", "--grid", "2x3"], ["tiled-lowrank", "tiled-lowrank", None]),
 ])
 def test_2d_presets(tmp_path, capsys, args, lowering):
     out = tmp_path / "out"
     assert main(["compile", str(_model_file(tmp_path)), "--epochs", "1", "--period", "1", "--ratio", "1.5",
                  "-o", str(out), "--quiet", *args]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [layer["lowering"] for layer in report["layers"]] == [lowering, lowering]
+    assert [layer["lowering"] for layer in report["layers"]] == lowering
     assert report["training"]["distortions"] == 3
     plan = report["plan"]["0"]
     assert plan["order"] == ("tap-major" if "tap-major" in args else "channel-major")

@@ -1,10 +1,12 @@
-"""Finding 2-D convolutions in a GraphModule, whether nn.Conv2d modules or F.conv2d on parameters.
+"""Finding 2-D convolutions in a GraphModule, whether nn.Conv2d modules or F.conv2d on parameters, and
+Linear layers (nn.Linear or F.linear on parameters), which are 1x1 convs over their tokens.
 
 Passes match `ConvSite`s, check them, and rewrite them with the helpers here, so that each pass
 file only wires its math into the graph.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +18,7 @@ from twistc.decomp.cost import ConvGeometry
 from twistc.ops import Im2Col, LowRankProjection
 
 _CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
+_LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
@@ -53,6 +56,10 @@ class ConvSite:
 
     def bias(self, gm: fx.GraphModule) -> torch.Tensor | None:
         return gm.get_parameter(self.bias_name) if self.bias_name else None
+
+    @property
+    def kind(self) -> str:
+        return self.geometry.kind
 
     @property
     def is_module(self) -> bool:
@@ -116,14 +123,54 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     )
 
 
+def _linear_geometry(weight: torch.Tensor, x: fx.Node) -> ConvGeometry:
+    shape = _shape(x)
+    tokens = math.prod(shape[1:-1]) if shape else 1
+    return ConvGeometry(weight.shape[0], weight.shape[1], (1, 1), 1, (tokens, 1), (tokens, 1), kind="Linear")
+
+
+def _linear_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
+    """nn.Linear, or F.linear on a parameter, as a site with 1x1 sampling."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if type(m) is not nn.Linear:
+            return None
+        weight_name, bias_name, w, projection = (f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None
+                                                 else None, m.weight, None)
+        name = node.target
+    else:
+        args = {"bias": None, **dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
+        weight, bias, projection = args["weight"], args["bias"], None
+        if isinstance(weight, fx.Node) and weight.op == "call_module" and isinstance(
+                gm.get_submodule(weight.target), LowRankProjection):
+            projection, weight = gm.get_submodule(weight.target), weight.args[0]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (
+                bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+            return None
+        try:
+            w = gm.get_parameter(weight.target)
+        except AttributeError:
+            return None
+        weight_name, bias_name = weight.target, bias.target if bias is not None else None
+        name = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+    if w.dim() != 2:
+        return None
+    x = node.args[0] if node.args else node.kwargs["input"]
+    return ConvSite(node, name, weight_name, bias_name, (1, 1), (0, 0), (1, 1), 1, "zeros",
+                    _linear_geometry(w, x), projection)
+
+
 def conv_sites(gm: fx.GraphModule) -> list[ConvSite]:
+    """Every conv and Linear site, in graph order."""
     sites = []
     for node in gm.graph.nodes:
         site = None
         if node.op == "call_module":
-            site = _module_site(gm, node)
+            site = _module_site(gm, node) or _linear_site(gm, node)
         elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
             site = _function_site(gm, node)
+        elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
+            site = _linear_site(gm, node)
         if site is not None:
             sites.append(site)
     return sites
@@ -232,7 +279,7 @@ def lowered_path(gm: fx.GraphModule, site: ConvSite, form: str) -> str:
     """Where the lowered module goes: in place of an nn.Conv2d that owned the weight, else beside it."""
     if site.weight_name == f"{site.name}.weight":
         try:
-            if isinstance(gm.get_submodule(site.name), nn.Conv2d):
+            if isinstance(gm.get_submodule(site.name), (nn.Conv2d, nn.Linear)):
                 return site.name
         except AttributeError:
             pass

@@ -131,6 +131,20 @@ class SvdConv(nn.Sequential):
             _set(self.expand.bias, bias)
 
 
+class SvdLinear(nn.Sequential):
+    """W ~= U V as two Linear layers: in -> r (V), then r -> out (U, the bias)."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+        like = {"dtype": u.dtype, "device": u.device}
+        super().__init__()
+        self.add_module("reduce", nn.Linear(v.shape[1], v.shape[0], bias=False, **like))
+        self.add_module("expand", nn.Linear(u.shape[1], u.shape[0], bias=bias is not None, **like))
+        _set(self.reduce.weight, v)
+        _set(self.expand.weight, u)
+        if bias is not None:
+            _set(self.expand.bias, bias)
+
+
 class CpConv(nn.Sequential):
     """The CP chain: 1x1 (S->R), depthwise kh x 1 and 1 x kw (each R channels), 1x1 (R->T, with the bias).
 

@@ -191,19 +191,25 @@ def markdown(report: dict) -> str:
 
 
 def support_table() -> str:
-    """Layer kinds x decompositions as a markdown table, derived from twistc.decomp.DECOMPOSITIONS."""
+    """Layer kinds x decompositions as a markdown table, derived from twistc.decomp.DECOMPOSITIONS and the
+    layer kinds of the lowering passes."""
+    from twistc.pipeline import stage_class  # late: the passes import this module
+
     kinds = {"Conv2d, kh x kw > 1, groups=1": ConvGeometry(8, 8, (3, 3)), "Conv2d 1x1": ConvGeometry(8, 8, (1, 1)),
-             "Conv2d grouped or depthwise": ConvGeometry(8, 8, (3, 3), groups=8)}
+             "Conv2d grouped or depthwise": ConvGeometry(8, 8, (3, 3), groups=8),
+             "Linear (nn.Linear, F.linear on a parameter)": ConvGeometry(8, 8, (1, 1), kind="Linear")}
     rows = []
     for kind, g in kinds.items():
         cells = []
         for d in DECOMPOSITIONS.values():
             reason = d.skip_reason(g)
-            forms = ", ".join(f"`{f}`" for f in d.lowerings)
-            cells.append(f"skipped: {reason}" if reason else f"{forms} (`{d.lowering_pass}`)")
+            passes = {f: p for f, p in d.lowering_passes.items() if g.kind in stage_class(p).kinds}
+            forms = ", ".join(f"`{f}` (`{p}`)" for f, p in passes.items())
+            cells.append(f"skipped: {reason}" if reason else forms)
         rows.append(f"| {kind} | " + " | ".join(cells) + " |")
     others = ", ".join(c.__name__ for c in UNSUPPORTED_CONVS)
     rows.append(f"| {others} | " + " | ".join("skipped; the report names the layer kind" for _ in DECOMPOSITIONS) + " |")
-    rows.append("| Linear | " + " | ".join("left as it is (not listed in the report)" for _ in DECOMPOSITIONS) + " |")
+    rows.append("| Linear layers inside nn.MultiheadAttention | " + " | ".join(
+        "skipped: it runs as one fused call" for _ in DECOMPOSITIONS) + " |")
     header = "| layer | " + " | ".join(f"`{name}`" for name in DECOMPOSITIONS) + " |"
     return "\n".join([header, "|" + "---|" * (len(DECOMPOSITIONS) + 1), *rows])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch.fx as fx
 
@@ -37,6 +38,8 @@ class LowRankOptions(Pass):
                    "round_to": "round ranks to multiples of this",
                    "rank": "vbmf: each mode's rank by empirical variational Bayesian matrix factorization",
                    "weaken": "rank=vbmf: move each rank this share (0..1) of the way to full rank"}
+
+    kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it rewrites
 
     layers: str | None = None
     ratio: float | None = None
@@ -81,7 +84,11 @@ class LowRankOptions(Pass):
         """The original model's convs still in the graph (never parts of lowered forms)."""
         state = state_of(gm)
         check_layers_pattern(self.name, self.layers, list(state.layers))
-        return state, [s for s in conv_sites(gm) if s.name in state.layers]
+        sites = [s for s in conv_sites(gm) if s.name in state.layers]
+        for site in sites:
+            if site.kind not in self.kinds:
+                state.skip(site.name, Skip(f"{site.kind}: {self.name} rewrites {' and '.join(self.kinds)} layers"))
+        return state, [s for s in sites if s.kind in self.kinds]
 
     def entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
               lowering: str | None = None) -> LayerPlan | Skip:
@@ -170,7 +177,7 @@ def selected(layers: str | None, name: str) -> bool:
 def check_layers_pattern(owner: str, layers: str | None, names: list[str]) -> None:
     """A `layers=` pattern that selects none of the model's convs is an error that lists them."""
     if layers and not any(selected(layers, n) for n in names):
-        raise SpecError(f"{owner}{{layers={layers}}} matches none of the model's convs ({name_list(names)})")
+        raise SpecError(f"{owner}{{layers={layers}}} matches none of the model's layers ({name_list(names)})")
 
 
 def name_list(names: list[str], most: int = 12) -> str:

@@ -143,7 +143,9 @@ def _record_convs(gm: fx.GraphModule, state: CompileState) -> None:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(module, UNSUPPORTED_CONVS) and node.target not in state.layers:
             state.layers[node.target] = LayerRecord(node.target, _any_conv_geometry(module), skip_reason=(
-                f"{type(module).__name__}: no decomposition handles this layer kind yet (only Conv2d)"))
+                f"{type(module).__name__}: no decomposition handles this layer kind yet (Conv2d and Linear only)"))
+        if isinstance(module, nn.MultiheadAttention):
+            _record_attention(state, node.target, module)
     for path, why in state.leaves.items():
         leaf = gm.get_submodule(path)
         for sub, m in leaf.named_modules(prefix=path):
@@ -153,6 +155,19 @@ def _record_convs(gm: fx.GraphModule, state: CompileState) -> None:
 
 
 UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _record_attention(state: CompileState, path: str, mha: nn.MultiheadAttention) -> None:
+    """nn.MultiheadAttention runs as one call (F.multi_head_attention_forward), so no pass reaches its
+    projections; they are listed with the reason."""
+    why = ("inside nn.MultiheadAttention, which runs as one fused call (its q, k and v projections are one "
+           "in_proj_weight); write attention with nn.Linear layers to compress them")
+    shapes = {"in_proj": (mha.in_proj_weight.shape if mha.in_proj_weight is not None else None),
+              "out_proj": mha.out_proj.weight.shape}
+    for name, shape in shapes.items():
+        if shape is not None:
+            state.layers[f"{path}.{name}"] = LayerRecord(
+                f"{path}.{name}", ConvGeometry(shape[0], shape[1], (1, 1), kind="Linear"), skip_reason=why)
 
 
 def _any_conv_geometry(m: nn.Module) -> ConvGeometry:

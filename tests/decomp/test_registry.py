@@ -56,7 +56,8 @@ def test_a_deeptwist_trained_layer_lowers_exactly(name):
     spec = f"deeptwist{{decomp={name},ratio=2,period=2{layout}}},train{{epochs=1}}"
     gm = Pipeline.parse(spec).run(twistc.trace(net, (x,)), ctx)
     trained = gm.eval()(x)  # eval: a training-mode forward would count as a DeepTwist step
-    lower = DECOMPOSITIONS[name].lowering_pass
+    d = DECOMPOSITIONS[name]
+    lower = d.lowering_passes[d.lowerings[0]]
     gm = Pipeline.parse(f"{lower},cleanup").run(gm)
     assert {r.decomp for r in state_of(gm).layers.values()} == {name}
     torch.testing.assert_close(gm(x), trained, atol=1e-4, rtol=1e-4)

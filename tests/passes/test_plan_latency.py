@@ -33,7 +33,8 @@ def table(monkeypatch):
         return [rules["dense"](None, shape) if e is None else rules["lowered"](e, shape) for e in entries]
 
     def fake_model_ms(self, gm, runtime):
-        return 1.0 + sum(rules["dense"](None, LayerShape.of(s)) for s in plan_latency.conv_sites(gm))
+        return 1.0 + sum(rules["dense"](None, LayerShape.of(s)) for s in plan_latency.conv_sites(gm)
+                         if s.kind == "Conv2d")
 
     monkeypatch.setattr(plan_latency, "measure_layer", fake_measure)
     monkeypatch.setattr(PlanLatency, "model_ms", fake_model_ms)

@@ -61,12 +61,15 @@ class Decomposition:
     name: ClassVar[str]
     summary: ClassVar[str]
     lowerings: ClassVar[tuple[str, ...]]   # its lowered forms, the default first
-    lowering_pass: ClassVar[str]           # the pass that rewrites a layer into them
+    lowering_passes: ClassVar[dict[str, str]]  # lowered form -> the pass that rewrites a layer into it
+    kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it takes
     matrix: ClassVar[bool] = False          # works on the lowered matrix K[T, S*kh*kw] (order matters)
     tiled: ClassVar[bool] = False           # ... split into tiles (tile= or grid=)
 
     def skip_reason(self, g: ConvGeometry) -> str | None:
-        """Why a conv of this geometry cannot take this decomposition, or None."""
+        """Why a layer of this geometry cannot take this decomposition, or None."""
+        if g.kind not in self.kinds:
+            return f"{g.kind}: {self.name} applies to {' and '.join(self.kinds)} layers"
         if g.groups != 1:
             return f"grouped conv (groups={g.groups}); only groups=1 is decomposed"
         return None

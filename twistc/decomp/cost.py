@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Shape facts of one 2-D convolution."""
+    """Shape facts of one 2-D convolution, or of a Linear layer seen as a 1x1 conv over its tokens."""
 
     out_channels: int
     in_channels: int
@@ -18,6 +18,7 @@ class ConvGeometry:
     groups: int = 1
     in_hw: tuple[int, int] = (1, 1)
     out_hw: tuple[int, int] = (1, 1)
+    kind: str = "Conv2d"  # or "Linear": a 1x1 conv over (tokens, 1) "pixels"
 
     @property
     def taps(self) -> int:

@@ -67,10 +67,10 @@ class Cp(Decomposition):
     summary = ("CP (Lebedev et al. 2015), lowered to 1x1 (S->R) -> depthwise kh x 1 -> depthwise 1 x kw -> "
                "1x1 (R->T)")
     lowerings = ("cp-chain",)
-    lowering_pass = "lower-conv-cp"
+    lowering_passes = {"cp-chain": "lower-conv-cp"}
 
     def skip_reason(self, g):
-        if g.taps == 1:
+        if g.taps == 1 and g.kind == "Conv2d":
             return "1x1 conv: its CP is an SVD pair with two extra scalings; use svd"
         return super().skip_reason(g)
 

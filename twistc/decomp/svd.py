@@ -19,7 +19,7 @@ ORDERS = ("channel-major", "tap-major")
 def lowered(weight: Tensor, order: str = "channel-major") -> Tensor:
     """The T x (S*kh*kw) matrix of a kernel, columns in `order`."""
     t = weight.shape[0]
-    if order == "channel-major":
+    if order == "channel-major" or weight.dim() == 2:
         return weight.reshape(t, -1)
     if order == "tap-major":
         return weight.permute(0, 2, 3, 1).reshape(t, -1)
@@ -27,7 +27,10 @@ def lowered(weight: Tensor, order: str = "channel-major") -> Tensor:
 
 
 def unlowered(matrix: Tensor, shape: tuple[int, ...], order: str = "channel-major") -> Tensor:
-    """Inverse of `lowered`: the kernel of `shape` (T, S, kh, kw) whose lowered matrix is `matrix`."""
+    """Inverse of `lowered`: the kernel of `shape` (T, S, kh, kw) whose lowered matrix is `matrix` (a
+    Linear layer's [T, S] weight is its own lowered matrix)."""
+    if len(shape) == 2:
+        return matrix.reshape(shape)
     t, s, kh, kw = shape
     if order == "channel-major":
         return matrix.reshape(t, s, kh, kw)

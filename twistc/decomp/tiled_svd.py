@@ -25,7 +25,7 @@ class TiledSvd(Decomposition):
     name = "tiled-svd"
     summary = "truncated SVD of each tile of the lowered matrix, lowered to im2col and tiled GEMMs or grouped convs"
     lowerings = ("tiled-lowrank",)
-    lowering_pass = "lower-conv-tiled-lowrank"
+    lowering_passes = {"tiled-lowrank": "lower-conv-tiled-lowrank"}
     matrix = True
     tiled = True
 
@@ -63,8 +63,9 @@ class TiledSvd(Decomposition):
 class Svd(TiledSvd):
     name = "svd"
     summary = "truncated SVD of the lowered matrix, lowered to a kh x kw conv and a 1x1 conv (or im2col and GEMMs)"
-    lowerings = ("svd-conv", "svd-im2col")
-    lowering_pass = "lower-conv-svd"
+    lowerings = ("svd-conv", "svd-im2col", "svd-linear")
+    lowering_passes = {"svd-conv": "lower-conv-svd", "svd-im2col": "lower-conv-svd", "svd-linear": "lower-linear-svd"}
+    kinds = ("Conv2d", "Linear")
     tiled = False
 
     def grid(self, g, layout) -> TileGrid:

@@ -131,10 +131,10 @@ class Tucker(Decomposition):
     name = "tucker"
     summary = "Tucker-2 over the channel modes, lowered to 1x1 (S->r_in) -> kh x kw (r_in->r_out) -> 1x1 (r_out->T)"
     lowerings = ("tucker-chain",)
-    lowering_pass = "lower-conv-tucker"
+    lowering_passes = {"tucker-chain": "lower-conv-tucker"}
 
     def skip_reason(self, g):
-        if g.taps == 1:
+        if g.taps == 1 and g.kind == "Conv2d":
             return "1x1 conv: a Tucker chain of it is never smaller"
         return super().skip_reason(g)
 
