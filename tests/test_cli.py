@@ -455,3 +455,15 @@ def test_vbmf_ranks_from_the_command_line(tmp_path):
                  "-o", str(out), "--quiet"]) == 0
     layers = json.loads((out / "report.json").read_text())["layers"]
     assert all(layer["ranks"] or layer["skip_reason"] for layer in layers)
+
+
+def test_compile_the_transformer_example_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    assert main(["compile", str(REPO / "examples" / "digits_transformer.py"), "--pass", "deeptwist-svd", "--ratio", "2",
+                 "--epochs", "1", "--period", "10", "--set", "pretrain_epochs=1", "-o", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    lowered = {layer["name"]: layer["lowering"] for layer in report["layers"]}
+    assert lowered["blocks.0.attention.q"] == lowered["blocks.1.mlp.2"] == lowered["head"] == "svd-linear"
+    assert lowered["patches"] == "svd-conv"
+    assert all(layer["ratio_achieved"] >= 2 for layer in report["layers"] if layer["lowering"])
+    assert report["onnx"]["max_abs_diff"] < 1e-4 and report["training"]["distortions"] >= 1
