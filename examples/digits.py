@@ -62,11 +62,16 @@ def model(pretrain_epochs: int = 15, seed: int = 0) -> nn.Module:
     """The CNN trained from scratch on the training split (Adam, seeded)."""
     torch.manual_seed(seed)
     net = DigitsCNN()
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=pretrain_epochs * 45)
+    return pretrain(net, torch.optim.Adam(net.parameters(), lr=3e-3), pretrain_epochs, seed)
+
+
+def pretrain(net: nn.Module, optimizer, epochs: int, seed: int, batch_size: int = 32) -> nn.Module:
+    """Train `net` from scratch on the training split with a one-cycle schedule to the optimizer's lr."""
+    steps = epochs * -(-len(_split()[1]) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, optimizer.param_groups[0]["lr"], total_steps=steps)
     net.train()
-    for epoch in range(pretrain_epochs):
-        for x, y in train_data(seed=seed + 1):
+    for _ in range(epochs):
+        for x, y in train_data(batch_size=batch_size, seed=seed + 1):
             optimizer.zero_grad()
             F.cross_entropy(net(x), y).backward()
             optimizer.step()

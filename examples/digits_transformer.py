@@ -11,10 +11,9 @@ The data and the held-out 20% are those of examples/digits.py.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from digits import _split, eval_data, train_data  # noqa: F401  (the same data as the CNN example)
+from digits import _split, eval_data, pretrain, train_data  # noqa: F401  (the CNN example's data)
 
 
 class Attention(nn.Module):
@@ -61,17 +60,8 @@ def model(pretrain_epochs: int = 20, seed: int = 0) -> nn.Module:
     """The transformer trained from scratch on the training split (AdamW, one-cycle lr, seeded)."""
     torch.manual_seed(seed)
     net = DigitsTransformer()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 3e-3, total_steps=pretrain_epochs * 23)
-    net.train()
-    for _ in range(pretrain_epochs):
-        for x, y in train_data(batch_size=64, seed=seed + 1):
-            optimizer.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            optimizer.step()
-            if schedule.last_epoch + 1 < schedule.total_steps:
-                schedule.step()
-    return net.eval()
+    return pretrain(net, torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05), pretrain_epochs, seed,
+                    batch_size=64)
 
 
 def example_inputs():

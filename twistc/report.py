@@ -109,7 +109,7 @@ def layer_rows(report: dict) -> list[tuple[str, ...]]:
                      f"{layer['ratio_achieved']:.2f}x",
                      layer["skip_reason"] or _tiles_note(layer.get("tiles")) or _latency_note(layer)))
     t = report["totals"]
-    rows.append(("total (convs)", "", "", "", f"{_count(t['params_before'])} -> {_count(t['params_after'])}",
+    rows.append(("total (layers)", "", "", "", f"{_count(t['params_before'])} -> {_count(t['params_after'])}",
                  f"{_count(t['macs_before'])} -> {_count(t['macs_after'])}", f"{t['ratio']:.2f}x", ""))
     return rows
 
@@ -134,7 +134,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"compressed layers: {c['count']}, weights {c['params_before']:,} -> {c['params_after']:,} "
                      f"({c['ratio']:.2f}x)")
     lines.append(f"whole model: stored numbers {m['params_before']:,} -> {m['params_after']:,} ({m['ratio']:.2f}x); "
-                 f"conv MACs {report['totals']['macs_before']:,} -> {report['totals']['macs_after']:,}")
+                 f"MACs of the layers above {report['totals']['macs_before']:,} -> {report['totals']['macs_after']:,}")
     if "training" in report:
         t = report["training"]
         lines.append(f"training: {t['epochs']} epochs, {t['steps']} steps, {t['distortions']} distortions, "
