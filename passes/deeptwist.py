@@ -61,6 +61,10 @@ class DeepTwist(LowRankOptions):
         if not DECOMPOSITIONS[self.decomp].tiled and (self.tile or self.grid):
             raise SpecError(f"tile and grid apply to decomp={' or '.join(tiled)} only")
 
+    def check_place(self, before, after) -> None:
+        if not any(stage.name == "train" and getattr(stage, "epochs", 0) > 0 for stage in after):
+            raise SpecError("deeptwist needs a train stage with epochs > 0 after it (and train_data() in MODEL.py)")
+
     def layout(self) -> Layout:
         return Layout(self.order, self.tile, self.grid)
 

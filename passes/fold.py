@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from twistc.convs import insert_module
+from twistc.errors import SpecError
 from twistc.fold import fold_batchnorm, foldable_batchnorm, merge_convs, merged_macs_per_pixel, mergeable
 from twistc.ops import LowRankGemm
 from twistc.pipeline import Pass, PassResult
@@ -37,6 +38,10 @@ class Fold(Pass):
 
     batchnorm: bool = True
     merge: bool = True
+
+    def check_place(self, before, after) -> None:
+        if any(stage.name == "train" for stage in after):
+            raise SpecError("fold freezes BatchNorm into the convs, so it goes after train; move it after train")
 
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:

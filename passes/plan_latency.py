@@ -94,6 +94,9 @@ class PlanLatency(Pass):
                 raise SpecError(f"plan-latency: {key} must be >= {least}, got {getattr(self, key)}")
         self.target()
 
+    def needs(self) -> tuple[str, ...]:
+        return ("eval_data",) if self.objective == "eval" else ()
+
     def target(self) -> Runtime:
         return Runtime(self.runtime, self.device, self.threads, self.batch)
 

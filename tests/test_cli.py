@@ -184,7 +184,7 @@ def test_bad_pipelines_and_options(tmp_path, capsys, args, message):
 
 def test_deeptwist_without_train_data(tmp_path, capsys):
     _fails(capsys, ["compile", str(_model_file(tmp_path, TINY)), "--pass", "deeptwist-tucker",
-                    "-o", str(tmp_path / "out")], "defines no train_data()")
+                    "-o", str(tmp_path / "out")], "uses train_data(), which model.py does not define")
 
 
 def test_output_that_is_a_file_or_the_input(tmp_path, capsys):
@@ -467,3 +467,13 @@ def test_compile_the_transformer_example_end_to_end(tmp_path):
     assert lowered["patches"] == "svd-conv"
     assert all(layer["ratio_achieved"] >= 2 for layer in report["layers"] if layer["lowering"])
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["training"]["distortions"] >= 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("deeptwist,lower-conv-tucker,cleanup", "deeptwist needs a train stage with epochs > 0 after it"),
+    ("lower-conv-tucker,fold,train,cleanup", "fold freezes BatchNorm into the convs, so it goes after train"),
+    ("plan-latency{ratio=2,objective=eval},lower-conv-tucker", "uses eval_data(), which model.py does not define"),
+])
+def test_each_pass_checks_its_place_in_the_pipeline(tmp_path, capsys, spec, message):
+    _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", spec, "-o", str(tmp_path / "o")], message)
+    assert not (tmp_path / "o").exists()

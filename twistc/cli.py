@@ -36,8 +36,7 @@ from twistc.report import build_report, layer_rows, markdown, summary_lines, tex
 from twistc.selection import name_list
 from twistc.state import state_of
 from twistc.trace import trace
-from twistc.train import Train, accuracy
-from twistc.passes.deeptwist import DeepTwist
+from twistc.train import accuracy
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +170,15 @@ def compile_command(args) -> int:
             raise SpecError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     pipeline = build_pipeline(args.pipeline, args)
+    pipeline.check_whole()
     if args.resume and not args.checkpoint:
         raise SpecError("--resume needs --checkpoint DIR, the folder the stopped run saved into")
     plan = Plan.load(args.plan) if args.plan else None
     check_output(out, model_path, args.force, OUTPUTS)
     mf = load_model_file(model_path, _options(args.options))
-    trains = any(isinstance(s, Train) and s.epochs > 0 for s in pipeline.stages)
-    if trains and not mf.has("train_data"):
-        raise SpecError(f"pipeline '{pipeline}' trains, but {model_path.name} defines no train_data()")
-    if any(isinstance(s, DeepTwist) for s in pipeline.stages) and not trains:
-        raise SpecError("deeptwist needs a train stage with epochs > 0 after it (and train_data() in MODEL.py)")
+    missing = [f"{name}()" for name in pipeline.needs() if not mf.has(name)]
+    if missing:
+        raise SpecError(f"pipeline '{pipeline}' uses {' and '.join(missing)}, which {model_path.name} does not define")
     main_rank = distributed.is_main()
     if main_rank:
         _say(f"pipeline: {pipeline}")

@@ -114,6 +114,13 @@ class Stage:
         options = ",".join(f"{k}={v}" for k, v in self.given.items())
         return f"{self.name}{{{options}}}" if options else self.name
 
+    def needs(self) -> tuple[str, ...]:
+        """The MODEL.py functions this item uses besides model() and example_inputs()."""
+        return ()
+
+    def check_place(self, before: list["Stage"], after: list["Stage"]) -> None:
+        """Raise SpecError when the items around this one in a whole compilation break its preconditions."""
+
 
 @dataclass(frozen=True)
 class Pass(Stage):
@@ -240,6 +247,16 @@ def expand_presets(spec: str, epochs: int | None = None, target_speedup: float |
 class Pipeline:
     def __init__(self, stages: list[Stage]):
         self.stages = list(stages)
+
+    def check_whole(self) -> None:
+        """For a pipeline that is a whole compilation (the CLI's): every item's preconditions on the items
+        around it. A pipeline run from Python may leave steps to the caller (its own training loop)."""
+        for i, stage in enumerate(self.stages):
+            stage.check_place(self.stages[:i], self.stages[i + 1:])
+
+    def needs(self) -> tuple[str, ...]:
+        """The MODEL.py functions the pipeline uses besides model() and example_inputs()."""
+        return tuple(dict.fromkeys(need for stage in self.stages for need in stage.needs()))
 
     @classmethod
     def parse(cls, spec: str) -> "Pipeline":

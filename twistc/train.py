@@ -394,6 +394,9 @@ class Train(Stage):
             if not 0 <= value < float("inf"):
                 raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
 
+    def needs(self) -> tuple[str, ...]:
+        return ("train_data",) if self.epochs > 0 else ()
+
     def run(self, gm: fx.GraphModule, ctx: RunContext) -> TrainResult:
         if ctx.train_data is None:
             if self.epochs > 0:
