@@ -39,7 +39,7 @@ class DeepTwist(LowRankOptions):
                    "order": "svd, tiled-svd: column order of the lowered matrix, channel-major or tap-major",
                    "tile": "tiled-svd: tile shape HxW", "grid": "tiled-svd: tile grid RxC"}
 
-    kinds = ("Conv2d", "Linear")  # the decomposition says which it takes
+    kinds = ("Conv2d", "Conv1d", "Linear")  # the decomposition says which it takes
 
     decomp: str = "tucker"
     period: int = 200
@@ -108,13 +108,15 @@ def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str,
         if site.kind == "Linear":
             layer = graph.call_function(F.linear, (site.input, projected, bias))
         else:
-            x, padding = site.input, site.padding
+            args = site.conv_args()
+            x, padding = site.input, args["padding"]
             if site.padding_mode != "zeros":
                 pads = gm.get_submodule(site.name)._reversed_padding_repeated_twice
                 x = graph.call_function(F.pad, (x, tuple(pads)), {"mode": site.padding_mode})
                 padding = 0
-            layer = graph.call_function(F.conv2d, (x, projected, bias, site.stride, padding, site.dilation,
-                                                   site.groups))
+            conv = F.conv1d if site.kind == "Conv1d" else F.conv2d
+            layer = graph.call_function(conv, (x, projected, bias, args["stride"], padding, args["dilation"],
+                                               site.groups))
     layer.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(layer)
     graph.erase_node(site.node)

@@ -16,12 +16,14 @@ import torch
 import torch.fx as fx
 
 from twistc.convs import im2col_for, lowered_path, replace_with_chain, replace_with_module
+from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.svd import ORDERS, lowered, truncated_svd
 from twistc.decomp.tiling import tiled_svd
 from twistc.ops import Im2Col, LowRankGemm, SvdConv
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
 from twistc.selection import LowRankOptions, check_choice
+from twistc.state import Skip
 
 FORMS = {"conv": "svd-conv", "im2col": "svd-im2col"}
 
@@ -34,6 +36,8 @@ class LowerConvSvd(LowRankOptions):
                    "order": "column order of the lowered matrix, channel-major or tap-major",
                    "im2col": "form=im2col: onehot, slices or unfold"}
 
+    kinds = ("Conv2d", "Conv1d")  # a Conv1d takes form=conv
+
     form: str = "conv"
     order: str = "channel-major"
     im2col: str = "onehot"
@@ -43,6 +47,15 @@ class LowerConvSvd(LowRankOptions):
         check_choice(self.form, tuple(FORMS), "form")
         check_choice(self.order, ORDERS, "order")
         check_choice(self.im2col, Im2Col.METHODS, "im2col")
+
+    def sites(self, gm):
+        state, sites = super().sites(gm)
+        takes = DECOMPOSITIONS["svd"].kinds_of(FORMS[self.form])
+        for site in sites:
+            if site.kind not in takes:
+                state.skip(site.name, Skip(f"{site.kind}: lower-conv-svd{{form={self.form}}} lowers "
+                                           f"{' and '.join(takes)} layers"))
+        return state, [s for s in sites if s.kind in takes]
 
     def layout(self) -> Layout:
         return Layout(self.order)
@@ -54,7 +67,7 @@ class LowerConvSvd(LowRankOptions):
             path = lowered_path(gm, site, "svd")
             if self.form == "conv":
                 f = truncated_svd(k, entry.ranks[0])
-                module = SvdConv(site.conv_args(), site.geometry.kernel, f.u, f.v, site.bias(gm), entry.order)
+                module = SvdConv(site.conv_args(), site.kernel, f.u, f.v, site.bias(gm), entry.order)
                 replace_with_chain(gm, site, path, module)
             else:
                 factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])

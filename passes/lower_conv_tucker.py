@@ -26,6 +26,7 @@ from twistc.selection import LowRankOptions
 class LowerConvTucker(LowRankOptions):
     name = "lower-conv-tucker"
     summary = "rewrite each kh x kw conv as 1x1 -> kh x kw -> 1x1 (Tucker-2), exactly at the chosen ranks"
+    kinds = ("Conv2d", "Conv1d")
 
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:

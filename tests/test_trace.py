@@ -68,7 +68,8 @@ def test_conv_kinds_without_a_decomposition_are_recorded_with_a_reason():
     gm = twistc.trace(Mixed(), (torch.randn(1, 4, 10), torch.randn(1, 1, 5, 6, 6)))
     gm = Pipeline.parse("lower-conv-tucker{ratio=1.5},cleanup").run(gm)
     layers = twistc.state_of(gm).layers
-    assert layers["c2"].lowering == "tucker-chain"
-    for name, kind in (("c1", "Conv1d"), ("c3", "Conv3d"), ("up", "ConvTranspose2d")):
+    assert layers["c2"].lowering == layers["c1"].lowering == "tucker-chain"
+    for name, kind in (("c3", "Conv3d"), ("up", "ConvTranspose2d")):
         assert layers[name].lowering is None and layers[name].skip_reason.startswith(f"{kind}: no decomposition")
     assert layers["c1"].before.params == 6 * 4 * 3 and layers["c3"].before.params == 2 * 1 * 27
+    assert layers["c1"].geometry.kind == "Conv1d" and layers["c1"].geometry.out_hw == (8, 1)

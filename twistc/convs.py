@@ -17,7 +17,7 @@ from torch import nn
 from twistc.decomp.cost import ConvGeometry
 from twistc.ops import Im2Col, LowRankProjection
 
-_CONV_FUNCTIONS = (F.conv2d, torch.conv2d)
+_CONV_FUNCTIONS = (F.conv2d, torch.conv2d, F.conv1d, torch.conv1d)
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -65,8 +65,17 @@ class ConvSite:
     def is_module(self) -> bool:
         return self.node.op == "call_module"
 
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """The kernel's spatial shape: (kh, kw), or (k,) for a Conv1d."""
+        return self.geometry.kernel[:1] if self.kind == "Conv1d" else self.geometry.kernel
+
     def conv_args(self) -> dict:
-        """Keyword arguments of nn.Conv2d that reproduce this conv's sampling."""
+        """Keyword arguments of nn.Conv2d (nn.Conv1d for a Conv1d) that reproduce this conv's sampling."""
+        if self.kind == "Conv1d":
+            padding = self.padding if isinstance(self.padding, str) else self.padding[:1]
+            return {"stride": self.stride[:1], "padding": padding, "dilation": self.dilation[:1],
+                    "padding_mode": self.padding_mode}
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
                 "padding_mode": self.padding_mode}
 
@@ -77,22 +86,36 @@ def _shape(node) -> tuple[int, ...] | None:
 
 
 def _geometry(weight: torch.Tensor, groups: int, site_in: fx.Node, node: fx.Node) -> ConvGeometry:
-    t, s_per_group, kh, kw = weight.shape
+    """A Conv2d's geometry; a Conv1d's as the Conv2d with kernel (k, 1) over (length, 1) pixels."""
+    t, s_per_group, *kernel = weight.shape
     in_shape, out_shape = _shape(site_in), _shape(node)
-    in_hw = tuple(in_shape[-2:]) if in_shape else (1, 1)
-    out_hw = tuple(out_shape[-2:]) if out_shape else (1, 1)
-    return ConvGeometry(t, s_per_group * groups, (kh, kw), groups, in_hw, out_hw)
+    pad = (1,) * (3 - len(kernel))  # (length,) -> (length, 1)
+    in_hw = tuple(in_shape[2:]) + pad[1:] if in_shape else (1, 1)
+    out_hw = tuple(out_shape[2:]) + pad[1:] if out_shape else (1, 1)
+    return ConvGeometry(t, s_per_group * groups, tuple(kernel) + pad[1:], groups, in_hw, out_hw,
+                        kind="Conv1d" if len(kernel) == 1 else "Conv2d")
 
 
 def _module_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     m = gm.get_submodule(node.target)
-    if type(m) is not nn.Conv2d:
+    if type(m) not in (nn.Conv2d, nn.Conv1d):
         return None
+    if type(m) is nn.Conv2d:
+        stride, padding, dilation = _pair(m.stride), _pair(m.padding), _pair(m.dilation)
+    else:
+        stride, padding, dilation = _as_2d(m.stride), _as_2d(m.padding, 0), _as_2d(m.dilation)
     return ConvSite(
         node, node.target, f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
-        _pair(m.stride), _pair(m.padding), _pair(m.dilation), m.groups, m.padding_mode,
-        _geometry(m.weight, m.groups, node.args[0], node),
+        stride, padding, dilation, m.groups, m.padding_mode, _geometry(m.weight, m.groups, node.args[0], node),
     )
+
+
+def _as_2d(v, fill: int | None = None) -> tuple[int, int] | str:
+    """A Conv1d's stride, padding or dilation as the Conv2d's with kernel (k, 1): (v, 1), or (v, 0) for padding."""
+    if isinstance(v, str):
+        return v
+    v = v if isinstance(v, int) else v[0]
+    return (v, 1 if fill is None else fill)
 
 
 def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
@@ -113,13 +136,16 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
         w = gm.get_parameter(weight.target)
     except AttributeError:
         return None
-    if w.dim() != 4:
+    if w.dim() != (3 if node.target in (F.conv1d, torch.conv1d) else 4):
         return None
     name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
+    if w.dim() == 3:
+        stride, padding, dilation = _as_2d(args["stride"]), _as_2d(args["padding"], 0), _as_2d(args["dilation"])
+    else:
+        stride, padding, dilation = _pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"])
     return ConvSite(
-        node, name, weight.target, bias.target if bias is not None else None,
-        _pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"]), args["groups"], "zeros",
-        _geometry(w, args["groups"], args["input"], node), projection,
+        node, name, weight.target, bias.target if bias is not None else None, stride, padding, dilation,
+        args["groups"], "zeros", _geometry(w, args["groups"], args["input"], node), projection,
     )
 
 
@@ -279,7 +305,7 @@ def lowered_path(gm: fx.GraphModule, site: ConvSite, form: str) -> str:
     """Where the lowered module goes: in place of an nn.Conv2d that owned the weight, else beside it."""
     if site.weight_name == f"{site.name}.weight":
         try:
-            if isinstance(gm.get_submodule(site.name), (nn.Conv2d, nn.Linear)):
+            if isinstance(gm.get_submodule(site.name), (nn.Conv2d, nn.Conv1d, nn.Linear)):
                 return site.name
         except AttributeError:
             pass

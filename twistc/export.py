@@ -109,7 +109,8 @@ def onnx_model(module: nn.Module, example_inputs: tuple, dynamic_batch: bool = T
         axes.update({n: {0: "batch"} for n in names[1]})
         buffer = io.BytesIO()
         try:
-            if any(isinstance(m, nn.Conv2d) and m.padding == "same" and m.dilation != (1, 1) for m in module.modules()):
+            if any(isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.padding == "same" and max(m.dilation) > 1
+                   for m in module.modules()):
                 raise NotImplementedError("the TorchScript exporter writes padding='same' as auto_pad, "
                                           "which onnxruntime refuses with dilation")
             with warnings.catch_warnings(record=True) as caught:

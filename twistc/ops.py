@@ -1,6 +1,8 @@
 """Modules that passes insert: the DeepTwist weight projection and the lowered conv forms."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,6 +90,16 @@ class LowRankProjection(nn.Module):
         return f"layer={self.layer}, decomp={p.decomp}, ranks={p.ranks}{layout}, period={self.period}"
 
 
+def _conv_class(spatial: int) -> type[nn.Module]:
+    """nn.Conv1d for a kernel of one spatial dim (a Conv1d's lowering), else nn.Conv2d."""
+    return nn.Conv1d if spatial == 1 else nn.Conv2d
+
+
+def _pointwise(matrix: torch.Tensor, spatial: int) -> torch.Tensor:
+    """A [out, in] matrix as the weight of a 1x1 (or size-1) conv with `spatial` spatial dims."""
+    return matrix.reshape(*matrix.shape, *(1,) * spatial)
+
+
 def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     with torch.no_grad():
         param.copy_(value)
@@ -102,15 +114,16 @@ class TuckerConv(nn.Sequential):
 
     def __init__(self, conv_args: dict, u_out: torch.Tensor, core: torch.Tensor, u_in: torch.Tensor,
                  bias: torch.Tensor | None):
-        r_out, r_in, kh, kw = core.shape
+        r_out, r_in, *kernel = core.shape
         like = {"dtype": core.dtype, "device": core.device}  # the model's own dtype and device
+        conv = _conv_class(len(kernel))
         super().__init__()
-        self.add_module("reduce", nn.Conv2d(u_in.shape[0], r_in, 1, bias=False, **like))
-        self.add_module("core", nn.Conv2d(r_in, r_out, (kh, kw), bias=False, **conv_args, **like))
-        self.add_module("expand", nn.Conv2d(r_out, u_out.shape[0], 1, bias=bias is not None, **like))
-        _set(self.reduce.weight, u_in.T[:, :, None, None])
+        self.add_module("reduce", conv(u_in.shape[0], r_in, 1, bias=False, **like))
+        self.add_module("core", conv(r_in, r_out, tuple(kernel), bias=False, **conv_args, **like))
+        self.add_module("expand", conv(r_out, u_out.shape[0], 1, bias=bias is not None, **like))
+        _set(self.reduce.weight, _pointwise(u_in.T, len(kernel)))
         _set(self.core.weight, core)
-        _set(self.expand.weight, u_out[:, :, None, None])
+        _set(self.expand.weight, _pointwise(u_out, len(kernel)))
         if bias is not None:
             _set(self.expand.bias, bias)
 
@@ -118,15 +131,16 @@ class TuckerConv(nn.Sequential):
 class SvdConv(nn.Sequential):
     """K ~= U V as two convs: kh x kw (S->r, the rows of V as kernels), then 1x1 (r->T, U, the bias)."""
 
-    def __init__(self, conv_args: dict, kernel: tuple[int, int], u: torch.Tensor, v: torch.Tensor,
+    def __init__(self, conv_args: dict, kernel: tuple[int, ...], u: torch.Tensor, v: torch.Tensor,
                  bias: torch.Tensor | None, order: str):
-        r, s = v.shape[0], v.shape[1] // (kernel[0] * kernel[1])
+        r, s = v.shape[0], v.shape[1] // math.prod(kernel)
         like = {"dtype": v.dtype, "device": v.device}
+        conv = _conv_class(len(kernel))
         super().__init__()
-        self.add_module("reduce", nn.Conv2d(s, r, kernel, bias=False, **conv_args, **like))
-        self.add_module("expand", nn.Conv2d(r, u.shape[0], 1, bias=bias is not None, **like))
+        self.add_module("reduce", conv(s, r, tuple(kernel), bias=False, **conv_args, **like))
+        self.add_module("expand", conv(r, u.shape[0], 1, bias=bias is not None, **like))
         _set(self.reduce.weight, unlowered(v, (r, s, *kernel), order))
-        _set(self.expand.weight, u[:, :, None, None])
+        _set(self.expand.weight, _pointwise(u, len(kernel)))
         if bias is not None:
             _set(self.expand.bias, bias)
 

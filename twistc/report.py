@@ -197,13 +197,15 @@ def support_table() -> str:
 
     kinds = {"Conv2d, kh x kw > 1, groups=1": ConvGeometry(8, 8, (3, 3)), "Conv2d 1x1": ConvGeometry(8, 8, (1, 1)),
              "Conv2d grouped or depthwise": ConvGeometry(8, 8, (3, 3), groups=8),
+             "Conv1d, k > 1, groups=1": ConvGeometry(8, 8, (3, 1), kind="Conv1d"),
              "Linear (nn.Linear, F.linear on a parameter)": ConvGeometry(8, 8, (1, 1), kind="Linear")}
     rows = []
     for kind, g in kinds.items():
         cells = []
         for d in DECOMPOSITIONS.values():
             reason = d.skip_reason(g)
-            passes = {f: p for f, p in d.lowering_passes.items() if g.kind in stage_class(p).kinds}
+            passes = {f: p for f, p in d.lowering_passes.items()
+                      if g.kind in stage_class(p).kinds and g.kind in d.kinds_of(f)}
             forms = ", ".join(f"`{f}` (`{p}`)" for f, p in passes.items())
             cells.append(f"skipped: {reason}" if reason else forms)
         rows.append(f"| {kind} | " + " | ".join(cells) + " |")

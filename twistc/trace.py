@@ -143,7 +143,7 @@ def _record_convs(gm: fx.GraphModule, state: CompileState) -> None:
         module = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(module, UNSUPPORTED_CONVS) and node.target not in state.layers:
             state.layers[node.target] = LayerRecord(node.target, _any_conv_geometry(module), skip_reason=(
-                f"{type(module).__name__}: no decomposition handles this layer kind yet (Conv2d and Linear only)"))
+                f"{type(module).__name__}: no decomposition handles this layer kind yet (Conv2d, Conv1d and Linear only)"))
         if isinstance(module, nn.MultiheadAttention):
             _record_attention(state, node.target, module)
     for path, why in state.leaves.items():
@@ -154,7 +154,7 @@ def _record_convs(gm: fx.GraphModule, state: CompileState) -> None:
                 state.layers[sub] = LayerRecord(sub, g, skip_reason=f"inside untraceable module {path}: {why}")
 
 
-UNSUPPORTED_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+UNSUPPORTED_CONVS = (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _record_attention(state: CompileState, path: str, mha: nn.MultiheadAttention) -> None:

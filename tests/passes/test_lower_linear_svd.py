@@ -73,5 +73,5 @@ def test_conv_passes_and_attention_leave_linears_with_a_reason():
 
     gm = Pipeline.parse("lower-conv-tucker{ratio=2}").run(twistc.trace(Attention().eval(), (X,)))
     layers = state_of(gm).layers
-    assert layers["head"].skip_reason == "Linear: lower-conv-tucker rewrites Conv2d layers"
+    assert layers["head"].skip_reason == "Linear: lower-conv-tucker rewrites Conv2d and Conv1d layers"
     assert "in_proj_weight" in layers["mha.in_proj"].skip_reason and layers["mha.out_proj"].lowering is None

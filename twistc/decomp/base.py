@@ -62,9 +62,14 @@ class Decomposition:
     summary: ClassVar[str]
     lowerings: ClassVar[tuple[str, ...]]   # its lowered forms, the default first
     lowering_passes: ClassVar[dict[str, str]]  # lowered form -> the pass that rewrites a layer into it
+    form_kinds: ClassVar[dict[str, tuple[str, ...]]] = {}  # forms that take only some of `kinds`
     kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it takes
     matrix: ClassVar[bool] = False          # works on the lowered matrix K[T, S*kh*kw] (order matters)
     tiled: ClassVar[bool] = False           # ... split into tiles (tile= or grid=)
+
+    def kinds_of(self, form: str) -> tuple[str, ...]:
+        """The layer kinds a lowered form takes."""
+        return self.form_kinds.get(form, self.kinds)
 
     def skip_reason(self, g: ConvGeometry) -> str | None:
         """Why a layer of this geometry cannot take this decomposition, or None."""

@@ -21,21 +21,19 @@ def lowered(weight: Tensor, order: str = "channel-major") -> Tensor:
     t = weight.shape[0]
     if order == "channel-major" or weight.dim() == 2:
         return weight.reshape(t, -1)
-    if order == "tap-major":
-        return weight.permute(0, 2, 3, 1).reshape(t, -1)
+    if order == "tap-major":  # the taps of a 4-D (Conv2d) or 3-D (Conv1d) kernel before its channels
+        return weight.permute(0, *range(2, weight.dim()), 1).reshape(t, -1)
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
 
 def unlowered(matrix: Tensor, shape: tuple[int, ...], order: str = "channel-major") -> Tensor:
     """Inverse of `lowered`: the kernel of `shape` (T, S, kh, kw) whose lowered matrix is `matrix` (a
     Linear layer's [T, S] weight is its own lowered matrix)."""
-    if len(shape) == 2:
+    if len(shape) == 2 or order == "channel-major":
         return matrix.reshape(shape)
-    t, s, kh, kw = shape
-    if order == "channel-major":
-        return matrix.reshape(t, s, kh, kw)
     if order == "tap-major":
-        return matrix.reshape(t, kh, kw, s).permute(0, 3, 1, 2).contiguous()
+        t, s, *taps = shape
+        return matrix.reshape(t, *taps, s).permute(0, len(shape) - 1, *range(1, len(shape) - 1)).contiguous()
     raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
 
 

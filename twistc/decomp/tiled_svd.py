@@ -65,7 +65,8 @@ class Svd(TiledSvd):
     summary = "truncated SVD of the lowered matrix, lowered to a kh x kw conv and a 1x1 conv (or im2col and GEMMs)"
     lowerings = ("svd-conv", "svd-im2col", "svd-linear")
     lowering_passes = {"svd-conv": "lower-conv-svd", "svd-im2col": "lower-conv-svd", "svd-linear": "lower-linear-svd"}
-    kinds = ("Conv2d", "Linear")
+    kinds = ("Conv2d", "Conv1d", "Linear")
+    form_kinds = {"svd-conv": ("Conv2d", "Conv1d"), "svd-im2col": ("Conv2d",), "svd-linear": ("Linear",)}
     tiled = False
 
     def grid(self, g, layout) -> TileGrid:

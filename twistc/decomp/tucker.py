@@ -129,12 +129,14 @@ def tucker_ranks_for_energy(weight: Tensor, energy: float) -> tuple[int, int]:
 
 class Tucker(Decomposition):
     name = "tucker"
-    summary = "Tucker-2 over the channel modes, lowered to 1x1 (S->r_in) -> kh x kw (r_in->r_out) -> 1x1 (r_out->T)"
+    summary = ("Tucker-2 over the channel modes, lowered to 1x1 (S->r_in) -> kh x kw (r_in->r_out) -> 1x1 (r_out->T); "
+               "for a Conv1d, the same chain of Conv1d layers")
     lowerings = ("tucker-chain",)
     lowering_passes = {"tucker-chain": "lower-conv-tucker"}
+    kinds = ("Conv2d", "Conv1d")
 
     def skip_reason(self, g):
-        if g.taps == 1 and g.kind == "Conv2d":
+        if g.taps == 1 and g.kind in self.kinds:
             return "1x1 conv: a Tucker chain of it is never smaller"
         return super().skip_reason(g)
 
