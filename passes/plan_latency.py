@@ -48,6 +48,7 @@ class PlanLatency(Pass):
     name = "plan-latency"
     writes_plan = True
     takes_context = True
+    exclusive = (TARGETS,)
     summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
     option_help = {"speedup": "target: measured whole-model speedup", "ratio": "target: weight ratio of the convs",
                    "macs": "target: MAC ratio of the convs",

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -139,9 +138,7 @@ def build_pipeline(spec: str, args) -> Pipeline:
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
                   "threads": args.threads, "cache": args.latency_cache}
         if not planned:
-            values.update(order=args.order, tile=args.tile, grid=args.grid)
-            if not re.search(r"\b(ranks|energy|rank)=", text) and not text.startswith("plan-latency"):
-                values["ratio"] = args.ratio
+            values.update(order=args.order, tile=args.tile, grid=args.grid, ratio=args.ratio)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
         if device != "cpu" and not text.startswith("plan-latency"):  # plan-latency's device is where it measures
             values["device"] = device

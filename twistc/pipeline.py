@@ -85,6 +85,7 @@ class Stage:
     summary: ClassVar[str]
     writes_plan: ClassVar[bool] = False  # later passes take ranks and layout from the plan it writes
     option_help: ClassVar[dict[str, str]] = {}  # option -> what it means, for `twistc passes NAME`
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()  # groups of options of which one at most is given
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "Stage":
@@ -199,7 +200,8 @@ def stage_class(name: str) -> type[Stage]:
 
 
 def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
-    """One spec item; `defaults` fill options that the item has and does not write."""
+    """One spec item; `defaults` fill options that the item has and does not write, unless it writes
+    another option of the same `exclusive` group."""
     match = _ITEM.match(text)
     if not match:
         raise SpecError(f"cannot read pipeline item {text!r}; write name or name{{key=value,...}}")
@@ -214,7 +216,9 @@ def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
         options[key.strip()] = value.strip()
     cls = stage_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}
-    extra = {k: format_value(v) for k, v in (defaults or {}).items() if k in fields and v is not None}
+    taken = {k for group in cls.exclusive if set(group) & set(options) for k in group}
+    extra = {k: format_value(v) for k, v in (defaults or {}).items()
+             if k in fields and v is not None and k not in taken}
     stage = cls.from_options({**extra, **options})
     object.__setattr__(stage, "_given", {**options, **{k: v for k, v in extra.items() if k not in options}})
     return stage

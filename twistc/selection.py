@@ -40,6 +40,7 @@ class LowRankOptions(Pass):
                    "weaken": "rank=vbmf: move each rank this share (0..1) of the way to full rank"}
 
     kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it rewrites
+    exclusive = (("ratio", "ranks", "energy", "rank"),)
 
     layers: str | None = None
     ratio: float | None = None
