@@ -96,12 +96,13 @@ def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str,
     """Feed the conv its weight through the projection; `projected`: the projection's node, when an
     earlier use of the same weight made it. Returns that node."""
     graph = gm.graph
-    with graph.inserting_before(site.node):
+    reader = site.weight_reader or site.node
+    with graph.inserting_before(reader):
         if projected is None:
             projected = graph.call_module(projection_path, (graph.get_attr(site.weight_name),))
         if not site.is_module:
-            old_weight = site.node.args[1] if len(site.node.args) > 1 else site.node.kwargs["weight"]
-            site.node.replace_input_with(old_weight, projected)
+            old_weight = next(n for n in reader.all_input_nodes if n.op == "get_attr" and n.target == site.weight_name)
+            reader.replace_input_with(old_weight, projected)
             erase_if_dead(gm, [old_weight])
             return projected
         bias = graph.get_attr(site.bias_name) if site.bias_name else None

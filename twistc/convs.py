@@ -7,6 +7,7 @@ file only wires its math into the graph.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,7 @@ from twistc.ops import Im2Col, LowRankProjection
 
 _CONV_FUNCTIONS = (F.conv2d, torch.conv2d, F.conv1d, torch.conv1d)
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
+_MATMULS = (operator.matmul, torch.matmul)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
@@ -45,6 +47,7 @@ class ConvSite:
     geometry: ConvGeometry
     projection: LowRankProjection | None = None
     lowered_to: str | None = None  # set when a lowering replaced it: the path of the lowered module
+    weight_reader: fx.Node | None = None  # the node that reads the weight, when not `node` (x @ W.T: the .T)
 
     @property
     def input(self) -> fx.Node:
@@ -155,8 +158,17 @@ def _linear_geometry(weight: torch.Tensor, x: fx.Node) -> ConvGeometry:
     return ConvGeometry(weight.shape[0], weight.shape[1], (1, 1), 1, (tokens, 1), (tokens, 1), kind="Linear")
 
 
+def _transposed(node) -> fx.Node | None:
+    """X for a node computing X.T or X.t(), else None."""
+    if isinstance(node, fx.Node) and ((node.op == "call_function" and node.target is getattr and node.args[1] == "T")
+                                      or (node.op == "call_method" and node.target == "t")):
+        return node.args[0]
+    return None
+
+
 def _linear_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
-    """nn.Linear, or F.linear on a parameter, as a site with 1x1 sampling."""
+    """nn.Linear, F.linear on a parameter, or x @ W.T (x.matmul(W.t())) on one, as a site with 1x1 sampling."""
+    reader = node  # the node that reads the weight
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if type(m) is not nn.Linear:
@@ -167,6 +179,8 @@ def _linear_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     else:
         args = {"bias": None, **dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
         weight, bias, projection = args["weight"], args["bias"], None
+        if node.target in _MATMULS:
+            reader, weight = weight, _transposed(weight)
         if isinstance(weight, fx.Node) and weight.op == "call_module" and isinstance(
                 gm.get_submodule(weight.target), LowRankProjection):
             projection, weight = gm.get_submodule(weight.target), weight.args[0]
@@ -183,7 +197,7 @@ def _linear_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
         return None
     x = node.args[0] if node.args else node.kwargs["input"]
     return ConvSite(node, name, weight_name, bias_name, (1, 1), (0, 0), (1, 1), 1, "zeros",
-                    _linear_geometry(w, x), projection)
+                    _linear_geometry(w, x), projection, weight_reader=reader)
 
 
 def conv_sites(gm: fx.GraphModule) -> list[ConvSite]:
@@ -195,7 +209,7 @@ def conv_sites(gm: fx.GraphModule) -> list[ConvSite]:
             site = _module_site(gm, node) or _linear_site(gm, node)
         elif node.op == "call_function" and node.target in _CONV_FUNCTIONS:
             site = _function_site(gm, node)
-        elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS:
+        elif node.op == "call_function" and node.target in _LINEAR_FUNCTIONS + _MATMULS:
             site = _linear_site(gm, node)
         if site is not None:
             sites.append(site)
@@ -288,7 +302,8 @@ def erase_if_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
         node = pending.pop()
         if node in erased or node.users:
             continue
-        if node.op == "get_attr" or (node.op == "call_module" and _is_projection(gm, node)):
+        if node.op == "get_attr" or _transposed(node) is not None or (
+                node.op == "call_module" and _is_projection(gm, node)):
             pending.extend(node.all_input_nodes)
             gm.graph.erase_node(node)
             erased.add(node)

@@ -198,7 +198,7 @@ def support_table() -> str:
     kinds = {"Conv2d, kh x kw > 1, groups=1": ConvGeometry(8, 8, (3, 3)), "Conv2d 1x1": ConvGeometry(8, 8, (1, 1)),
              "Conv2d grouped or depthwise": ConvGeometry(8, 8, (3, 3), groups=8),
              "Conv1d, k > 1, groups=1": ConvGeometry(8, 8, (3, 1), kind="Conv1d"),
-             "Linear (nn.Linear, F.linear on a parameter)": ConvGeometry(8, 8, (1, 1), kind="Linear")}
+             "Linear (nn.Linear, F.linear or x @ W.T on a parameter)": ConvGeometry(8, 8, (1, 1), kind="Linear")}
     rows = []
     for kind, g in kinds.items():
         cells = []

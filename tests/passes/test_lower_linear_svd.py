@@ -75,3 +75,40 @@ def test_conv_passes_and_attention_leave_linears_with_a_reason():
     layers = state_of(gm).layers
     assert layers["head"].skip_reason == "Linear: lower-conv-tucker rewrites Conv2d and Conv1d layers"
     assert "in_proj_weight" in layers["mha.in_proj"].skip_reason and layers["mha.out_proj"].lowering is None
+
+
+class MatmulLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 12))
+        self.v = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return torch.matmul(torch.relu(x @ self.w.T), self.v.t())
+
+
+def test_x_matmul_w_transposed_is_a_linear_layer():
+    torch.manual_seed(0)
+    model = MatmulLayers().eval()
+    gm = Pipeline.parse("lower-linear-svd{ratio=1.2},cleanup").run(twistc.trace(model, (X,)))
+    layers = state_of(gm).layers
+    assert [layers[n].lowering for n in ("w", "v")] == ["svd-linear", "svd-linear"]
+    assert not any(n.op == "get_attr" for n in gm.graph.nodes)  # the weights and their .T are gone
+    full = Pipeline.parse("lower-linear-svd{ranks=4},cleanup").run(twistc.trace(model, (X,)))
+    assert state_of(full).layers["v"].ranks == (4,)
+
+    class Mean(nn.Module):  # scores per sequence, for the train stage
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).mean(1)
+
+    data = [(torch.randn(4, 5, 12), torch.randint(0, 4, (4,))) for _ in range(2)]
+    ctx = twistc.RunContext(train_data=lambda: data, progress=False)
+    gm = Pipeline.parse("deeptwist{decomp=svd,ratio=1.2,period=1},train{epochs=1}").run(
+        twistc.trace(Mean(MatmulLayers()), (X,)), ctx)
+    trained = gm.eval()(X)
+    gm = Pipeline.parse("lower-linear-svd,cleanup").run(gm)
+    torch.testing.assert_close(gm(X), trained, atol=1e-5, rtol=1e-5)
