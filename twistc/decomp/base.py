@@ -60,12 +60,16 @@ class Decomposition:
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    lowerings: ClassVar[tuple[str, ...]]   # its lowered forms, the default first
-    lowering_passes: ClassVar[dict[str, str]]  # lowered form -> the pass that rewrites a layer into it
+    lowering_passes: ClassVar[dict[str, str]]  # its lowered forms (the default first) -> the pass that makes each
     form_kinds: ClassVar[dict[str, tuple[str, ...]]] = {}  # forms that take only some of `kinds`
     kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it takes
     matrix: ClassVar[bool] = False          # works on the lowered matrix K[T, S*kh*kw] (order matters)
     tiled: ClassVar[bool] = False           # ... split into tiles (tile= or grid=)
+
+    @property
+    def lowerings(self) -> tuple[str, ...]:
+        """Its lowered forms, the default first."""
+        return tuple(self.lowering_passes)
 
     def kinds_of(self, form: str) -> tuple[str, ...]:
         """The layer kinds a lowered form takes."""

@@ -66,7 +66,6 @@ class Cp(Decomposition):
     name = "cp"
     summary = ("CP (Lebedev et al. 2015), lowered to 1x1 (S->R) -> depthwise kh x 1 -> depthwise 1 x kw -> "
                "1x1 (R->T)")
-    lowerings = ("cp-chain",)
     lowering_passes = {"cp-chain": "lower-conv-cp"}
 
     def skip_reason(self, g):

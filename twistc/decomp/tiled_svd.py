@@ -24,7 +24,6 @@ def check_matrix_rank(grid: TileGrid, ranks: tuple[int, ...]) -> int:
 class TiledSvd(Decomposition):
     name = "tiled-svd"
     summary = "truncated SVD of each tile of the lowered matrix, lowered to im2col and tiled GEMMs or grouped convs"
-    lowerings = ("tiled-lowrank",)
     lowering_passes = {"tiled-lowrank": "lower-conv-tiled-lowrank"}
     matrix = True
     tiled = True
@@ -63,7 +62,6 @@ class TiledSvd(Decomposition):
 class Svd(TiledSvd):
     name = "svd"
     summary = "truncated SVD of the lowered matrix, lowered to a kh x kw conv and a 1x1 conv (or im2col and GEMMs)"
-    lowerings = ("svd-conv", "svd-im2col", "svd-linear")
     lowering_passes = {"svd-conv": "lower-conv-svd", "svd-im2col": "lower-conv-svd", "svd-linear": "lower-linear-svd"}
     kinds = ("Conv2d", "Conv1d", "Linear")
     form_kinds = {"svd-conv": ("Conv2d", "Conv1d"), "svd-im2col": ("Conv2d",), "svd-linear": ("Linear",)}

@@ -131,7 +131,6 @@ class Tucker(Decomposition):
     name = "tucker"
     summary = ("Tucker-2 over the channel modes, lowered to 1x1 (S->r_in) -> kh x kw (r_in->r_out) -> 1x1 (r_out->T); "
                "for a Conv1d, the same chain of Conv1d layers")
-    lowerings = ("tucker-chain",)
     lowering_passes = {"tucker-chain": "lower-conv-tucker"}
     kinds = ("Conv2d", "Conv1d")
 
