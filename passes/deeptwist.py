@@ -81,12 +81,12 @@ class DeepTwist(LowRankOptions):
             if isinstance(entry, Skip):
                 state.skip(site.name, entry)
                 continue
-            projection = LowRankProjection(site.name, site.weight_name, entry, self.period)
+            record_plan(state, site, entry)
+            projection = LowRankProjection(site.name, site.weight_name, state.plan, self.period)
             insert_module(gm, f"{site.weight_name}_projection", projection)
             projected = None
             for use in group:
                 projected = _route_weight(gm, use, f"{site.weight_name}_projection", projected)
-            record_plan(state, site, entry)
             rewrites += 1
         return PassResult(gm, rewrites > 0, rewrites)
 

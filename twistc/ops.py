@@ -11,29 +11,36 @@ from twistc.decomp.svd import unlowered
 from twistc.distributed import broadcast_
 from twistc.decomp.tiling import TileGrid, TiledLowRank
 from twistc.errors import NonFiniteError
-from twistc.plan import LayerPlan, relative_change
+from twistc.plan import LayerPlan, Plan, relative_change
 
 
 class LowRankProjection(nn.Module):
     """DeepTwist's weight distortion, placed between a conv's weight and the conv.
 
-    Its `plan` is the single source of truth for the layer's decomposition and ranks. Each
+    Its layer's entry in the compilation's plan (`plans`, the same object as the GraphModule's
+    `state.plan`) says the decomposition and ranks: the plan is their one home. Each
     training-mode forward with grad enabled is one step; at every multiple of `period` the weight is
     replaced in place by its low-rank reconstruction. Otherwise (eval mode, no_grad, export) it is
     the identity. `step`, `distortions`, `final_projections` and `change` (the relative Frobenius
     norm of what the last projection removed from the kernel) are buffers, so they checkpoint.
     """
 
-    def __init__(self, layer: str, weight_name: str, plan: LayerPlan, period: int):
+    def __init__(self, layer: str, weight_name: str, plans: Plan, period: int):
         super().__init__()
         if period < 1:
             raise ValueError(f"period must be >= 1, got {period}")
-        self.layer, self.weight_name, self.plan, self.period = layer, weight_name, plan, int(period)
+        if plans.get(layer) is None:
+            raise ValueError(f"the plan has no entry for layer {layer}")
+        self.layer, self.weight_name, self.plans, self.period = layer, weight_name, plans, int(period)
         self.fitted = None  # the factors of the last projection
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("distortions", torch.zeros((), dtype=torch.int64))
         self.register_buffer("final_projections", torch.zeros((), dtype=torch.int64))
         self.register_buffer("change", torch.zeros(()))
+
+    @property
+    def plan(self) -> LayerPlan:
+        return self.plans.get(self.layer)
 
     @property
     def decomp(self) -> str:

@@ -8,6 +8,7 @@ from twistc.errors import NonFiniteError
 from twistc.ops import LowRankProjection
 from twistc.passes.deeptwist import DeepTwist
 from twistc.pipeline import Pipeline, RunContext
+from twistc.plan import LayerPlan
 from models_for_tests import Classifier, FunctionalConv, Net
 
 X = torch.randn(4, 3, 12, 12)
@@ -191,3 +192,12 @@ def test_final_projection_change_is_measured_once_and_reported():
     assert record.final_projection_change == pytest.approx(float(expected), rel=1e-5)
     assert record.to_json()["final_projection_change"] == record.final_projection_change
     assert twistc.state_of(gm).layers["conv1"].final_projection_change is None
+
+
+def test_the_plan_is_the_one_home_of_a_projections_ranks():
+    gm = twistc.trace(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)), (torch.randn(1, 3, 8, 8),))
+    gm = Pipeline.parse("deeptwist{ranks=4x2}").run(gm)
+    projection = gm.get_submodule("0.weight_projection")
+    assert projection.ranks == (4, 2) and twistc.state_of(gm).plan.get("0") is projection.plan
+    twistc.state_of(gm).plan.set("0", LayerPlan("tucker", (2, 2), "tucker-chain"))
+    assert projection.ranks == (2, 2)
