@@ -23,7 +23,6 @@ from twistc.ops import Im2Col, LowRankGemm, SvdConv
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
 from twistc.selection import LowRankOptions, check_choice
-from twistc.state import Skip
 
 FORMS = {"conv": "svd-conv", "im2col": "svd-im2col"}
 
@@ -48,14 +47,13 @@ class LowerConvSvd(LowRankOptions):
         check_choice(self.order, ORDERS, "order")
         check_choice(self.im2col, Im2Col.METHODS, "im2col")
 
-    def sites(self, gm):
-        state, sites = super().sites(gm)
-        takes = DECOMPOSITIONS["svd"].kinds_of(FORMS[self.form])
-        for site in sites:
-            if site.kind not in takes:
-                state.skip(site.name, Skip(f"{site.kind}: lower-conv-svd{{form={self.form}}} lowers "
-                                           f"{' and '.join(takes)} layers"))
-        return state, [s for s in sites if s.kind in takes]
+    def takes(self) -> tuple[str, ...]:
+        return DECOMPOSITIONS["svd"].kinds_of(FORMS[self.form])
+
+    def kind_reason(self, kind: str, takes: tuple[str, ...]) -> str:
+        if self.form == "conv":
+            return super().kind_reason(kind, takes)
+        return f"{kind}: {self.name}{{form={self.form}}} lowers {' and '.join(takes)} layers"
 
     def layout(self) -> Layout:
         return Layout(self.order)

@@ -16,19 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from twistc.decomp.cost import ConvGeometry
-from twistc.ops import Im2Col, LowRankProjection
+from twistc.ops import Im2Col, LowRankProjection, pair
 
 _CONV_FUNCTIONS = (F.conv2d, torch.conv2d, F.conv1d, torch.conv1d)
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 _MATMULS = (operator.matmul, torch.matmul)
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-
-
-def _pair(v) -> tuple[int, int] | str:
-    if isinstance(v, str):
-        return v
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 @dataclass
@@ -103,29 +97,28 @@ def _module_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     m = gm.get_submodule(node.target)
     if type(m) not in (nn.Conv2d, nn.Conv1d):
         return None
-    if type(m) is nn.Conv2d:
-        stride, padding, dilation = _pair(m.stride), _pair(m.padding), _pair(m.dilation)
-    else:
-        stride, padding, dilation = _as_2d(m.stride), _as_2d(m.padding, 0), _as_2d(m.dilation)
+    stride, padding, dilation = _sampling(m.stride, m.padding, m.dilation, type(m) is nn.Conv1d)
     return ConvSite(
         node, node.target, f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
         stride, padding, dilation, m.groups, m.padding_mode, _geometry(m.weight, m.groups, node.args[0], node),
     )
 
 
-def _as_2d(v, fill: int | None = None) -> tuple[int, int] | str:
-    """A Conv1d's stride, padding or dilation as the Conv2d's with kernel (k, 1): (v, 1), or (v, 0) for padding."""
-    if isinstance(v, str):
-        return v
-    v = v if isinstance(v, int) else v[0]
-    return (v, 1 if fill is None else fill)
+def _sampling(stride, padding, dilation, one_d: bool) -> tuple:
+    """Stride, padding and dilation as pairs; a Conv1d's as the Conv2d's with kernel (k, 1)."""
+    if not one_d:
+        return pair(stride), pair(padding), pair(dilation)
+
+    def along_rows(v, fill: int):
+        return v if isinstance(v, str) else (v if isinstance(v, int) else v[0], fill)
+
+    return along_rows(stride, 1), along_rows(padding, 0), along_rows(dilation, 1)
 
 
-def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
-    args = dict(_CONV_DEFAULTS)
-    args.update(zip(_CONV_ARGS, node.args))
-    args.update(node.kwargs)
-    weight, bias = args["weight"], args["bias"]
+def _parameter_operands(gm: fx.GraphModule, weight, bias) -> tuple | None:
+    """(weight parameter, its qualified name, the bias's, the projection in between or None), when the
+    weight is a parameter read through get_attr (maybe through a DeepTwist projection) and the bias is
+    one or None."""
     projection = None
     if isinstance(weight, fx.Node) and weight.op == "call_module":
         module = gm.get_submodule(weight.target)
@@ -139,15 +132,25 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
         w = gm.get_parameter(weight.target)
     except AttributeError:
         return None
-    if w.dim() != (3 if node.target in (F.conv1d, torch.conv1d) else 4):
+    return w, weight.target, bias.target if bias is not None else None, projection
+
+
+def _layer_name(weight_name: str) -> str:
+    return weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+
+
+def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
+    args = dict(_CONV_DEFAULTS)
+    args.update(zip(_CONV_ARGS, node.args))
+    args.update(node.kwargs)
+    operands = _parameter_operands(gm, args["weight"], args["bias"])
+    one_d = node.target in (F.conv1d, torch.conv1d)
+    if operands is None or operands[0].dim() != (3 if one_d else 4):
         return None
-    name = weight.target[: -len(".weight")] if weight.target.endswith(".weight") else weight.target
-    if w.dim() == 3:
-        stride, padding, dilation = _as_2d(args["stride"]), _as_2d(args["padding"], 0), _as_2d(args["dilation"])
-    else:
-        stride, padding, dilation = _pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"])
+    w, weight_name, bias_name, projection = operands
+    stride, padding, dilation = _sampling(args["stride"], args["padding"], args["dilation"], one_d)
     return ConvSite(
-        node, name, weight.target, bias.target if bias is not None else None, stride, padding, dilation,
+        node, _layer_name(weight_name), weight_name, bias_name, stride, padding, dilation,
         args["groups"], "zeros", _geometry(w, args["groups"], args["input"], node), projection,
     )
 
@@ -178,21 +181,14 @@ def _linear_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
         name = node.target
     else:
         args = {"bias": None, **dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
-        weight, bias, projection = args["weight"], args["bias"], None
+        weight = args["weight"]
         if node.target in _MATMULS:
             reader, weight = weight, _transposed(weight)
-        if isinstance(weight, fx.Node) and weight.op == "call_module" and isinstance(
-                gm.get_submodule(weight.target), LowRankProjection):
-            projection, weight = gm.get_submodule(weight.target), weight.args[0]
-        if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or (
-                bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        operands = _parameter_operands(gm, weight, args["bias"])
+        if operands is None:
             return None
-        try:
-            w = gm.get_parameter(weight.target)
-        except AttributeError:
-            return None
-        weight_name, bias_name = weight.target, bias.target if bias is not None else None
-        name = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+        w, weight_name, bias_name, projection = operands
+        name = _layer_name(weight_name)
     if w.dim() != 2:
         return None
     x = node.args[0] if node.args else node.kwargs["input"]

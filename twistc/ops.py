@@ -178,7 +178,7 @@ class CpConv(nn.Sequential):
                  cols: torch.Tensor, bias: torch.Tensor | None):
         (t, r), s, kh, kw = out.shape, inp.shape[0], rows.shape[0], cols.shape[0]
         like = {"dtype": out.dtype, "device": out.device}
-        stride, padding, dilation = (_pair(conv_args[k]) for k in ("stride", "padding", "dilation"))
+        stride, padding, dilation = (pair(conv_args[k]) for k in ("stride", "padding", "dilation"))
         mode = conv_args.get("padding_mode", "zeros")
         pad_rows, pad_cols = (padding, padding) if padding == "same" else ((padding[0], 0), (0, padding[1]))
         super().__init__()
@@ -196,7 +196,8 @@ class CpConv(nn.Sequential):
             _set(self.expand.bias, bias)
 
 
-def _pair(v):
+def pair(v) -> tuple[int, int] | str:
+    """A conv's stride, padding or dilation as a pair (a padding string as it is)."""
     return v if isinstance(v, str) else ((v, v) if isinstance(v, int) else tuple(v))
 
 

@@ -86,10 +86,19 @@ class LowRankOptions(Pass):
         state = state_of(gm)
         check_layers_pattern(self.name, self.layers, list(state.layers))
         sites = [s for s in conv_sites(gm) if s.name in state.layers]
+        takes = self.takes()
         for site in sites:
-            if site.kind not in self.kinds:
-                state.skip(site.name, Skip(f"{site.kind}: {self.name} rewrites {' and '.join(self.kinds)} layers"))
-        return state, [s for s in sites if s.kind in self.kinds]
+            if site.kind not in takes:
+                state.skip(site.name, Skip(self.kind_reason(site.kind, takes)))
+        return state, [s for s in sites if s.kind in takes]
+
+    def takes(self) -> tuple[str, ...]:
+        """The layer kinds this pass rewrites with these options."""
+        return self.kinds
+
+    def kind_reason(self, kind: str, takes: tuple[str, ...]) -> str:
+        """Why a layer of `kind` is skipped."""
+        return f"{kind}: {self.name} rewrites {' and '.join(takes)} layers"
 
     def entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
               lowering: str | None = None) -> LayerPlan | Skip:

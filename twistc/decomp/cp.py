@@ -95,12 +95,5 @@ class Cp(Decomposition):
     def fit(self, weight, entry):
         return cp(weight, entry.ranks[0])
 
-    def reconstruct(self, weight, entry):
-        return self.fit(weight, entry).reconstruct()
-
     def cost(self, g, entry):
         return cp_cost(g, entry.ranks[0])
-
-    def rank_grid(self, g, steps, rounded):
-        top = max(1, int(conv_cost(g).params / cp_cost(g, 1).params))  # rank at which CP stops saving weights
-        return [(rounded(top * k / steps, top),) for k in range(1, steps)]

@@ -157,9 +157,6 @@ class Tucker(Decomposition):
     def fit(self, weight, entry):
         return tucker2(weight, tuple(entry.ranks))
 
-    def reconstruct(self, weight, entry):
-        return self.fit(weight, entry).reconstruct()
-
     def cost(self, g, entry):
         return tucker_chain_cost(g, tuple(entry.ranks))
 
