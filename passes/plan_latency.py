@@ -1,7 +1,7 @@
 """plan-latency: choose each conv's form and ranks by latency measured in the target runtime.
 
     minimise  sum_l err_l(c_l)^2    over one candidate c_l per layer (dense, Tucker-2 chains, SVD pairs)
-    such that model_ms - sum_l dense_ms_l + sum_l ms_l(c_l) <= model_ms / speedup     (speedup=S)
+    such that sum_l (dense_ms_l - ms_l(c_l)) >= model_ms (1 - 1/speedup)              (speedup=S)
          or  sum_l params_l(c_l) <= sum_l dense_params_l / ratio                     (ratio=R)
          or  sum_l macs_l(c_l) <= sum_l dense_macs_l / macs                          (macs=M)
 
@@ -10,7 +10,9 @@ bound on what the lowering's HOOI reaches). With `objective=eval` the cost of a 
 the accuracy the model loses on `eval_batches` batches of eval_data() when that layer alone takes it
 (per-layer sensitivity, as AIMET measures it, but weighed against latency); the drops are summed.
 Latencies are medians measured with the real lowered modules at each layer's input shape
-(twistc.latency), cached across compiles. A candidate measured
+(twistc.latency), cached across compiles. The prediction subtracts each layer's measured saving from
+the whole model's time: a layer timed alone pays costs the model does not (copying its output out of
+the runtime), but its dense form and its candidates pay them alike. A candidate measured
 slower than its dense conv is never chosen. The pass only writes the plan (and the predictions into
 the layer records); deeptwist and the lowering passes consume it unchanged.
 """
@@ -148,8 +150,7 @@ class PlanLatency(Pass):
             picks = self.solve(sites, options, model_ms)
         except RankError as e:
             return str(e)
-        rest = max(model_ms - sum(o[0][1] for o in options), 0.0)
-        predicted = rest + sum(o[i][1] for o, i in zip(options, picks))
+        predicted = model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks))
         layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2], opts[i][3])
                   for site, opts, i in zip(sites, options, picks)}
         return layers, {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
@@ -198,12 +199,11 @@ class PlanLatency(Pass):
         groups = [[(weight(s, e, ms), drop if self.objective == "eval" else err ** 2) for e, ms, err, drop in o]
                   for s, o in zip(sites, options)]
         dense = sum(g[0][0] for g in groups)
-        rest = max(model_ms - dense, 0.0)  # what lies outside the convs
         if self.speedup:
-            if dense > 1.1 * model_ms:
-                log.warning("plan-latency: the convs timed alone take %.3f ms, more than the whole model (%.3f ms); "
-                            "the machine may be busy, and predictions will be off", dense, model_ms)
-            budget = model_ms / self.speedup - rest
+            if dense > 1.5 * model_ms:
+                log.warning("plan-latency: the convs timed alone take %.3f ms, far more than the whole model "
+                            "(%.3f ms); the machine may be busy, and predictions will be off", dense, model_ms)
+            budget = dense - model_ms * (1 - 1 / self.speedup)  # the convs must save model_ms (1 - 1/S)
             what = f"speedup {self.speedup:g}"
         else:
             budget = dense / (self.ratio or self.macs)
@@ -212,10 +212,11 @@ class PlanLatency(Pass):
             return knapsack.choose(groups, budget)
         except knapsack.Unreachable as e:
             if self.speedup:
-                best = model_ms / (rest + e.least)
+                saved = dense - e.least
+                best = model_ms / (model_ms - saved) if saved < model_ms else float("inf")
                 raise RankError(f"plan-latency: {what} is out of reach in {self.runtime}/{self.device}: the fastest "
-                                f"candidates give {best:.2f}x ({rest:.3f} of {model_ms:.3f} ms is outside the convs); "
-                                "ask for less, or add forms or a finer rank grid (steps=)") from None
+                                f"candidates give {best:.2f}x (they save {saved:.3f} of the model's {model_ms:.3f} "
+                                "ms); ask for less, or add forms or a finer rank grid (steps=)") from None
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
                             f"dense (at most {dense / e.least:.2f}x)") from None
 

@@ -77,6 +77,17 @@ def test_meets_a_reachable_target_with_the_least_error(table, tmp_path):
         assert (errs <= total + 1e-12) == (speedup <= 1.5)
 
 
+def test_prediction_subtracts_savings_when_layers_alone_cost_more_than_in_the_model(table, tmp_path, monkeypatch):
+    # the three convs timed alone take 3 ms, the whole model 2 ms: alone, each pays a cost the model hides
+    monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime: 2.0)
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
+    gm, _ = _run(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}}")
+    state = state_of(gm)
+    saved = sum(r.latency_before - r.latency_after for r in state.layers.values() if r.latency_before is not None)
+    assert state.latency["predicted_ms_after"] == pytest.approx(2.0 - saved)
+    assert state.latency["predicted_ms_after"] <= 2.0 / 1.5
+
+
 def test_equal_latency_prefers_the_lower_error(table, tmp_path):
     table["lowered"] = lambda e, shape: 0.2  # every candidate equally fast
     gm, _ = _run(f"plan-latency{{speedup=1.3,cache={tmp_path / 'c.json'}}}")
