@@ -1,9 +1,12 @@
-"""plan-latency: choose each conv's form and ranks by latency measured in the target runtime.
+"""plan-latency: choose each layer's form and ranks by latency measured in the target runtime.
 
-    minimise  sum_l err_l(c_l)^2    over one candidate c_l per layer (dense, Tucker-2 chains, SVD pairs)
+    minimise  sum_l err_l(c_l)^2    over one candidate c_l per layer (dense, or a lowered form at some ranks)
     such that sum_l (dense_ms_l - ms_l(c_l)) >= model_ms (1 - 1/speedup)              (speedup=S)
-         or  sum_l params_l(c_l) <= sum_l dense_params_l / ratio                     (ratio=R)
-         or  sum_l macs_l(c_l) <= sum_l dense_macs_l / macs                          (macs=M)
+         or  sum_l params_l(c_l) <= sum_l dense_params_l / ratio                      (ratio=R)
+         or  sum_l macs_l(c_l) <= sum_l dense_macs_l / macs                           (macs=M)
+
+Layers: Conv2d, Conv1d and Linear. Forms (`forms=`): Tucker-2 chains and SVD conv pairs (Conv2d,
+Conv1d), SVD Linear pairs, and CP chains (Conv2d, not by default: its ALS fits are slow to rank).
 
 `err` is the relative kernel reconstruction error (||W - W_r|| / ||W||; HOSVD's for Tucker, an upper
 bound on what the lowering's HOOI reaches). With `objective=eval` the cost of a candidate is instead
@@ -12,8 +15,8 @@ the accuracy the model loses on `eval_batches` batches of eval_data() when that 
 Latencies are medians measured with the real lowered modules at each layer's input shape
 (twistc.latency), cached across compiles. The prediction subtracts each layer's measured saving from
 the whole model's time: a layer timed alone pays costs the model does not (copying its output out of
-the runtime), but its dense form and its candidates pay them alike. A candidate measured
-slower than its dense conv is never chosen. The pass only writes the plan (and the predictions into
+the runtime), but its dense form and its candidates pay them alike. A candidate measured slower than
+its dense layer is never chosen. The pass only writes the plan (and the predictions into
 the layer records); deeptwist and the lowering passes consume it unchanged.
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ from twistc.convs import ConvSite, conv_sites
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import conv_cost
 from twistc.errors import RankError, SpecError
-from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
+from twistc.latency import BUILDERS, LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
 from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
@@ -40,7 +43,8 @@ from twistc.train import accuracy
 
 log = logging.getLogger(__name__)
 
-FORMS = {"tucker-chain": "tucker", "svd-conv": "svd"}
+# the lowered forms whose latency can be measured, and the decomposition that owns each
+FORMS = {form: d.name for d in DECOMPOSITIONS.values() for form in d.lowerings if form in BUILDERS}
 DENSE = LayerPlan("none", (), "none")
 TARGETS = ("speedup", "ratio", "macs")
 
@@ -51,16 +55,16 @@ class PlanLatency(Pass):
     writes_plan = True
     takes_context = True
     exclusive = (TARGETS,)
-    summary = "planning: pick each conv's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
-    option_help = {"speedup": "target: measured whole-model speedup", "ratio": "target: weight ratio of the convs",
-                   "macs": "target: MAC ratio of the convs",
+    summary = "planning: pick each layer's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
+    option_help = {"speedup": "target: measured whole-model speedup", "ratio": "target: weight ratio of the layers",
+                   "macs": "target: MAC ratio of the layers",
                    "runtime": "where to measure: ort, torch (eager) or torch-compile",
                    "device": "ort: execution provider cpu or cuda; torch and torch-compile: cpu or cuda",
                    "threads": "threads of the runtime", "batch": "batch size to measure at",
-                   "forms": "candidate forms joined by |: tucker-chain, svd-conv",
+                   "forms": f"candidate forms joined by |: {', '.join(FORMS)}",
                    "steps": "rank grid: k/steps of each mode's full rank, k = 1..steps-1",
                    "round_to": "round ranks to multiples of this",
-                   "layers": "fnmatch patterns of the convs it may compress",
+                   "layers": "fnmatch patterns of the layers it may compress",
                    "cache": "latency cache file (default ~/.cache/twistc/latency.json)",
                    "reps": "timed repetitions per candidate",
                    "objective": "kernel (summed squared kernel errors) or eval (summed accuracy drops)",
@@ -73,7 +77,7 @@ class PlanLatency(Pass):
     device: str = "cpu"
     threads: int = 1
     batch: int = 1
-    forms: str = "tucker-chain|svd-conv"
+    forms: str = "tucker-chain|svd-conv|svd-linear"
     steps: int = 8
     round_to: int = 1
     layers: str | None = None
@@ -96,6 +100,15 @@ class PlanLatency(Pass):
             if getattr(self, key) < least:
                 raise SpecError(f"plan-latency: {key} must be >= {least}, got {getattr(self, key)}")
         self.target()
+
+    def check_place(self, before, after) -> None:
+        later = {stage.name for stage in after}
+        for form in self.forms.split("|"):
+            lowering = DECOMPOSITIONS[FORMS[form]].lowering_passes[form]
+            if lowering not in later:
+                rest = "|".join(f for f in self.forms.split("|") if f != form)
+                raise SpecError(f"plan-latency may choose {form}, which no later pass lowers: add {lowering} after "
+                                f"it{f', or give forms={rest}' if rest else ''}")
 
     def needs(self) -> tuple[str, ...]:
         return ("eval_data",) if self.objective == "eval" else ()
@@ -123,7 +136,7 @@ class PlanLatency(Pass):
             record.latency_before, record.latency_after, record.approx_error = before, after, error
             record.accuracy_drop = drop
         rewrites = sum(entry.decomp != "none" for entry, *_ in layers.values())
-        log.info("plan-latency: %d of %d convs compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites, len(layers),
+        log.info("plan-latency: %d of %d layers compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites, len(layers),
                  state.latency["model_ms_before"], state.latency["predicted_ms_after"],
                  state.latency["predicted_speedup"])
         return PassResult(gm, rewrites > 0, rewrites)
@@ -133,7 +146,7 @@ class PlanLatency(Pass):
         summary; or why the target is out of reach. `batches`: eval batches for objective=eval."""
         state = state_of(gm)
         runtime, cache = self.target(), LatencyCache(self.cache or None)
-        sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None and s.kind == "Conv2d"]
+        sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
         options = []
         baseline = accuracy(gm, batches) if batches else None
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
@@ -158,16 +171,16 @@ class PlanLatency(Pass):
                         "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
 
     def model_ms(self, gm: fx.GraphModule, runtime: Runtime) -> float:
-        """The whole model's median latency now; what lies outside the convs is this minus their sum."""
+        """The whole model's median latency now."""
         return paired_medians([model_timer(gm, state_of(gm).example_inputs[0], runtime)], reps=self.reps)[0]
 
     def candidates(self, gm: fx.GraphModule, site: ConvSite) -> list[LayerPlan]:
-        """Tucker chains and SVD pairs over the rank grid, each with fewer weights than the conv."""
+        """The layer's forms over the rank grid, each with fewer weights than the dense layer."""
         g, out = site.geometry, []
         dense_params = conv_cost(g).params
         for form in self.forms.split("|"):
             decomp = FORMS[form]
-            if first_failure(site, decomp):
+            if site.kind not in DECOMPOSITIONS[decomp].kinds_of(form) or first_failure(site, decomp):
                 continue
             order = "channel-major" if DECOMPOSITIONS[decomp].matrix else None
             for ranks in DECOMPOSITIONS[decomp].rank_grid(g, self.steps, self._rank):
@@ -201,9 +214,9 @@ class PlanLatency(Pass):
         dense = sum(g[0][0] for g in groups)
         if self.speedup:
             if dense > 1.5 * model_ms:
-                log.warning("plan-latency: the convs timed alone take %.3f ms, far more than the whole model "
+                log.warning("plan-latency: the layers timed alone take %.3f ms, far more than the whole model "
                             "(%.3f ms); the machine may be busy, and predictions will be off", dense, model_ms)
-            budget = dense - model_ms * (1 - 1 / self.speedup)  # the convs must save model_ms (1 - 1/S)
+            budget = dense - model_ms * (1 - 1 / self.speedup)  # the layers must save model_ms (1 - 1/S)
             what = f"speedup {self.speedup:g}"
         else:
             budget = dense / (self.ratio or self.macs)

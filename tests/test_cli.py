@@ -341,7 +341,7 @@ def test_target_speedup_plans_by_measured_latency(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"].startswith("plan-latency{speedup=1.5,threads=1,cache=")
-    assert report["pipeline"].endswith("lower-conv-tucker,lower-conv-svd,fold,cleanup")
+    assert report["pipeline"].endswith("lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup")
     latency = report["latency"]
     assert latency["runtime"]["threads"] == 1 and latency["predicted_speedup"] >= 1.5
     assert latency["measured"]["speedup"] > 1 and len(latency["measured"]["samples_ms"]) == 2
@@ -472,7 +472,11 @@ def test_compile_the_transformer_example_end_to_end(tmp_path):
 @pytest.mark.parametrize("spec, message", [
     ("deeptwist,lower-conv-tucker,cleanup", "deeptwist needs a train stage with epochs > 0 after it"),
     ("lower-conv-tucker,fold,train,cleanup", "fold freezes BatchNorm into the convs, so it goes after train"),
-    ("plan-latency{ratio=2,objective=eval},lower-conv-tucker", "uses eval_data(), which model.py does not define"),
+    ("plan-latency{ratio=2,objective=eval},lower-conv-tucker,lower-conv-svd,lower-linear-svd",
+     "uses eval_data(), which model.py does not define"),
+    ("plan-latency{ratio=2},lower-conv-tucker,lower-conv-svd",
+     "may choose svd-linear, which no later pass lowers: add lower-linear-svd after it, or give "
+     "forms=tucker-chain|svd-conv"),
 ])
 def test_each_pass_checks_its_place_in_the_pipeline(tmp_path, capsys, spec, message):
     _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", spec, "-o", str(tmp_path / "o")], message)

@@ -50,7 +50,7 @@ MODELS = {
 }
 SETTINGS = {"b1t1": (1, 1), "b8t2": (8, 2)}
 TARGETS = (1.25, 1.5, 2.0)
-LOWER = "lower-conv-tucker,lower-conv-svd,cleanup"
+LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
 
 
 def variants(macs_of_r2: float, batch: int, threads: int, cache: str) -> dict[str, str]:

@@ -1,11 +1,11 @@
 """Measured latency of layers and models in the runtime a user deploys to.
 
-A candidate is a layer's dense conv or one of its lowered forms (a LayerPlan), built with the real
-lowering modules (ops.TuckerConv, ops.SvdConv, ...) at the layer's real input shape. The candidates
-of one layer are timed together, round-robin (one run of each per repetition, after warm-up), so
-machine noise hits all of them alike; the median is kept. Medians go to a cache keyed by the
-runtime, its settings and the machine, the layer's shapes and conv parameters, the form and the
-ranks, so a second compile measures nothing new.
+A candidate is a layer's dense form (Conv2d, Conv1d or Linear) or one of its lowered forms (a
+LayerPlan), built with the real lowering modules (ops.TuckerConv, ops.SvdConv, ...) at the layer's
+real input shape. The candidates of one layer are timed together, round-robin (one run of each per
+repetition, after warm-up), so machine noise hits all of them alike; the median is kept. Medians go
+to a cache keyed by the runtime, its settings and the machine, the layer's shapes and conv
+parameters, the form and the ranks, so a second compile measures nothing new.
 
 Runtimes: `ort` (onnxruntime, provider cpu or cuda; each candidate is exported to a small ONNX
 model; thread spinning is off, since sessions timed round-robin would otherwise steal each other's
@@ -31,7 +31,7 @@ from torch import nn
 
 from twistc.errors import SpecError, TwistcError
 from twistc.export import onnx_model
-from twistc.ops import SvdConv, TuckerConv
+from twistc.ops import CpConv, SvdConv, SvdLinear, TuckerConv
 from twistc.plan import LayerPlan
 from twistc.report import cpu_model
 
@@ -199,37 +199,65 @@ def paired_medians(timers: list[Callable[[], float]], warmup: int = 5, reps: int
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What a conv's latency depends on: its kernel shape, conv parameters and input shape."""
+    """What a layer's latency depends on: its kind, kernel shape, sampling and input shape. A Conv1d is
+    held as the Conv2d with kernel (k, 1) over (length, 1) pixels, a Linear layer as a 1x1 conv over
+    (tokens, 1), as ConvGeometry holds them."""
 
     out_channels: int
     in_channels: int
     kernel: tuple[int, int]
     in_hw: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str
-    dilation: tuple[int, int]
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     padding_mode: str = "zeros"
+    kind: str = "Conv2d"
 
     @classmethod
     def of(cls, site) -> "LayerShape":
         g = site.geometry
         return cls(g.out_channels, g.in_channels, tuple(g.kernel), tuple(g.in_hw), tuple(site.stride),
                    site.padding if isinstance(site.padding, str) else tuple(site.padding), tuple(site.dilation),
-                   site.groups, site.padding_mode)
+                   site.groups, site.padding_mode, g.kind)
 
     def key(self) -> str:
+        if self.kind == "Linear":
+            return f"linear={self.out_channels}x{self.in_channels},tokens={self.in_hw[0]}"
         pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
+        kind = "" if self.kind == "Conv2d" else f",kind={self.kind}"
         return (f"conv={self.out_channels}x{self.in_channels // self.groups}x{self.kernel[0]}x{self.kernel[1]}"
                 f",in={self.in_channels}x{self.in_hw[0]}x{self.in_hw[1]},stride={'x'.join(map(str, self.stride))}"
-                f",pad={pad},dil={'x'.join(map(str, self.dilation))},groups={self.groups},mode={self.padding_mode}")
+                f",pad={pad},dil={'x'.join(map(str, self.dilation))},groups={self.groups},mode={self.padding_mode}"
+                f"{kind}")
+
+    @property
+    def one_d(self) -> bool:
+        return self.kind == "Conv1d"
+
+    @property
+    def spatial_kernel(self) -> tuple[int, ...]:
+        return self.kernel[:1] if self.one_d else self.kernel
 
     def conv_args(self) -> dict:
+        if self.one_d:
+            pad = self.padding if isinstance(self.padding, str) else self.padding[:1]
+            return {"stride": self.stride[:1], "padding": pad, "dilation": self.dilation[:1],
+                    "padding_mode": self.padding_mode}
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
                 "padding_mode": self.padding_mode}
 
     def example(self, batch: int) -> torch.Tensor:
-        return torch.randn(batch, self.in_channels, *self.in_hw, generator=torch.Generator().manual_seed(0))
+        shape = {"Linear": (batch, self.in_hw[0], self.in_channels),
+                 "Conv1d": (batch, self.in_channels, self.in_hw[0])}.get(self.kind, (batch, self.in_channels,
+                                                                                    *self.in_hw))
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+    def dense(self) -> nn.Module:
+        if self.kind == "Linear":
+            return nn.Linear(self.in_channels, self.out_channels)
+        conv = nn.Conv1d if self.one_d else nn.Conv2d
+        return conv(self.in_channels, self.out_channels, self.spatial_kernel, groups=self.groups, **self.conv_args())
 
 
 def candidate_key(entry: LayerPlan | None) -> str:
@@ -238,24 +266,34 @@ def candidate_key(entry: LayerPlan | None) -> str:
     return f"{entry.lowering}:{'x'.join(map(str, entry.ranks))}" + (f":{entry.order}" if entry.order else "")
 
 
+# How each lowered form is built for timing: the lowering's own module, with random factors of the
+# plan entry's ranks. A new lowered form that plan-latency should consider adds one line here.
+BUILDERS: dict[str, Callable] = {
+    "tucker-chain": lambda shape, ranks, rand, bias: TuckerConv(
+        shape.conv_args(), rand(shape.out_channels, ranks[0]), rand(*ranks, *shape.spatial_kernel),
+        rand(shape.in_channels, ranks[1]), bias),
+    "svd-conv": lambda shape, ranks, rand, bias: SvdConv(
+        shape.conv_args(), shape.spatial_kernel, rand(shape.out_channels, ranks[0]),
+        rand(ranks[0], shape.in_channels * shape.kernel[0] * shape.kernel[1]), bias, "channel-major"),
+    "svd-linear": lambda shape, ranks, rand, bias: SvdLinear(
+        rand(shape.out_channels, ranks[0]), rand(ranks[0], shape.in_channels), bias),
+    "cp-chain": lambda shape, ranks, rand, bias: CpConv(
+        shape.conv_args(), rand(shape.out_channels, ranks[0]), rand(shape.in_channels, ranks[0]),
+        rand(shape.kernel[0], ranks[0]), rand(shape.kernel[1], ranks[0]), bias),
+}
+
+
 def build(shape: LayerShape, entry: LayerPlan | None) -> nn.Module:
     """The layer as it runs after lowering, with random weights (latency does not depend on values).
     Every form carries a bias, as a conv does once BatchNorm is folded into it."""
+    if entry is None:
+        return shape.dense()
+    if entry.lowering not in BUILDERS:
+        raise SpecError(f"latency of lowering {entry.lowering!r} cannot be measured; "
+                        f"choose forms from {', '.join(BUILDERS)}")
     g = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g) * 0.1
-    t, s = shape.out_channels, shape.in_channels
-    bias = rand(t)
-    if entry is None:
-        return nn.Conv2d(s, t, shape.kernel, groups=shape.groups, **shape.conv_args())
-    if entry.lowering == "tucker-chain":
-        r_out, r_in = entry.ranks
-        return TuckerConv(shape.conv_args(), rand(t, r_out), rand(r_out, r_in, *shape.kernel), rand(s, r_in), bias)
-    if entry.lowering == "svd-conv":
-        r = entry.ranks[0]
-        taps = shape.kernel[0] * shape.kernel[1]
-        return SvdConv(shape.conv_args(), shape.kernel, rand(t, r), rand(r, s * taps), bias, entry.order)
-    raise SpecError(f"latency of lowering {entry.lowering!r} cannot be measured yet; "
-                    "choose forms from tucker-chain, svd-conv")
+    return BUILDERS[entry.lowering](shape, tuple(entry.ranks), rand, rand(shape.out_channels))
 
 
 class LatencyCache:

@@ -229,7 +229,7 @@ LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
 
 def expand_presets(spec: str, epochs: int | None = None, target_speedup: float | None = None) -> str:
     """Presets replaced by their pipelines. `target_speedup` puts plan-latency in front of a Tucker preset
-    and lowers the layers it gives an SVD pair (1x1 convs among them) as well."""
+    and lowers the layers it gives an SVD pair (1x1 convs and Linear layers among them) as well."""
     items = []
     for item in split_items(spec):
         if item in PRESETS:
@@ -237,8 +237,9 @@ def expand_presets(spec: str, epochs: int | None = None, target_speedup: float |
             if item == "tucker" and epochs:
                 expansion = expansion.replace(",fold", ",train,fold")
             if target_speedup is not None and item in LATENCY_PRESETS:
+                lowerings = "lower-conv-tucker,lower-conv-svd,lower-linear-svd"
                 expansion = (f"plan-latency{{speedup={format_value(target_speedup)}}},"
-                             + expansion.replace("lower-conv-tucker", "lower-conv-tucker,lower-conv-svd"))
+                             + expansion.replace("lower-conv-tucker", lowerings))
             items.append(expansion)
         else:
             items.append(item)

@@ -26,15 +26,14 @@ def _traced():
 
 @pytest.fixture
 def table(monkeypatch):
-    """Latency = a function of the candidate; the whole model = 1.0 ms outside the convs + dense convs."""
+    """Latency = a function of the candidate; the whole model = 1.0 ms outside its layers + the dense layers."""
     rules = {"dense": lambda e, shape: 1.0}
 
     def fake_measure(shape, entries, runtime, cache, warmup=5, reps=25):
         return [rules["dense"](None, shape) if e is None else rules["lowered"](e, shape) for e in entries]
 
     def fake_model_ms(self, gm, runtime):
-        return 1.0 + sum(rules["dense"](None, LayerShape.of(s)) for s in plan_latency.conv_sites(gm)
-                         if s.kind == "Conv2d")
+        return 1.0 + sum(rules["dense"](None, LayerShape.of(s)) for s in plan_latency.conv_sites(gm))
 
     monkeypatch.setattr(plan_latency, "measure_layer", fake_measure)
     monkeypatch.setattr(PlanLatency, "model_ms", fake_model_ms)
@@ -61,10 +60,11 @@ def test_layers_whose_candidates_are_all_slower_stay_dense(table, tmp_path):
 def test_meets_a_reachable_target_with_the_least_error(table, tmp_path):
     # each lowered form costs 0.1 ms per rank unit (sum of ranks / 8): lower ranks are faster
     table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
-    gm, _ = _run(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}},lower-conv-tucker,lower-conv-svd,cleanup")
+    gm, _ = _run(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}},"
+                 "lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup")
     state = state_of(gm)
     latency = state.latency
-    assert latency["model_ms_before"] == 4.0 and latency["predicted_ms_after"] <= 4.0 / 1.5 + 1e-9
+    assert latency["model_ms_before"] == 5.0 and latency["predicted_ms_after"] <= 5.0 / 1.5 + 1e-9
     chosen = [r for r in state.layers.values() if r.lowering]
     assert chosen and all(r.latency_after < r.latency_before for r in chosen)
     # the 1x1 conv can only take an SVD pair; the 3x3s take whichever form errs less for the time
@@ -111,7 +111,7 @@ def test_the_plan_is_consumed_unchanged_by_deeptwist_and_the_lowerings(table, tm
     train(gm, lambda: data, 1, progress=False)
     x = torch.randn(2, 3, 8, 8)
     expected = gm(x)
-    gm = Pipeline.parse("lower-conv-tucker,lower-conv-svd,cleanup").run(gm)
+    gm = Pipeline.parse("lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup").run(gm)
     torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
     for name, entry in planned.items():
         record = state.layers[name]
@@ -213,3 +213,57 @@ def test_runtime_torch_compile_times_compiled_candidates(tmp_path):
     cache.save()
     keys = json.loads((tmp_path / "c.json").read_text())["entries"]
     assert len(keys) == 2 and all(k.startswith(f"torch-compile-{torch.__version__}|cpu|") for k in keys)
+
+
+class _Sequence(nn.Module):
+    """A Conv1d over a sequence, then Linear layers over its positions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(8, 48, 3, padding=1)
+        self.mix = nn.Linear(48, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(torch.relu(self.conv(x)).transpose(1, 2))).mean(1))
+
+
+def test_conv1d_and_linear_layers_are_timed_planned_and_lowered_as_planned(table, tmp_path):
+    cache = LatencyCache(tmp_path / "real.json")
+    conv1d = LayerShape(48, 8, (3, 1), (32, 1), padding=(1, 0), kind="Conv1d")
+    linear = LayerShape(64, 48, (1, 1), (32, 1), kind="Linear")
+    for shape, entry in ((conv1d, LayerPlan("tucker", (8, 4), "tucker-chain")),
+                         (conv1d, LayerPlan("svd", (8,), "svd-conv", order="channel-major")),
+                         (linear, LayerPlan("svd", (8,), "svd-linear"))):
+        assert all(ms > 0 for ms in measure_layer(shape, [None, entry], Runtime(), cache, reps=2))
+    keys = list(cache.entries)
+    assert any("kind=Conv1d" in k and "tucker-chain" in k for k in keys)
+    assert any("linear=64x48,tokens=32" in k and "svd-linear" in k for k in keys)
+
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
+    gm = Pipeline.parse(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}}").run(
+        trace(_Sequence().eval(), (torch.randn(1, 8, 32),)))
+    state = state_of(gm)
+    planned = {n: e for n, e in state.plan.layers.items() if e.decomp != "none"}
+    assert set(state.plan.layers) == {"conv", "mix", "head"}
+    assert {e.lowering for e in planned.values()} >= {"svd-linear"} and "conv" in planned
+    gm = Pipeline.parse("lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup").run(gm)
+    for name, entry in planned.items():
+        assert (state.layers[name].lowering, state.layers[name].ranks) == (entry.lowering, entry.ranks)
+
+
+def test_cp_chains_are_timed_and_planned_when_asked_for(table, tmp_path):
+    cache = LatencyCache(tmp_path / "c.json")
+    shape = LayerShape(32, 16, (3, 3), (12, 12), padding=(1, 1))
+    ms = measure_layer(shape, [None, LayerPlan("cp", (8,), "cp-chain")], Runtime(), cache, reps=3)  # the real one
+    assert len(ms) == 2 and all(m > 0 for m in ms)
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(32, 4)).eval()
+    gm = Pipeline.parse(f"plan-latency{{speedup=1.2,forms=cp-chain,steps=3,cache={tmp_path / 'c.json'}}},"
+                        "lower-conv-cp,cleanup").run(
+        trace(net, (torch.randn(1, 16, 12, 12),)))
+    entry = state_of(gm).plan.get("0")
+    assert entry.lowering == "cp-chain" and state_of(gm).layers["0"].lowering == "cp-chain"

@@ -97,3 +97,13 @@ class Cp(Decomposition):
 
     def cost(self, g, entry):
         return cp_cost(g, entry.ranks[0])
+
+    def rank_grid(self, g, steps, rounded):
+        top = min(cp_max_rank(g), conv_cost(g).params // cp_cost(g, 1).params)  # as many weights as the conv
+        return [(rounded(top * k / steps, top),) for k in range(1, steps)] if top >= 1 else []
+
+    def errors(self, weight, entries):
+        """The ALS fit's error at each rank, with fewer iterations than the lowering's (an estimate)."""
+        norm = torch.linalg.vector_norm(weight)
+        return [float(torch.linalg.vector_norm(weight - cp(weight, e.ranks[0], n_iter=50, tol=1e-6).reconstruct())
+                      / norm) for e in entries]
