@@ -152,7 +152,7 @@ class PlanLatency(Pass):
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
             entries = [None] + (self.candidates(gm, site) if selected(self.layers, site.name) else [])
             errors = [0.0] + self.errors(gm, site, entries[1:])
-            ms = measure_layer(LayerShape.of(site), entries, runtime, cache, reps=self.reps)
+            ms = measure_layer(LayerShape.of(site, site.weight(gm).dtype), entries, runtime, cache, reps=self.reps)
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
             drops = ([0.0] + [accuracy_drop(gm, site, entries[i], batches, baseline) for i in keep[1:]]
                      if batches else [None] * len(keep))

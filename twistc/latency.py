@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from twistc.errors import SpecError, TwistcError
-from twistc.export import onnx_model
+from twistc.export import ORT_DTYPES, model_dtype, onnx_model
 from twistc.ops import CpConv, SvdConv, SvdLinear, TuckerConv
 from twistc.plan import LayerPlan
 from twistc.report import cpu_model
@@ -83,6 +83,8 @@ class Runtime:
         except NotImplementedError:  # a torch.export program's module: exported in eval mode already
             pass
         if self.runtime == "ort":
+            if example.dtype not in ORT_DTYPES:  # bfloat16, float64: as the float32 copy they are exported as
+                module, example = copy.deepcopy(module).float(), example.float()
             return ort_timer(module, example, self.device, self.threads)
         if self.device != "cpu":  # a copy: the caller's module stays where it is
             module = copy.deepcopy(module).to(self.device)
@@ -213,23 +215,25 @@ class LayerShape:
     groups: int = 1
     padding_mode: str = "zeros"
     kind: str = "Conv2d"
+    dtype: str = "float32"
 
     @classmethod
-    def of(cls, site) -> "LayerShape":
+    def of(cls, site, dtype: torch.dtype = torch.float32) -> "LayerShape":
         g = site.geometry
         return cls(g.out_channels, g.in_channels, tuple(g.kernel), tuple(g.in_hw), tuple(site.stride),
                    site.padding if isinstance(site.padding, str) else tuple(site.padding), tuple(site.dilation),
-                   site.groups, site.padding_mode, g.kind)
+                   site.groups, site.padding_mode, g.kind, str(dtype).removeprefix("torch."))
 
     def key(self) -> str:
+        dtype = "" if self.dtype == "float32" else f",dtype={self.dtype}"
         if self.kind == "Linear":
-            return f"linear={self.out_channels}x{self.in_channels},tokens={self.in_hw[0]}"
+            return f"linear={self.out_channels}x{self.in_channels},tokens={self.in_hw[0]}{dtype}"
         pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
         kind = "" if self.kind == "Conv2d" else f",kind={self.kind}"
         return (f"conv={self.out_channels}x{self.in_channels // self.groups}x{self.kernel[0]}x{self.kernel[1]}"
                 f",in={self.in_channels}x{self.in_hw[0]}x{self.in_hw[1]},stride={'x'.join(map(str, self.stride))}"
                 f",pad={pad},dil={'x'.join(map(str, self.dilation))},groups={self.groups},mode={self.padding_mode}"
-                f"{kind}")
+                f"{kind}{dtype}")
 
     @property
     def one_d(self) -> bool:
@@ -251,7 +255,7 @@ class LayerShape:
         shape = {"Linear": (batch, self.in_hw[0], self.in_channels),
                  "Conv1d": (batch, self.in_channels, self.in_hw[0])}.get(self.kind, (batch, self.in_channels,
                                                                                     *self.in_hw))
-        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, self.dtype))
 
     def dense(self) -> nn.Module:
         if self.kind == "Linear":
@@ -284,16 +288,17 @@ BUILDERS: dict[str, Callable] = {
 
 
 def build(shape: LayerShape, entry: LayerPlan | None) -> nn.Module:
-    """The layer as it runs after lowering, with random weights (latency does not depend on values).
-    Every form carries a bias, as a conv does once BatchNorm is folded into it."""
+    """The layer as it runs after lowering, in the model's dtype, with random weights (latency does not
+    depend on values). Every form carries a bias, as a conv does once BatchNorm is folded into it."""
+    dtype = getattr(torch, shape.dtype)
     if entry is None:
-        return shape.dense()
+        return shape.dense().to(dtype)
     if entry.lowering not in BUILDERS:
         raise SpecError(f"latency of lowering {entry.lowering!r} cannot be measured; "
                         f"choose forms from {', '.join(BUILDERS)}")
     g = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=g) * 0.1
-    return BUILDERS[entry.lowering](shape, tuple(entry.ranks), rand, rand(shape.out_channels))
+    return BUILDERS[entry.lowering](shape, tuple(entry.ranks), rand, rand(shape.out_channels)).to(dtype)
 
 
 class LatencyCache:
@@ -327,18 +332,18 @@ class LatencyCache:
 
 def measure_layer(shape: LayerShape, entries: list[LayerPlan | None], runtime: Runtime, cache: LatencyCache,
                   warmup: int = 5, reps: int = 25) -> list[float]:
-    """Latency (ms) of each candidate (None: the dense conv), from the cache or measured now.
+    """Latency (ms) of each candidate (None: the dense layer), from the cache or measured now.
 
-    The dense conv is always timed with the candidates it is compared with, and so is a ReLU on the
-    same input: its median (the runtime's per-call cost: feeding, launching, returning) is subtracted,
-    so that a layer's number is what it adds inside a whole model."""
+    The dense layer is always timed with the candidates it is compared with, and so is an identity on
+    the same input: its median (the runtime's per-call cost: feeding, launching, returning) is
+    subtracted, so that a layer's number is closer to what it adds inside a whole model."""
     keys = [f"{runtime.key()}|{shape.key()}|{candidate_key(e)}" for e in entries]
     missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if missing:
         dense = next((i for i, e in enumerate(entries) if e is None), None)
         timed = sorted(set(missing) | ({dense} if dense is not None else set()))
         x = shape.example(runtime.batch)
-        timers = [runtime.timer(nn.ReLU(), x)] + [runtime.timer(build(shape, entries[i]), x) for i in timed]
+        timers = [runtime.timer(nn.Identity(), x)] + [runtime.timer(build(shape, entries[i]), x) for i in timed]
         null, *medians = paired_medians(timers, warmup, reps)
         for i, ms in zip(timed, medians):
             cache.put(keys[i], max(ms - null, 1e-6))
@@ -350,9 +355,11 @@ def model_timer(module: nn.Module, example: torch.Tensor, runtime: Runtime,
     """A timer for a whole model: its ONNX file in onnxruntime (exported here when no path is given),
     or the module itself under runtime torch or torch-compile."""
     x = _batched(example, runtime.batch)
-    if runtime.runtime != "ort":
+    if runtime.runtime != "ort" or onnx_path is None:
         return runtime.timer(module, x)
-    return ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path) if onnx_path else None)
+    if model_dtype(module) not in ORT_DTYPES:  # the file is the model's float32 copy
+        x = x.float()
+    return ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path))
 
 
 def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_cache_round_trips_and_is_keyed_by_runtime_shape_and_candidate(tmp_path,
     cache = LatencyCache(path)
     first = measure_layer(shape, entries, Runtime(), cache)
     cache.save()
-    assert calls == [4] and all(ms > 0 for ms in first)  # a ReLU for the per-call cost, then dense + 2
+    assert calls == [4] and all(ms > 0 for ms in first)  # an identity for the per-call cost, then dense + 2
     again = measure_layer(shape, entries, Runtime(), LatencyCache(path))
     assert again == first and calls == [4]  # nothing measured the second time
     keys = json.loads(path.read_text())["entries"]
@@ -267,3 +267,19 @@ def test_cp_chains_are_timed_and_planned_when_asked_for(table, tmp_path):
         trace(net, (torch.randn(1, 16, 12, 12),)))
     entry = state_of(gm).plan.get("0")
     assert entry.lowering == "cp-chain" and state_of(gm).layers["0"].lowering == "cp-chain"
+
+
+def test_candidates_are_timed_in_the_model_dtype(table, tmp_path, monkeypatch):
+    cache = LatencyCache(tmp_path / "real.json")
+    entries = [None, LayerPlan("tucker", (8, 4), "tucker-chain")]
+    for dtype, runtime in (("float16", Runtime()), ("bfloat16", Runtime()), ("bfloat16", Runtime("torch"))):
+        shape = LayerShape(16, 8, (3, 3), (10, 10), padding=(1, 1), dtype=dtype)
+        assert all(ms > 0 for ms in measure_layer(shape, entries, runtime, cache, reps=2))
+    assert sum(f"dtype={d}" in k for k in cache.entries for d in ("float16", "bfloat16")) == 6
+
+    seen = []
+    table["lowered"] = lambda e, shape: seen.append(shape.dtype) or 0.1 * sum(e.ranks) / 8
+    monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime: 4.0)
+    gm = trace(_net().to(torch.float16), (torch.randn(1, 3, 8, 8, dtype=torch.float16),))
+    Pipeline.parse(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}}").run(gm)
+    assert seen and set(seen) == {"float16"}
