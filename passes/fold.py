@@ -1,6 +1,7 @@
 """fold: fold each BatchNorm into the conv before it, and merge adjacent convs of a lowered chain.
 
     conv -> BatchNorm2d              ->  one conv with a bias (running statistics, as in eval mode)
+    Conv1d or Linear -> BatchNorm1d  ->  likewise (a Linear layer's output must be (batch, features))
     lowered GEMM form -> BatchNorm2d ->  the same form, its U blocks scaled, with a bias
     1x1 -> kh x kw  or  kh x kw -> 1x1  ->  one kh x kw conv, where that costs no more MACs
 
@@ -33,7 +34,7 @@ from twistc.trace import shape_prop
 class Fold(Pass):
     name = "fold"
     summary = "fold BatchNorm into the conv before it; merge a lowered chain's adjacent convs where cheaper"
-    option_help = {"batchnorm": "fold BatchNorm2d (running statistics) into the conv before it",
+    option_help = {"batchnorm": "fold BatchNorm (running statistics) into the conv or Linear layer before it",
                    "merge": "merge adjacent convs of a lowered chain where the merged conv costs no more MACs"}
 
     batchnorm: bool = True
@@ -54,7 +55,7 @@ class Fold(Pass):
             if first is None:
                 continue
             module = gm.get_submodule(node.target)
-            if self.batchnorm and foldable_batchnorm(module):
+            if self.batchnorm and foldable_batchnorm(gm.get_submodule(first.target), module, _dims(first)):
                 insert_module(gm, first.target, fold_batchnorm(gm.get_submodule(first.target), module))
                 node.replace_all_uses_with(first)
                 gm.graph.erase_node(node)
@@ -89,15 +90,20 @@ def _call_counts(gm: fx.GraphModule) -> dict[str, int]:
 
 
 def _single_input(gm: fx.GraphModule, node: fx.Node, calls: dict[str, int]) -> fx.Node | None:
-    """The call of a conv or lowered GEMM form (called nowhere else) that feeds `node` alone, when `node`
-    is a module call."""
+    """The call of a conv, Linear layer or lowered GEMM form (called nowhere else) that feeds `node` alone,
+    when `node` is a module call."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
         return None
     first = node.args[0]
     if (isinstance(first, fx.Node) and first.op == "call_module" and calls[first.target] == 1
-            and len(first.users) == 1 and isinstance(gm.get_submodule(first.target), (nn.Conv2d, LowRankGemm))):
+            and len(first.users) == 1
+            and isinstance(gm.get_submodule(first.target), (nn.Conv2d, nn.Conv1d, nn.Linear, LowRankGemm))):
         return first
     return None
+
+
+def _dims(node: fx.Node) -> int:
+    return len(node.meta["tensor_meta"].shape)
 
 
 def _pixels(node: fx.Node) -> int:

@@ -3,13 +3,13 @@ import pytest
 import torch
 from torch import nn
 
-from twistc.fold import fold_batchnorm, merge_convs, mergeable
+from twistc.fold import fold_batchnorm, foldable_batchnorm, merge_convs, mergeable
 
 X = torch.randn(2, 6, 11, 13, dtype=torch.float64)
 
 
-def _bn(channels: int, affine: bool = True) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(channels, affine=affine).double().eval()
+def _bn(channels: int, affine: bool = True, kind=nn.BatchNorm2d) -> nn.BatchNorm2d:
+    bn = kind(channels, affine=affine).double().eval()
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
     if affine:
@@ -28,6 +28,26 @@ def test_batchnorm_folds_exactly(bias, affine, sampling):
     folded = fold_batchnorm(conv, bn)
     assert folded.bias is not None and folded.groups == conv.groups
     torch.testing.assert_close(folded(X), bn(conv(X)), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("make, x", [(lambda bias: nn.Conv1d(6, 8, 3, stride=2, padding=1, bias=bias),
+                                      torch.randn(2, 6, 17)),
+                                     (lambda bias: nn.Linear(6, 8, bias=bias), torch.randn(5, 6))],
+                         ids=["conv1d", "linear"])
+def test_batchnorm1d_folds_exactly_into_conv1d_and_linear(bias, make, x):
+    layer, bn = make(bias).double(), _bn(8, kind=nn.BatchNorm1d)
+    assert foldable_batchnorm(layer, bn, x.dim())
+    folded = fold_batchnorm(layer, bn)
+    torch.testing.assert_close(folded(x.double()), bn(layer(x.double())), atol=1e-12, rtol=1e-12)
+
+
+def test_batchnorm_that_does_not_match_the_layer_is_not_folded():
+    bn1, bn2 = _bn(8, kind=nn.BatchNorm1d), _bn(8)
+    assert not foldable_batchnorm(nn.Linear(6, 8), bn1, 3)  # (batch, tokens, 8): BatchNorm1d would see tokens
+    assert not foldable_batchnorm(nn.Conv2d(6, 8, 1), bn1, 4) and not foldable_batchnorm(nn.Conv1d(6, 8, 1), bn2, 3)
+    training = nn.BatchNorm1d(8, track_running_stats=False)
+    assert not foldable_batchnorm(nn.Linear(6, 8), training, 2)
 
 
 PAIRS = {

@@ -1,4 +1,5 @@
-"""Exact algebra on inference-time convs: BatchNorm folded into a conv, two convs merged into one.
+"""Exact algebra on inference-time layers: BatchNorm folded into a conv or Linear layer, two convs
+merged into one.
 
     BN(conv(x)) = conv'(x)        W' = W * s,  b' = (b - mean) * s + beta,  s = gamma / sqrt(var + eps)
                                   (for the lowered GEMM forms, W is the stacked U blocks)
@@ -17,12 +18,21 @@ from torch import nn
 from twistc.ops import LowRankGemm
 
 
-def foldable_batchnorm(bn: nn.Module) -> bool:
-    """A BatchNorm2d that normalises with running statistics in eval mode (an affine map per channel)."""
-    return isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None
+def foldable_batchnorm(layer: nn.Module, bn: nn.Module, out_dims: int) -> bool:
+    """Whether `bn`, normalising with running statistics (an affine map per channel in eval mode), can
+    fold into `layer` before it, whose output has `out_dims` dimensions: BatchNorm2d after a Conv2d or
+    a lowered GEMM form, BatchNorm1d after a Conv1d, or after a Linear layer with (batch, features)
+    output."""
+    if not (isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.track_running_stats
+            and bn.running_var is not None):
+        return False
+    if isinstance(layer, (nn.Conv2d, LowRankGemm)):
+        return isinstance(bn, nn.BatchNorm2d)
+    return isinstance(bn, nn.BatchNorm1d) and (isinstance(layer, nn.Conv1d)
+                                               or (isinstance(layer, nn.Linear) and out_dims == 2))
 
 
-def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """BN in eval mode as y = x * scale + shift per channel (float64)."""
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
@@ -34,19 +44,18 @@ def _affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def fold_batchnorm(layer: nn.Conv2d | LowRankGemm, bn: nn.BatchNorm2d) -> nn.Conv2d | LowRankGemm:
-    """A conv or a lowered GEMM form followed by bn (eval), as one layer of the same kind with a bias."""
+def fold_batchnorm(layer: nn.Module, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> nn.Module:
+    """A conv, Linear layer or lowered GEMM form followed by bn (eval), as one layer of the same kind with
+    a bias; the caller checked `foldable_batchnorm`."""
     scale, shift = _affine(bn)
-    bias = layer.bias.double() * scale + shift if layer.bias is not None else shift
+    folded = copy.deepcopy(layer)
     if isinstance(layer, LowRankGemm):  # output channel o is row o of the stacked U blocks
-        folded = copy.deepcopy(layer)
-        rows = folded.u_blocks.view(-1, folded.u_blocks.shape[-1])[: folded.out_channels]
-        rows.copy_(rows.double() * scale[:, None])
-        folded.bias = nn.Parameter(bias.to(rows.dtype))
-        return folded
-    folded = _like(layer, layer.in_channels, layer.out_channels, layer.kernel_size, bias=True)
-    folded.weight.copy_(layer.weight.double() * scale.view(-1, 1, 1, 1))
-    folded.bias.copy_(bias)
+        weight = folded.u_blocks.view(-1, folded.u_blocks.shape[-1])[: folded.out_channels]
+    else:  # output channel o is weight[o]
+        weight = folded.weight
+    bias = layer.bias.double() * scale + shift if layer.bias is not None else shift
+    weight.copy_(weight.double() * scale.view(-1, *([1] * (weight.dim() - 1))))
+    folded.bias = nn.Parameter(bias.to(weight.dtype))
     return folded
 
 

@@ -69,3 +69,37 @@ def test_full_rank_tucker_collapses_to_one_conv():
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["0.expand"]
     torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
     assert state_of(gm).layers["0"].after.params == 8 * 8 * 9
+
+
+class _Head(nn.Module):
+    """A Conv1d and a Linear layer, each followed by BatchNorm1d, and a Linear over tokens whose
+    BatchNorm1d normalises the token axis (not its features), which cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm1d(8)
+        self.tokens = nn.Linear(8, 8)
+        self.bn1 = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(48, 10)
+        self.bn2 = nn.BatchNorm1d(10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.conv(x))).transpose(1, 2)  # (batch, 6 tokens, 8)
+        return self.bn2(self.fc(self.bn1(self.tokens(x)).flatten(1)))
+
+
+def test_batchnorm1d_folds_into_conv1d_and_linear_layers_svd_lowered_or_not():
+    torch.manual_seed(0)
+    model = _Head().train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 4, 6) * 2 + 1)
+    x = torch.randn(3, 4, 6)
+    gm = twistc.trace(model.eval(), (x,))
+    gm = Pipeline.parse("lower-linear-svd{ranks=5,layers=fc}").run(gm)
+    expected = gm(x)
+    gm = Pipeline.parse("fold,cleanup").run(gm)
+    torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
+    left = [n.target for n in gm.graph.nodes if n.op == "call_module" and "bn" in n.target]
+    assert left == ["bn1"]
