@@ -63,7 +63,7 @@ class PlanLatency(Pass):
                    "threads": "threads of the runtime", "batch": "batch size to measure at",
                    "forms": f"candidate forms joined by |: {', '.join(FORMS)}",
                    "steps": "rank grid: k/steps of each mode's full rank, k = 1..steps-1",
-                   "round_to": "round ranks to multiples of this",
+                   "round_to": "round ranks to multiples of this (default 8 on device=cuda, else 1)",
                    "layers": "fnmatch patterns of the layers it may compress",
                    "cache": "latency cache file (default ~/.cache/twistc/latency.json)",
                    "reps": "timed repetitions per candidate",
@@ -79,7 +79,7 @@ class PlanLatency(Pass):
     batch: int = 1
     forms: str = "tucker-chain|svd-conv|svd-linear"
     steps: int = 8
-    round_to: int = 1
+    round_to: int | None = None
     layers: str | None = None
     cache: str = ""
     reps: int = 25
@@ -97,7 +97,7 @@ class PlanLatency(Pass):
             check_choice(form, tuple(FORMS), "plan-latency forms")
         check_choice(self.objective, ("kernel", "eval"), "plan-latency objective")
         for key, least in (("steps", 2), ("round_to", 1), ("reps", 1), ("eval_batches", 1)):
-            if getattr(self, key) < least:
+            if getattr(self, key) is not None and getattr(self, key) < least:
                 raise SpecError(f"plan-latency: {key} must be >= {least}, got {getattr(self, key)}")
         self.target()
 
@@ -190,7 +190,8 @@ class PlanLatency(Pass):
         return out
 
     def _rank(self, r: float, top: int) -> int:
-        return min(top, max(self.round_to, round(r / self.round_to) * self.round_to))
+        step = self.round_to or (8 if self.device == "cuda" else 1)  # GPU kernels like multiples of 8
+        return min(top, max(step, round(r / step) * step))
 
     @staticmethod
     def errors(gm: fx.GraphModule, site: ConvSite, entries: list[LayerPlan]) -> list[float]:

@@ -119,6 +119,16 @@ def test_the_plan_is_consumed_unchanged_by_deeptwist_and_the_lowerings(table, tm
                                                    else (None, None))
 
 
+def test_ranks_are_multiples_of_8_on_cuda_unless_told_otherwise():
+    gm = _traced()
+    site = next(s for s in plan_latency.conv_sites(gm) if s.name == "2")  # 16 -> 32 channels, 3x3
+    on_gpu = PlanLatency(speedup=2, device="cuda").candidates(gm, site)
+    assert on_gpu and all(r % 8 == 0 for e in on_gpu for r in e.ranks)
+    on_cpu = PlanLatency(speedup=2).candidates(gm, site)
+    assert any(r % 8 for e in on_cpu for r in e.ranks)
+    assert PlanLatency(speedup=2, device="cuda", round_to=1).candidates(gm, site) == on_cpu
+
+
 @pytest.mark.parametrize("spec, message", [
     ("plan-latency", "exactly one of"),
     ("plan-latency{speedup=2,ratio=2}", "exactly one of"),
