@@ -69,12 +69,15 @@ class ConvSite:
 
     def conv_args(self) -> dict:
         """Keyword arguments of nn.Conv2d (nn.Conv1d for a Conv1d) that reproduce this conv's sampling."""
-        if self.kind == "Conv1d":
-            padding = self.padding if isinstance(self.padding, str) else self.padding[:1]
-            return {"stride": self.stride[:1], "padding": padding, "dilation": self.dilation[:1],
-                    "padding_mode": self.padding_mode}
-        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
-                "padding_mode": self.padding_mode}
+        return conv_args(self.stride, self.padding, self.dilation, self.padding_mode, self.kind == "Conv1d")
+
+
+def conv_args(stride, padding, dilation, padding_mode: str, one_d: bool) -> dict:
+    """nn.Conv2d's sampling arguments from pairs, or nn.Conv1d's from the pairs of its (k, 1) form."""
+    if one_d:
+        padding = padding if isinstance(padding, str) else padding[:1]
+        return {"stride": stride[:1], "padding": padding, "dilation": dilation[:1], "padding_mode": padding_mode}
+    return {"stride": stride, "padding": padding, "dilation": dilation, "padding_mode": padding_mode}
 
 
 def _shape(node) -> tuple[int, ...] | None:

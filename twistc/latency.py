@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from twistc.convs import conv_args
 from twistc.errors import SpecError, TwistcError
 from twistc.export import ORT_DTYPES, model_dtype, onnx_model
 from twistc.ops import CpConv, SvdConv, SvdLinear, TuckerConv
@@ -244,12 +245,7 @@ class LayerShape:
         return self.kernel[:1] if self.one_d else self.kernel
 
     def conv_args(self) -> dict:
-        if self.one_d:
-            pad = self.padding if isinstance(self.padding, str) else self.padding[:1]
-            return {"stride": self.stride[:1], "padding": pad, "dilation": self.dilation[:1],
-                    "padding_mode": self.padding_mode}
-        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
-                "padding_mode": self.padding_mode}
+        return conv_args(self.stride, self.padding, self.dilation, self.padding_mode, self.one_d)
 
     def example(self, batch: int) -> torch.Tensor:
         shape = {"Linear": (batch, self.in_hw[0], self.in_channels),
