@@ -8,7 +8,8 @@ weight and MAC cuts, and the approximation error: sqrt(sum over convs of ||W - W
 with W_r the kernel the lowered form computes.
 
   uniform r=2, r=4        lower-conv-tucker{ratio=R},fold,cleanup (1x1 convs stay dense)
-  plan macs=M             plan-latency{macs=M}: the MAC cut of uniform r=2, spent where it is fastest
+  plan macs=M             plan-latency{macs=M}: the MAC cut of uniform r=2's Tucker ranks (before fold,
+                          whose exact merges add to it a little), spent where it is fastest
   plan 1.25x, 1.5x, 2x    plan-latency{speedup=S}
 
 ResNet-32 carries the trained CIFAR-10 checkpoint; ResNet-18/50 (224x224) are randomly initialised
