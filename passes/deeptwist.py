@@ -1,6 +1,7 @@
 """deeptwist: route each selected conv's weight through a DeepTwist projection.
 
-    conv(x, W)  ->  conv(x, project(W))      project: every `period` training steps,
+    conv(x, W)  ->  conv(x, project(W))      project: every `period` training steps (every `late_period`
+                                               after step `late_after`),
                                                W <- reconstruct(decompose(W, ranks)) in place
 
 `decomp` is tucker (Tucker-2 over the channel modes), svd (SVD of the lowered T x S*kh*kw matrix,
@@ -36,6 +37,8 @@ class DeepTwist(LowRankOptions):
     summary = "training-time: project each selected conv's weight to low rank every `period` steps"
     option_help = {**LowRankOptions.option_help, "decomp": " or ".join(DECOMPOSITIONS),
                    "period": "S_D: training steps between projections",
+                   "late_period": "S_D after step late_after (a lower S_D late in training)",
+                   "late_after": "the training step after which late_period applies",
                    "order": "svd, tiled-svd: column order of the lowered matrix, channel-major or tap-major",
                    "tile": "tiled-svd: tile shape HxW", "grid": "tiled-svd: tile grid RxC"}
 
@@ -43,6 +46,8 @@ class DeepTwist(LowRankOptions):
 
     decomp: str = "tucker"
     period: int = 200
+    late_period: int | None = None
+    late_after: int | None = None
     order: str = "channel-major"
     tile: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None
@@ -53,6 +58,12 @@ class DeepTwist(LowRankOptions):
         check_choice(self.order, ORDERS, "order")
         if self.period < 1:
             raise SpecError(f"period must be >= 1, got {self.period}")
+        if (self.late_period is None) != (self.late_after is None):
+            raise SpecError("deeptwist: give late_period and late_after together (S_D = late_period after step "
+                            "late_after)")
+        if self.late_period is not None and (self.late_period < 1 or self.late_after < 0):
+            raise SpecError(f"deeptwist: late_period must be >= 1 and late_after >= 0, got {self.late_period} and "
+                            f"{self.late_after}")
         check_pair(self.tile, "tile")
         check_pair(self.grid, "grid")
         tiled = [name for name, d in DECOMPOSITIONS.items() if d.tiled]
@@ -82,7 +93,8 @@ class DeepTwist(LowRankOptions):
                 state.skip(site.name, entry)
                 continue
             record_plan(state, site, entry)
-            projection = LowRankProjection(site.name, site.weight_name, state.plan, self.period)
+            projection = LowRankProjection(site.name, site.weight_name, state.plan, self.period, self.late_period,
+                                           self.late_after)
             insert_module(gm, f"{site.weight_name}_projection", projection)
             projected = None
             for use in group:

@@ -20,18 +20,22 @@ class LowRankProjection(nn.Module):
     Its layer's entry in the compilation's plan (`plans`, the same object as the GraphModule's
     `state.plan`) says the decomposition and ranks: the plan is their one home. Each
     training-mode forward with grad enabled is one step; at every multiple of `period` the weight is
-    replaced in place by its low-rank reconstruction. Otherwise (eval mode, no_grad, export) it is
-    the identity. `step`, `distortions`, `final_projections` and `change` (the relative Frobenius
+    replaced in place by its low-rank reconstruction, and after step `late_after` (when given) every
+    `late_period` steps counted from there. Otherwise (eval mode, no_grad, export) it is the identity. `step`, `distortions`, `final_projections` and `change` (the relative Frobenius
     norm of what the last projection removed from the kernel) are buffers, so they checkpoint.
     """
 
-    def __init__(self, layer: str, weight_name: str, plans: Plan, period: int):
+    def __init__(self, layer: str, weight_name: str, plans: Plan, period: int, late_period: int | None = None,
+                 late_after: int | None = None):
         super().__init__()
-        if period < 1:
-            raise ValueError(f"period must be >= 1, got {period}")
+        if period < 1 or (late_period is not None and late_period < 1):
+            raise ValueError(f"periods must be >= 1, got {period} and {late_period}")
+        if (late_period is None) != (late_after is None):
+            raise ValueError("late_period and late_after go together")
         if plans.get(layer) is None:
             raise ValueError(f"the plan has no entry for layer {layer}")
         self.layer, self.weight_name, self.plans, self.period = layer, weight_name, plans, int(period)
+        self.late_period, self.late_after = late_period, late_after
         self.fitted = None  # the factors of the last projection
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("distortions", torch.zeros((), dtype=torch.int64))
@@ -53,10 +57,16 @@ class LowRankProjection(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
             self.step += 1
-            if int(self.step) % self.period == 0:
+            if self.distorts_at(int(self.step)):
                 self.change.copy_(self.project_(weight))
                 self.distortions += 1
         return weight
+
+    def distorts_at(self, step: int) -> bool:
+        """Whether the forward of training step `step` (from 1) projects the weight."""
+        if self.late_after is not None and step > self.late_after:
+            return (step - self.late_after) % self.late_period == 0
+        return step % self.period == 0
 
     @torch.no_grad()
     @torch.autocast("cpu", enabled=False)
@@ -94,7 +104,8 @@ class LowRankProjection(nn.Module):
         p = self.plan
         layout = f", order={p.order}" if p.order else ""
         layout += f", tile={p.tile}" if p.tile else (f", grid={p.grid}" if p.grid else "")
-        return f"layer={self.layer}, decomp={p.decomp}, ranks={p.ranks}{layout}, period={self.period}"
+        late = f", late_period={self.late_period} after step {self.late_after}" if self.late_period else ""
+        return f"layer={self.layer}, decomp={p.decomp}, ranks={p.ranks}{layout}, period={self.period}{late}"
 
 
 def _conv_class(spatial: int) -> type[nn.Module]:

@@ -143,6 +143,28 @@ def test_non_finite_loss_stops_training_with_the_step():
         twistc.train(gm, data, epochs=1, progress=False)
 
 
+def test_a_lower_period_late_in_training_distorts_on_its_own_schedule():
+    torch.manual_seed(0)
+    gm = _projected("deeptwist{ranks=3x2,period=7,late_period=3,late_after=15,layers=conv2}")
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.01)
+    weight, changed_at = gm.get_parameter("conv2.weight"), []
+    gm.train()
+    for step in range(1, 25):
+        previous = weight.detach().clone()
+        loss = gm(X).square().mean()
+        if not torch.equal(weight, previous):  # the projection acts in the forward
+            changed_at.append(step)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert changed_at == [7, 14, 18, 21, 24]
+    assert int(gm.conv2.weight_projection.distortions) == 5
+    for bad, message in (("deeptwist{late_period=3}", "together"),
+                         ("deeptwist{late_period=0,late_after=5}", "late_period must be >= 1")):
+        with pytest.raises(twistc.TwistcError, match=message):
+            Pipeline.parse(bad)
+
+
 def test_options_are_validated_and_second_run_changes_nothing():
     for bad in ("deeptwist{period=0}", "deeptwist{decomp=block-term}", "deeptwist{ratio=1}", "deeptwist{ranks=0x2}",
                 "deeptwist{ratio=2,ranks=3x3}"):
