@@ -16,6 +16,10 @@ is on all 10,000 test images. Each (arm, ratio, S_D, seed) is a resumable run wr
     python tools/deeptwist_vs_tucker.py                 # the grid, skipping finished runs
     python tools/deeptwist_vs_tucker.py --report-only   # tables and plot from finished runs
     python tools/deeptwist_vs_tucker.py --smoke --out /tmp/smoke   # both arms, tiny, < 1 minute
+
+Investigation options give runs their own ids: --recalibrate-bn N, --reset-momentum, --lr, and
+--late P@N (DeepTwist runs only: S_D = P after optimizer step N, a lower S_D late in training), e.g.
+    python tools/deeptwist_vs_tucker.py --epochs 30 --threads 1 --late 50@8800 --only deeptwist-r6.7-sd200-e30-late50at8800-s0
 """
 from __future__ import annotations
 
@@ -54,38 +58,45 @@ def run_id(arm, ratio, period, seed, variant: str = "") -> str:
     return f"{arm}-r{ratio:g}" + (f"-sd{period}" if arm == "deeptwist" else "") + variant + f"-s{seed}"
 
 
-def variant(lr: float, bn: int = 0, reset_momentum: bool = False, epochs: int = DEFAULT_EPOCHS) -> str:
+def variant(lr: float, bn: int = 0, reset_momentum: bool = False, epochs: int = DEFAULT_EPOCHS,
+            late: tuple[int, int] | None = None) -> str:
     """The run-id suffix of the investigation options ("" for the grid's own runs)."""
     return ((f"-e{epochs}" if epochs != DEFAULT_EPOCHS else "") + (f"-lr{lr:g}" if lr != DEFAULT_LR else "")
-            + (f"-bn{bn}" if bn else "") + ("-mr" if reset_momentum else ""))
+            + (f"-bn{bn}" if bn else "") + ("-mr" if reset_momentum else "")
+            + (f"-late{late[0]}at{late[1]}" if late else ""))
+
+
+def _late(r: dict) -> tuple[int, int] | None:
+    return tuple(r["late"]) if r.get("late") else None
 
 
 def variant_of(r: dict) -> str:
-    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), r["epochs"])
+    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), r["epochs"], _late(r))
 
 
 def id_of(r: dict) -> str:
     return run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r))
 
 
-def pipelines(arm: str, ratio: float, period: int, train: str) -> list[str]:
+def pipelines(arm: str, ratio: float, period: int, train: str, late: tuple[int, int] | None = None) -> list[str]:
     if arm == "finetune":
         return [train]
     if arm == "conventional":
         return [f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup", train]
-    return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}}},{train},lower-conv-tucker,cleanup"]
+    schedule = f",late_period={late[0]},late_after={late[1]}" if late else ""
+    return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}{schedule}}},{train},lower-conv-tucker,cleanup"]
 
 
 def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, bn: int = 0,
-        reset_momentum: bool = False, rid: str | None = None) -> dict:
+        reset_momentum: bool = False, rid: str | None = None, late: tuple[int, int] | None = None) -> dict:
     train = (budget.train_spec(seed)[:-1] + (f",recalibrate_bn={bn}" if bn else "")
              + (",reset_momentum=true" if reset_momentum else "") + "}")
-    result = expkit.finetune_run(budget, pipelines(arm, ratio, period, train), seed,
+    result = expkit.finetune_run(budget, pipelines(arm, ratio, period, train, late), seed,
                                  eval_after_first=arm == "conventional", run_id=rid)
     if "test_acc_after_first_pipeline" in result:
         result["test_acc_decomposed"] = result.pop("test_acc_after_first_pipeline")
     return {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
-            "recalibrate_bn": bn, "reset_momentum": reset_momentum, **result}
+            "recalibrate_bn": bn, "reset_momentum": reset_momentum, "late": list(late) if late else None, **result}
 
 
 def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
@@ -98,7 +109,7 @@ def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
 
 def options_of(r: dict) -> str:
     """The run's investigation options other than its budget."""
-    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False))
+    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), late=_late(r))
 
 
 def budget_series(runs: list[dict], epochs: int) -> dict:
@@ -244,24 +255,29 @@ def main(argv=None) -> int:
                    help="re-estimate BatchNorm statistics on N batches after the final projection (runs get -bnN)")
     p.add_argument("--reset-momentum", action="store_true",
                    help="zero SGD momentum after each distortion (runs get -mr)")
+    p.add_argument("--late", type=lambda v: tuple(int(x) for x in v.split("@")), metavar="P@N",
+                   help="DeepTwist runs: S_D = P after step N (runs get -latePatN)")
     args = p.parse_args(argv)
     cfg = expkit.budget_of(args)
     store = expkit.RunStore(Path(args.out))
     grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
-    suffix = variant(args.lr, args.recalibrate_bn, args.reset_momentum, cfg.epochs)
+    if args.late:
+        grid = [g for g in grid if g[0] == "deeptwist"]
+    rid_of = lambda spec: run_id(*spec, variant(args.lr, args.recalibrate_bn, args.reset_momentum, cfg.epochs,
+                                                args.late))
     if args.only:
         wanted = set(args.only.split(","))
-        grid = [g for g in grid if run_id(*g, suffix) in wanted]
+        grid = [g for g in grid if rid_of(g) in wanted]
     new = 0
     for spec in ([] if args.report_only else grid):
-        rid = run_id(*spec, suffix)
+        rid = rid_of(spec)
         if store.done(rid):
             log.info("%s: done earlier, skipped", rid)
             continue
         if args.max_runs is not None and new >= args.max_runs:
             break
         log.info("%s: running", rid)
-        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum, rid)
+        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum, rid, args.late)
         store.save(rid, result, cfg.checkpoints)
         new += 1
         log.info("%s: test acc %.2f%% (layers %.2fx, model %.2fx) in %.1f min", rid, 100 * result["test_acc"],
