@@ -56,3 +56,23 @@ def test_channels_last_trains_like_contiguous_and_hands_back_contiguous_weights(
     for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
     assert all(p.is_contiguous() for p in fast.parameters())
+
+
+def test_bn_rectification_after_distortions_changes_only_the_statistics():
+    base = _data()
+
+    def augmented():  # draws from the global RNG, as data augmentation does
+        return ((x * (1 + 0.1 * torch.rand(())), y) for x, y in base)
+
+    plain, rectified = _deeptwist_model(), _deeptwist_model()
+    train(plain, augmented, 2, lr=0.05, progress=False)
+    result = train(rectified, augmented, 2, lr=0.05, progress=False, rectify_bn=2)
+    assert result.distortions == 4
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    for (name, a), b in zip(plain.state_dict().items(), rectified.state_dict().values()):
+        if name.endswith(stats):
+            assert name.endswith("num_batches_tracked") or not torch.equal(a, b), name
+        else:  # training-mode BatchNorm uses batch statistics, and the random streams were left alone
+            assert torch.equal(a, b), name
+    with pytest.raises(SpecError, match="rectify_bn must be"):
+        Pipeline.parse("train{rectify_bn=-1}")

@@ -17,8 +17,9 @@ is on all 10,000 test images. Each (arm, ratio, S_D, seed) is a resumable run wr
     python tools/deeptwist_vs_tucker.py --report-only   # tables and plot from finished runs
     python tools/deeptwist_vs_tucker.py --smoke --out /tmp/smoke   # both arms, tiny, < 1 minute
 
-Investigation options give runs their own ids: --recalibrate-bn N, --reset-momentum, --lr, and
---late P@N (DeepTwist runs only: S_D = P after optimizer step N, a lower S_D late in training), e.g.
+Investigation options give runs their own ids: --recalibrate-bn N, --reset-momentum, --lr, and for
+DeepTwist runs only --late P@N (S_D = P after optimizer step N, a lower S_D late in training) and
+--rectify-bn N (BatchNorm statistics re-estimated on N batches after every distortion), e.g.
     python tools/deeptwist_vs_tucker.py --epochs 30 --threads 1 --late 50@8800 --only deeptwist-r6.7-sd200-e30-late50at8800-s0
 """
 from __future__ import annotations
@@ -59,11 +60,11 @@ def run_id(arm, ratio, period, seed, variant: str = "") -> str:
 
 
 def variant(lr: float, bn: int = 0, reset_momentum: bool = False, epochs: int = DEFAULT_EPOCHS,
-            late: tuple[int, int] | None = None) -> str:
+            late: tuple[int, int] | None = None, rectify: int = 0) -> str:
     """The run-id suffix of the investigation options ("" for the grid's own runs)."""
     return ((f"-e{epochs}" if epochs != DEFAULT_EPOCHS else "") + (f"-lr{lr:g}" if lr != DEFAULT_LR else "")
             + (f"-bn{bn}" if bn else "") + ("-mr" if reset_momentum else "")
-            + (f"-late{late[0]}at{late[1]}" if late else ""))
+            + (f"-late{late[0]}at{late[1]}" if late else "") + (f"-rb{rectify}" if rectify else ""))
 
 
 def _late(r: dict) -> tuple[int, int] | None:
@@ -71,7 +72,8 @@ def _late(r: dict) -> tuple[int, int] | None:
 
 
 def variant_of(r: dict) -> str:
-    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), r["epochs"], _late(r))
+    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), r["epochs"], _late(r),
+                   r.get("rectify_bn", 0))
 
 
 def id_of(r: dict) -> str:
@@ -88,15 +90,18 @@ def pipelines(arm: str, ratio: float, period: int, train: str, late: tuple[int, 
 
 
 def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, bn: int = 0,
-        reset_momentum: bool = False, rid: str | None = None, late: tuple[int, int] | None = None) -> dict:
+        reset_momentum: bool = False, rid: str | None = None, late: tuple[int, int] | None = None,
+        rectify: int = 0) -> dict:
     train = (budget.train_spec(seed)[:-1] + (f",recalibrate_bn={bn}" if bn else "")
-             + (",reset_momentum=true" if reset_momentum else "") + "}")
+             + (",reset_momentum=true" if reset_momentum else "") + (f",rectify_bn={rectify}" if rectify else "")
+             + "}")
     result = expkit.finetune_run(budget, pipelines(arm, ratio, period, train, late), seed,
                                  eval_after_first=arm == "conventional", run_id=rid)
     if "test_acc_after_first_pipeline" in result:
         result["test_acc_decomposed"] = result.pop("test_acc_after_first_pipeline")
     return {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
-            "recalibrate_bn": bn, "reset_momentum": reset_momentum, "late": list(late) if late else None, **result}
+            "recalibrate_bn": bn, "reset_momentum": reset_momentum, "late": list(late) if late else None,
+            "rectify_bn": rectify, **result}
 
 
 def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
@@ -109,7 +114,8 @@ def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
 
 def options_of(r: dict) -> str:
     """The run's investigation options other than its budget."""
-    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), late=_late(r))
+    return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), late=_late(r),
+                   rectify=r.get("rectify_bn", 0))
 
 
 def budget_series(runs: list[dict], epochs: int) -> dict:
@@ -257,14 +263,17 @@ def main(argv=None) -> int:
                    help="zero SGD momentum after each distortion (runs get -mr)")
     p.add_argument("--late", type=lambda v: tuple(int(x) for x in v.split("@")), metavar="P@N",
                    help="DeepTwist runs: S_D = P after step N (runs get -latePatN)")
+    p.add_argument("--rectify-bn", type=int, default=0,
+                   help="DeepTwist runs: re-estimate BatchNorm statistics on N batches after every distortion "
+                   "(runs get -rbN)")
     args = p.parse_args(argv)
     cfg = expkit.budget_of(args)
     store = expkit.RunStore(Path(args.out))
     grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
-    if args.late:
+    if args.late or args.rectify_bn:
         grid = [g for g in grid if g[0] == "deeptwist"]
     rid_of = lambda spec: run_id(*spec, variant(args.lr, args.recalibrate_bn, args.reset_momentum, cfg.epochs,
-                                                args.late))
+                                                args.late, args.rectify_bn))
     if args.only:
         wanted = set(args.only.split(","))
         grid = [g for g in grid if rid_of(g) in wanted]
@@ -277,7 +286,7 @@ def main(argv=None) -> int:
         if args.max_runs is not None and new >= args.max_runs:
             break
         log.info("%s: running", rid)
-        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum, rid, args.late)
+        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum, rid, args.late, args.rectify_bn)
         store.save(rid, result, cfg.checkpoints)
         new += 1
         log.info("%s: test acc %.2f%% (layers %.2fx, model %.2fx) in %.1f min", rid, 100 * result["test_acc"],

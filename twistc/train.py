@@ -114,7 +114,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
           momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
           loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
           checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True,
-          device: str = "cpu", amp: str = "none", channels_last: bool = False) -> TrainResult:
+          device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -127,6 +127,9 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     `device`: where it trains (the module returns to the CPU afterwards). `amp="bf16"`: the forward runs
     under bfloat16 autocast; weights, optimizer state and DeepTwist's projections stay float32.
     `channels_last`: 4-D weights and inputs in channels-last memory order (faster convs on many CPUs).
+    `rectify_bn`: after each step that projected weights, re-estimate BatchNorm statistics on that many
+    batches of train_data() (BN rectification, as LRPET does after pruning, arXiv 2204.05566). It
+    leaves the random streams as they were, so a resumed run stays exact.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -161,6 +164,10 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                     loss, distorted = _step(module, net, optimizer, loss_fn, layout(x.to(device)), y.to(device),
                                             at["step"], result, reset_momentum)
                 at["distortion_steps"] += distorted
+                if distorted and rectify_bn:
+                    rng = rng_state()
+                    recalibrate_batchnorm(module, train_data, rectify_bn, lambda t: layout(t.to(device)))
+                    set_rng_state(rng)
                 at["batch"] += 1
                 at["loss_total"] += loss
                 bar.set_postfix(loss=f"{at['loss_total'] / at['batch']:.4f}", distortions=at["distortion_steps"],
@@ -273,9 +280,11 @@ def _resume(cp: Checkpointing, module, optimizer) -> dict | None:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(module: nn.Module, train_data: Callable[[], Iterable], batches: int) -> int:
+def recalibrate_batchnorm(module: nn.Module, train_data: Callable[[], Iterable], batches: int,
+                          prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> int:
     """Re-estimate BatchNorm running statistics for the current weights (after a projection changed
-    them): reset, then average over `batches` training-mode forwards without grad. Returns batches used."""
+    them): reset, then average over `batches` training-mode forwards without grad of the inputs
+    (after `prepare`: device, memory order). Returns batches used."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches < 1:
         return 0
@@ -288,7 +297,7 @@ def recalibrate_batchnorm(module: nn.Module, train_data: Callable[[], Iterable],
     used = 0
     try:
         for x, _ in train_data():
-            module(x)
+            module(prepare(x))
             used += 1
             if used >= batches:
                 break
@@ -358,7 +367,9 @@ class Train(Stage):
                    "momentum": "SGD's Nesterov momentum, or AdamW's beta1", "weight_decay": "weight decay",
                    "seed": "seeds torch, numpy and random", "reset_momentum": "clear projected weights' momentum "
                    "after each distortion", "recalibrate_bn": "batches for re-estimating BatchNorm statistics "
-                   "after the final projection", "checkpoint": "folder for checkpoints (else --checkpoint)",
+                   "after the final projection", "rectify_bn": "batches for re-estimating BatchNorm statistics "
+                   "after every distortion (BN rectification)",
+                   "checkpoint": "folder for checkpoints (else --checkpoint)",
                    "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
                    "amp": "none, or bf16 (the forward under bfloat16 autocast)",
                    "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)"}
@@ -370,6 +381,7 @@ class Train(Stage):
     seed: int = 0
     reset_momentum: bool = False
     recalibrate_bn: int = 0
+    rectify_bn: int = 0
     checkpoint: str = ""
     optimizer: str = "sgd"
     device: str = "cpu"
@@ -389,7 +401,7 @@ class Train(Stage):
             raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.optimizer == "adamw" and not self.momentum < 1:
             raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
-        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn"):
+        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn"):
             value = getattr(self, key)
             if not 0 <= value < float("inf"):
                 raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
@@ -408,7 +420,7 @@ class Train(Stage):
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
                        checkpointing=checkpointing, optimizer=self.optimizer,
                        shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
-                       channels_last=self.channels_last) if self.epochs else TrainResult(0)
+                       channels_last=self.channels_last, rectify_bn=self.rectify_bn) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)

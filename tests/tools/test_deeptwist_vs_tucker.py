@@ -25,7 +25,7 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     real_run = exp.run
     monkeypatch.setattr(exp, "run", lambda cfg, *spec: calls.append(spec) or real_run(cfg, *spec))
     assert exp.main(["--smoke", "--out", str(out)]) == 0
-    assert calls == [("conventional", 4.3, 1, 0, 0, False, "conventional-r4.3-e1-s0", None)]  # the finished run was not recomputed
+    assert calls == [("conventional", 4.3, 1, 0, 0, False, "conventional-r4.3-e1-s0", None, 0)]  # the finished run was not recomputed
     assert (out / "runs" / "deeptwist-r4.3-sd1-e1-s0.json").read_text() == first
 
     runs = {r["arm"]: r for r in expkit.RunStore(out).load_all()}
@@ -56,6 +56,7 @@ def test_investigation_options_get_their_own_run_ids():
     assert exp.run_id("conventional", 4.3, 200, 1, exp.variant(0.01)) == "conventional-r4.3-s1"
     assert (exp.run_id("deeptwist", 6.7, 200, 0, exp.variant(0.01, epochs=30, late=(50, 9000)))
             == "deeptwist-r6.7-sd200-e30-late50at9000-s0")
+    assert exp.run_id("deeptwist", 6.7, 200, 0, exp.variant(0.01, rectify=20)) == "deeptwist-r6.7-sd200-rb20-s0"
     assert exp.pipelines("deeptwist", 6.7, 200, "train", (50, 9000))[0].startswith(
         "deeptwist{layers=layer*,ratio=6.7,period=200,late_period=50,late_after=9000},train")
 
