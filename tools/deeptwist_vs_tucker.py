@@ -168,7 +168,9 @@ def report(store: expkit.RunStore, cfg) -> None:
                  f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
                  f"{100 * r['test_acc_before_final_projection']:.2f}" if r.get("test_acc_before_final_projection")
                  else "-",
-                 r["steps"], r["distortions"], f"{r['seconds'] / 60:.1f}", r["machine"]["cpu"]] for r in runs]
+                 r["steps"], r["distortions"], f"{r['seconds'] / 60:.1f}"
+                 + (f" ({r['train_seconds'] / 3600:.1f} h)" if r.get("train_seconds", 0) > 1.5 * r["seconds"]
+                    else ""), r["machine"]["cpu"]] for r in runs]
     change_rows = []
     for r in runs:
         if "projection_change" not in r:
@@ -200,8 +202,9 @@ def report(store: expkit.RunStore, cfg) -> None:
             if change_rows else []),
           "\n## All runs\n",
           expkit.markdown_table(["run", "test acc %", "vs conventional [95% CI]", "acc right after decomposition %",
-                                 "acc before the final projection %", "steps", "distortions", "minutes", "machine"],
-                                run_rows),
+                                 "acc before the final projection %", "steps", "distortions",
+                                 "minutes (a resumed run: its last session, and its whole span incl. pauses)",
+                                 "machine"], run_rows),
           "\nCommands that produced these runs (each run's JSON has its own):\n",
           *[f"- `{c}`" for c in sorted({r["command"] for r in runs})], ""]
     (store.root / "results.md").write_text("\n".join(md) + "\n")
