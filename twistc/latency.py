@@ -31,7 +31,7 @@ from torch import nn
 
 from twistc.convs import conv_args
 from twistc.errors import SpecError, TwistcError
-from twistc.export import ORT_DTYPES, model_dtype, onnx_model
+from twistc.export import ORT_DTYPES, onnx_model
 from twistc.ops import CpConv, SvdConv, SvdLinear, TuckerConv
 from twistc.plan import LayerPlan
 from twistc.report import cpu_model
@@ -353,7 +353,7 @@ def model_timer(module: nn.Module, example: torch.Tensor, runtime: Runtime,
     x = _batched(example, runtime.batch)
     if runtime.runtime != "ort" or onnx_path is None:
         return runtime.timer(module, x)
-    if model_dtype(module) not in ORT_DTYPES:  # the file is the model's float32 copy
+    if x.dtype not in ORT_DTYPES:  # the file is the model's float32 copy, as Runtime.timer runs it
         x = x.float()
     return ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path))
 
