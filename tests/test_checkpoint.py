@@ -31,10 +31,11 @@ def _deeptwist_model():
 
 class Data:
     """Batches whose order and noise come from the global torch, numpy and Python RNGs, as user code's might;
-    sends SIGTERM to this process while producing batch `stop_at` of the whole run."""
+    sends SIGTERM to this process while producing batch `stop_at` of the whole run, or dies without a
+    signal (as a lost node does) at batch `crash_at`."""
 
-    def __init__(self, stop_at=None):
-        self.stop_at, self.made = stop_at, 0
+    def __init__(self, stop_at=None, crash_at=None):
+        self.stop_at, self.crash_at, self.made = stop_at, crash_at, 0
         g = torch.Generator().manual_seed(1)
         self.x, self.y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
 
@@ -44,6 +45,8 @@ class Data:
             self.made += 1
             if self.made == self.stop_at:
                 os.kill(os.getpid(), signal.SIGTERM)
+            if self.made == self.crash_at:
+                raise ConnectionError("node lost")
             idx = order[i:i + 8]
             noise = float(np.random.rand()) * random.random()
             yield self.x[idx] + 0.1 * noise * torch.randn_like(self.x[idx]), self.y[idx]
@@ -52,10 +55,10 @@ class Data:
         return 5
 
 
-def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd"):
+def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd", crash_at=None, every=0):
     gm = _deeptwist_model()
-    cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume) if folder else None
-    data = Data(stop_at)
+    cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume, every) if folder else None
+    data = Data(stop_at, crash_at)
     lr = 0.05 if optimizer == "sgd" else 0.005
     result = train(gm, lambda: data(), epochs, lr=lr, seed=3, progress=False, finalize=False, checkpointing=cp,
                    optimizer=optimizer)
@@ -78,6 +81,23 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_at, optimizer):
     assert (result.steps, result.distortions) == (ref_result.steps, ref_result.distortions) == (15, 5)
     assert np.allclose(result.losses, ref_result.losses, atol=1e-6)
     assert result.distortion_changes == pytest.approx(ref_result.distortion_changes, abs=1e-6)
+
+
+def test_periodic_checkpoints_survive_a_crash_without_a_signal(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    reference, _ = _run(None)
+    saved = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda d, payload: saved.append(payload["position"]["step"])
+                        or real_save(d, payload))
+    with pytest.raises(ConnectionError):  # batch 9 of 15 is never trained; the last save was after step 6
+        _run(tmp_path, crash_at=9, every=3)
+    assert saved == [3, 5, 6]  # every 3 steps, and at the end of epoch 1 (step 5)
+    resumed, result = _run(tmp_path, resume=True, every=3)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    # (train_data() has no length here, so step 15 is saved both as a multiple of 3 and as an epoch end)
+    assert sorted(set(saved)) == [3, 5, 6, 9, 10, 12, 15] and result.steps == 15
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):

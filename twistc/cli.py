@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="latency cache of plan-latency (default: ~/.cache/twistc/latency.json)")
     c.add_argument("--checkpoint", metavar="DIR",
                    help="save training checkpoints in DIR (each epoch end, and on Ctrl-C or SIGTERM)")
+    c.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+                   help="also save a checkpoint after every STEPS optimizer steps (a kill without a signal, "
+                        "such as a node failure, then loses at most STEPS steps)")
     c.add_argument("--resume", action="store_true", help="continue training from the checkpoint in --checkpoint DIR")
     c.add_argument("-o", "--output", default="twistc-out", help="output directory (default twistc-out)")
     c.add_argument("--force", action="store_true", help="replace an earlier twistc output directory")
@@ -170,6 +173,8 @@ def compile_command(args) -> int:
     pipeline.check_whole()
     if args.resume and not args.checkpoint:
         raise SpecError("--resume needs --checkpoint DIR, the folder the stopped run saved into")
+    if args.checkpoint_every < 0 or (args.checkpoint_every and not args.checkpoint):
+        raise SpecError(f"--checkpoint-every must be >= 1 and comes with --checkpoint DIR, got {args.checkpoint_every}")
     plan = Plan.load(args.plan) if args.plan else None
     check_output(out, model_path, args.force, OUTPUTS)
     mf = load_model_file(model_path, _options(args.options))
@@ -198,7 +203,8 @@ def compile_command(args) -> int:
                             f"its convs are: {name_list(list(state.layers))}")
         state.plan = plan
     ctx = RunContext(mf.data("train_data"), eval_data, progress=main_rank and not args.quiet,
-                     checkpoint=args.checkpoint, resume=args.resume, status=status,
+                     checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                     status=status,
                      train_data_sharded=mf.takes("train_data", "rank") and mf.takes("train_data", "world_size"))
     if not main_rank:  # the other ranks train alongside; rank 0 exports and writes
         pipeline.run(gm, ctx)

@@ -71,6 +71,7 @@ class RunContext:
     progress: bool = True
     results: dict[str, Any] = field(default_factory=dict)  # stage outputs: results["train"], results["seconds"]
     checkpoint: str | None = None  # folder where `train` saves checkpoints
+    checkpoint_every: int = 0  # also save after every that many optimizer steps (0: epoch ends only)
     resume: bool = False  # continue from the checkpoint there
     pipeline: str = ""  # the spec being run (set by Pipeline.run); checkpoints record it
     train_data_sharded: bool = False  # under torchrun: train_data() already yields only this rank's batches

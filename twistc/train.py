@@ -81,11 +81,13 @@ def _first_nonfinite_parameter(module: nn.Module) -> str | None:
 
 @dataclass
 class Checkpointing:
-    """Where the train loop saves (every epoch end and on SIGINT/SIGTERM), and whether it resumes."""
+    """Where the train loop saves (every epoch end, every `every` optimizer steps when > 0, and on
+    SIGINT/SIGTERM), and whether it resumes."""
 
     directory: Path
     identity: dict  # checkpoint.identity(): the pipeline, model structure and world size
     resume: bool = False
+    every: int = 0
 
 
 @contextmanager
@@ -120,7 +122,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
 
     `reset_momentum`: after a step that projected weights, clear those weights' momentum, so the
     velocity gathered before the distortion does not push them off the projection.
-    `checkpointing`: save at each epoch end and on SIGINT/SIGTERM (then raise Stopped); resume exactly.
+    `checkpointing`: save at each epoch end, every `checkpointing.every` steps and on SIGINT/SIGTERM (then
+    raise Stopped); resume exactly.
     `optimizer`: "sgd" (Nesterov momentum) or "adamw" (decoupled weight decay; `momentum` is beta1).
     Under torchrun the module trains as DistributedDataParallel, each rank on every world-size-th batch
     (`shard=False`: train_data() already gives each rank its own); rank 0 alone saves checkpoints.
@@ -179,6 +182,10 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                     _save(checkpointing, module, optimizer, result, at, epoch_rng)
                     raise Stopped(stop[0] if stop else signal.SIGTERM,
                                   f"checkpoint saved in {checkpointing.directory}; continue with --resume")
+                if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
+                        and at["batch"] != per_epoch:  # the epoch's end saves anyway
+                    result.seconds = time.perf_counter() - start
+                    _save(checkpointing, module, optimizer, result, at, epoch_rng)
             bar.close()
             if at["batch"] == 0:
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
@@ -370,6 +377,8 @@ class Train(Stage):
                    "after the final projection", "rectify_bn": "batches for re-estimating BatchNorm statistics "
                    "after every distortion (BN rectification)",
                    "checkpoint": "folder for checkpoints (else --checkpoint)",
+                   "checkpoint_every": "also save a checkpoint every that many optimizer steps (else "
+                   "--checkpoint-every; 0: at epoch ends only)",
                    "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
                    "amp": "none, or bf16 (the forward under bfloat16 autocast)",
                    "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)"}
@@ -383,6 +392,7 @@ class Train(Stage):
     recalibrate_bn: int = 0
     rectify_bn: int = 0
     checkpoint: str = ""
+    checkpoint_every: int = 0
     optimizer: str = "sgd"
     device: str = "cpu"
     amp: str = "none"
@@ -401,7 +411,7 @@ class Train(Stage):
             raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.optimizer == "adamw" and not self.momentum < 1:
             raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
-        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn"):
+        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn", "checkpoint_every"):
             value = getattr(self, key)
             if not 0 <= value < float("inf"):
                 raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
@@ -414,8 +424,11 @@ class Train(Stage):
             if self.epochs > 0:
                 raise SpecError("the train stage needs train_data(); define it in MODEL.py")
         folder = self.checkpoint or ctx.checkpoint
+        every = self.checkpoint_every or ctx.checkpoint_every
+        if every and not folder:
+            raise SpecError("train: checkpoint_every needs a folder to save into: checkpoint=DIR or --checkpoint DIR")
         identity = checkpoint.identity(ctx.pipeline, gm, distributed.world()[1])
-        checkpointing = Checkpointing(Path(folder), identity, ctx.resume) if folder else None
+        checkpointing = Checkpointing(Path(folder), identity, ctx.resume, every) if folder else None
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
                        checkpointing=checkpointing, optimizer=self.optimizer,
