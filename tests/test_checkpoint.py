@@ -118,6 +118,9 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
 def test_identity_ignores_the_checkpoint_folder():
     gm = _deeptwist_model()
     assert checkpoint.identity("deeptwist,train{checkpoint=/a,epochs=2}", gm)["pipeline"] == "deeptwist,train{epochs=2}"
+    assert (checkpoint.identity("deeptwist,train{epochs=2,checkpoint_every=7}", gm)["pipeline"]
+            == checkpoint.identity("deeptwist,train{checkpoint_every=3,epochs=2}", gm)["pipeline"]
+            == "deeptwist,train{epochs=2}")
     assert checkpoint.identity("train{checkpoint=/a}", gm)["pipeline"] == "train"
 
 
