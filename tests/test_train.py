@@ -76,3 +76,40 @@ def test_bn_rectification_after_distortions_changes_only_the_statistics():
             assert torch.equal(a, b), name
     with pytest.raises(SpecError, match="rectify_bn must be"):
         Pipeline.parse("train{rectify_bn=-1}")
+
+
+def _recorded_lrs(monkeypatch, **options):
+    """The learning rate of each optimizer step of a 2-epoch run (8 steps)."""
+    seen = []
+    step = torch.optim.SGD.step
+    data = _data()
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.SGD, "step", lambda self, *a, **k: seen.append(self.param_groups[0]["lr"])
+                  or step(self, *a, **k))
+        train(_deeptwist_model(), lambda: data, 2, lr=0.1, progress=False, **options)
+    return seen
+
+
+def test_warmup_ramps_the_learning_rate_under_the_cosine(monkeypatch):
+    cosine = _recorded_lrs(monkeypatch)
+    warm = _recorded_lrs(monkeypatch, warmup=4)
+    assert cosine[0] == pytest.approx(0.1) and cosine[4] == pytest.approx(0.05)
+    assert warm == pytest.approx([c * min(1, (i + 1) / 4) for i, c in enumerate(cosine)])
+    with pytest.raises(SpecError, match="warmup must be"):
+        Pipeline.parse("train{warmup=-1}")
+
+
+def test_clip_grad_bounds_the_step():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = 100 * torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,))  # large inputs, large gradients
+    moved = {}
+    for clip in (0.0, 0.5):
+        model = trace(net, (x[:1],))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        train(model, lambda: [(x, y)], 1, lr=0.1, momentum=0, weight_decay=0, progress=False, clip_grad=clip)
+        moved[clip] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+    assert moved[0.0] > 0.1 * 0.5 * 10  # unclipped, the gradient norm is far above 0.5
+    assert moved[0.5] == pytest.approx(0.1 * 0.5, rel=1e-4)  # one step of lr * clip, the cosine's first lr
+    with pytest.raises(SpecError, match="clip_grad must be"):
+        Pipeline.parse("train{clip_grad=-1}")

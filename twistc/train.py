@@ -116,7 +116,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
           momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
           loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
           checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True,
-          device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0) -> TrainResult:
+          device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0,
+          warmup: int = 0, clip_grad: float = 0.0) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -133,6 +134,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     `rectify_bn`: after each step that projected weights, re-estimate BatchNorm statistics on that many
     batches of train_data() (BN rectification, as LRPET does after pruning, arXiv 2204.05566). It
     leaves the random streams as they were, so a resumed run stays exact.
+    `warmup`: the learning rate rises linearly over the first that many steps (times the cosine).
+    `clip_grad`: when > 0, gradients are scaled so that their global L2 norm is at most this.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -160,12 +163,12 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                        disable=None if progress else True, leave=False, dynamic_ncols=True)
             for x, y in bar:
                 done = (epoch + (at["batch"] / per_epoch if per_epoch else 0)) / epochs
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done))
                 at["step"] += 1
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done)) * min(1.0, at["step"] / (warmup or 1))
                 with autocast():
                     loss, distorted = _step(module, net, optimizer, loss_fn, layout(x.to(device)), y.to(device),
-                                            at["step"], result, reset_momentum)
+                                            at["step"], result, reset_momentum, clip_grad)
                 at["distortion_steps"] += distorted
                 if distorted and rectify_bn:
                     rng = rng_state()
@@ -238,7 +241,7 @@ def _optimizer(name: str, params: list, lr: float, momentum: float, weight_decay
 
 
 def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
-          reset_momentum: bool) -> tuple[float, bool]:
+          reset_momentum: bool, clip_grad: float = 0.0) -> tuple[float, bool]:
     """One optimizer step through `net` (the module, or its DDP wrapper); returns the loss and whether a
     DeepTwist distortion happened in it."""
     before = distortions(module)
@@ -256,6 +259,8 @@ def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
                              + "; lower --lr or raise the ranks")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_grad:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     optimizer.step()
     return loss.item(), distorted
 
@@ -381,7 +386,9 @@ class Train(Stage):
                    "--checkpoint-every; 0: at epoch ends only)",
                    "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
                    "amp": "none, or bf16 (the forward under bfloat16 autocast)",
-                   "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)"}
+                   "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)",
+                   "warmup": "optimizer steps over which the learning rate rises linearly from 0",
+                   "clip_grad": "largest global L2 norm of the gradients (0: no clipping)"}
 
     epochs: int = 3
     lr: float = 0.01
@@ -397,6 +404,8 @@ class Train(Stage):
     device: str = "cpu"
     amp: str = "none"
     channels_last: bool = False
+    warmup: int = 0
+    clip_grad: float = 0.0
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -411,7 +420,8 @@ class Train(Stage):
             raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.optimizer == "adamw" and not self.momentum < 1:
             raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
-        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn", "checkpoint_every"):
+        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn", "checkpoint_every", "warmup",
+                    "clip_grad"):
             value = getattr(self, key)
             if not 0 <= value < float("inf"):
                 raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
@@ -433,7 +443,8 @@ class Train(Stage):
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
                        checkpointing=checkpointing, optimizer=self.optimizer,
                        shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
-                       channels_last=self.channels_last, rectify_bn=self.rectify_bn) if self.epochs else TrainResult(0)
+                       channels_last=self.channels_last, rectify_bn=self.rectify_bn, warmup=self.warmup,
+                       clip_grad=self.clip_grad) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
