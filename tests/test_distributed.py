@@ -79,3 +79,15 @@ def test_torchrun_compiles_with_two_ranks(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["steps"] == 3 and report["training"]["distortions"] == 1  # 6 batches over 2 ranks
     assert run.stdout.count("wrote ") == 1  # rank 0 alone writes
+
+
+def test_each_rank_takes_its_own_gpu_and_nccl_only_where_there_are_gpus(monkeypatch):
+    from twistc import distributed
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.local_device("cuda") == "cuda:3"
+    assert distributed.local_device("cuda:1") == "cuda:1" and distributed.local_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.backend() == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    assert distributed.backend() == "cpu:gloo,cuda:nccl"

@@ -1,9 +1,10 @@
 """Data-parallel training under torchrun: the process group and the few collectives twistc needs.
 
 `torchrun --nproc-per-node N -m twistc compile ...` starts N processes with RANK and WORLD_SIZE in
-their environment; `init_from_env` joins them into one process group (gloo, as models train on the
-CPU; multi-node through torchrun's own rendezvous flags). Each rank then trains a
-DistributedDataParallel copy on its shard of the batches; rank 0 alone evaluates, exports and writes.
+their environment; `init_from_env` joins them into one process group (gloo for CPU tensors, and
+NCCL for CUDA tensors where torch sees GPUs; multi-node through torchrun's own rendezvous flags).
+Each rank then trains a DistributedDataParallel copy on its shard of the batches, on GPU LOCAL_RANK
+when it trains on CUDA; rank 0 alone evaluates, exports and writes.
 """
 from __future__ import annotations
 
@@ -16,10 +17,27 @@ import torch.distributed as dist
 from torch import nn
 
 
+def backend() -> str:
+    """gloo for CPU tensors, plus NCCL for CUDA tensors where there are GPUs and torch has NCCL."""
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
 def init_from_env() -> None:
     """Join the process group torchrun describes in the environment (nothing to do without torchrun)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_device("cuda"))
+        dist.init_process_group(backend())
+
+
+def local_device(device: str) -> str:
+    """The device this rank trains on: plain "cuda" is GPU LOCAL_RANK (one GPU per process, as torchrun
+    starts them); "cpu" and an explicit "cuda:N" stay as they are."""
+    if device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def world() -> tuple[int, int]:
@@ -38,7 +56,8 @@ def wrap(module: nn.Module) -> nn.Module:
     broadcast from rank 0 as it is built), else the module itself."""
     if world()[1] == 1:
         return module
-    return nn.parallel.DistributedDataParallel(module)
+    device = next(module.parameters()).device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
 def shard(batches: Iterator, count: int | None) -> tuple[Iterator, int | None]:

@@ -140,6 +140,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+    device = distributed.local_device(device)
     module.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     layout = _to_channels_last if channels_last else (lambda t: t)
     autocast = ((lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp == "bf16"
