@@ -8,7 +8,7 @@ images). All 14 compressible layers (patch conv, attention and MLP Linears) are 
   conventional: lower-conv-svd{ratio=2},lower-linear-svd{ratio=2},train{...},fold,cleanup
 
 train{...} is AdamW for 15 epochs (675 steps) at each peak learning rate, cosine decay, seeds 0-2;
-the recipe adds warmup=68,clip_grad=1. Accuracy is on the held-out images; the paired bootstrap
+the recipe adds warmup=67,clip_grad=1 (10% of the steps). Accuracy is on the held-out images; the paired bootstrap
 pools the seeds. Each run is one file under results/transformer_recipe/runs/; reruns skip them.
 
     python tools/transformer_recipe.py --threads 1

@@ -1,0 +1,32 @@
+"""tools/transformer_recipe.py: both arms with and without the recipe, resumable runs, the report."""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import transformer_recipe as tool  # noqa: E402
+
+from twistc import Pipeline  # noqa: E402
+
+
+def test_pipelines_parse_and_differ_only_in_the_recipe():
+    for arm in tool.ARMS:
+        plain, recipe = (tool.pipeline(arm, 0.003, r, 1) for r in tool.RECIPES)
+        Pipeline.parse(plain), Pipeline.parse(recipe)
+        assert recipe == plain.replace("seed=1}", "seed=1,warmup=67,clip_grad=1}")
+
+
+def test_smoke_runs_every_cell_once_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(tool, "EPOCHS", 1)
+    monkeypatch.setattr(tool, "LRS", (0.003,))
+    monkeypatch.setattr(tool, "SEEDS", (0,))
+    assert tool.main(["--out", str(tmp_path)]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert runs == sorted(f"{a}-lr0.003-{r}-s0.json" for a in tool.ARMS for r in tool.RECIPES)
+    run = json.loads((tmp_path / "runs" / runs[0]).read_text())
+    assert run["steps"] == 45 and run["test_n"] == 360 and 0 < run["test_acc"] <= 1
+    before = (tmp_path / "runs" / runs[0]).stat().st_mtime_ns
+    assert tool.main(["--out", str(tmp_path)]) == 0  # finished runs are skipped
+    assert (tmp_path / "runs" / runs[0]).stat().st_mtime_ns == before
+    table = (tmp_path / "results.md").read_text()
+    assert "| 0.003 | plain |" in table and "| 0.003 | warmup-clip |" in table
