@@ -45,11 +45,11 @@ class DigitsCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def train_data(batch_size: int = 32, seed: int = 0):
-    """One epoch of shuffled training batches (a new permutation on every call)."""
+def train_data(batch_size: int = 32):
+    """One epoch of shuffled training batches. The order comes from torch's global RNG, which the train
+    stage seeds (train{seed=N}) and its checkpoints restore, so a run and its resumption see the same data."""
     x, y, _, _ = _split()
-    train_data.calls = getattr(train_data, "calls", 0) + 1
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 1000 + train_data.calls))
+    order = torch.randperm(len(y))
     return [(x[i], y[i]) for i in order.split(batch_size)]
 
 
@@ -62,16 +62,16 @@ def model(pretrain_epochs: int = 15, seed: int = 0) -> nn.Module:
     """The CNN trained from scratch on the training split (Adam, seeded)."""
     torch.manual_seed(seed)
     net = DigitsCNN()
-    return pretrain(net, torch.optim.Adam(net.parameters(), lr=3e-3), pretrain_epochs, seed)
+    return pretrain(net, torch.optim.Adam(net.parameters(), lr=3e-3), pretrain_epochs)
 
 
-def pretrain(net: nn.Module, optimizer, epochs: int, seed: int, batch_size: int = 32) -> nn.Module:
+def pretrain(net: nn.Module, optimizer, epochs: int, batch_size: int = 32) -> nn.Module:
     """Train `net` from scratch on the training split with a one-cycle schedule to the optimizer's lr."""
     steps = epochs * -(-len(_split()[1]) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, optimizer.param_groups[0]["lr"], total_steps=steps)
     net.train()
     for _ in range(epochs):
-        for x, y in train_data(batch_size=batch_size, seed=seed + 1):
+        for x, y in train_data(batch_size=batch_size):
             optimizer.zero_grad()
             F.cross_entropy(net(x), y).backward()
             optimizer.step()

@@ -60,7 +60,7 @@ def model(pretrain_epochs: int = 20, seed: int = 0) -> nn.Module:
     """The transformer trained from scratch on the training split (AdamW, one-cycle lr, seeded)."""
     torch.manual_seed(seed)
     net = DigitsTransformer()
-    return pretrain(net, torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05), pretrain_epochs, seed,
+    return pretrain(net, torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05), pretrain_epochs,
                     batch_size=64)
 
 
