@@ -8,8 +8,9 @@ images). All 14 compressible layers (patch conv, attention and MLP Linears) are 
   conventional: lower-conv-svd{ratio=2},lower-linear-svd{ratio=2},train{...},fold,cleanup
 
 train{...} is AdamW for 15 epochs (675 steps) at each peak learning rate, cosine decay, seeds 0-2;
-the recipe adds warmup=67,clip_grad=1 (10% of the steps). Accuracy is on the held-out images; the paired bootstrap
-pools the seeds. Each run is one file under results/transformer_recipe/runs/; reruns skip them.
+the recipe adds warmup=67,clip_grad=1 (warmup over 10% of the steps), and each half of it alone.
+Accuracy is on the held-out images; the paired bootstrap pools the seeds. Each run is one file
+under results/transformer_recipe/runs/; reruns skip them.
 
     python tools/transformer_recipe.py --threads 1
     python tools/transformer_recipe.py --report-only
@@ -36,7 +37,8 @@ from twistc.modelfile import load_model_file  # noqa: E402
 log = logging.getLogger("transformer_recipe")
 MODEL_FILE = expkit.REPO / "examples" / "digits_transformer.py"
 EPOCHS, STEPS = 15, 675
-RECIPES = {"plain": "", "warmup-clip": f",warmup={STEPS // 10},clip_grad=1"}
+RECIPES = {"plain": "", "warmup-clip": f",warmup={STEPS // 10},clip_grad=1",  # and each half alone
+           "warmup": f",warmup={STEPS // 10}", "clip": ",clip_grad=1"}
 LRS = (0.001, 0.003, 0.01)
 SEEDS = (0, 1, 2)
 ARMS = ("deeptwist", "conventional")
@@ -86,7 +88,8 @@ def report(store: expkit.RunStore, out: Path, baseline: float) -> str:
         f"Model: `examples/digits_transformer.py`, {100 * baseline:.2f}% on its {any_run.get('test_n', 360)} "
         f"held-out images before compression. Both arms cut all 14 compressible layers 2x in weights (SVD) and "
         f"fine-tune with AdamW for {EPOCHS} epochs ({STEPS} steps), cosine decay from the peak lr; DeepTwist "
-        f"uses S_D = 25. Recipe `warmup-clip` adds `warmup={STEPS // 10},clip_grad=1`. Accuracy: mean over seeds "
+        f"uses S_D = 25. Recipe `warmup-clip` adds `warmup={STEPS // 10},clip_grad=1`; `warmup` and `clip` each "
+        f"half of it alone. Accuracy: mean over seeds "
         f"(seeds {', '.join(map(str, SEEDS))}). DT - conv: paired bootstrap over the held-out images, seeds pooled.",
         expkit.markdown_table(["peak lr", "recipe", "DeepTwist %", "conventional %", "DT - conv, 95% CI"], rows),
         f"Command: `{any_run.get('command', 'python tools/transformer_recipe.py')}`; machine: "

@@ -11,9 +11,11 @@ from twistc import Pipeline  # noqa: E402
 
 def test_pipelines_parse_and_differ_only_in_the_recipe():
     for arm in tool.ARMS:
-        plain, recipe = (tool.pipeline(arm, 0.003, r, 1) for r in tool.RECIPES)
-        Pipeline.parse(plain), Pipeline.parse(recipe)
-        assert recipe == plain.replace("seed=1}", "seed=1,warmup=67,clip_grad=1}")
+        specs = {r: tool.pipeline(arm, 0.003, r, 1) for r in tool.RECIPES}
+        for spec in specs.values():
+            Pipeline.parse(spec)
+        for recipe, options in (("warmup-clip", "warmup=67,clip_grad=1"), ("warmup", "warmup=67"), ("clip", "clip_grad=1")):
+            assert specs[recipe] == specs["plain"].replace("seed=1}", f"seed=1,{options}}}")
 
 
 def test_smoke_runs_every_cell_once_and_reports(tmp_path, monkeypatch):
