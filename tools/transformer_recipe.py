@@ -9,6 +9,7 @@ images). All 14 compressible layers (patch conv, attention and MLP Linears) are 
 
 train{...} is AdamW for 15 epochs (675 steps) at each peak learning rate, cosine decay, seeds 0-2;
 the recipe adds warmup=67,clip_grad=1 (warmup over 10% of the steps), and each half of it alone.
+Then DeepTwist's S_D is swept at its best lr and recipe.
 Accuracy is on the held-out images; the paired bootstrap pools the seeds. Each run is one file
 under results/transformer_recipe/runs/; reruns skip them.
 
@@ -42,35 +43,45 @@ RECIPES = {"plain": "", "warmup-clip": f",warmup={STEPS // 10},clip_grad=1",  # 
 LRS = (0.001, 0.003, 0.01)
 SEEDS = (0, 1, 2)
 ARMS = ("deeptwist", "conventional")
+PERIOD = 25  # DeepTwist's S_D in the main grid
+SWEEP = (0.01, "warmup", (1, 2, 5, 10, 50, 100))  # S_D values tried at DeepTwist's best lr and recipe
 
 
-def pipeline(arm: str, lr: float, recipe: str, seed: int) -> str:
+def pipeline(arm: str, lr: float, recipe: str, seed: int, period: int = PERIOD) -> str:
     train = f"train{{epochs={EPOCHS},optimizer=adamw,lr={lr:g},seed={seed}{RECIPES[recipe]}}}"
     if arm == "deeptwist":
-        return f"deeptwist{{decomp=svd,ratio=2,period=25}},{train},lower-conv-svd,lower-linear-svd,fold,cleanup"
+        return f"deeptwist{{decomp=svd,ratio=2,period={period}}},{train},lower-conv-svd,lower-linear-svd,fold,cleanup"
     return f"lower-conv-svd{{ratio=2}},lower-linear-svd{{ratio=2}},{train},fold,cleanup"
 
 
-def run_id(arm: str, lr: float, recipe: str, seed: int) -> str:
-    return f"{arm}-lr{lr:g}-{recipe}-s{seed}"
+def run_id(arm: str, lr: float, recipe: str, seed: int, period: int = PERIOD) -> str:
+    return f"{arm}-lr{lr:g}-{recipe}" + (f"-sd{period}" if period != PERIOD else "") + f"-s{seed}"
 
 
-def run(mf, original, arm: str, lr: float, recipe: str, seed: int) -> dict:
-    spec = pipeline(arm, lr, recipe, seed)
+def grid() -> list[tuple]:
+    """(arm, lr, recipe, seed, period) of every run: the main grid, then DeepTwist's S_D sweep."""
+    main = [(arm, lr, recipe, seed, PERIOD) for lr in LRS for recipe in RECIPES for seed in SEEDS for arm in ARMS]
+    lr, recipe, periods = SWEEP
+    return main + [("deeptwist", lr, recipe, seed, period) for period in periods for seed in SEEDS]
+
+
+def run(mf, original, arm: str, lr: float, recipe: str, seed: int, period: int = PERIOD) -> dict:
+    spec = pipeline(arm, lr, recipe, seed, period)
     start = time.perf_counter()
     gm = trace(copy.deepcopy(original), mf.example_inputs())
     ctx = RunContext(mf.data("train_data"), None, progress=False)
     gm = Pipeline.parse(spec).run(gm, ctx)
     correct = expkit.correctness(gm, mf.data("eval_data")())
     train = ctx.results["train"]
-    return {"arm": arm, "lr": lr, "recipe": recipe, "seed": seed, "pipeline": spec,
+    return {"arm": arm, "lr": lr, "recipe": recipe, "seed": seed, "period": period, "pipeline": spec,
             "test_acc": float(correct.mean()), "test_n": int(correct.size), "test_correct": expkit.pack_bools(correct),
-            "steps": train.steps, "losses": train.losses, "minutes": (time.perf_counter() - start) / 60,
+            "steps": train.steps, "losses": train.losses, "distortion_changes": train.distortion_changes, "minutes": (time.perf_counter() - start) / 60,
             **expkit.metadata()}
 
 
 def report(store: expkit.RunStore, out: Path, baseline: float) -> str:
-    runs = {(r["arm"], r["lr"], r["recipe"], r["seed"]): r for r in store.load_all()}
+    everything = {(r["arm"], r["lr"], r["recipe"], r["seed"], r.get("period", PERIOD)): r for r in store.load_all()}
+    runs = {key[:4]: r for key, r in everything.items() if key[0] == "conventional" or key[4] == PERIOD}
     rows = []
     for lr in LRS:
         for recipe in RECIPES:
@@ -82,6 +93,23 @@ def report(store: expkit.RunStore, out: Path, baseline: float) -> str:
                 continue
             cells = [f"{100 * np.mean(a):.2f} ({' / '.join(f'{100 * v:.2f}' for v in a)})" for a in accs.values()]
             rows.append([f"{lr:g}", recipe, *cells, expkit.paired_difference(pairs)])
+    lr, recipe, periods = SWEEP
+    best = max(((a, b) for a in LRS for b in RECIPES if all(("conventional", a, b, s) in runs for s in SEEDS)),
+               key=lambda c: np.mean([runs[("conventional", *c, s)]["test_acc"] for s in SEEDS]), default=None)
+    sweep_rows = []
+    for period in sorted({PERIOD, *periods}):
+        pairs = [(everything[("deeptwist", lr, recipe, s, period)], everything[("conventional", lr, recipe, s, PERIOD)])
+                 for s in SEEDS if ("deeptwist", lr, recipe, s, period) in everything
+                 and ("conventional", lr, recipe, s, PERIOD) in everything]
+        if pairs:
+            accs = [100 * a["test_acc"] for a, _ in pairs]
+            # ||W - P(W)|| / ||W|| at each distortion, mean over layers, then over the run's second half
+            changes = [np.mean(a["distortion_changes"][len(a["distortion_changes"]) // 2:]) for a, _ in pairs
+                       if a.get("distortion_changes")]
+            vs_best = [(a, runs[("conventional", *best, a["seed"])]) for a, _ in pairs] if best else []
+            sweep_rows.append([period, len(pairs), f"{np.mean(accs):.2f} ({' / '.join(f'{v:.2f}' for v in accs)})",
+                               expkit.paired_difference(pairs), expkit.paired_difference(vs_best),
+                               f"{100 * np.mean(changes):.1f}%" if changes else "-"])
     any_run = next(iter(runs.values()), {})
     text = "\n\n".join([
         "# DeepTwist vs. conventional fine-tuning of the digits transformer, with the transformer recipe",
@@ -92,11 +120,18 @@ def report(store: expkit.RunStore, out: Path, baseline: float) -> str:
         f"half of it alone. Accuracy: mean over seeds "
         f"(seeds {', '.join(map(str, SEEDS))}). DT - conv: paired bootstrap over the held-out images, seeds pooled.",
         expkit.markdown_table(["peak lr", "recipe", "DeepTwist %", "conventional %", "DT - conv, 95% CI"], rows),
+        f"## DeepTwist's S_D at lr {lr:g}, recipe `{recipe}`\n\nAgainst conventional fine-tuning with the same lr "
+        "and recipe, and against conventional fine-tuning at its best setting"
+        + (f" (lr {best[0]:g}, `{best[1]}`)" if best else "") + ", seeds paired.\n\n"
+        + expkit.markdown_table(["S_D", "seeds", "DeepTwist %", "DT - conv (same lr and recipe), 95% CI",
+                                 "DT - conv at its best, 95% CI",
+                                 "kernel change at a distortion (second half of training)"], sweep_rows),
         f"Command: `{any_run.get('command', 'python tools/transformer_recipe.py')}`; machine: "
         f"{any_run.get('machine', {}).get('cpu', '?')}.",
     ]) + "\n"
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"baseline": baseline, "rows": rows}, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps({"baseline": baseline, "rows": rows, "sweep": sweep_rows},
+                                                 indent=1) + "\n")
     return text
 
 
@@ -113,17 +148,12 @@ def main(argv=None) -> int:
     mf = load_model_file(MODEL_FILE)
     original = mf.model().eval()
     baseline = float(expkit.correctness(original, mf.data("eval_data")()).mean())
-    if not args.report_only:
-        for lr in LRS:
-            for recipe in RECIPES:
-                for seed in SEEDS:
-                    for arm in ARMS:
-                        rid = run_id(arm, lr, recipe, seed)
-                        if store.done(rid):
-                            continue
-                        result = run(mf, original, arm, lr, recipe, seed)
-                        store.save(rid, result)
-                        log.info("%s: %.2f%% in %.1f min", rid, 100 * result["test_acc"], result["minutes"])
+    for cell in ([] if args.report_only else grid()):
+        rid = run_id(*cell)
+        if not store.done(rid):
+            result = run(mf, original, *cell)
+            store.save(rid, result)
+            log.info("%s: %.2f%% in %.1f min", rid, 100 * result["test_acc"], result["minutes"])
     print(report(store, out, baseline))
     return 0
 

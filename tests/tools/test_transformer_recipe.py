@@ -22,9 +22,11 @@ def test_smoke_runs_every_cell_once_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "EPOCHS", 1)
     monkeypatch.setattr(tool, "LRS", (0.003,))
     monkeypatch.setattr(tool, "SEEDS", (0,))
+    monkeypatch.setattr(tool, "SWEEP", (0.003, "warmup", (5,)))
     assert tool.main(["--out", str(tmp_path)]) == 0
     runs = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
-    assert runs == sorted(f"{a}-lr0.003-{r}-s0.json" for a in tool.ARMS for r in tool.RECIPES)
+    assert runs == sorted([f"{a}-lr0.003-{r}-s0.json" for a in tool.ARMS for r in tool.RECIPES]
+                          + ["deeptwist-lr0.003-warmup-sd5-s0.json"])
     run = json.loads((tmp_path / "runs" / runs[0]).read_text())
     assert run["steps"] == 45 and run["test_n"] == 360 and 0 < run["test_acc"] <= 1
     before = (tmp_path / "runs" / runs[0]).stat().st_mtime_ns
@@ -32,3 +34,4 @@ def test_smoke_runs_every_cell_once_and_reports(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / runs[0]).stat().st_mtime_ns == before
     table = (tmp_path / "results.md").read_text()
     assert "| 0.003 | plain |" in table and "| 0.003 | warmup-clip |" in table
+    assert "| 5 | 1 |" in table and "| 25 | 1 |" in table  # the S_D sweep, with the main grid's S_D
