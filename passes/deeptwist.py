@@ -1,7 +1,8 @@
 """deeptwist: route each selected conv's weight through a DeepTwist projection.
 
     conv(x, W)  ->  conv(x, project(W))      project: every `period` training steps (every `late_period`
-                                               after step `late_after`),
+                                               after step `late_after`; or adapted so that each
+                                               projection removes about `target_change`),
                                                W <- reconstruct(decompose(W, ranks)) in place
 
 `decomp` is tucker (Tucker-2 over the channel modes), svd (SVD of the lowered T x S*kh*kw matrix,
@@ -39,6 +40,8 @@ class DeepTwist(LowRankOptions):
                    "period": "S_D: training steps between projections",
                    "late_period": "S_D after step late_after (a lower S_D late in training)",
                    "late_after": "the training step after which late_period applies",
+                   "target_change": "adapt S_D per layer (starting at period) so that a projection removes about "
+                   "this fraction of the kernel's norm, e.g. 0.01",
                    "order": "svd, tiled-svd: column order of the lowered matrix, channel-major or tap-major",
                    "tile": "tiled-svd: tile shape HxW", "grid": "tiled-svd: tile grid RxC"}
 
@@ -48,6 +51,7 @@ class DeepTwist(LowRankOptions):
     period: int = 200
     late_period: int | None = None
     late_after: int | None = None
+    target_change: float | None = None
     order: str = "channel-major"
     tile: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None
@@ -64,6 +68,10 @@ class DeepTwist(LowRankOptions):
         if self.late_period is not None and (self.late_period < 1 or self.late_after < 0):
             raise SpecError(f"deeptwist: late_period must be >= 1 and late_after >= 0, got {self.late_period} and "
                             f"{self.late_after}")
+        if self.target_change is not None and not 0 < self.target_change < 1:
+            raise SpecError(f"deeptwist: target_change must be in (0, 1), e.g. 0.01, got {self.target_change}")
+        if self.target_change is not None and self.late_period is not None:
+            raise SpecError("deeptwist: target_change adapts S_D itself; leave out late_period and late_after")
         check_pair(self.tile, "tile")
         check_pair(self.grid, "grid")
         tiled = [name for name, d in DECOMPOSITIONS.items() if d.tiled]
@@ -94,7 +102,7 @@ class DeepTwist(LowRankOptions):
                 continue
             record_plan(state, site, entry)
             projection = LowRankProjection(site.name, site.weight_name, state.plan, self.period, self.late_period,
-                                           self.late_after)
+                                           self.late_after, self.target_change)
             insert_module(gm, f"{site.weight_name}_projection", projection)
             projected = None
             for use in group:

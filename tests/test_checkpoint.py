@@ -24,9 +24,9 @@ def _model():
                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
-def _deeptwist_model():
+def _deeptwist_model(spec="deeptwist{ratio=2,period=3}"):
     gm = trace(_model(), (torch.randn(1, 3, 8, 8),))
-    return Pipeline.parse("deeptwist{ratio=2,period=3}").run(gm)
+    return Pipeline.parse(spec).run(gm)
 
 
 class Data:
@@ -55,8 +55,8 @@ class Data:
         return 5
 
 
-def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd", crash_at=None, every=0):
-    gm = _deeptwist_model()
+def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd", crash_at=None, every=0, spec=None):
+    gm = _deeptwist_model(*([spec] if spec else []))
     cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume, every) if folder else None
     data = Data(stop_at, crash_at)
     lr = 0.05 if optimizer == "sgd" else 0.005
@@ -81,6 +81,19 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_at, optimizer):
     assert (result.steps, result.distortions) == (ref_result.steps, ref_result.distortions) == (15, 5)
     assert np.allclose(result.losses, ref_result.losses, atol=1e-6)
     assert result.distortion_changes == pytest.approx(ref_result.distortion_changes, abs=1e-6)
+
+
+def test_an_adaptive_period_resumes_exactly(tmp_path):
+    torch.set_num_threads(1)
+    spec = "deeptwist{ratio=2,period=2,target_change=0.05}"
+    reference, ref_result = _run(None, spec=spec)
+    with pytest.raises(Stopped):
+        _run(tmp_path, stop_at=8, spec=spec)
+    resumed, result = _run(tmp_path, resume=True, spec=spec)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    assert result.distortions == ref_result.distortions > 0
+    assert [int(p.current_period) for p in projections(resumed)] == [int(p.current_period) for p in projections(reference)]
 
 
 def test_periodic_checkpoints_survive_a_crash_without_a_signal(tmp_path, monkeypatch):

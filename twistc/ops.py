@@ -21,26 +21,37 @@ class LowRankProjection(nn.Module):
     `state.plan`) says the decomposition and ranks: the plan is their one home. Each
     training-mode forward with grad enabled is one step; at every multiple of `period` the weight is
     replaced in place by its low-rank reconstruction, and after step `late_after` (when given) every
-    `late_period` steps counted from there. Otherwise (eval mode, no_grad, export) it is the identity. `step`, `distortions`, `final_projections` and `change` (the relative Frobenius
-    norm of what the last projection removed from the kernel) are buffers, so they checkpoint.
+    `late_period` steps counted from there. With `target_change`, the period adapts instead: after
+    each projection the next one comes P * target / change steps later (P the period just used,
+    the factor kept within [1/2, 2]), so that a projection removes about `target_change` of the
+    kernel's norm. Otherwise (eval mode, no_grad, export) it is the identity. `step`, `distortions`,
+    `final_projections`, `change` (the relative Frobenius norm of what the last projection removed
+    from the kernel) and, when adaptive, `current_period` and `next_at` are buffers, so they
+    checkpoint. `distorted` says whether the last training forward projected.
     """
 
     def __init__(self, layer: str, weight_name: str, plans: Plan, period: int, late_period: int | None = None,
-                 late_after: int | None = None):
+                 late_after: int | None = None, target_change: float | None = None):
         super().__init__()
         if period < 1 or (late_period is not None and late_period < 1):
             raise ValueError(f"periods must be >= 1, got {period} and {late_period}")
         if (late_period is None) != (late_after is None):
             raise ValueError("late_period and late_after go together")
+        if target_change is not None and (late_period is not None or not 0 < target_change < 1):
+            raise ValueError(f"target_change must be in (0, 1) and without late_period, got {target_change}")
         if plans.get(layer) is None:
             raise ValueError(f"the plan has no entry for layer {layer}")
         self.layer, self.weight_name, self.plans, self.period = layer, weight_name, plans, int(period)
-        self.late_period, self.late_after = late_period, late_after
+        self.late_period, self.late_after, self.target_change = late_period, late_after, target_change
         self.fitted = None  # the factors of the last projection
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("distortions", torch.zeros((), dtype=torch.int64))
         self.register_buffer("final_projections", torch.zeros((), dtype=torch.int64))
         self.register_buffer("change", torch.zeros(()))
+        self.distorted = False
+        if target_change:
+            self.register_buffer("current_period", torch.tensor(int(period)))
+            self.register_buffer("next_at", torch.tensor(int(period)))  # the step of the next projection
 
     @property
     def plan(self) -> LayerPlan:
@@ -57,16 +68,30 @@ class LowRankProjection(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
             self.step += 1
-            if self.distorts_at(int(self.step)):
+            self.distorted = self.distorts_at(int(self.step))
+            if self.distorted:
                 self.change.copy_(self.project_(weight))
                 self.distortions += 1
+                if self.target_change:
+                    self._adapt()
         return weight
 
     def distorts_at(self, step: int) -> bool:
         """Whether the forward of training step `step` (from 1) projects the weight."""
+        if self.target_change:
+            return step == int(self.next_at)
         if self.late_after is not None and step > self.late_after:
             return (step - self.late_after) % self.late_period == 0
         return step % self.period == 0
+
+    def _adapt(self) -> None:
+        """The next period from the change of the projection just made (rank 0's, under DDP)."""
+        change = self.change.clone()
+        broadcast_(change)
+        period = int(self.current_period)
+        wanted = round(period * self.target_change / max(float(change), 1e-12))
+        self.current_period.fill_(max(1, min(2 * period, max(-(-period // 2), wanted))))
+        self.next_at.copy_(self.step + self.current_period)
 
     @torch.no_grad()
     @torch.autocast("cpu", enabled=False)
@@ -105,6 +130,7 @@ class LowRankProjection(nn.Module):
         layout = f", order={p.order}" if p.order else ""
         layout += f", tile={p.tile}" if p.tile else (f", grid={p.grid}" if p.grid else "")
         late = f", late_period={self.late_period} after step {self.late_after}" if self.late_period else ""
+        late += f", target_change={self.target_change}, now {int(self.current_period)}" if self.target_change else ""
         return f"layer={self.layer}, decomp={p.decomp}, ranks={p.ranks}{layout}, period={self.period}{late}"
 
 

@@ -249,7 +249,7 @@ def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
     loss = loss_fn(net(x), y)
     distorted = distortions(module) > before
     if distorted:
-        changes = [float(p.change) for p in projections(module) if p.distorts_at(int(p.step))]
+        changes = [float(p.change) for p in projections(module) if p.distorted]
         result.distortion_changes.append(sum(changes) / len(changes))
         if reset_momentum:
             _clear_momentum(module, optimizer)

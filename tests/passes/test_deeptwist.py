@@ -165,6 +165,30 @@ def test_a_lower_period_late_in_training_distorts_on_its_own_schedule():
             Pipeline.parse(bad)
 
 
+def test_an_adaptive_period_follows_the_change_each_projection_makes():
+    torch.manual_seed(0)
+    gm = _projected("deeptwist{ranks=3x2,period=2,target_change=0.01,layers=conv2}")
+    projection = gm.conv2.weight_projection
+    weight, changed_at, periods = gm.get_parameter("conv2.weight"), [], []
+    gm.train()
+    for step in range(1, 20):  # no optimizer: after the first projection the kernel is already low-rank
+        previous = weight.detach().clone()
+        gm(X)
+        if projection.distorted:
+            changed_at.append(step)
+            periods.append(int(projection.current_period))
+        assert projection.distorted == (step in changed_at) and (step not in changed_at or step == 2
+                                                                  or torch.allclose(weight, previous, atol=1e-5))
+    # the first projection removes far more than 1%: the period halves (2 -> 1); afterwards each removes
+    # almost nothing, so it doubles, at most 2x at a time
+    assert changed_at == [2, 3, 5, 9, 17] and periods == [1, 2, 4, 8, 16]
+    assert {"current_period", "next_at"} <= {n.split(".")[-1] for n, _ in gm.named_buffers()}
+    for bad, message in (("deeptwist{target_change=1.5}", "target_change must be in"),
+                         ("deeptwist{target_change=0.01,late_period=3,late_after=5}", "leave out late_period")):
+        with pytest.raises(twistc.TwistcError, match=message):
+            Pipeline.parse(bad)
+
+
 def test_options_are_validated_and_second_run_changes_nothing():
     for bad in ("deeptwist{period=0}", "deeptwist{decomp=block-term}", "deeptwist{ratio=1}", "deeptwist{ranks=0x2}",
                 "deeptwist{ratio=2,ranks=3x3}"):
