@@ -138,7 +138,8 @@ def report(store: expkit.RunStore, out: Path, baseline: float) -> str:
                 name = f"S_D = {schedule[2:]}" if schedule.startswith("sd") else f"target_change={schedule[2:]}"
                 distorted = f"{np.mean([r.get('distortions', np.nan) for r in d]):.0f}"
                 adaptive_rows.append([f"{lr:g}", name, _mean([r["test_acc"] for r in d]), versus(d, lr, recipe),
-                                      versus(d, *best) if best else "-", distorted, _late_change(d)])
+                                      versus(d, *best) if best else "-", distorted, _late_change(d),
+                                      f"{60 * np.mean([r['minutes'] for r in d]):.1f}"])
     any_run = next(iter(runs.values()), {})
     best_text = f" (lr {best[0]:g}, `{best[1]}`)" if best else ""
     text = "\n\n".join([
@@ -159,7 +160,8 @@ def report(store: expkit.RunStore, out: Path, baseline: float) -> str:
         f"Against conventional fine-tuning with the same lr and recipe, and at its best setting{best_text}, seeds "
         "paired. Distortions: steps at which at least one layer was projected (each layer keeps its own S_D).\n\n"
         + expkit.markdown_table(["peak lr", "schedule", "DeepTwist %", "DT - conv (same lr and recipe), 95% CI",
-                                 "DT - conv at its best, 95% CI", "distortions", "kernel change at a distortion"],
+                                 "DT - conv at its best, 95% CI", "distortions", "kernel change at a distortion",
+                                 "seconds per run (whole pipeline)"],
                                 adaptive_rows),
         f"Command: `{any_run.get('command', 'python tools/transformer_recipe.py')}`; machine: "
         f"{any_run.get('machine', {}).get('cpu', '?')}.",
