@@ -18,9 +18,11 @@ is on all 10,000 test images. Each (arm, ratio, S_D, seed) is a resumable run wr
     python tools/deeptwist_vs_tucker.py --smoke --out /tmp/smoke   # both arms, tiny, < 1 minute
 
 Investigation options give runs their own ids: --recalibrate-bn N, --reset-momentum, --lr, and for
-DeepTwist runs only --late P@N (S_D = P after optimizer step N, a lower S_D late in training) and
---rectify-bn N (BatchNorm statistics re-estimated on N batches after every distortion), e.g.
-    python tools/deeptwist_vs_tucker.py --epochs 30 --threads 1 --late 50@8800 --only deeptwist-r6.7-sd200-e30-late50at8800-s0
+DeepTwist runs only --late P@N (S_D = P after optimizer step N, a lower S_D late in training),
+--rectify-bn N (BatchNorm statistics re-estimated on N batches after every distortion) and
+--target-change X (S_D adapted per layer so that a projection removes about X of the kernel), e.g.
+    python tools/deeptwist_vs_tucker.py --epochs 30 --threads 2 --late 50@8800 \
+        --only deeptwist-r6.7-sd200-e30-late50at8800-s0
 """
 from __future__ import annotations
 
@@ -60,11 +62,12 @@ def run_id(arm, ratio, period, seed, variant: str = "") -> str:
 
 
 def variant(lr: float, bn: int = 0, reset_momentum: bool = False, epochs: int = DEFAULT_EPOCHS,
-            late: tuple[int, int] | None = None, rectify: int = 0) -> str:
+            late: tuple[int, int] | None = None, rectify: int = 0, target: float | None = None) -> str:
     """The run-id suffix of the investigation options ("" for the grid's own runs)."""
     return ((f"-e{epochs}" if epochs != DEFAULT_EPOCHS else "") + (f"-lr{lr:g}" if lr != DEFAULT_LR else "")
             + (f"-bn{bn}" if bn else "") + ("-mr" if reset_momentum else "")
-            + (f"-late{late[0]}at{late[1]}" if late else "") + (f"-rb{rectify}" if rectify else ""))
+            + (f"-late{late[0]}at{late[1]}" if late else "") + (f"-rb{rectify}" if rectify else "")
+            + (f"-tc{target:g}" if target else ""))
 
 
 def _late(r: dict) -> tuple[int, int] | None:
@@ -73,35 +76,37 @@ def _late(r: dict) -> tuple[int, int] | None:
 
 def variant_of(r: dict) -> str:
     return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), r["epochs"], _late(r),
-                   r.get("rectify_bn", 0))
+                   r.get("rectify_bn", 0), r.get("target_change"))
 
 
 def id_of(r: dict) -> str:
     return run_id(r["arm"], r["ratio_requested"], r["period"], r["seed"], variant_of(r))
 
 
-def pipelines(arm: str, ratio: float, period: int, train: str, late: tuple[int, int] | None = None) -> list[str]:
+def pipelines(arm: str, ratio: float, period: int, train: str, late: tuple[int, int] | None = None,
+              target: float | None = None) -> list[str]:
     if arm == "finetune":
         return [train]
     if arm == "conventional":
         return [f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup", train]
-    schedule = f",late_period={late[0]},late_after={late[1]}" if late else ""
+    schedule = (f",late_period={late[0]},late_after={late[1]}" if late else "") + (
+        f",target_change={target:g}" if target else "")
     return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}{schedule}}},{train},lower-conv-tucker,cleanup"]
 
 
 def run(budget: expkit.Budget, arm: str, ratio: float, period: int, seed: int, bn: int = 0,
         reset_momentum: bool = False, rid: str | None = None, late: tuple[int, int] | None = None,
-        rectify: int = 0) -> dict:
+        rectify: int = 0, target: float | None = None) -> dict:
     train = (budget.train_spec(seed)[:-1] + (f",recalibrate_bn={bn}" if bn else "")
              + (",reset_momentum=true" if reset_momentum else "") + (f",rectify_bn={rectify}" if rectify else "")
              + "}")
-    result = expkit.finetune_run(budget, pipelines(arm, ratio, period, train, late), seed,
+    result = expkit.finetune_run(budget, pipelines(arm, ratio, period, train, late, target), seed,
                                  eval_after_first=arm == "conventional", run_id=rid)
     if "test_acc_after_first_pipeline" in result:
         result["test_acc_decomposed"] = result.pop("test_acc_after_first_pipeline")
     return {"arm": arm, "ratio_requested": ratio, "period": period if arm == "deeptwist" else None,
             "recalibrate_bn": bn, "reset_momentum": reset_momentum, "late": list(late) if late else None,
-            "rectify_bn": rectify, **result}
+            "rectify_bn": rectify, "target_change": target, **result}
 
 
 def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
@@ -115,7 +120,7 @@ def conventional_pair(r: dict, runs: list[dict]) -> list[tuple[dict, dict]]:
 def options_of(r: dict) -> str:
     """The run's investigation options other than its budget."""
     return variant(r["lr"], r.get("recalibrate_bn", 0), r.get("reset_momentum", False), late=_late(r),
-                   rectify=r.get("rectify_bn", 0))
+                   rectify=r.get("rectify_bn", 0), target=r.get("target_change"))
 
 
 def budget_series(runs: list[dict], epochs: int) -> dict:
@@ -276,14 +281,17 @@ def main(argv=None) -> int:
     p.add_argument("--rectify-bn", type=int, default=0,
                    help="DeepTwist runs: re-estimate BatchNorm statistics on N batches after every distortion "
                    "(runs get -rbN)")
+    p.add_argument("--target-change", type=float, default=None, metavar="X",
+                   help="DeepTwist runs: S_D adapted per layer, from the grid's S_D, so that a projection removes "
+                   "about X of a kernel's norm (runs get -tcX)")
     args = p.parse_args(argv)
     cfg = expkit.budget_of(args)
     store = expkit.RunStore(Path(args.out))
     grid = [("deeptwist", 4.3, 1, 0), ("conventional", 4.3, 1, 0)] if args.smoke else GRID
-    if args.late or args.rectify_bn:
+    if args.late or args.rectify_bn or args.target_change:
         grid = [g for g in grid if g[0] == "deeptwist"]
     rid_of = lambda spec: run_id(*spec, variant(args.lr, args.recalibrate_bn, args.reset_momentum, cfg.epochs,
-                                                args.late, args.rectify_bn))
+                                                args.late, args.rectify_bn, args.target_change))
     if args.only:
         wanted = set(args.only.split(","))
         grid = [g for g in grid if rid_of(g) in wanted]
@@ -296,7 +304,8 @@ def main(argv=None) -> int:
         if args.max_runs is not None and new >= args.max_runs:
             break
         log.info("%s: running", rid)
-        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum, rid, args.late, args.rectify_bn)
+        result = run(cfg, *spec, args.recalibrate_bn, args.reset_momentum, rid, args.late, args.rectify_bn,
+                     args.target_change)
         store.save(rid, result, cfg.checkpoints)
         new += 1
         log.info("%s: test acc %.2f%% (layers %.2fx, model %.2fx) in %.1f min", rid, 100 * result["test_acc"],

@@ -59,6 +59,9 @@ def test_investigation_options_get_their_own_run_ids():
     assert exp.run_id("deeptwist", 6.7, 200, 0, exp.variant(0.01, rectify=20)) == "deeptwist-r6.7-sd200-rb20-s0"
     assert exp.pipelines("deeptwist", 6.7, 200, "train", (50, 9000))[0].startswith(
         "deeptwist{layers=layer*,ratio=6.7,period=200,late_period=50,late_after=9000},train")
+    assert exp.run_id("deeptwist", 6.7, 50, 0, exp.variant(0.01, target=0.005)) == "deeptwist-r6.7-sd50-tc0.005-s0"
+    assert exp.pipelines("deeptwist", 6.7, 50, "train", target=0.005)[0].startswith(
+        "deeptwist{layers=layer*,ratio=6.7,period=50,target_change=0.005},train")
 
 
 def test_paired_bootstrap_interval_covers_the_difference():
