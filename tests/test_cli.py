@@ -51,6 +51,16 @@ def _fails(capsys, argv, message):
     return lines[-1]
 
 
+def test_adaptive_period_is_reported(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(REPO / "examples" / "digits.py"), "--pass",
+                 "deeptwist{ratio=3,period=10,target_change=0.01},train{epochs=1},lower-conv-tucker,cleanup",
+                 "--set", "pretrain_epochs=4", "-o", str(out), "--quiet"]) == 0
+    periods = json.loads((out / "report.json").read_text())["training"]["adaptive_periods"]
+    assert len(periods) == 4 and all(p >= 1 for p in periods)
+    assert f"adaptive S_D at the end of training: {min(periods)} to {max(periods)} steps" in capsys.readouterr().out
+
+
 def test_compile_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["compile", str(REPO / "examples" / "digits.py"), "--pass", "deeptwist-tucker", "--ratio", "3",

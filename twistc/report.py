@@ -142,6 +142,10 @@ def summary_lines(report: dict) -> list[str]:
         if t.get("distortion_changes"):
             c = t["distortion_changes"]
             lines.append(f"the first distortion removed {c[0]:.1%} of a kernel's norm on average, the last {c[-1]:.1%}")
+        if t.get("adaptive_periods"):
+            p = sorted(t["adaptive_periods"])
+            lines.append(f"adaptive S_D at the end of training: {p[0]} to {p[-1]} steps (median {p[len(p) // 2]}) "
+                         f"over {len(p)} layers")
         if t.get("accuracy_before_final_projection") is not None:
             lines.append(f"accuracy just before the final projection: {t['accuracy_before_final_projection']:.2%}")
     changes = {l["name"]: l["final_projection_change"] for l in report["layers"]

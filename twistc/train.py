@@ -68,11 +68,12 @@ class TrainResult:
     # per distortion step: ||W - P(W)|| / ||W|| averaged over the layers it projected
     distortion_changes: list[float] = field(default_factory=list)
     accuracy_before_final_projection: float | None = None  # on eval data, when there is any
+    adaptive_periods: list[int] = field(default_factory=list)  # S_D at the end, per layer with target_change
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses",
-                 "distortion_changes", "accuracy_before_final_projection")}
+                 "distortion_changes", "accuracy_before_final_projection", "adaptive_periods")}
 
 
 def _first_nonfinite_parameter(module: nn.Module) -> str | None:
@@ -205,6 +206,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
     result.steps = at["step"]
     result.distortions = at["distortion_steps"]
+    result.adaptive_periods = [int(p.current_period) for p in projections(module) if p.target_change]
     result.final_loss = result.losses[-1] if result.losses else float("nan")
     module.to("cpu", memory_format=torch.contiguous_format if channels_last else torch.preserve_format)
     if finalize:
@@ -460,4 +462,5 @@ def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
     return TrainResult(a.epochs + b.epochs, a.steps + b.steps, a.distortions + b.distortions,
                        a.final_projections + b.final_projections, b.final_loss, a.seconds + b.seconds,
                        b.lr, a.losses + b.losses, a.distortion_changes + b.distortion_changes,
-                       b.accuracy_before_final_projection or a.accuracy_before_final_projection)
+                       b.accuracy_before_final_projection or a.accuracy_before_final_projection,
+                       b.adaptive_periods or a.adaptive_periods)
