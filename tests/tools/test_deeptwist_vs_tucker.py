@@ -25,7 +25,7 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     real_run = exp.run
     monkeypatch.setattr(exp, "run", lambda cfg, *spec: calls.append(spec) or real_run(cfg, *spec))
     assert exp.main(["--smoke", "--out", str(out)]) == 0
-    assert calls == [("conventional", 4.3, 1, 0, 0, False, "conventional-r4.3-e1-s0", None, 0)]  # the finished run was not recomputed
+    assert calls == [("conventional", 4.3, 1, 0, 0, False, "conventional-r4.3-e1-s0", None, 0, None)]  # the finished run was not recomputed
     assert (out / "runs" / "deeptwist-r4.3-sd1-e1-s0.json").read_text() == first
 
     runs = {r["arm"]: r for r in expkit.RunStore(out).load_all()}
