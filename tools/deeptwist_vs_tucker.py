@@ -149,12 +149,6 @@ def main_table(series: dict) -> list[list]:
     return table
 
 
-def late_change(r: dict) -> str:
-    """||W - P(W)|| / ||W|| at a distortion (mean over layers), averaged over the run's second half."""
-    changes = r.get("distortion_changes")
-    return f"{100 * np.mean(changes[len(changes) // 2:]):.2f}%" if changes else "-"
-
-
 def report(store: expkit.RunStore, cfg) -> None:
     runs = store.load_all()
     if not runs:
@@ -179,7 +173,9 @@ def report(store: expkit.RunStore, cfg) -> None:
                  f"{100 * r['test_acc_decomposed']:.2f}" if "test_acc_decomposed" in r else "-",
                  f"{100 * r['test_acc_before_final_projection']:.2f}" if r.get("test_acc_before_final_projection")
                  else "-",
-                 r["steps"], r["distortions"], late_change(r), f"{r['seconds'] / 60:.1f}"
+                 r["steps"], r["distortions"],
+                 "-" if expkit.late_change(r) is None else f"{100 * expkit.late_change(r):.2f}%",
+                 f"{r['seconds'] / 60:.1f}"
                  + (f" ({r['train_seconds'] / 3600:.1f} h)" if r.get("train_seconds", 0) > 1.5 * r["seconds"]
                     else ""), r["machine"]["cpu"]] for r in runs]
     change_rows = []

@@ -95,6 +95,13 @@ def paired_difference(pairs: list[tuple[dict, dict]]) -> str:
     return f"{100 * m:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
 
 
+def late_change(run: dict) -> float | None:
+    """What a DeepTwist distortion removed from a kernel (||W - P(W)|| / ||W||, mean over the layers it
+    projected), averaged over the run's second half; None when the run recorded none."""
+    changes = run.get("distortion_changes")
+    return float(np.mean(changes[len(changes) // 2:])) if changes else None
+
+
 @torch.no_grad()
 def correctness(module: torch.nn.Module, batches) -> np.ndarray:
     module.eval()

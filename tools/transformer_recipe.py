@@ -100,10 +100,9 @@ def _mean(accs: list[float]) -> str:
 
 
 def _late_change(runs: list[dict]) -> str:
-    """||W - P(W)|| / ||W|| at a distortion, mean over layers, then over each run's second half, then runs."""
-    if not all(r.get("distortion_changes") for r in runs):
-        return "-"
-    return f"{100 * np.mean([np.mean(c[len(c) // 2:]) for c in (r['distortion_changes'] for r in runs)]):.1f}%"
+    """expkit.late_change, averaged over the runs."""
+    changes = [expkit.late_change(r) for r in runs]
+    return "-" if None in changes else f"{100 * np.mean(changes):.1f}%"
 
 
 def report(store: expkit.RunStore, out: Path, baseline: float) -> str:

@@ -48,11 +48,6 @@ def final_projection(module: nn.Module) -> int:
     return count
 
 
-def distortions(module: nn.Module) -> int:
-    """Projections done so far, summed over layers."""
-    return sum(int(p.distortions) for p in projections(module))
-
-
 @dataclass
 class TrainResult:
     """`distortions` counts training steps at which at least one layer was projected."""
@@ -183,14 +178,12 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                                                   if at["distortion_steps"] else {}))
                 if distributed.any_rank(bool(stop)):  # every rank stops after the same step
                     bar.close()
-                    result.seconds = time.perf_counter() - start
-                    _save(checkpointing, module, optimizer, result, at, epoch_rng)
+                    _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
                     raise Stopped(stop[0] if stop else signal.SIGTERM,
                                   f"checkpoint saved in {checkpointing.directory}; continue with --resume")
                 if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
                         and at["batch"] != per_epoch:  # the epoch's end saves anyway
-                    result.seconds = time.perf_counter() - start
-                    _save(checkpointing, module, optimizer, result, at, epoch_rng)
+                    _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
             bar.close()
             if at["batch"] == 0:
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
@@ -199,8 +192,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
-                result.seconds = time.perf_counter() - start
-                _save(checkpointing, module, optimizer, result, at, epoch_rng)
+                _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
     where = _first_nonfinite_parameter(module)
     if where:
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
@@ -247,11 +239,10 @@ def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
           reset_momentum: bool, clip_grad: float = 0.0) -> tuple[float, bool]:
     """One optimizer step through `net` (the module, or its DDP wrapper); returns the loss and whether a
     DeepTwist distortion happened in it."""
-    before = distortions(module)
     loss = loss_fn(net(x), y)
-    distorted = distortions(module) > before
+    changes = [float(p.change) for p in projections(module) if p.distorted]
+    distorted = bool(changes)
     if distorted:
-        changes = [float(p.change) for p in projections(module) if p.distorted]
         result.distortion_changes.append(sum(changes) / len(changes))
         if reset_momentum:
             _clear_momentum(module, optimizer)
@@ -268,7 +259,10 @@ def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
     return loss.item(), distorted
 
 
-def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, epoch_rng: dict) -> None:
+def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, epoch_rng: dict,
+          started: float) -> None:
+    """Checkpoint the run as it stands (training time so far counted from `started`); rank 0 only."""
+    result.seconds = time.perf_counter() - started
     if not distributed.is_main():
         return
     checkpoint.save(cp.directory, {
