@@ -55,13 +55,14 @@ class Data:
         return 5
 
 
-def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd", crash_at=None, every=0, spec=None):
+def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd", crash_at=None, every=0, spec=None,
+         accumulate=1):
     gm = _deeptwist_model(*([spec] if spec else []))
     cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume, every) if folder else None
     data = Data(stop_at, crash_at)
     lr = 0.05 if optimizer == "sgd" else 0.005
     result = train(gm, lambda: data(), epochs, lr=lr, seed=3, progress=False, finalize=False, checkpointing=cp,
-                   optimizer=optimizer)
+                   optimizer=optimizer, accumulate=accumulate)
     return gm, result
 
 
@@ -81,6 +82,23 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_at, optimizer):
     assert (result.steps, result.distortions) == (ref_result.steps, ref_result.distortions) == (15, 5)
     assert np.allclose(result.losses, ref_result.losses, atol=1e-6)
     assert result.distortion_changes == pytest.approx(ref_result.distortion_changes, abs=1e-6)
+
+
+def test_a_stop_waits_for_the_accumulated_step_to_end_and_resumes_exactly(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    reference, ref_result = _run(None, accumulate=2)  # 5 batches an epoch: steps of 2, 2 and 1 batches
+    saved = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda d, payload: saved.append(dict(payload["position"]))
+                        or real_save(d, payload))
+    with pytest.raises(Stopped):  # the signal comes with batch 8, the first of epoch 2's second step
+        _run(tmp_path, stop_at=8, accumulate=2)
+    assert {k: saved[-1][k] for k in ("epoch", "batch", "step")} == {"epoch": 1, "batch": 4, "step": 5}
+    resumed, result = _run(tmp_path, resume=True, accumulate=2)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    assert [int(p.step) for p in projections(resumed)] == [9, 9]
+    assert (result.steps, result.distortions) == (ref_result.steps, ref_result.distortions) == (9, 3)
 
 
 def test_an_adaptive_period_resumes_exactly(tmp_path):

@@ -28,36 +28,50 @@ def _batches():
     return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(6)]
 
 
-def _train(gm, data):
-    return train(gm, lambda: data, 2, lr=0.05, progress=False)
+def _train(gm, data, accumulate=1):
+    return train(gm, lambda: data, 2, lr=0.05, progress=False, accumulate=accumulate)
 
 
-def _worker(rank: int, world: int, init: str, out: str) -> None:
+def _own_shard(batches, rank):
+    """This rank's batches from a generator without a length, as a train_data(rank, world_size) may give."""
+    yield from batches[rank::2]
+
+
+def _worker(rank: int, world: int, init: str, out: str, accumulate: int, own_shard: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         gm = _model()
-        result = _train(gm, _batches())  # each rank takes every 2nd batch
+        if own_shard:  # the last step's end shows only when the generator runs out
+            result = train(gm, lambda: _own_shard(_batches(), rank), 2, lr=0.05, progress=False,
+                           accumulate=accumulate, shard=False)
+        else:
+            result = _train(gm, _batches(), accumulate)  # each rank takes every 2nd batch
         torch.save({"state": gm.state_dict(), "steps": result.steps}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path):
+# with accumulate=2 each rank's 3 batches make steps of 2 and 1: global steps over batches 0-3 and 4-5
+@pytest.mark.parametrize("accumulate, steps, own_shard", [(1, [(0, 1), (2, 3), (4, 5)], False),
+                                                         (2, [(0, 1, 2, 3), (4, 5)], False),
+                                                         (2, [(0, 1, 2, 3), (4, 5)], True)])
+def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path, accumulate, steps, own_shard):
     torch.set_num_threads(1)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), accumulate, own_shard), nprocs=2)
     ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
     batches = _batches()
-    global_batches = [(torch.cat([batches[i][0], batches[i + 1][0]]), torch.cat([batches[i][1], batches[i + 1][1]]))
-                      for i in range(0, 6, 2)]
+    global_batches = [(torch.cat([batches[i][0] for i in step]), torch.cat([batches[i][1] for i in step]))
+                      for step in steps]
     single = _model()
-    result = _train(single, global_batches)
-    assert ranks[0]["steps"] == ranks[1]["steps"] == result.steps == 6
+    result = train(single, lambda: (b for b in global_batches) if own_shard else global_batches, 2, lr=0.05,
+                   progress=False)  # without a length, as the ranks', when they shard themselves
+    assert ranks[0]["steps"] == ranks[1]["steps"] == result.steps == 2 * len(steps)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(ranks[0]["state"][name], value, atol=1e-5, rtol=0, msg=name)
         torch.testing.assert_close(ranks[1]["state"][name], ranks[0]["state"][name], atol=0, rtol=0, msg=name)
     assert [int(p.step) for p in projections(single)] == [int(ranks[0]["state"][k]) for k in ranks[0]["state"]
-                                                           if k.endswith("projection.step")] == [6, 6]
+                                                           if k.endswith("projection.step")] == [result.steps] * 2
 
 
 TINY = TINY_MODEL_PY + '''

@@ -113,3 +113,38 @@ def test_clip_grad_bounds_the_step():
     assert moved[0.5] == pytest.approx(0.1 * 0.5, rel=1e-4)  # one step of lr * clip, the cosine's first lr
     with pytest.raises(SpecError, match="clip_grad must be"):
         Pipeline.parse("train{clip_grad=-1}")
+
+
+def _model_without_batchnorm():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 8, 8),)))
+
+
+class Unsized:
+    """train_data() as a generator: no length, so the epoch's last step is found when it runs out."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        yield from self.batches
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_accumulated_steps_equal_steps_over_the_concatenated_batches(sized):
+    torch.set_num_threads(1)
+    small = [(x[:4], y[:4]) for x, y in _data()] + [(x[4:], y[4:]) for x, y in _data()[:1]]  # 5 batches of 4
+    groups = [small[0:2], small[2:4], small[4:5]]  # the last optimizer step has one batch
+    large = [(torch.cat([x for x, _ in g]), torch.cat([y for _, y in g])) for g in groups]
+    accumulated, plain = _model_without_batchnorm(), _model_without_batchnorm()
+    result = train(accumulated, lambda: small if sized else Unsized(small), 2, lr=0.05, progress=False,
+                   accumulate=2)
+    reference = train(plain, lambda: large if sized else Unsized(large), 2, lr=0.05, progress=False)
+    for (name, a), b in zip(plain.state_dict().items(), accumulated.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=name)
+    assert result.steps == reference.steps == 6 and result.distortions == reference.distortions == 3
+    assert [int(p.step) for p in projections(accumulated)] == [6, 6]
+    with pytest.raises(SpecError, match="accumulate must be >= 1"):
+        Pipeline.parse("train{accumulate=0}")

@@ -82,6 +82,17 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def average_gradients_(optimizer: torch.optim.Optimizer) -> None:
+    """Average the gradients of `optimizer`'s parameters over the ranks, in place (what DDP does in a
+    backward outside no_sync)."""
+    size = world()[1]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(size)
+
+
 def broadcast_(tensor: torch.Tensor) -> None:
     """Make `tensor` equal on every rank to rank 0's, in place."""
     if world()[1] > 1:

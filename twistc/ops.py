@@ -27,7 +27,9 @@ class LowRankProjection(nn.Module):
     kernel's norm. Otherwise (eval mode, no_grad, export) it is the identity. `step`, `distortions`,
     `final_projections`, `change` (the relative Frobenius norm of what the last projection removed
     from the kernel) and, when adaptive, `current_period` and `next_at` are buffers, so they
-    checkpoint. `distorted` says whether the last training forward projected.
+    checkpoint. `distorted` says whether the last training forward projected. With `counting` off (the
+    2nd to last micro-batch of a step that accumulates gradients) a training forward neither counts nor
+    projects.
     """
 
     def __init__(self, layer: str, weight_name: str, plans: Plan, period: int, late_period: int | None = None,
@@ -49,6 +51,7 @@ class LowRankProjection(nn.Module):
         self.register_buffer("final_projections", torch.zeros((), dtype=torch.int64))
         self.register_buffer("change", torch.zeros(()))
         self.distorted = False
+        self.counting = True
         if target_change:
             self.register_buffer("current_period", torch.tensor(int(period)))
             self.register_buffer("next_at", torch.tensor(int(period)))  # the step of the next projection
@@ -67,6 +70,9 @@ class LowRankProjection(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
+            if not self.counting:
+                self.distorted = False
+                return weight
             self.step += 1
             self.distorted = self.distorts_at(int(self.step))
             if self.distorted:

@@ -113,7 +113,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
           loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
           checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True,
           device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0,
-          warmup: int = 0, clip_grad: float = 0.0) -> TrainResult:
+          warmup: int = 0, clip_grad: float = 0.0, accumulate: int = 1) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -132,6 +132,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     leaves the random streams as they were, so a resumed run stays exact.
     `warmup`: the learning rate rises linearly over the first that many steps (times the cosine).
     `clip_grad`: when > 0, gradients are scaled so that their global L2 norm is at most this.
+    `accumulate`: each optimizer step averages the gradients of that many batches (fewer at an epoch's
+    end); DeepTwist's step counter, the schedule, checkpoints and stops go by optimizer steps.
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -153,37 +155,57 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     module.train()
     net = distributed.wrap(module)
     with _deferred_stop() if checkpointing else nullcontext([]) as stop:
+        step_distorted = False
+
+        def end_step(batches: int) -> None:
+            """The optimizer step over the last `batches` batches' gradients, then what follows a step."""
+            _optimizer_step(optimizer, batches, clip_grad)
+            if step_distorted and rectify_bn:
+                rng = rng_state()
+                recalibrate_batchnorm(module, train_data, rectify_bn, lambda t: layout(t.to(device)))
+                set_rng_state(rng)
+            if distributed.any_rank(bool(stop)):  # every rank stops after the same step
+                bar.close()
+                _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
+                raise Stopped(stop[0] if stop else signal.SIGTERM,
+                              f"checkpoint saved in {checkpointing.directory}; continue with --resume")
+            if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
+                    and at["batch"] != per_epoch:  # the epoch's end saves anyway
+                _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
+
         for epoch in range(at["epoch"], epochs):
             epoch_rng = rng_state()
             iterator, per_epoch = _epoch_batches(train_data, epoch, at["batch"], saved, shard)
+            steps_per_epoch = -(-per_epoch // accumulate) if per_epoch else None
             bar = tqdm(iterator, total=per_epoch, initial=at["batch"], desc=f"epoch {epoch + 1}/{epochs}",
                        disable=None if progress else True, leave=False, dynamic_ncols=True)
             for x, y in bar:
-                done = (epoch + (at["batch"] / per_epoch if per_epoch else 0)) / epochs
-                at["step"] += 1
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done)) * min(1.0, at["step"] / (warmup or 1))
-                with autocast():
-                    loss, distorted = _step(module, net, optimizer, loss_fn, layout(x.to(device)), y.to(device),
-                                            at["step"], result, reset_momentum, clip_grad)
+                micro = at["batch"] % accumulate
+                if micro == 0:
+                    done = (epoch + (at["batch"] // accumulate / steps_per_epoch if per_epoch else 0)) / epochs
+                    at["step"] += 1
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done)) * min(1.0, at["step"] / (warmup or 1))
+                    optimizer.zero_grad(set_to_none=True)
+                ends = micro == accumulate - 1 or at["batch"] + 1 == per_epoch
+                with autocast(), _counting(module, micro == 0), \
+                        (nullcontext() if ends or net is module else net.no_sync()):
+                    loss, distorted = _forward_backward(module, net, optimizer, loss_fn, layout(x.to(device)),
+                                                        y.to(device), at["step"], result, reset_momentum)
+                if micro == 0:
+                    step_distorted = distorted
                 at["distortion_steps"] += distorted
-                if distorted and rectify_bn:
-                    rng = rng_state()
-                    recalibrate_batchnorm(module, train_data, rectify_bn, lambda t: layout(t.to(device)))
-                    set_rng_state(rng)
                 at["batch"] += 1
                 at["loss_total"] += loss
                 bar.set_postfix(loss=f"{at['loss_total'] / at['batch']:.4f}", distortions=at["distortion_steps"],
                                 refresh=False, **({"removed": f"{result.distortion_changes[-1]:.1%}"}
                                                   if at["distortion_steps"] else {}))
-                if distributed.any_rank(bool(stop)):  # every rank stops after the same step
-                    bar.close()
-                    _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
-                    raise Stopped(stop[0] if stop else signal.SIGTERM,
-                                  f"checkpoint saved in {checkpointing.directory}; continue with --resume")
-                if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
-                        and at["batch"] != per_epoch:  # the epoch's end saves anyway
-                    _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
+                if ends:
+                    end_step(micro + 1)
+            if at["batch"] % accumulate and per_epoch is None:  # the last step of an epoch of unknown length
+                if net is not module:
+                    distributed.average_gradients_(optimizer)
+                end_step(at["batch"] % accumulate)
             bar.close()
             if at["batch"] == 0:
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
@@ -235,10 +257,23 @@ def _optimizer(name: str, params: list, lr: float, momentum: float, weight_decay
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
 
 
-def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
-          reset_momentum: bool, clip_grad: float = 0.0) -> tuple[float, bool]:
-    """One optimizer step through `net` (the module, or its DDP wrapper); returns the loss and whether a
-    DeepTwist distortion happened in it."""
+@contextmanager
+def _counting(module: nn.Module, on: bool):
+    """DeepTwist's projections count (and may project) in the forwards inside only when `on`: the first
+    batch of an optimizer step."""
+    for p in projections(module):
+        p.counting = on
+    try:
+        yield
+    finally:
+        for p in projections(module):
+            p.counting = True
+
+
+def _forward_backward(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
+                      reset_momentum: bool) -> tuple[float, bool]:
+    """One batch's forward and backward through `net` (the module, or its DDP wrapper), its gradients
+    added to those already there; returns the loss and whether a DeepTwist distortion happened in it."""
     loss = loss_fn(net(x), y)
     changes = [float(p.change) for p in projections(module) if p.distorted]
     distorted = bool(changes)
@@ -251,12 +286,19 @@ def _step(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
         raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
                              + (f", parameter {where} is not finite" if where else "")
                              + "; lower --lr or raise the ranks")
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if clip_grad:
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
-    optimizer.step()
     return loss.item(), distorted
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, batches: int, clip_grad: float) -> None:
+    """Step on the mean of the gradients that `batches` backwards added up."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if batches > 1:
+        for p in params:
+            p.grad.div_(batches)
+    if clip_grad:
+        nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
 
 
 def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, epoch_rng: dict,
@@ -385,7 +427,9 @@ class Train(Stage):
                    "amp": "none, or bf16 (the forward under bfloat16 autocast)",
                    "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)",
                    "warmup": "optimizer steps over which the learning rate rises linearly from 0",
-                   "clip_grad": "largest global L2 norm of the gradients (0: no clipping)"}
+                   "clip_grad": "largest global L2 norm of the gradients (0: no clipping)",
+                   "accumulate": "batches whose mean gradient makes one optimizer step (DeepTwist's S_D counts "
+                   "optimizer steps)"}
 
     epochs: int = 3
     lr: float = 0.01
@@ -403,6 +447,7 @@ class Train(Stage):
     channels_last: bool = False
     warmup: int = 0
     clip_grad: float = 0.0
+    accumulate: int = 1
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -413,6 +458,8 @@ class Train(Stage):
             raise SpecError(f"train: device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device != "cpu" and not torch.cuda.is_available():
             raise SpecError(f"train: device={self.device}, but this torch sees no CUDA device; use device=cpu")
+        if self.accumulate < 1:
+            raise SpecError(f"train: accumulate must be >= 1 (batches per optimizer step), got {self.accumulate}")
         if self.optimizer not in ("sgd", "adamw"):
             raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.optimizer == "adamw" and not self.momentum < 1:
@@ -441,7 +488,7 @@ class Train(Stage):
                        checkpointing=checkpointing, optimizer=self.optimizer,
                        shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
                        channels_last=self.channels_last, rectify_bn=self.rectify_bn, warmup=self.warmup,
-                       clip_grad=self.clip_grad) if self.epochs else TrainResult(0)
+                       clip_grad=self.clip_grad, accumulate=self.accumulate) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
