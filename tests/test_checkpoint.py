@@ -146,11 +146,12 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
             train(gm, Data(), 1, progress=False, checkpointing=Checkpointing(tmp_path, ident, resume=True))
 
 
-def test_identity_ignores_the_checkpoint_folder():
+def test_identity_ignores_the_checkpoint_folder_and_how_often_it_saves_or_evaluates():
     gm = _deeptwist_model()
     assert checkpoint.identity("deeptwist,train{checkpoint=/a,epochs=2}", gm)["pipeline"] == "deeptwist,train{epochs=2}"
     assert (checkpoint.identity("deeptwist,train{epochs=2,checkpoint_every=7}", gm)["pipeline"]
             == checkpoint.identity("deeptwist,train{checkpoint_every=3,epochs=2}", gm)["pipeline"]
+            == checkpoint.identity("deeptwist,train{epochs=2,eval_every=1}", gm)["pipeline"]
             == "deeptwist,train{epochs=2}")
     assert checkpoint.identity("train{checkpoint=/a}", gm)["pipeline"] == "train"
 

@@ -51,14 +51,21 @@ def _fails(capsys, argv, message):
     return lines[-1]
 
 
-def test_adaptive_period_is_reported(tmp_path, capsys):
+def test_adaptive_period_and_evaluations_during_training_are_reported(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", str(REPO / "examples" / "digits.py"), "--pass",
-                 "deeptwist{ratio=3,period=10,target_change=0.01},train{epochs=1},lower-conv-tucker,cleanup",
-                 "--set", "pretrain_epochs=4", "-o", str(out), "--quiet"]) == 0
-    periods = json.loads((out / "report.json").read_text())["training"]["adaptive_periods"]
+                 "deeptwist{ratio=3,period=10,target_change=0.01},train{epochs=1,eval_every=1},lower-conv-tucker,"
+                 "cleanup", "--set", "pretrain_epochs=4", "-o", str(out), "--quiet"]) == 0
+    training = json.loads((out / "report.json").read_text())["training"]
+    periods = training["adaptive_periods"]
     assert len(periods) == 4 and all(p >= 1 for p in periods)
-    assert f"adaptive S_D at the end of training: {min(periods)} to {max(periods)} steps" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"adaptive S_D at the end of training: {min(periods)} to {max(periods)} steps" in text
+    [evaluation] = training["evaluations"]
+    assert evaluation["epoch"] == 1 and evaluation["accuracy"] == training["accuracy_before_final_projection"]
+    assert f"accuracy during training: {evaluation['accuracy']:.2%} after epoch 1, " \
+           f"{evaluation['low_rank_accuracy']:.2%} low-rank" in text
+    assert f"| 1 | {evaluation['loss']:.4f} | {evaluation['accuracy']:.2%} |" in (out / "report.md").read_text()
 
 
 def test_compile_digits_end_to_end(tmp_path, capsys):

@@ -1,18 +1,20 @@
-"""The train loop's precision and device options."""
+"""The train loop's options: precision and device, schedule, accumulation, evaluation."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from twistc import Pipeline, trace
 from twistc.errors import SpecError
-from twistc.train import projections, train
+from twistc.train import accuracy, final_projection, projections, train
 
 
-def _deeptwist_model():
+def _deeptwist_model(spec="deeptwist{ratio=2,period=2}"):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-    return Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 8, 8),)))
+    return Pipeline.parse(spec).run(trace(net, (torch.randn(1, 3, 8, 8),)))
 
 
 def _data():
@@ -148,3 +150,24 @@ def test_accumulated_steps_equal_steps_over_the_concatenated_batches(sized):
     assert [int(p.step) for p in projections(accumulated)] == [6, 6]
     with pytest.raises(SpecError, match="accumulate must be >= 1"):
         Pipeline.parse("train{accumulate=0}")
+
+
+def test_evaluations_during_training_leave_it_as_it_was():
+    torch.set_num_threads(1)
+    data = _data()
+    spec = "deeptwist{ratio=4,period=5}"  # the 2nd epoch's last projection is 3 steps before its end
+    plain, watched = _deeptwist_model(spec), _deeptwist_model(spec)
+    train(plain, lambda: data, 2, lr=0.05, progress=False, finalize=False)
+    result = train(watched, lambda: data, 2, lr=0.05, progress=False, finalize=False, eval_data=lambda: data,
+                   eval_every=1)
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
+    assert [e["epoch"] for e in result.evaluations] == [1, 2]
+    assert result.evaluations[-1]["loss"] == result.losses[-1]
+    assert result.evaluations[-1]["accuracy"] == accuracy(watched, data)
+    projected = copy.deepcopy(watched)
+    final_projection(projected)  # what the final projection would deploy now
+    assert result.evaluations[-1]["low_rank_accuracy"] == accuracy(projected, data) != accuracy(watched, data)
+    sparse = train(_deeptwist_model(spec), lambda: data, 3, lr=0.05, progress=False, eval_data=lambda: data,
+                   eval_every=2)
+    assert [e["epoch"] for e in sparse.evaluations] == [2, 3]  # every 2nd epoch, and the last

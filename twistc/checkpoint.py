@@ -58,8 +58,9 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def identity(pipeline: str, module: nn.Module, world_size: int = 1) -> dict:
-    """What a checkpoint belongs to; the folder and how often it is written are not part of it."""
-    pipeline = re.sub(r"checkpoint(_every)?=[^,}]*,?", "", pipeline).replace(",}", "}").replace("{}", "")
+    """What a checkpoint belongs to; the folder, how often it is written and how often the run is
+    evaluated are not part of it."""
+    pipeline = re.sub(r"(checkpoint(_every)?|eval_every)=[^,}]*,?", "", pipeline).replace(",}", "}").replace("{}", "")
     return {"pipeline": pipeline,
             "model": fingerprint(module), "world_size": world_size}
 

@@ -146,6 +146,11 @@ def summary_lines(report: dict) -> list[str]:
             p = sorted(t["adaptive_periods"])
             lines.append(f"adaptive S_D at the end of training: {p[0]} to {p[-1]} steps (median {p[len(p) // 2]}) "
                          f"over {len(p)} layers")
+        if t.get("evaluations"):
+            e = t["evaluations"][-1]
+            low_rank = f", {e['low_rank_accuracy']:.2%} low-rank" if e.get("low_rank_accuracy") is not None else ""
+            lines.append(f"accuracy during training: {e['accuracy']:.2%} after epoch {e['epoch']}{low_rank} "
+                         f"({len(t['evaluations'])} evaluations)")
         if t.get("accuracy_before_final_projection") is not None:
             lines.append(f"accuracy just before the final projection: {t['accuracy_before_final_projection']:.2%}")
     changes = {l["name"]: l["final_projection_change"] for l in report["layers"]
@@ -186,6 +191,13 @@ def markdown(report: dict) -> str:
     parts = ["# twistc compile report\n", f"Pipeline: `{report['pipeline']}`\n"]
     parts += [f"- {line}" for line in summary_lines(report)]
     parts += ["", markdown_table(COLUMNS, layer_rows(report)), ""]
+    evaluations = (report.get("training") or {}).get("evaluations")
+    if evaluations:
+        parts += ["Training, evaluated on eval_data() (low-rank: every projected kernel replaced by its low-rank "
+                  "reconstruction, as the final projection would):", ""]
+        parts += [markdown_table(["epoch", "train loss", "accuracy", "low-rank accuracy"], [
+            [e["epoch"], f"{e['loss']:.4f}", f"{e['accuracy']:.2%}",
+             "-" if e.get("low_rank_accuracy") is None else f"{e['low_rank_accuracy']:.2%}"] for e in evaluations]), ""]
     if report["leaves"]:
         parts += ["Untraceable submodules kept as leaves:", ""]
         parts += [f"- `{k}`: {v}" for k, v in report["leaves"].items()] + [""]

@@ -64,11 +64,13 @@ class TrainResult:
     distortion_changes: list[float] = field(default_factory=list)
     accuracy_before_final_projection: float | None = None  # on eval data, when there is any
     adaptive_periods: list[int] = field(default_factory=list)  # S_D at the end, per layer with target_change
+    # every eval_every epochs: {"epoch", "loss", "accuracy"[, "low_rank_accuracy"]}, see evaluate()
+    evaluations: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses",
-                 "distortion_changes", "accuracy_before_final_projection", "adaptive_periods")}
+                 "distortion_changes", "accuracy_before_final_projection", "adaptive_periods", "evaluations")}
 
 
 def _first_nonfinite_parameter(module: nn.Module) -> str | None:
@@ -113,7 +115,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
           loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
           checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True,
           device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0,
-          warmup: int = 0, clip_grad: float = 0.0, accumulate: int = 1) -> TrainResult:
+          warmup: int = 0, clip_grad: float = 0.0, accumulate: int = 1,
+          eval_data: Callable[[], Iterable] | None = None, eval_every: int = 0) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -134,6 +137,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     `clip_grad`: when > 0, gradients are scaled so that their global L2 norm is at most this.
     `accumulate`: each optimizer step averages the gradients of that many batches (fewer at an epoch's
     end); DeepTwist's step counter, the schedule, checkpoints and stops go by optimizer steps.
+    `eval_data`, `eval_every`: after every `eval_every`-th epoch and the last, `evaluate()` on eval_data()
+    (rank 0 alone; the other ranks train on and wait for it at the next step).
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -211,7 +216,12 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
                                 "(input, target) pairs every time it is called")
             result.losses.append(at["loss_total"] / max(at["batch"], 1))
-            log.info("epoch %d/%d: loss %.4f", epoch + 1, epochs, result.losses[-1])
+            if eval_data is not None and eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+                result.evaluations.append({"epoch": epoch + 1, "loss": result.losses[-1],
+                                           **evaluate(module, eval_data, lambda t: layout(t.to(device)))})
+            log.info("epoch %d/%d: loss %.4f%s", epoch + 1, epochs, result.losses[-1],
+                     evaluation_text(result.evaluations[-1]) if result.evaluations and
+                     result.evaluations[-1]["epoch"] == epoch + 1 else "")
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
                 _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
@@ -360,6 +370,44 @@ def recalibrate_batchnorm(module: nn.Module, train_data: Callable[[], Iterable],
     return used
 
 
+def evaluate(module: nn.Module, eval_data: Callable[[], Iterable],
+             prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+    """Top-1 accuracy on eval_data() as the weights stand and, while DeepTwist projections are not final,
+    `low_rank_accuracy`: with every projected kernel replaced by its low-rank reconstruction, which is
+    what stopping here would deploy (before any BatchNorm recalibration). The weights and the random
+    streams are left as they were, so training goes on as it would have without the evaluation."""
+    rng = rng_state()
+    record = {"accuracy": accuracy(module, eval_data(), prepare)}
+    pending = [p for p in projections(module) if not p.finalized]
+    if pending:
+        with _reconstructed(module, pending):
+            record["low_rank_accuracy"] = accuracy(module, eval_data(), prepare)
+    set_rng_state(rng)
+    return record
+
+
+def evaluation_text(record: dict) -> str:
+    low_rank = record.get("low_rank_accuracy")
+    return f"; eval accuracy {record['accuracy']:.2%}" + (f", low-rank {low_rank:.2%}" if low_rank is not None else "")
+
+
+@contextmanager
+def _reconstructed(module: nn.Module, pending: list[LowRankProjection]):
+    """The kernels of `pending` replaced by their low-rank reconstructions inside, restored after (this
+    rank alone: no broadcast, unlike a projection)."""
+    kernels = [module.get_parameter(p.weight_name) for p in pending]
+    saved = [w.detach().clone() for w in kernels]
+    with torch.no_grad():
+        for p, w in zip(pending, kernels):
+            w.copy_(p.plan.fit(w).reconstruct())
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for w, original in zip(kernels, saved):
+                w.copy_(original)
+
+
 def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for p in projections(module):
         state = optimizer.state.get(module.get_parameter(p.weight_name), {})
@@ -369,15 +417,16 @@ def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
 
 
 @torch.no_grad()
-def accuracy(module: nn.Module, data: Iterable) -> float:
-    """Top-1 accuracy (a fraction) in eval mode; training flags are restored."""
+def accuracy(module: nn.Module, data: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> float:
+    """Top-1 accuracy (a fraction) in eval mode, of the inputs after `prepare` (device, memory order);
+    training flags are restored."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
     correct = seen = 0
     try:
         for x, y in data:
             try:
-                out = module(x)
+                out = module(prepare(x))
             except Exception as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ModelFileError(f"running the model on a batch of eval_data() failed: {type(e).__name__}: "
@@ -388,7 +437,7 @@ def accuracy(module: nn.Module, data: Iterable) -> float:
                 raise ModelFileError(f"eval_data() gives targets {int(y.min())}..{int(y.max())}, but the model has "
                                      f"{logits.shape[1]} outputs: targets must be class indices in "
                                      f"[0, {logits.shape[1]})")
-            correct += int((logits.argmax(1) == y).sum())
+            correct += int((logits.argmax(1).cpu() == y).sum())
             seen += len(y)
     finally:
         for m, mode in modes.items():
@@ -429,7 +478,9 @@ class Train(Stage):
                    "warmup": "optimizer steps over which the learning rate rises linearly from 0",
                    "clip_grad": "largest global L2 norm of the gradients (0: no clipping)",
                    "accumulate": "batches whose mean gradient makes one optimizer step (DeepTwist's S_D counts "
-                   "optimizer steps)"}
+                   "optimizer steps)",
+                   "eval_every": "epochs between evaluations on eval_data() during training, as trained and "
+                   "low-rank (0: none)"}
 
     epochs: int = 3
     lr: float = 0.01
@@ -448,6 +499,7 @@ class Train(Stage):
     warmup: int = 0
     clip_grad: float = 0.0
     accumulate: int = 1
+    eval_every: int = 0
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -465,7 +517,7 @@ class Train(Stage):
         if self.optimizer == "adamw" and not self.momentum < 1:
             raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
         for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn", "checkpoint_every", "warmup",
-                    "clip_grad"):
+                    "clip_grad", "eval_every"):
             value = getattr(self, key)
             if not 0 <= value < float("inf"):
                 raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
@@ -488,7 +540,8 @@ class Train(Stage):
                        checkpointing=checkpointing, optimizer=self.optimizer,
                        shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
                        channels_last=self.channels_last, rectify_bn=self.rectify_bn, warmup=self.warmup,
-                       clip_grad=self.clip_grad, accumulate=self.accumulate) if self.epochs else TrainResult(0)
+                       clip_grad=self.clip_grad, accumulate=self.accumulate, eval_data=ctx.eval_data,
+                       eval_every=self.eval_every) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
@@ -504,4 +557,5 @@ def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
                        a.final_projections + b.final_projections, b.final_loss, a.seconds + b.seconds,
                        b.lr, a.losses + b.losses, a.distortion_changes + b.distortion_changes,
                        b.accuracy_before_final_projection or a.accuracy_before_final_projection,
-                       b.adaptive_periods or a.adaptive_periods)
+                       b.adaptive_periods or a.adaptive_periods,
+                       a.evaluations + [{**e, "epoch": a.epochs + e["epoch"]} for e in b.evaluations])
