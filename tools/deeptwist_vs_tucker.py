@@ -222,6 +222,24 @@ def report(store: expkit.RunStore, cfg) -> None:
     plot(series, baseline, store.root / "accuracy_vs_ratio.png")
     if len(budgets) > 1:
         plot_budget(runs, budgets, store.root / "accuracy_vs_budget.png")
+    if any(r.get("evaluations") for r in runs):
+        plot_training(runs, store.root / "accuracy_during_training.png")
+
+
+def plot_training(runs: list[dict], path: Path) -> None:
+    """Test accuracy during training (`--eval-every`): as trained, and for DeepTwist also low-rank (every
+    projected kernel replaced by its reconstruction, as stopping there would deploy)."""
+    fig, ax = expkit.figure((6.5, 4.4))
+    for r in (r for r in runs if r.get("evaluations")):
+        epochs = [e["epoch"] for e in r["evaluations"]]
+        line, = ax.plot(epochs, [100 * e["accuracy"] for e in r["evaluations"]], "o-", ms=3, label=id_of(r))
+        low_rank = [100 * e["low_rank_accuracy"] for e in r["evaluations"] if e.get("low_rank_accuracy") is not None]
+        if low_rank:
+            ax.plot(epochs, low_rank, "--", color=line.get_color(), label=f"{id_of(r)}, low-rank")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("ResNet-32 on CIFAR-10: accuracy during fine-tuning")
+    expkit.save_figure(fig, ax, path)
 
 
 def plot_budget(runs: list[dict], budgets: list[int], path: Path) -> None:

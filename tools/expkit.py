@@ -39,8 +39,8 @@ def resumable(main) -> int:
     try:
         return main()
     except KeyboardInterrupt as e:
-        print(f"stopped: {getattr(e, 'message', '') or 'interrupted'}; run the same command again to continue",
-              file=sys.stderr)
+        where = getattr(e, "message", "").split(";")[0]  # "checkpoint saved in ...", without the CLI's --resume
+        print(f"stopped: {where or 'interrupted'}; run the same command again to continue", file=sys.stderr)
         return 128 + getattr(e, "signum", 2)
 
 
@@ -152,6 +152,7 @@ class Budget:
     progress: bool = False
     smoke: bool = False  # tiny subsets: a few steps, 200 test images
     checkpoints: str | None = None  # folder of per-run training checkpoints (resumed after a stop)
+    eval_every: int = 0  # epochs between test-set evaluations during training (0: none)
 
     def __post_init__(self):
         self.train_subset = np.arange(0, 45000, 700)[:64] if self.smoke else None
@@ -164,7 +165,8 @@ class Budget:
         return cifar10_batches(self.data, "test", batch_size=500, subset=self.test_subset)
 
     def train_spec(self, seed: int) -> str:
-        return f"train{{epochs={self.epochs},lr={self.lr:g},seed={seed}}}"
+        every = f",eval_every={self.eval_every}" if self.eval_every else ""
+        return f"train{{epochs={self.epochs},lr={self.lr:g},seed={seed}{every}}}"
 
     @property
     def baseline_acc(self) -> float:
@@ -191,6 +193,9 @@ def budget_parser(description: str, out: str, smoke_help: str, lr: float = 0.01,
     p.add_argument("--progress", action="store_true", help="tqdm bars")
     p.add_argument("--checkpoints", default=str(CHECKPOINTS / out),
                    help="per-run training checkpoints; a stopped run resumes from its own (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="test accuracy during training, every N epochs, as trained and low-rank (it does not change "
+                   "the training, so it is not part of the run id)")
     return p
 
 
@@ -198,7 +203,7 @@ def budget_of(args: argparse.Namespace) -> Budget:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     return Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke,
-                  None if args.smoke else args.checkpoints)
+                  None if args.smoke else args.checkpoints, args.eval_every)
 
 
 def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False,
@@ -246,6 +251,7 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
         "final_projections": t.final_projections if t else 0, "train_loss": t.losses if t else [],
         "distortion_changes": t.distortion_changes if t else [],
         "test_acc_before_final_projection": t.accuracy_before_final_projection if t else None,
+        "evaluations": t.evaluations if t else [],
         "plan": state.plan.to_json(), "seconds": time.perf_counter() - start, **metadata(),
     })
     if t:

@@ -17,7 +17,7 @@ needs_data = pytest.mark.skipif(not (expkit.SHARED_DATA / "resnet32_cifar10.pt")
 @needs_data
 def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "smoke"
-    assert exp.main(["--smoke", "--out", str(out), "--max-runs", "1"]) == 0  # "interrupted" after one run
+    assert exp.main(["--smoke", "--out", str(out), "--max-runs", "1", "--eval-every", "1"]) == 0  # stops after one run
     assert [p.name for p in (out / "runs").iterdir()] == ["deeptwist-r4.3-sd1-e1-s0.json"]
     first = (out / "runs" / "deeptwist-r4.3-sd1-e1-s0.json").read_text()
 
@@ -38,12 +38,16 @@ def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     assert dt["steps"] == cv["steps"] == 2 and dt["distortions"] == 2 and cv["distortions"] == 0
     assert dt["final_projections"] == 30 and 0 <= dt["test_acc_before_final_projection"] <= 1
     assert cv["test_acc_before_final_projection"] is None  # nothing to project in the conventional arm
+    [evaluation] = dt["evaluations"]  # --eval-every 1 over the one smoke epoch; not asked for in the second call
+    assert evaluation["accuracy"] == dt["test_acc_before_final_projection"] and cv["evaluations"] == []
+    assert 0 <= evaluation["low_rank_accuracy"] <= 1
     assert len(expkit.unpack_bools(dt["test_correct"], dt["test_n"])) == dt["test_n"] == 200
     assert "test_acc_decomposed" in cv and 0 <= cv["test_acc"] <= 1
     assert dt["projection_change"].keys() == cv["projection_change"].keys() and len(dt["projection_change"]) == 30
     assert all(0 < c["checkpoint"] < 1 and 0 <= c["final"] < 1 for c in dt["projection_change"].values())
     assert all(c["final"] is None for c in cv["projection_change"].values())
-    assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "accuracy_vs_ratio.png"}
+    assert {p.name for p in out.iterdir()} >= {"results.md", "results.json", "accuracy_vs_ratio.png",
+                                               "accuracy_during_training.png"}
     text = (out / "results.md").read_text()
     assert "| 4.47x (asked 4.3)" in text
     assert "| deeptwist-r4.3-sd1-e1-s0 | 0." in text and " -> 0." in text  # projection change per stage
