@@ -1,4 +1,5 @@
 """Checkpoint and resume: a run stopped by a signal mid-epoch and resumed ends where an unstopped run ends."""
+import functools
 import os
 import random
 import signal
@@ -56,26 +57,31 @@ class Data:
 
 
 def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd", crash_at=None, every=0, spec=None,
-         accumulate=1):
+         accumulate=1, amp="none"):
     gm = _deeptwist_model(*([spec] if spec else []))
     cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume, every) if folder else None
     data = Data(stop_at, crash_at)
     lr = 0.05 if optimizer == "sgd" else 0.005
     result = train(gm, lambda: data(), epochs, lr=lr, seed=3, progress=False, finalize=False, checkpointing=cp,
-                   optimizer=optimizer, accumulate=accumulate)
+                   optimizer=optimizer, accumulate=accumulate, amp=amp)
     return gm, result
 
 
-# mid-epoch, on an epoch's last batch, and mid-epoch under AdamW
-@pytest.mark.parametrize("stop_at, optimizer", [(7, "sgd"), (10, "sgd"), (7, "adamw")])
-def test_stopped_and_resumed_equals_uninterrupted(tmp_path, stop_at, optimizer):
+# mid-epoch, on an epoch's last batch, mid-epoch under AdamW, and under float16 with its gradient scaler
+@pytest.mark.parametrize("stop_at, optimizer, amp", [(7, "sgd", "none"), (10, "sgd", "none"), (7, "adamw", "none"),
+                                                     (7, "sgd", "fp16")])
+def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, stop_at, optimizer, amp):
     torch.set_num_threads(1)
-    reference, ref_result = _run(None, optimizer=optimizer)
+    # a scale so large that the first steps overflow and halve it: the resumed run must start from the saved one
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 24))
+    reference, ref_result = _run(None, optimizer=optimizer, amp=amp)
     with pytest.raises(Stopped) as stopped:
-        _run(tmp_path, stop_at=stop_at, optimizer=optimizer)
+        _run(tmp_path, stop_at=stop_at, optimizer=optimizer, amp=amp)
     assert stopped.value.signum == signal.SIGTERM and "--resume" in stopped.value.message
     assert (tmp_path / checkpoint.FILE).is_file()
-    resumed, result = _run(tmp_path, resume=True, optimizer=optimizer)
+    if amp == "fp16":
+        assert 1 < torch.load(tmp_path / checkpoint.FILE, weights_only=True)["scaler"]["scale"] < 2.0 ** 24
+    resumed, result = _run(tmp_path, resume=True, optimizer=optimizer, amp=amp)
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
     assert [int(p.step) for p in projections(resumed)] == [15, 15]

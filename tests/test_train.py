@@ -22,12 +22,25 @@ def _data():
     return [(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(4)]
 
 
-def test_bf16_autocast_trains_on_cpu_and_keeps_float32_weights():
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_trains_on_cpu_and_keeps_float32_weights(amp):
     gm = _deeptwist_model()
     data = _data()
-    result = train(gm, lambda: data, 2, lr=0.05, progress=False, amp="bf16")
+    result = train(gm, lambda: data, 2, lr=0.05, progress=False, amp=amp)
     assert result.steps == 8 and result.distortions == 4 and all(torch.isfinite(torch.tensor(result.losses)))
     assert all(p.dtype == torch.float32 for p in gm.parameters())
+
+
+def test_fp16_skips_a_step_whose_scaled_gradients_overflow():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,))
+    model = trace(net, (x[:1],))
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, lambda: [(x * 1e3, y)], 1, lr=0.1, progress=False, amp="fp16")  # scaled grads overflow float16
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # skipped, not NaN weights
+    train(model, lambda: [(x, y)], 1, lr=0.1, progress=False, amp="fp16")
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_the_projection_runs_in_full_precision_under_autocast():
@@ -43,7 +56,7 @@ def test_the_projection_runs_in_full_precision_under_autocast():
     torch.testing.assert_close(under, plain, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("spec, message", [("train{amp=fp8}", "amp must be none or bf16"),
+@pytest.mark.parametrize("spec, message", [("train{amp=fp8}", "amp must be none, bf16 or fp16"),
                                            ("train{device=tpu}", "device must be cpu, cuda or cuda:N")])
 def test_bad_precision_or_device(spec, message):
     with pytest.raises(SpecError, match=message):

@@ -33,6 +33,8 @@ from twistc.pipeline import RunContext, Stage
 
 log = logging.getLogger(__name__)
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def projections(module: nn.Module) -> list[LowRankProjection]:
     return [m for m in module.modules() if isinstance(m, LowRankProjection)]
@@ -129,6 +131,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     (`shard=False`: train_data() already gives each rank its own); rank 0 alone saves checkpoints.
     `device`: where it trains (the module returns to the CPU afterwards). `amp="bf16"`: the forward runs
     under bfloat16 autocast; weights, optimizer state and DeepTwist's projections stay float32.
+    `amp="fp16"`: float16 autocast, and a gradient scaler (checkpointed) keeps small gradients from
+    flushing to zero; a step whose gradients overflow is skipped and the scale halved.
     `channels_last`: 4-D weights and inputs in channels-last memory order (faster convs on many CPUs).
     `rectify_bn`: after each step that projected weights, re-estimate BatchNorm statistics on that many
     batches of train_data() (BN rectification, as LRPET does after pruning, arXiv 2204.05566). It
@@ -146,13 +150,14 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     device = distributed.local_device(device)
     module.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     layout = _to_channels_last if channels_last else (lambda t: t)
-    autocast = ((lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if amp == "bf16"
-                else nullcontext)
+    device_type = torch.device(device).type
+    autocast = ((lambda: torch.autocast(device_type, dtype=AMP_DTYPES[amp])) if amp != "none" else nullcontext)
+    scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
     optimizer = _optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, momentum,
                            weight_decay)
     result = TrainResult(epochs, lr=lr)
     at = {"epoch": 0, "batch": 0, "step": 0, "distortion_steps": 0, "loss_total": 0.0}
-    saved = _resume(checkpointing, module, optimizer) if checkpointing else None
+    saved = _resume(checkpointing, module, optimizer, scaler) if checkpointing else None
     if saved:
         result, at = TrainResult(**saved["result"]), saved["position"]
         set_rng_state(saved["rng_epoch_start"] if at["batch"] else saved["rng"])
@@ -164,19 +169,19 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
 
         def end_step(batches: int) -> None:
             """The optimizer step over the last `batches` batches' gradients, then what follows a step."""
-            _optimizer_step(optimizer, batches, clip_grad)
+            _optimizer_step(optimizer, scaler, batches, clip_grad)
             if step_distorted and rectify_bn:
                 rng = rng_state()
                 recalibrate_batchnorm(module, train_data, rectify_bn, lambda t: layout(t.to(device)))
                 set_rng_state(rng)
             if distributed.any_rank(bool(stop)):  # every rank stops after the same step
                 bar.close()
-                _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
+                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start)
                 raise Stopped(stop[0] if stop else signal.SIGTERM,
                               f"checkpoint saved in {checkpointing.directory}; continue with --resume")
             if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
                     and at["batch"] != per_epoch:  # the epoch's end saves anyway
-                _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
+                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start)
 
         for epoch in range(at["epoch"], epochs):
             epoch_rng = rng_state()
@@ -195,8 +200,9 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 ends = micro == accumulate - 1 or at["batch"] + 1 == per_epoch
                 with autocast(), _counting(module, micro == 0), \
                         (nullcontext() if ends or net is module else net.no_sync()):
-                    loss, distorted = _forward_backward(module, net, optimizer, loss_fn, layout(x.to(device)),
-                                                        y.to(device), at["step"], result, reset_momentum)
+                    loss, distorted = _forward_backward(module, net, optimizer, scaler, loss_fn,
+                                                        layout(x.to(device)), y.to(device), at["step"], result,
+                                                        reset_momentum)
                 if micro == 0:
                     step_distorted = distorted
                 at["distortion_steps"] += distorted
@@ -224,7 +230,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                      result.evaluations[-1]["epoch"] == epoch + 1 else "")
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
-                _save(checkpointing, module, optimizer, result, at, epoch_rng, start)
+                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start)
     where = _first_nonfinite_parameter(module)
     if where:
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
@@ -280,7 +286,7 @@ def _counting(module: nn.Module, on: bool):
             p.counting = True
 
 
-def _forward_backward(module, net, optimizer, loss_fn, x, y, step: int, result: TrainResult,
+def _forward_backward(module, net, optimizer, scaler, loss_fn, x, y, step: int, result: TrainResult,
                       reset_momentum: bool) -> tuple[float, bool]:
     """One batch's forward and backward through `net` (the module, or its DDP wrapper), its gradients
     added to those already there; returns the loss and whether a DeepTwist distortion happened in it."""
@@ -296,22 +302,25 @@ def _forward_backward(module, net, optimizer, loss_fn, x, y, step: int, result: 
         raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
                              + (f", parameter {where} is not finite" if where else "")
                              + "; lower --lr or raise the ranks")
-    loss.backward()
+    scaler.scale(loss).backward()
     return loss.item(), distorted
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, batches: int, clip_grad: float) -> None:
-    """Step on the mean of the gradients that `batches` backwards added up."""
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batches: int,
+                    clip_grad: float) -> None:
+    """Step on the mean of the gradients that `batches` backwards added up (and `scaler` scaled)."""
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if batches > 1:
         for p in params:
             p.grad.div_(batches)
     if clip_grad:
+        scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(params, clip_grad)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
 
 
-def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, epoch_rng: dict,
+def _save(cp: Checkpointing, module, optimizer, scaler, result: TrainResult, at: dict, epoch_rng: dict,
           started: float) -> None:
     """Checkpoint the run as it stands (training time so far counted from `started`); rank 0 only."""
     result.seconds = time.perf_counter() - started
@@ -319,10 +328,11 @@ def _save(cp: Checkpointing, module, optimizer, result: TrainResult, at: dict, e
         return
     checkpoint.save(cp.directory, {
         "identity": cp.identity, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
         "position": dict(at), "result": dataclasses.asdict(result), "rng": rng_state(), "rng_epoch_start": epoch_rng})
 
 
-def _resume(cp: Checkpointing, module, optimizer) -> dict | None:
+def _resume(cp: Checkpointing, module, optimizer, scaler) -> dict | None:
     payload = checkpoint.load(cp.directory)
     if payload is None:
         if cp.resume:
@@ -334,6 +344,8 @@ def _resume(cp: Checkpointing, module, optimizer) -> dict | None:
     checkpoint.check_belongs(payload, cp.identity, cp.directory)
     module.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
+    if payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])
     at = payload["position"]
     log.warning("resuming from %s: epoch %d, batch %d, step %d", cp.directory, at["epoch"] + 1, at["batch"],
                 at["step"])
@@ -473,7 +485,8 @@ class Train(Stage):
                    "checkpoint_every": "also save a checkpoint every that many optimizer steps (else "
                    "--checkpoint-every; 0: at epoch ends only)",
                    "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
-                   "amp": "none, or bf16 (the forward under bfloat16 autocast)",
+                   "amp": "none, bf16 (the forward under bfloat16 autocast), or fp16 (float16 autocast with "
+                   "gradient scaling)",
                    "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)",
                    "warmup": "optimizer steps over which the learning rate rises linearly from 0",
                    "clip_grad": "largest global L2 norm of the gradients (0: no clipping)",
@@ -504,8 +517,8 @@ class Train(Stage):
     def __post_init__(self):
         if self.epochs < 0:
             raise SpecError(f"epochs must be >= 0, got {self.epochs}")
-        if self.amp not in ("none", "bf16"):
-            raise SpecError(f"train: amp must be none or bf16, got {self.amp!r}")
+        if self.amp not in ("none", *AMP_DTYPES):
+            raise SpecError(f"train: amp must be none, bf16 or fp16, got {self.amp!r}")
         if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
             raise SpecError(f"train: device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device != "cpu" and not torch.cuda.is_available():
