@@ -150,6 +150,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     device = distributed.local_device(device)
     module.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     layout = _to_channels_last if channels_last else (lambda t: t)
+    prepare = lambda t: layout(t.to(device))  # noqa: E731  (an input batch on this device, in its memory order)
     device_type = torch.device(device).type
     autocast = ((lambda: torch.autocast(device_type, dtype=AMP_DTYPES[amp])) if amp != "none" else nullcontext)
     scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
@@ -172,7 +173,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             _optimizer_step(optimizer, scaler, batches, clip_grad)
             if step_distorted and rectify_bn:
                 rng = rng_state()
-                recalibrate_batchnorm(module, train_data, rectify_bn, lambda t: layout(t.to(device)))
+                recalibrate_batchnorm(module, train_data, rectify_bn, prepare)
                 set_rng_state(rng)
             if distributed.any_rank(bool(stop)):  # every rank stops after the same step
                 bar.close()
@@ -200,9 +201,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 ends = micro == accumulate - 1 or at["batch"] + 1 == per_epoch
                 with autocast(), _counting(module, micro == 0), \
                         (nullcontext() if ends or net is module else net.no_sync()):
-                    loss, distorted = _forward_backward(module, net, optimizer, scaler, loss_fn,
-                                                        layout(x.to(device)), y.to(device), at["step"], result,
-                                                        reset_momentum)
+                    loss, distorted = _forward_backward(module, net, optimizer, scaler, loss_fn, prepare(x),
+                                                        y.to(device), at["step"], result, reset_momentum)
                 if micro == 0:
                     step_distorted = distorted
                 at["distortion_steps"] += distorted
@@ -222,12 +222,12 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
                                 "(input, target) pairs every time it is called")
             result.losses.append(at["loss_total"] / max(at["batch"], 1))
+            evaluated = ""
             if eval_data is not None and eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 result.evaluations.append({"epoch": epoch + 1, "loss": result.losses[-1],
-                                           **evaluate(module, eval_data, lambda t: layout(t.to(device)))})
-            log.info("epoch %d/%d: loss %.4f%s", epoch + 1, epochs, result.losses[-1],
-                     evaluation_text(result.evaluations[-1]) if result.evaluations and
-                     result.evaluations[-1]["epoch"] == epoch + 1 else "")
+                                           **evaluate(module, eval_data, prepare)})
+                evaluated = evaluation_text(result.evaluations[-1])
+            log.info("epoch %d/%d: loss %.4f%s", epoch + 1, epochs, result.losses[-1], evaluated)
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
                 _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start)
