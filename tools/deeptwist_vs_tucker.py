@@ -308,6 +308,10 @@ def main(argv=None) -> int:
                                                 args.late, args.rectify_bn, args.target_change))
     if args.only:
         wanted = set(args.only.split(","))
+        unknown = wanted - {rid_of(g) for g in grid}
+        if unknown:
+            p.error(f"--only names runs that these options do not make: {', '.join(sorted(unknown))} "
+                    f"(they make, e.g., {', '.join(rid_of(g) for g in grid[:3])})")
         grid = [g for g in grid if rid_of(g) in wanted]
     new = 0
     for spec in ([] if args.report_only else grid):
