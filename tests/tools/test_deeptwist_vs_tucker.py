@@ -68,6 +68,13 @@ def test_investigation_options_get_their_own_run_ids():
         "deeptwist{layers=layer*,ratio=6.7,period=50,target_change=0.005},train")
 
 
+def test_only_refuses_a_run_the_options_do_not_make(capsys):
+    with pytest.raises(SystemExit) as exit:
+        exp.main(["--epochs", "30", "--only", "deeptwist-r4.3-sd50-s0"])  # the 3-epoch id
+    assert exit.value.code == 2
+    assert "--only names runs that these options do not make: deeptwist-r4.3-sd50-s0" in capsys.readouterr().err
+
+
 def test_paired_bootstrap_interval_covers_the_difference():
     rng = np.random.default_rng(1)
     a = rng.random(4000) < 0.92
