@@ -226,7 +226,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             if eval_data is not None and eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 result.evaluations.append({"epoch": epoch + 1, "loss": result.losses[-1],
                                            **evaluate(module, eval_data, prepare)})
-                evaluated = evaluation_text(result.evaluations[-1])
+                evaluated = _evaluation_text(result.evaluations[-1])
             log.info("epoch %d/%d: loss %.4f%s", epoch + 1, epochs, result.losses[-1], evaluated)
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
@@ -398,7 +398,7 @@ def evaluate(module: nn.Module, eval_data: Callable[[], Iterable],
     return record
 
 
-def evaluation_text(record: dict) -> str:
+def _evaluation_text(record: dict) -> str:
     low_rank = record.get("low_rank_accuracy")
     return f"; eval accuracy {record['accuracy']:.2%}" + (f", low-rank {low_rank:.2%}" if low_rank is not None else "")
 
