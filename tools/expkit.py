@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import torch
 
 from twistc import Pipeline, RunContext, state_of, trace
 from twistc.data import cifar10_batches
+from twistc.errors import Stopped
 from twistc.models import load_resnet32
 from twistc.plan import Plan
 from twistc.report import count_parameters, cpu_model, versions
@@ -35,7 +37,12 @@ CHECKPOINTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "
 
 def resumable(main) -> int:
     """Run an experiment's `main`; a stop (Ctrl-C, SIGTERM) ends it with one line, since the same command
-    continues from the checkpoints and finished runs."""
+    continues from the checkpoints and finished runs. Outside training (which stops after its step and
+    checkpoints), SIGTERM stops at once, as Ctrl-C does."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         return main()
     except KeyboardInterrupt as e:
@@ -111,7 +118,8 @@ def correctness(module: torch.nn.Module, batches) -> np.ndarray:
 
 def metadata() -> dict:
     return {"command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name] + sys.argv),
-            "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "platform": platform.platform()},
+            "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                        **({"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() else {})},
             "versions": versions()}
 
 
@@ -154,6 +162,7 @@ class Budget:
     checkpoints: str | None = None  # folder of per-run training checkpoints (resumed after a stop)
     eval_every: int = 0  # epochs between test-set evaluations during training (0: none)
     channels_last: bool = False  # train in channels-last memory order (faster here; equal to float tolerance)
+    device: str = "cpu"  # where the train stage runs
 
     def __post_init__(self):
         self.train_subset = np.arange(0, 45000, 700)[:64] if self.smoke else None
@@ -166,8 +175,9 @@ class Budget:
         return cifar10_batches(self.data, "test", batch_size=500, subset=self.test_subset)
 
     def train_spec(self, seed: int) -> str:
-        extra = (f",eval_every={self.eval_every}" if self.eval_every else "") + (
-            ",channels_last=true" if self.channels_last else "")
+        extra = ((f",eval_every={self.eval_every}" if self.eval_every else "")
+                 + (",channels_last=true" if self.channels_last else "")
+                 + (f",device={self.device}" if self.device != "cpu" else ""))
         return f"train{{epochs={self.epochs},lr={self.lr:g},seed={seed}{extra}}}"
 
     @property
@@ -201,6 +211,8 @@ def budget_parser(description: str, out: str, smoke_help: str, lr: float = 0.01,
     p.add_argument("--channels-last", action="store_true",
                    help="train in channels-last memory order: 1.29x the images/s here (results/train_throughput), "
                    "the same training to float tolerance, so not part of the run id; the run records it")
+    p.add_argument("--device", default="cpu", help="where training runs: cpu or cuda (not part of the run id; the run "
+                   "records it and the GPU's name)")
     return p
 
 
@@ -208,7 +220,7 @@ def budget_of(args: argparse.Namespace) -> Budget:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     return Budget(args.data, args.checkpoint, args.epochs, args.lr, args.batch, args.progress, args.smoke,
-                  None if args.smoke else args.checkpoints, args.eval_every, args.channels_last)
+                  None if args.smoke else args.checkpoints, args.eval_every, args.channels_last, args.device)
 
 
 def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_first: bool = False,
