@@ -17,7 +17,7 @@ OPTIONS=${OPTIONS:-}
 LIMIT=${LIMIT:-480}
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-.device/out}
-HERE=.device
+HERE=${HERE:-.device}  # the carried folder: data, checkpoint, wheel; work and results
 mkdir -p "$OUT" "$HERE/results" "$HERE/logs" "$HERE/checkpoints"
 
 if ! python3 -c "import tensorly" 2>/dev/null; then

@@ -1,5 +1,8 @@
 import json
+import os
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +93,20 @@ def test_paired_bootstrap_interval_covers_the_difference():
 def test_bool_packing_round_trips():
     x = np.random.default_rng(0).random(1001) < 0.5
     assert np.array_equal(expkit.unpack_bools(expkit.pack_bools(x), 1001), x)
+
+
+@needs_data
+def test_gpu_batch_packs_the_finished_runs(tmp_path):
+    here = tmp_path / "carried"
+    here.mkdir()
+    for name in ("cifar10-jpg.tar.gz", "resnet32_cifar10.pt"):
+        (here / name).symlink_to(expkit.SHARED_DATA / name)
+    env = {**os.environ, "RUNS": "deeptwist-r4.3-sd1-e1-s0", "OPTIONS": "--smoke", "DEVICE": "cpu",
+           "HERE": str(here), "OUT": str(tmp_path / "out"), "LIMIT": "300"}
+    done = subprocess.run(["bash", str(TOOLS / "gpu_batch.sh")], cwd=TOOLS.parent, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert "test acc" in done.stdout
+    with tarfile.open(tmp_path / "out" / "runs.tgz") as packed:
+        assert packed.getnames() == ["runs", "runs/deeptwist-r4.3-sd1-e1-s0.json"]
+    assert not (tmp_path / "out" / "checkpoints.tgz").exists()  # nothing was stopped
