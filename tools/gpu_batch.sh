@@ -1,18 +1,23 @@
 #!/bin/bash
-# Runs several tools/deeptwist_vs_tucker.py runs side by side on one GPU machine, then packs what they
-# made into $OUT: runs.tgz (finished runs), checkpoints.tgz (runs the time limit stopped) and logs.tgz.
+# On one GPU machine: first, alone, tools/latency_plan.py for the settings in LATENCY (e.g. cuda-b1,cuda-b32);
+# then several tools/deeptwist_vs_tucker.py runs (RUNS) side by side. Packs what they made into $OUT:
+# latency.tgz, runs.tgz (finished runs), checkpoints.tgz (runs the time limit stopped) and logs.tgz.
 #
 # Prepare once on the machine that sends the command (the GPU machine reaches no package registry, and
 # its image lacks tensorly):
 #   mkdir -p .device && cp ../shared/data/cifar10-jpg.tar.gz ../shared/data/resnet32_cifar10.pt .device/
 #   pip download --no-deps -d .device tensorly && echo /.device/ >> .git/info/exclude
-# Then, through the device tool, with carry [".device"] and a timeout_s above LIMIT:
+# Then, through the device tool, with carry [".device"] and a timeout_s above LIMIT (seconds, for each of
+# the two stages):
 #   RUNS="conventional-r4.3-e30-s0 deeptwist-r4.3-sd200-e30-s0" OPTIONS="--epochs 30 --eval-every 3" \
 #   LIMIT=480 bash tools/gpu_batch.sh
-# Unpack runs.tgz into results/deeptwist_vs_tucker/ and run the tool with --report-only. To continue
-# stopped runs, unpack checkpoints.tgz into .device/ and send the same command again.
+# Unpack runs.tgz into results/deeptwist_vs_tucker/ (latency.tgz into results/latency_plan/) and run the
+# tool with --report-only. To continue stopped runs, unpack checkpoints.tgz into .device/ and send the
+# same command again.
 set -u
-: "${RUNS:?name the run ids, e.g. RUNS=\"conventional-r4.3-e30-s0\"}"
+RUNS=${RUNS:-}
+LATENCY=${LATENCY:-}
+[ -n "$RUNS$LATENCY" ] || { echo "name RUNS (run ids) or LATENCY (latency_plan settings)" >&2; exit 2; }
 OPTIONS=${OPTIONS:-}
 LIMIT=${LIMIT:-480}
 DEVICE=${DEVICE:-cuda}
@@ -25,6 +30,15 @@ if ! python3 -c "import tensorly" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+if [ -n "$LATENCY" ]; then
+    timeout --signal=TERM "$LIMIT" python3 tools/latency_plan.py --settings "$LATENCY" --out "$HERE/latency" \
+        --models "${LATENCY_MODELS:-resnet32,resnet18,resnet50}" \
+        --checkpoint "$HERE/resnet32_cifar10.pt" --latency-cache "$HERE/latency-cache.json" \
+        > "$HERE/logs/latency_plan.log" 2>&1
+    tail -3 "$HERE/logs/latency_plan.log"
+    [ -d "$HERE/latency/runs" ] && tar czf "$OUT/latency.tgz" -C "$HERE/latency" runs
+fi
 
 for run in $RUNS; do
     # shellcheck disable=SC2086  # OPTIONS holds several options

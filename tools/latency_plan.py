@@ -1,8 +1,8 @@
 """Latency-aware compilation (plan-latency) against uniform Tucker ranks, measured in onnxruntime.
 
-For each model and setting (batch, threads) it compiles the variants below with twistc's own
-pipelines, exports each to ONNX and times all of them with the dense model round-robin in one
-process (median over repetitions after warm-up; speedup = dense median / variant median, with a
+For each model and setting (where it is timed: runtime, device, threads, batch) it compiles the
+variants below with twistc's own pipelines, plans for that setting, and times all of them with the
+dense model round-robin in one process (median over repetitions after warm-up; speedup = dense median / variant median, with a
 bootstrap 95% CI of the per-repetition ratios). It reports measured and predicted speedup, the
 weight and MAC cuts, and the approximation error: sqrt(sum over convs of ||W - W_r||^2 / ||W||^2),
 with W_r the kernel the lowered form computes.
@@ -22,6 +22,7 @@ test accuracy: conventionally (decompose, then train) and, for the plans, with D
 
     python tools/latency_plan.py                                # all models and settings, skipping finished
     python tools/latency_plan.py --models resnet32 --settings b1t1 --reps 10 --out /tmp/lp   # quick
+    python tools/latency_plan.py --settings cuda-b1,cuda-b32    # on a GPU: PyTorch eager on CUDA
     python tools/latency_plan.py --finetune --threads 1         # ResNet-32 accuracy after fine-tuning
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import expkit  # noqa: E402
 
 from twistc import Pipeline, state_of, trace  # noqa: E402
-from twistc.latency import onnx_bytes, ort_timer, paired_medians, paired_speedup  # noqa: E402
+from twistc.latency import Runtime, model_timer, paired_medians, paired_speedup  # noqa: E402
 from twistc.models import load_resnet32, resnet18, resnet50  # noqa: E402
 
 log = logging.getLogger("latency_plan")
@@ -49,13 +50,15 @@ MODELS = {
     "resnet18": (lambda ckpt: resnet18(), (1, 3, 224, 224)),
     "resnet50": (lambda ckpt: resnet50(), (1, 3, 224, 224)),
 }
-SETTINGS = {"b1t1": (1, 1), "b8t2": (8, 2)}
+SETTINGS = {"b1t1": Runtime("ort", "cpu", threads=1, batch=1), "b8t2": Runtime("ort", "cpu", threads=2, batch=8),
+            "cuda-b1": Runtime("torch", "cuda", batch=1), "cuda-b32": Runtime("torch", "cuda", batch=32)}
 TARGETS = (1.25, 1.5, 2.0)
 LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
 
 
-def variants(macs_of_r2: float, batch: int, threads: int, cache: str) -> dict[str, str]:
-    plan = f"runtime=ort,device=cpu,threads={threads},batch={batch},cache={cache}"
+def variants(macs_of_r2: float, runtime: Runtime, cache: str) -> dict[str, str]:
+    plan = (f"runtime={runtime.runtime},device={runtime.device},threads={runtime.threads},batch={runtime.batch},"
+            f"cache={cache}")
     out = {f"uniform r={r}": f"lower-conv-tucker{{ratio={r}}},fold,cleanup" for r in (2, 4)}
     out[f"plan macs={macs_of_r2:.2f}"] = f"plan-latency{{macs={macs_of_r2:.4f},{plan}}},{LOWER}"
     out.update({f"plan {s:g}x": f"plan-latency{{speedup={s:g},{plan}}},{LOWER}" for s in TARGETS})
@@ -91,28 +94,28 @@ def compile_variant(model: torch.nn.Module, x: torch.Tensor, spec: str) -> tuple
 
 
 def run(model_name: str, setting: str, checkpoint: str, reps: int, cache: str) -> dict:
-    batch, threads = SETTINGS[setting]
-    torch.set_num_threads(threads)
+    runtime = SETTINGS[setting]
+    torch.set_num_threads(runtime.threads)
     build, shape = MODELS[model_name]
     torch.manual_seed(0)
     model = build(checkpoint).eval()
     x = torch.randn(*shape)
     _, r2 = compile_variant(model, x, "lower-conv-tucker{ratio=2},cleanup")
     results, modules = {}, {"dense": model}
-    for label, spec in variants(r2["mac_ratio"], batch, threads, cache).items():
+    for label, spec in variants(r2["mac_ratio"], runtime, cache).items():
         log.info("%s %s: %s", model_name, setting, label)
         try:
             modules[label], results[label] = compile_variant(model, x, spec)
         except Exception as e:  # an unreachable target is a result too
             results[label] = {"spec": spec, "failed": f"{type(e).__name__}: {e}"}
-    xb = torch.cat([x] * batch)
-    timers = [ort_timer(m, xb, "cpu", threads, onnx_bytes(m.eval(), xb)) for m in modules.values()]
+    timers = [model_timer(m.eval(), x, runtime) for m in modules.values()]
     samples: list[list[float]] = []
     medians = paired_medians(timers, warmup=5, reps=reps, samples=samples)
     for (label, _), median, s in zip(list(modules.items())[1:], medians[1:], samples[1:]):
         results[label].update({"median_ms": median, "speedup": medians[0] / median,
                                "speedup_ci95": paired_speedup(samples[0], s)[1]})
-    return {"model": model_name, "setting": setting, "batch": batch, "threads": threads, "reps": reps,
+    return {"model": model_name, "setting": setting, "runtime": runtime.to_json(), "batch": runtime.batch,
+            "threads": runtime.threads, "reps": reps,
             "dense_median_ms": medians[0], "variants": results, **expkit.metadata()}
 
 
@@ -182,9 +185,11 @@ def report(store: expkit.RunStore) -> None:
                          f"{v['weight_ratio']:.2f}x", f"{v['mac_ratio']:.2f}x", f"{v['error']:.3f}",
                          f"{v['compressed']} / {v['convs']} ({v['forms']['tucker-chain']}, {v['forms']['svd-conv']})"])
     md = ["# Latency-aware compilation against uniform Tucker ranks\n",
-          "onnxruntime CPU execution provider; every variant is timed with the dense model round-robin in one "
-          "process. Setting b1t1: batch 1, 1 thread; b8t2: batch 8, 2 threads. Error: sqrt of the summed squared "
-          "relative kernel errors of the lowered layers. ResNet-18/50 have random weights.\n",
+          "Every variant is planned for its setting and timed with the dense model round-robin in one process. "
+          "Settings: " + "; ".join(f"{name}: {setting_text(rt)}" for name, rt in SETTINGS.items()
+                                   if any(r["setting"] == name for r in runs))
+          + ". Error: sqrt of the summed squared relative kernel errors of the lowered layers. ResNet-18/50 have "
+          "random weights.\n",
           expkit.markdown_table(header, rows), "",
           *(["## ResNet-32 after fine-tuning (plans for batch 1, 1 thread)\n",
              "3 epochs on CIFAR-10 from the checkpoint (88.83%), SGD Nesterov from lr 0.01, cosine, seed 0; test "
@@ -193,10 +198,19 @@ def report(store: expkit.RunStore) -> None:
                                     "DeepTwist vs conventional, same plan [95% CI]", "weights cut (compressed convs)",
                                     "steps", "distortions", "minutes"], tuned), ""] if tuned else []),
           "Machines and commands:", ""]
-    md += sorted({f"- `{r['command']}` on {r['machine']['cpu']}" for r in store.load_all()}) + [""]
+    md += sorted({f"- `{r['command']}` on {r.get('runtime', {}).get('machine') or r['machine']['cpu']}"
+                  for r in store.load_all()}) + [""]
     (store.root / "results.md").write_text("\n".join(md))
     (store.root / "results.json").write_text(json.dumps(runs, indent=1) + "\n")
     plot(runs, store.root / "predicted_vs_measured.png")
+
+
+def setting_text(runtime: Runtime) -> str:
+    where = {"ort": f"onnxruntime, {runtime.device.upper()} execution provider", "torch": "PyTorch eager",
+             "torch-compile": "torch.compile"}[runtime.runtime] + (" on CUDA" if runtime.runtime != "ort" and
+                                                                    runtime.device == "cuda" else "")
+    threads = f", {runtime.threads} thread{'s' * (runtime.threads > 1)}" if runtime.device == "cpu" else ""
+    return f"{where}, batch {runtime.batch}{threads}"
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -217,7 +231,8 @@ def plot(runs: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--settings", default=",".join(s for s, r in SETTINGS.items() if r.device == "cpu"),
+                   help=f"of {', '.join(SETTINGS)} (default: %(default)s)")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
     p.add_argument("--latency-cache", default=str(expkit.CHECKPOINTS.parent / "latency.json"))
@@ -227,6 +242,11 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=str(expkit.SHARED_DATA / "cifar10-jpg.tar.gz"))
     p.add_argument("--threads", type=int, default=2, help="torch threads of --finetune")
     args = p.parse_args(argv)
+    for setting in args.settings.split(","):
+        if setting not in SETTINGS:
+            p.error(f"unknown setting {setting!r}; the settings are {', '.join(SETTINGS)}")
+        if SETTINGS[setting].device == "cuda" and not torch.cuda.is_available():
+            p.error(f"setting {setting} times on CUDA, and this torch sees no GPU; leave it out here")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     store = expkit.RunStore(Path(args.out))
     if args.finetune and not args.report_only:

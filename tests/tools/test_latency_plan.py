@@ -2,6 +2,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -39,3 +40,11 @@ def test_compares_uniform_and_planned_variants_and_reports(tmp_path, monkeypatch
     specs = lp.finetune_specs(lp.expkit.RunStore(out))
     assert list(specs)[0] == "finetune-conventional-uniformr2" and list(specs)[-1].startswith("finetune-deeptwist-")
     assert all(plan is not None for rid, (_, plan) in specs.items() if "plan" in rid)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_a_cuda_setting_needs_a_gpu(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        lp.main(["--models", "resnet32", "--settings", "cuda-b1", "--out", str(tmp_path / "lp")])
+    assert exit.value.code == 2
+    assert "setting cuda-b1 times on CUDA, and this torch sees no GPU" in capsys.readouterr().err
