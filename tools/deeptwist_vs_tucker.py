@@ -221,7 +221,7 @@ def report(store: expkit.RunStore, cfg) -> None:
                                                          "runs": slim}, indent=1) + "\n")
     plot(series, baseline, store.root / "accuracy_vs_ratio.png")
     if len(budgets) > 1:
-        plot_budget(runs, budgets, store.root / "accuracy_vs_budget.png")
+        plot_budget(runs, store.root / "accuracy_vs_budget.png")
     if any(r.get("evaluations") for r in runs):
         plot_training(runs, store.root / "accuracy_during_training.png")
 
@@ -242,21 +242,24 @@ def plot_training(runs: list[dict], path: Path) -> None:
     expkit.save_figure(fig, ax, path)
 
 
-def plot_budget(runs: list[dict], budgets: list[int], path: Path) -> None:
-    """Test accuracy against fine-tuning epochs, one line per (arm, ratio), seed 0."""
+def plot_budget(runs: list[dict], path: Path) -> None:
+    """Test accuracy against fine-tuning epochs, one line per arm and ratio (seed 0; DeepTwist at a fixed
+    S_D and with adaptive S_D), drawn where an arm ran at more than one budget."""
     fig, ax = expkit.figure((6, 4.2))
     lines: dict = {}
-    for epochs in budgets:
-        for arm, by_ratio in budget_series(runs, epochs).items():
-            for ratio, rs in by_ratio.items():
-                for r in rs:
-                    if r["seed"] == 0:
-                        lines.setdefault((arm, ratio), []).append((epochs, 100 * r["test_acc"]))
-    for (arm, ratio), points in sorted(lines.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for r in runs:
+        if r["seed"] != 0 or options_of(r) not in ("", variant(DEFAULT_LR, target=r.get("target_change"))):
+            continue
+        label = ("conventional" if r["arm"] == "conventional" else f"DeepTwist, S_D = {r['period']}"
+                 + (f" adapted to {r['target_change']:g}" if r.get("target_change") else ""))
+        lines.setdefault((label, r["ratio_requested"]), []).append((r["epochs"], 100 * r["test_acc"]))
+    budgets = sorted({e for points in lines.values() for e, _ in points})
+    for (label, ratio), points in sorted(lines.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if len(points) > 1:
-            ax.plot(*zip(*sorted(points)), "o-" if arm.startswith("deeptwist") else "s--", label=f"{arm}, {ratio:g}x")
+            ax.plot(*zip(*sorted(points)), "s--" if label == "conventional" else "o-", label=f"{label}, {ratio:g}x")
     ax.set_xscale("log")
     ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("fine-tuning epochs")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("ResNet-32 on CIFAR-10: accuracy against budget (seed 0)")
