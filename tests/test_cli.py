@@ -68,6 +68,17 @@ def test_adaptive_period_and_evaluations_during_training_are_reported(tmp_path, 
     assert f"| 1 | {evaluation['loss']:.4f} | {evaluation['accuracy']:.2%} |" in (out / "report.md").read_text()
 
 
+def test_option_fills_the_train_stage_of_a_preset(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(REPO / "examples" / "digits.py"), "--pass", "deeptwist-tucker", "--ratio", "3",
+                 "--epochs", "1", "--option", "accumulate=2", "--option", "eval_every=1", "--set", "pretrain_epochs=4",
+                 "-o", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "train{epochs=1,accumulate=2,eval_every=1}" in report["pipeline"]
+    assert report["training"]["steps"] == 23  # 45 batches, 2 to a step
+    assert [e["epoch"] for e in report["training"]["evaluations"]] == [1]
+
+
 def test_compile_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["compile", str(REPO / "examples" / "digits.py"), "--pass", "deeptwist-tucker", "--ratio", "3",
@@ -195,6 +206,9 @@ def example_inputs''')
     (["--pass", "lower-conv-tucker{ranks=0x2}"], "ranks must be >= 1"),
     (["--pass", "lower-conv-tucker{ranks=8x9}"], "r_in=9 is outside 1..3"),
     (["--pass", "tucker", "--set", "colour=red"], "takes option(s) colour"),
+    (["--pass", "tucker", "--option", "colour=red"], "--option colour: no stage of the pipeline (lower-conv-tucker"),
+    (["--pass", "deeptwist-tucker", "--option", "accumulate=0"], "accumulate must be >= 1"),
+    (["--pass", "tucker", "--option", "accumulate"], "--option 'accumulate': write KEY=VALUE"),
 ])
 def test_bad_pipelines_and_options(tmp_path, capsys, args, message):
     path = _model_file(tmp_path)

@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", help="plan JSON (or a report.json) whose per-layer entries override pass options")
     c.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="option passed to MODEL.py functions that take KEY (repeatable)")
+    c.add_argument("--option", dest="stage_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for every stage of the pipeline that has KEY and whose spec does not write it, "
+                        "e.g. --option accumulate=4 --option eval_every=1 for the train stage of a preset "
+                        "(repeatable)")
     c.add_argument("--atol", type=float, help="ONNX check absolute tolerance (1e-4; 1e-2 for a float16 model)")
     c.add_argument("--rtol", type=float, help="ONNX check relative tolerance (1e-4; 1e-2 for a float16 model)")
     c.add_argument("--threads", type=int, help="torch threads")
@@ -122,12 +126,12 @@ def _pair(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _options(pairs: list[str]) -> dict[str, str]:
+def _options(pairs: list[str], flag: str = "--set") -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key:
-            raise SpecError(f"--set {pair!r}: write KEY=VALUE")
+            raise SpecError(f"{flag} {pair!r}: write KEY=VALUE")
         out[key] = value
     return out
 
@@ -137,9 +141,10 @@ def build_pipeline(spec: str, args) -> Pipeline:
     that writes the plan (deeptwist, plan-latency) take ranks, order and tiles from it, so those flags
     skip them."""
     stages, planned = [], False
+    extra = _options(args.stage_options, "--option")
     for text in split_items(expand_presets(spec, args.epochs, args.target_speedup)):
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
-                  "threads": args.threads, "cache": args.latency_cache}
+                  "threads": args.threads, "cache": args.latency_cache, **extra}
         if not planned:
             values.update(order=args.order, tile=args.tile, grid=args.grid, ratio=args.ratio)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -148,6 +153,10 @@ def build_pipeline(spec: str, args) -> Pipeline:
         stage = parse_item(text, values)
         stages.append(stage)
         planned |= stage.writes_plan
+    unused = [k for k in extra if not any(k in {f.name for f in dataclasses.fields(s)} for s in stages)]
+    if unused:
+        raise SpecError(f"--option {unused[0]}: no stage of the pipeline ({', '.join(s.name for s in stages)}) "
+                        f"takes '{unused[0]}'; `twistc passes NAME` lists a stage's options")
     return Pipeline(stages)
 
 
