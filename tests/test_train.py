@@ -114,6 +114,13 @@ def test_warmup_ramps_the_learning_rate_under_the_cosine(monkeypatch):
         Pipeline.parse("train{warmup=-1}")
 
 
+def test_linear_and_constant_schedules(monkeypatch):
+    assert _recorded_lrs(monkeypatch, schedule="linear") == pytest.approx([0.1 * (1 - i / 8) for i in range(8)])
+    assert _recorded_lrs(monkeypatch, schedule="constant", warmup=2) == pytest.approx([0.05] + [0.1] * 7)
+    with pytest.raises(SpecError, match="schedule must be cosine, linear, constant"):
+        Pipeline.parse("train{schedule=step}")
+
+
 def test_clip_grad_bounds_the_step():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))

@@ -34,6 +34,9 @@ from twistc.pipeline import RunContext, Stage
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# the learning rate's factor when a fraction `done` of the run is behind
+SCHEDULES = {"cosine": lambda done: 0.5 * (1 + math.cos(math.pi * done)), "linear": lambda done: 1 - done,
+             "constant": lambda done: 1.0}
 
 
 def projections(module: nn.Module) -> list[LowRankProjection]:
@@ -118,7 +121,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
           checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True,
           device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0,
           warmup: int = 0, clip_grad: float = 0.0, accumulate: int = 1,
-          eval_data: Callable[[], Iterable] | None = None, eval_every: int = 0) -> TrainResult:
+          eval_data: Callable[[], Iterable] | None = None, eval_every: int = 0,
+          schedule: str = "cosine") -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -137,7 +141,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     `rectify_bn`: after each step that projected weights, re-estimate BatchNorm statistics on that many
     batches of train_data() (BN rectification, as LRPET does after pruning, arXiv 2204.05566). It
     leaves the random streams as they were, so a resumed run stays exact.
-    `warmup`: the learning rate rises linearly over the first that many steps (times the cosine).
+    `schedule`: how the learning rate falls from `lr` over the run: "cosine" (to 0), "linear" (to 0) or
+    "constant". `warmup`: it rises linearly over the first that many steps (times the schedule).
     `clip_grad`: when > 0, gradients are scaled so that their global L2 norm is at most this.
     `accumulate`: each optimizer step averages the gradients of that many batches (fewer at an epoch's
     end); DeepTwist's step counter, the schedule, checkpoints and stops go by optimizer steps.
@@ -196,7 +201,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                     done = (epoch + (at["batch"] // accumulate / steps_per_epoch if per_epoch else 0)) / epochs
                     at["step"] += 1
                     for group in optimizer.param_groups:
-                        group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * done)) * min(1.0, at["step"] / (warmup or 1))
+                        group["lr"] = lr * SCHEDULES[schedule](done) * min(1.0, at["step"] / (warmup or 1))
                     optimizer.zero_grad(set_to_none=True)
                 ends = micro == accumulate - 1 or at["batch"] + 1 == per_epoch
                 with autocast(), _counting(module, micro == 0), \
@@ -473,9 +478,10 @@ def _logits(out) -> torch.Tensor:
 @dataclass(frozen=True)
 class Train(Stage):
     name = "train"
-    summary = ("stage: SGD (Nesterov momentum) or AdamW with a cosine lr on train_data(), then DeepTwist's "
-               "final projection")
-    option_help = {"epochs": "passes over train_data()", "lr": "peak learning rate (cosine decay to 0)",
+    summary = ("stage: SGD (Nesterov momentum) or AdamW with a cosine, linear or constant lr on train_data(), then "
+               "DeepTwist's final projection")
+    option_help = {"epochs": "passes over train_data()", "lr": "peak learning rate",
+                   "schedule": "the learning rate's decay: cosine (to 0), linear (to 0) or constant",
                    "momentum": "SGD's Nesterov momentum, or AdamW's beta1", "weight_decay": "weight decay",
                    "seed": "seeds torch, numpy and random", "reset_momentum": "clear projected weights' momentum "
                    "after each distortion", "recalibrate_bn": "batches for re-estimating BatchNorm statistics "
@@ -497,6 +503,7 @@ class Train(Stage):
 
     epochs: int = 3
     lr: float = 0.01
+    schedule: str = "cosine"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
@@ -525,6 +532,8 @@ class Train(Stage):
             raise SpecError(f"train: device={self.device}, but this torch sees no CUDA device; use device=cpu")
         if self.accumulate < 1:
             raise SpecError(f"train: accumulate must be >= 1 (batches per optimizer step), got {self.accumulate}")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"train: schedule must be {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.optimizer == "adamw" and not self.momentum < 1:
@@ -554,7 +563,7 @@ class Train(Stage):
                        shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
                        channels_last=self.channels_last, rectify_bn=self.rectify_bn, warmup=self.warmup,
                        clip_grad=self.clip_grad, accumulate=self.accumulate, eval_data=ctx.eval_data,
-                       eval_every=self.eval_every) if self.epochs else TrainResult(0)
+                       eval_every=self.eval_every, schedule=self.schedule) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
