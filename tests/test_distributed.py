@@ -28,8 +28,14 @@ def _batches():
     return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(6)]
 
 
-def _train(gm, data, accumulate=1):
-    return train(gm, lambda: data, 2, lr=0.05, progress=False, accumulate=accumulate)
+def _held_out():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(5, 3, 8, 8, generator=g), torch.randint(0, 4, (5,), generator=g)) for _ in range(5)]
+
+
+def _train(gm, data, accumulate=1):  # evaluated on the held-out batches after each epoch, each rank on its share
+    return train(gm, lambda: data, 2, lr=0.05, progress=False, accumulate=accumulate, eval_data=_held_out,
+                 eval_every=1)
 
 
 def _own_shard(batches, rank):
@@ -44,10 +50,11 @@ def _worker(rank: int, world: int, init: str, out: str, accumulate: int, own_sha
         gm = _model()
         if own_shard:  # the last step's end shows only when the generator runs out
             result = train(gm, lambda: _own_shard(_batches(), rank), 2, lr=0.05, progress=False,
-                           accumulate=accumulate, shard=False)
+                           accumulate=accumulate, shard=False, eval_data=_held_out, eval_every=1)
         else:
             result = _train(gm, _batches(), accumulate)  # each rank takes every 2nd batch
-        torch.save({"state": gm.state_dict(), "steps": result.steps}, f"{out}.{rank}")
+        torch.save({"state": gm.state_dict(), "steps": result.steps, "evaluations": result.evaluations},
+                   f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -65,8 +72,12 @@ def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path, accumula
                       for step in steps]
     single = _model()
     result = train(single, lambda: (b for b in global_batches) if own_shard else global_batches, 2, lr=0.05,
-                   progress=False)  # without a length, as the ranks', when they shard themselves
+                   progress=False, eval_data=_held_out, eval_every=1)  # without a length, as the ranks' own shards
     assert ranks[0]["steps"] == ranks[1]["steps"] == result.steps == 2 * len(steps)
+    # the ranks split the 5 held-out batches 3 / 2 and sum their counts: the accuracy of all 25 images
+    accuracies = lambda evaluations: [(e["epoch"], e["accuracy"], e["low_rank_accuracy"]) for e in evaluations]
+    assert accuracies(ranks[0]["evaluations"]) == accuracies(ranks[1]["evaluations"]) == accuracies(result.evaluations)
+    assert len(result.evaluations) == 2
     for name, value in single.state_dict().items():
         torch.testing.assert_close(ranks[0]["state"][name], value, atol=1e-5, rtol=0, msg=name)
         torch.testing.assert_close(ranks[1]["state"][name], ranks[0]["state"][name], atol=0, rtol=0, msg=name)

@@ -197,11 +197,11 @@ def compile_command(args) -> int:
     status(f"building the model ({model_path.name}: model())")
     original = mf.model().eval()
     example = mf.example_inputs()
-    eval_data = mf.data("eval_data") if main_rank else None  # rank 0 alone evaluates
+    eval_data = mf.data("eval_data")  # the ranks share evaluations during training; rank 0 alone does the rest
     start = time.perf_counter()
     if eval_data:
         status("evaluating the original model on eval_data()")
-    acc_before = accuracy(original, eval_data()) if eval_data else None
+    acc_before = accuracy(original, eval_data()) if eval_data and main_rank else None
     status("tracing")
     gm = trace(copy.deepcopy(original), example)
     state = state_of(gm)

@@ -4,13 +4,14 @@
 their environment; `init_from_env` joins them into one process group (gloo for CPU tensors, and
 NCCL for CUDA tensors where torch sees GPUs; multi-node through torchrun's own rendezvous flags).
 Each rank then trains a DistributedDataParallel copy on its shard of the batches, on GPU LOCAL_RANK
-when it trains on CUDA; rank 0 alone evaluates, exports and writes.
+when it trains on CUDA; the ranks share the evaluations during training, and rank 0 alone evaluates
+before and after, exports and writes.
 """
 from __future__ import annotations
 
 import itertools
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,22 @@ def shard(batches: Iterator, count: int | None) -> tuple[Iterator, int | None]:
                          "and world_size and shard itself")
     per_rank = count // size
     return itertools.islice(batches, rank, per_rank * size, size), per_rank
+
+
+def my_share(batches: Iterable) -> Iterator:
+    """Every world-size-th batch from this rank's index on (all of them outside a process group); for
+    work whose results are summed over the ranks, such as counting correct predictions."""
+    rank, size = world()
+    return iter(batches) if size == 1 else itertools.islice(batches, rank, None, size)
+
+
+def total(*counts: int) -> list[int]:
+    """Each count summed over the ranks."""
+    if world()[1] == 1:
+        return list(counts)
+    t = torch.tensor(counts, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def any_rank(flag: bool) -> bool:

@@ -147,7 +147,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     `accumulate`: each optimizer step averages the gradients of that many batches (fewer at an epoch's
     end); DeepTwist's step counter, the schedule, checkpoints and stops go by optimizer steps.
     `eval_data`, `eval_every`: after every `eval_every`-th epoch and the last, `evaluate()` on eval_data()
-    (rank 0 alone; the other ranks train on and wait for it at the next step).
+    (under torchrun every rank must have eval_data: each takes its share of the batches).
     """
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -391,14 +391,19 @@ def evaluate(module: nn.Module, eval_data: Callable[[], Iterable],
              prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
     """Top-1 accuracy on eval_data() as the weights stand and, while DeepTwist projections are not final,
     `low_rank_accuracy`: with every projected kernel replaced by its low-rank reconstruction, which is
-    what stopping here would deploy (before any BatchNorm recalibration). The weights and the random
-    streams are left as they were, so training goes on as it would have without the evaluation."""
+    what stopping here would deploy (before any BatchNorm recalibration). Under torchrun each rank
+    evaluates every world-size-th batch and the counts are summed. The weights and the random streams
+    are left as they were, so training goes on as it would have without the evaluation."""
+    def shared_accuracy() -> float:
+        correct, seen = distributed.total(*_correct_and_seen(module, distributed.my_share(eval_data()), prepare))
+        return correct / max(seen, 1)
+
     rng = rng_state()
-    record = {"accuracy": accuracy(module, eval_data(), prepare)}
+    record = {"accuracy": shared_accuracy()}
     pending = [p for p in projections(module) if not p.finalized]
     if pending:
         with _reconstructed(module, pending):
-            record["low_rank_accuracy"] = accuracy(module, eval_data(), prepare)
+            record["low_rank_accuracy"] = shared_accuracy()
     set_rng_state(rng)
     return record
 
@@ -433,10 +438,16 @@ def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
                 state[key].zero_()
 
 
-@torch.no_grad()
 def accuracy(module: nn.Module, data: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> float:
     """Top-1 accuracy (a fraction) in eval mode, of the inputs after `prepare` (device, memory order);
     training flags are restored."""
+    correct, seen = _correct_and_seen(module, data, prepare)
+    return correct / max(seen, 1)
+
+
+@torch.no_grad()
+def _correct_and_seen(module: nn.Module, data: Iterable,
+                      prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
     modes = {m: m.training for m in module.modules()}
     module.eval()
     correct = seen = 0
@@ -459,7 +470,7 @@ def accuracy(module: nn.Module, data: Iterable, prepare: Callable[[torch.Tensor]
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return correct / max(seen, 1)
+    return correct, seen
 
 
 def _logits(out) -> torch.Tensor:
