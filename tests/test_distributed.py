@@ -53,8 +53,8 @@ def _worker(rank: int, world: int, init: str, out: str, accumulate: int, own_sha
                            accumulate=accumulate, shard=False, eval_data=_held_out, eval_every=1)
         else:
             result = _train(gm, _batches(), accumulate)  # each rank takes every 2nd batch
-        torch.save({"state": gm.state_dict(), "steps": result.steps, "evaluations": result.evaluations},
-                   f"{out}.{rank}")
+        torch.save({"state": gm.state_dict(), "steps": result.steps, "evaluations": result.evaluations,
+                    "losses": result.losses}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -75,6 +75,8 @@ def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path, accumula
                    progress=False, eval_data=_held_out, eval_every=1)  # without a length, as the ranks' own shards
     assert ranks[0]["steps"] == ranks[1]["steps"] == result.steps == 2 * len(steps)
     # the ranks split the 5 held-out batches 3 / 2 and sum their counts: the accuracy of all 25 images
+    if accumulate == 1:  # the epoch's loss is the mean over all ranks' batches, as one process over them sees it
+        assert ranks[0]["losses"] == ranks[1]["losses"] == pytest.approx(result.losses, abs=1e-5)
     accuracies = lambda evaluations: [(e["epoch"], e["accuracy"], e["low_rank_accuracy"]) for e in evaluations]
     assert accuracies(ranks[0]["evaluations"]) == accuracies(ranks[1]["evaluations"]) == accuracies(result.evaluations)
     assert len(result.evaluations) == 2

@@ -90,6 +90,15 @@ def total(*counts: int) -> list[int]:
     return t.tolist()
 
 
+def mean(value: float) -> float:
+    """`value` averaged over the ranks."""
+    if world()[1] == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world()[1]
+
+
 def any_rank(flag: bool) -> bool:
     """Whether any rank raised `flag` (a no-op outside a process group)."""
     if world()[1] == 1:

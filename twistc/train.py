@@ -226,7 +226,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             if at["batch"] == 0:
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
                                 "(input, target) pairs every time it is called")
-            result.losses.append(at["loss_total"] / max(at["batch"], 1))
+            result.losses.append(distributed.mean(at["loss_total"] / max(at["batch"], 1)))  # over all ranks' batches
             evaluated = ""
             if eval_data is not None and eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 result.evaluations.append({"epoch": epoch + 1, "loss": result.losses[-1],
