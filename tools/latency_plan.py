@@ -1,9 +1,9 @@
-"""Latency-aware compilation (plan-latency) against uniform Tucker ranks, measured in onnxruntime.
+"""Latency-aware compilation (plan-latency) against uniform Tucker ranks, measured in onnxruntime or PyTorch.
 
 For each model and setting (where it is timed: runtime, device, threads, batch) it compiles the
 variants below with twistc's own pipelines, plans for that setting, and times all of them with the
-dense model round-robin in one process (median over repetitions after warm-up; speedup = dense median / variant median, with a
-bootstrap 95% CI of the per-repetition ratios). It reports measured and predicted speedup, the
+dense model round-robin in one process (median over repetitions after warm-up; speedup = dense
+median / variant median, with a bootstrap 95% CI of the per-repetition ratios). It reports measured and predicted speedup, the
 weight and MAC cuts, and the approximation error: sqrt(sum over convs of ||W - W_r||^2 / ||W||^2),
 with W_r the kernel the lowered form computes.
 
@@ -206,11 +206,11 @@ def report(store: expkit.RunStore) -> None:
 
 
 def setting_text(runtime: Runtime) -> str:
-    where = {"ort": f"onnxruntime, {runtime.device.upper()} execution provider", "torch": "PyTorch eager",
-             "torch-compile": "torch.compile"}[runtime.runtime] + (" on CUDA" if runtime.runtime != "ort" and
-                                                                    runtime.device == "cuda" else "")
-    threads = f", {runtime.threads} thread{'s' * (runtime.threads > 1)}" if runtime.device == "cpu" else ""
-    return f"{where}, batch {runtime.batch}{threads}"
+    if runtime.runtime == "ort":
+        threads = f"{runtime.threads} thread{'s' * (runtime.threads > 1)}"
+        return f"onnxruntime ({runtime.device.upper()} execution provider), batch {runtime.batch}, {threads}"
+    engine = "eager" if runtime.runtime == "torch" else "under torch.compile"
+    return f"PyTorch {engine} on {runtime.device.upper()}, batch {runtime.batch}"
 
 
 def plot(runs: list[dict], path: Path) -> None:
