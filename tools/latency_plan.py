@@ -3,9 +3,9 @@
 For each model and setting (where it is timed: runtime, device, threads, batch) it compiles the
 variants below with twistc's own pipelines, plans for that setting, and times all of them with the
 dense model round-robin in one process (median over repetitions after warm-up; speedup = dense
-median / variant median, with a bootstrap 95% CI of the per-repetition ratios). It reports measured and predicted speedup, the
-weight and MAC cuts, and the approximation error: sqrt(sum over convs of ||W - W_r||^2 / ||W||^2),
-with W_r the kernel the lowered form computes.
+median / variant median, with a bootstrap 95% CI of the per-repetition ratios). It reports measured
+and predicted speedup, the weight and MAC cuts, and the approximation error: sqrt(sum over convs of
+||W - W_r||^2 / ||W||^2), with W_r the kernel the lowered form computes.
 
   uniform r=2, r=4        lower-conv-tucker{ratio=R},fold,cleanup (1x1 convs stay dense)
   plan macs=M             plan-latency{macs=M}: the MAC cut of uniform r=2's Tucker ranks (before fold,
