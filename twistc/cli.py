@@ -193,6 +193,8 @@ def compile_command(args) -> int:
     main_rank = distributed.is_main()
     if main_rank:
         _say(f"pipeline: {pipeline}")
+    if main_rank and not args.quiet:  # a line per epoch: loss, and the evaluations of eval_every
+        logging.getLogger("twistc.train").setLevel(logging.INFO)
     status = _status if main_rank and not args.quiet else (lambda msg: None)
     status(f"building the model ({model_path.name}: model())")
     original = mf.model().eval()
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         log.removeHandler(handler)
+        logging.getLogger("twistc.train").setLevel(logging.NOTSET)
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         _signals_received.clear()
