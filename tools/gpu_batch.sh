@@ -4,9 +4,9 @@
 # latency.tgz, runs.tgz (finished runs), checkpoints.tgz (runs the time limit stopped) and logs.tgz.
 #
 # Prepare once on the machine that sends the command (the GPU machine reaches no package registry, and
-# its image lacks tensorly):
+# its image lacks tensorly; .gitignore keeps .device/ out of the repository):
 #   mkdir -p .device && cp ../shared/data/cifar10-jpg.tar.gz ../shared/data/resnet32_cifar10.pt .device/
-#   pip download --no-deps -d .device tensorly && echo /.device/ >> .git/info/exclude
+#   pip download --no-deps -d .device tensorly
 # Then, through the device tool, with carry [".device"] and a timeout_s above LIMIT (seconds, for each of
 # the two stages):
 #   RUNS="conventional-r4.3-e30-s0 deeptwist-r4.3-sd200-e30-s0" OPTIONS="--epochs 30 --eval-every 3" \
