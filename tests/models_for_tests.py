@@ -1,6 +1,9 @@
 """Small models and conv configurations shared by the tests."""
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+from twistc import Pipeline, trace
 
 # A MODEL.py for CLI tests: a small CNN on 3x8x8 inputs, 4 classes (tests add train_data() and eval_data())
 TINY_MODEL_PY = '''
@@ -15,6 +18,15 @@ def model():
 def example_inputs():
     return (torch.randn(1, 3, 8, 8),)
 '''
+
+
+def tiny_deeptwist_cnn():
+    """TINY_MODEL_PY's CNN (no BatchNorm) under deeptwist{ratio=2,period=2}, traced on 3x8x8 inputs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 8, 8),)))
+
 
 # nn.Conv2d keyword arguments covering bias, stride, padding ('same' too), padding modes, dilation, kernel shapes
 CONV_CASES = {

@@ -7,20 +7,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
-from models_for_tests import TINY_MODEL_PY
-from twistc import Pipeline, trace
+from models_for_tests import TINY_MODEL_PY, tiny_deeptwist_cnn
 from twistc.train import projections, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available here")
-
-
-def _model():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    return Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 8, 8),)))
 
 
 def _batches():
@@ -47,7 +38,7 @@ def _worker(rank: int, world: int, init: str, out: str, accumulate: int, own_sha
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
-        gm = _model()
+        gm = tiny_deeptwist_cnn()
         if own_shard:  # the last step's end shows only when the generator runs out
             result = train(gm, lambda: _own_shard(_batches(), rank), 2, lr=0.05, progress=False,
                            accumulate=accumulate, shard=False, eval_data=_held_out, eval_every=1)
@@ -70,7 +61,7 @@ def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path, accumula
     batches = _batches()
     global_batches = [(torch.cat([batches[i][0] for i in step]), torch.cat([batches[i][1] for i in step]))
                       for step in steps]
-    single = _model()
+    single = tiny_deeptwist_cnn()
     result = train(single, lambda: (b for b in global_batches) if own_shard else global_batches, 2, lr=0.05,
                    progress=False, eval_data=_held_out, eval_every=1)  # without a length, as the ranks' own shards
     assert ranks[0]["steps"] == ranks[1]["steps"] == result.steps == 2 * len(steps)

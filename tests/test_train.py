@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from models_for_tests import tiny_deeptwist_cnn
 from twistc import Pipeline, trace
 from twistc.errors import SpecError
 from twistc.train import accuracy, final_projection, projections, train
@@ -137,13 +138,6 @@ def test_clip_grad_bounds_the_step():
         Pipeline.parse("train{clip_grad=-1}")
 
 
-def _model_without_batchnorm():
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    return Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 8, 8),)))
-
-
 class Unsized:
     """train_data() as a generator: no length, so the epoch's last step is found when it runs out."""
 
@@ -160,7 +154,7 @@ def test_accumulated_steps_equal_steps_over_the_concatenated_batches(sized):
     small = [(x[:4], y[:4]) for x, y in _data()] + [(x[4:], y[4:]) for x, y in _data()[:1]]  # 5 batches of 4
     groups = [small[0:2], small[2:4], small[4:5]]  # the last optimizer step has one batch
     large = [(torch.cat([x for x, _ in g]), torch.cat([y for _, y in g])) for g in groups]
-    accumulated, plain = _model_without_batchnorm(), _model_without_batchnorm()
+    accumulated, plain = tiny_deeptwist_cnn(), tiny_deeptwist_cnn()
     result = train(accumulated, lambda: small if sized else Unsized(small), 2, lr=0.05, progress=False,
                    accumulate=2)
     reference = train(plain, lambda: large if sized else Unsized(large), 2, lr=0.05, progress=False)

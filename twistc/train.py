@@ -170,6 +170,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     start = time.perf_counter() - result.seconds
     module.train()
     net = distributed.wrap(module)
+    projected = projections(module)
     with _deferred_stop() if checkpointing else nullcontext([]) as stop:
         step_distorted = False
 
@@ -204,10 +205,10 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                         group["lr"] = lr * SCHEDULES[schedule](done) * min(1.0, at["step"] / (warmup or 1))
                     optimizer.zero_grad(set_to_none=True)
                 ends = micro == accumulate - 1 or at["batch"] + 1 == per_epoch
-                with autocast(), _counting(module, micro == 0), \
+                with autocast(), _counting(projected, micro == 0), \
                         (nullcontext() if ends or net is module else net.no_sync()):
-                    loss, distorted = _forward_backward(module, net, optimizer, scaler, loss_fn, prepare(x),
-                                                        y.to(device), at["step"], result, reset_momentum)
+                    loss, distorted = _forward_backward(module, net, projected, optimizer, scaler, loss_fn,
+                                                        prepare(x), y.to(device), at["step"], result, reset_momentum)
                 if micro == 0:
                     step_distorted = distorted
                 at["distortion_steps"] += distorted
@@ -279,24 +280,24 @@ def _optimizer(name: str, params: list, lr: float, momentum: float, weight_decay
 
 
 @contextmanager
-def _counting(module: nn.Module, on: bool):
+def _counting(projected: list[LowRankProjection], on: bool):
     """DeepTwist's projections count (and may project) in the forwards inside only when `on`: the first
     batch of an optimizer step."""
-    for p in projections(module):
+    for p in projected:
         p.counting = on
     try:
         yield
     finally:
-        for p in projections(module):
+        for p in projected:
             p.counting = True
 
 
-def _forward_backward(module, net, optimizer, scaler, loss_fn, x, y, step: int, result: TrainResult,
-                      reset_momentum: bool) -> tuple[float, bool]:
+def _forward_backward(module, net, projected: list[LowRankProjection], optimizer, scaler, loss_fn, x, y, step: int,
+                      result: TrainResult, reset_momentum: bool) -> tuple[float, bool]:
     """One batch's forward and backward through `net` (the module, or its DDP wrapper), its gradients
     added to those already there; returns the loss and whether a DeepTwist distortion happened in it."""
     loss = loss_fn(net(x), y)
-    changes = [float(p.change) for p in projections(module) if p.distorted]
+    changes = [float(p.change) for p in projected if p.distorted]
     distorted = bool(changes)
     if distorted:
         result.distortion_changes.append(sum(changes) / len(changes))
