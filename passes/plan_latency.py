@@ -38,7 +38,7 @@ from twistc.latency import BUILDERS, LatencyCache, LayerShape, Runtime, measure_
 from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
-from twistc.state import state_of
+from twistc.state import PLANNED_DENSE, Skip, state_of
 from twistc.train import accuracy
 
 log = logging.getLogger(__name__)
@@ -130,11 +130,13 @@ class PlanLatency(Pass):
         if isinstance(decided, str):
             raise RankError(decided)
         layers, state.latency = decided
-        for name, (entry, before, after, error, drop) in layers.items():
+        for name, (entry, before, after, error, drop, why) in layers.items():
             state.plan.set(name, entry)
             record = state.layers[name]
             record.latency_before, record.latency_after, record.approx_error = before, after, error
             record.accuracy_drop = drop
+            if entry.decomp == "none" and why:
+                state.skip(name, Skip(f"{PLANNED_DENSE}: {why}"))
         rewrites = sum(entry.decomp != "none" for entry, *_ in layers.values())
         log.info("plan-latency: %d of %d layers compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites, len(layers),
                  state.latency["model_ms_before"], state.latency["predicted_ms_after"],
@@ -142,12 +144,13 @@ class PlanLatency(Pass):
         return PassResult(gm, rewrites > 0, rewrites)
 
     def decide(self, gm: fx.GraphModule, batches: list | None = None) -> tuple[dict, dict] | str:
-        """Per layer (plan entry, dense ms, chosen ms, kernel error, accuracy drop or None), and the latency
-        summary; or why the target is out of reach. `batches`: eval batches for objective=eval."""
+        """Per layer (plan entry, dense ms, chosen ms, kernel error, accuracy drop or None, why it would stay
+        dense), and the latency summary; or why the target is out of reach. `batches`: eval batches for
+        objective=eval."""
         state = state_of(gm)
         runtime, cache = self.target(), LatencyCache(self.cache or None)
         sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
-        options = []
+        options, whys = [], []  # whys: why a layer would stay dense (None: the lowering passes say it)
         baseline = accuracy(gm, batches) if batches else None
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
             entries = [None] + (self.candidates(gm, site) if selected(self.layers, site.name) else [])
@@ -157,6 +160,8 @@ class PlanLatency(Pass):
             drops = ([0.0] + [accuracy_drop(gm, site, entries[i], batches, baseline) for i in keep[1:]]
                      if batches else [None] * len(keep))
             options.append([(entries[i], ms[i], errors[i], drop) for i, drop in zip(keep, drops)])
+            whys.append("target met without it" if len(keep) > 1 else "no form ran faster" if len(entries) > 1 else
+                        None if selected(self.layers, site.name) else f"not selected by layers={self.layers}")
         cache.save()
         model_ms = self.model_ms(gm, runtime)
         try:
@@ -164,8 +169,8 @@ class PlanLatency(Pass):
         except RankError as e:
             return str(e)
         predicted = model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks))
-        layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2], opts[i][3])
-                  for site, opts, i in zip(sites, options, picks)}
+        layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2], opts[i][3], why)
+                  for site, opts, i, why in zip(sites, options, picks, whys)}
         return layers, {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
                         "model_ms_before": model_ms, "predicted_ms_after": predicted,
                         "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}

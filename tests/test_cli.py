@@ -92,7 +92,7 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"] == "deeptwist{period=10,ratio=3},train{epochs=1},lower-conv-tucker,fold,cleanup"
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4", "fc"]
-    assert report["layers"][-1]["skip_reason"] == "Linear: lower-conv-tucker rewrites Conv2d and Conv1d layers"
+    assert report["layers"][-1]["skip_reason"] == "Linear: tucker applies to Conv2d and Conv1d layers"
     for layer in report["layers"][:-1]:
         assert layer["lowering"] == "tucker-chain" and layer["ratio_achieved"] >= 3
         assert set(layer) >= {"name", "skip_reason", "ranks", "params_before", "params_after", "flops_before",

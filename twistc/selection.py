@@ -20,7 +20,7 @@ from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass, PassResult
 from twistc.plan import LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.report import count_weights
-from twistc.state import CompileState, Skip, state_of
+from twistc.state import PLANNED_DENSE, CompileState, Skip, state_of
 
 def first_failure(site: ConvSite, decomp: str) -> str | None:
     """Why `decomp` cannot take this conv, or None."""
@@ -87,8 +87,8 @@ class LowRankOptions(Pass):
         check_layers_pattern(self.name, self.layers, list(state.layers))
         sites = [s for s in conv_sites(gm) if s.name in state.layers]
         takes = self.takes()
-        for site in sites:
-            if site.kind not in takes:
+        for site in sites:  # a layer kind the pass does not take says less than an earlier pass's reason
+            if site.kind not in takes and state.layers[site.name].skip_reason is None:
                 state.skip(site.name, Skip(self.kind_reason(site.kind, takes)))
         return state, [s for s in sites if s.kind in takes]
 
@@ -111,7 +111,7 @@ class LowRankOptions(Pass):
         planned = state.plan.get(site.name)
         if planned is not None:
             if planned.decomp == "none":
-                return Skip("left dense by the plan")
+                return Skip(PLANNED_DENSE)
             if planned.decomp != decomp:
                 return Skip(f"the plan gives it decomp={planned.decomp}")
             return check_entry(site.geometry, planned)

@@ -12,6 +12,7 @@ from twistc.decomp.cost import ConvGeometry, Cost, conv_cost
 from twistc.plan import Plan
 
 META_KEY = "twistc"
+PLANNED_DENSE = "left dense by the plan"
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ class CompileState:
     latency: dict | None = None  # plan-latency: runtime settings, measured and predicted model latency
 
     def skip(self, name: str, skip: Skip) -> None:
-        record = self.layers.get(name)
-        if record is not None and record.lowering is None:
+        record = self.layers.get(name)  # the plan has the last word: its reason for a dense layer stays
+        if record is not None and record.lowering is None and not (record.skip_reason or "").startswith(PLANNED_DENSE):
             record.skip_reason = skip.reason
 
 

@@ -57,6 +57,22 @@ def test_layers_whose_candidates_are_all_slower_stay_dense(table, tmp_path):
         _run(f"plan-latency{{ratio=1.5,cache={tmp_path / 'c.json'}}}")
 
 
+def test_the_report_says_why_the_plan_left_a_layer_dense(table, tmp_path):
+    # only the 16->32 3x3 conv has forms faster than dense; every other candidate is slower
+    table["lowered"] = lambda e, shape: 0.1 if shape.in_channels == 16 else 1.5
+    gm, _ = _run(f"plan-latency{{speedup=1.01,layers=0|2|4,cache={tmp_path / 'c.json'}}},"
+                 "lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup")
+    layers = state_of(gm).layers
+    assert layers["2"].lowering and layers["2"].skip_reason is None
+    # the later lowering passes (1x1 conv under Tucker, Linear under the conv passes) keep the plan's reason
+    assert layers["0"].skip_reason == layers["4"].skip_reason == "left dense by the plan: no form ran faster"
+    assert layers["7"].skip_reason == "left dense by the plan: not selected by layers=0|2|4"
+    table["lowered"] = lambda e, shape: 0.1
+    gm, _ = _run(f"plan-latency{{speedup=1.01,cache={tmp_path / 'c.json'}}},lower-conv-tucker,lower-conv-svd")
+    dense = [r.skip_reason for r in state_of(gm).layers.values() if not r.lowering]
+    assert dense and set(dense) == {"left dense by the plan: target met without it"}
+
+
 def test_meets_a_reachable_target_with_the_least_error(table, tmp_path):
     # each lowered form costs 0.1 ms per rank unit (sum of ranks / 8): lower ranks are faster
     table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
