@@ -325,8 +325,8 @@ def bench_command(args) -> int:
              f"{m['speedup_vs_first']:.2f} [{m['speedup_ci95'][0]:.2f}, {m['speedup_ci95'][1]:.2f}]")
             for m in result["models"]]
     where = {"ort": "onnxruntime", "torch": "PyTorch eager", "torch-compile": "PyTorch, torch.compile"}[args.runtime]
-    _say(f"{where} {result['provider']} ({result['machine']}), batch {args.batch}, {args.threads} threads, "
-         f"{args.reps} paired reps")
+    threads = f"{args.threads} thread{'s' * (args.threads > 1)}"
+    _say(f"{where} {result['provider']} ({result['machine']}), batch {args.batch}, {threads}, {args.reps} paired reps")
     header = ("model", "median ms", "p10-p90 ms", "vs first", "speedup [95% CI]", "")
     _say(text_table([r + ("",) for r in rows], header))
     if args.output:
