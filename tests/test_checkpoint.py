@@ -1,5 +1,6 @@
 """Checkpoint and resume: a run stopped by a signal mid-epoch and resumed ends where an unstopped run ends."""
 import functools
+import importlib
 import os
 import random
 import signal
@@ -57,13 +58,14 @@ class Data:
 
 
 def _run(folder, stop_at=None, resume=False, epochs=3, optimizer="sgd", crash_at=None, every=0, spec=None,
-         accumulate=1, amp="none"):
+         accumulate=1, amp="none", keep_best=False):
     gm = _deeptwist_model(*([spec] if spec else []))
     cp = Checkpointing(folder, checkpoint.identity("deeptwist,train", gm), resume, every) if folder else None
     data = Data(stop_at, crash_at)
     lr = 0.05 if optimizer == "sgd" else 0.005
+    evaluation = dict(eval_data=lambda: [(data.x, data.y)], eval_every=1, keep_best=True) if keep_best else {}
     result = train(gm, lambda: data(), epochs, lr=lr, seed=3, progress=False, finalize=False, checkpointing=cp,
-                   optimizer=optimizer, accumulate=accumulate, amp=amp)
+                   optimizer=optimizer, accumulate=accumulate, amp=amp, **evaluation)
     return gm, result
 
 
@@ -135,6 +137,26 @@ def test_periodic_checkpoints_survive_a_crash_without_a_signal(tmp_path, monkeyp
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
     # (train_data() has no length here, so step 15 is saved both as a multiple of 3 and as an epoch end)
     assert sorted(set(saved)) == [3, 5, 6, 9, 10, 12, 15] and result.steps == 15
+
+
+def test_the_best_weights_of_keep_best_survive_a_stop(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    real_evaluate = importlib.import_module("twistc.train").evaluate
+    score_after_step = {5: 0.9, 10: 0.5, 15: 0.5}  # the best evaluation is epoch 1's, before the stop
+
+    def scripted(module, eval_data, prepare):
+        return {**real_evaluate(module, eval_data, prepare),
+                "low_rank_accuracy": score_after_step[int(projections(module)[0].step)]}
+
+    monkeypatch.setattr(importlib.import_module("twistc.train"), "evaluate", scripted)
+    reference, ref_result = _run(None, keep_best=True)
+    with pytest.raises(Stopped):
+        _run(tmp_path, stop_at=12, keep_best=True)
+    resumed, result = _run(tmp_path, resume=True, keep_best=True)
+    assert result.kept_epoch == ref_result.kept_epoch == 1
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0, msg=name)
+    assert [int(p.step) for p in projections(resumed)] == [5, 5]
 
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):

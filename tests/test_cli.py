@@ -51,10 +51,11 @@ def _fails(capsys, argv, message):
     return lines[-1]
 
 
-def test_adaptive_period_and_evaluations_during_training_are_reported(tmp_path, capsys):
+def test_adaptive_period_evaluations_and_the_kept_epoch_are_reported(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", str(REPO / "examples" / "digits.py"), "--pass",
-                 "deeptwist{ratio=3,period=10,target_change=0.01},train{epochs=1,eval_every=1},lower-conv-tucker,"
+                 "deeptwist{ratio=3,period=10,target_change=0.01},train{epochs=1,eval_every=1,keep_best=true},"
+                 "lower-conv-tucker,"
                  "cleanup", "--set", "pretrain_epochs=4", "-o", str(out), "--quiet"]) == 0
     training = json.loads((out / "report.json").read_text())["training"]
     periods = training["adaptive_periods"]
@@ -65,7 +66,8 @@ def test_adaptive_period_and_evaluations_during_training_are_reported(tmp_path, 
     assert evaluation["epoch"] == 1 and evaluation["accuracy"] == training["accuracy_before_final_projection"]
     assert f"accuracy during training: {evaluation['accuracy']:.2%} after epoch 1, " \
            f"{evaluation['low_rank_accuracy']:.2%} low-rank" in text
-    assert f"| 1 | {evaluation['loss']:.4f} | {evaluation['accuracy']:.2%} |" in (out / "report.md").read_text()
+    assert training["kept_epoch"] == 1 and "kept the weights of epoch 1, the best evaluation" in text
+    assert f"| 1 (kept) | {evaluation['loss']:.4f} | {evaluation['accuracy']:.2%} |" in (out / "report.md").read_text()
 
 
 def test_option_fills_the_train_stage_of_a_preset(tmp_path, capsys):

@@ -1,14 +1,17 @@
 """The train loop's options: precision and device, schedule, accumulation, evaluation."""
 import copy
+import importlib
 
 import pytest
 import torch
 from torch import nn
 
 from models_for_tests import tiny_deeptwist_cnn
-from twistc import Pipeline, trace
+from twistc import Pipeline, RunContext, trace
 from twistc.errors import SpecError
 from twistc.train import accuracy, final_projection, projections, train
+
+train_module = importlib.import_module("twistc.train")  # twistc.train is also the function
 
 
 def _deeptwist_model(spec="deeptwist{ratio=2,period=2}"):
@@ -185,3 +188,42 @@ def test_evaluations_during_training_leave_it_as_it_was():
     sparse = train(_deeptwist_model(spec), lambda: data, 3, lr=0.05, progress=False, eval_data=lambda: data,
                    eval_every=2)
     assert [e["epoch"] for e in sparse.evaluations] == [2, 3]  # every 2nd epoch, and the last
+
+
+def test_keep_best_ends_with_the_weights_of_the_best_evaluation(monkeypatch):
+    torch.set_num_threads(1)
+    data = _data()
+    real_evaluate, snapshots, scores = train_module.evaluate, [], iter([0.5, 0.9, 0.9, 0.7])
+
+    def scripted(module, eval_data, prepare):  # the real evaluation, with scripted low-rank scores
+        snapshots.append(copy.deepcopy(module.state_dict()))
+        return {**real_evaluate(module, eval_data, prepare), "low_rank_accuracy": next(scores)}
+
+    monkeypatch.setattr(train_module, "evaluate", scripted)
+    gm = _deeptwist_model()
+    result = train(gm, lambda: data, 4, lr=0.05, progress=False, finalize=False, eval_data=lambda: data,
+                   eval_every=1, keep_best=True)
+    assert result.kept_epoch == 2  # the first of the two best
+    for (name, a), b in zip(snapshots[1].items(), gm.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
+    assert not torch.equal(snapshots[3]["0.weight"], gm.state_dict()["0.weight"])
+
+
+def test_keep_best_deploys_what_the_best_low_rank_evaluation_measured():
+    torch.set_num_threads(1)
+    data = _data()
+    gm = _deeptwist_model("deeptwist{ratio=4,period=3}")
+    ctx = RunContext(train_data=lambda: data, eval_data=lambda: data, progress=False)
+    # a learning rate high enough that the low-rank accuracy peaks before the end
+    Pipeline.parse("train{epochs=6,lr=0.5,schedule=constant,eval_every=1,keep_best=true}").run(gm, ctx)
+    result = ctx.results["train"]
+    best = max(result.evaluations, key=lambda e: e["low_rank_accuracy"])
+    assert result.kept_epoch == best["epoch"] < 6 and result.final_projections == 2
+    assert accuracy(gm, data) == best["low_rank_accuracy"] > result.evaluations[-1]["low_rank_accuracy"]
+
+
+def test_keep_best_needs_evaluations():
+    with pytest.raises(SpecError, match="keep_best chooses among the evaluations of eval_every"):
+        Pipeline.parse("train{keep_best=true}")
+    with pytest.raises(SpecError, match="keep_best needs evaluations during training"):
+        train(_deeptwist_model(), _data, 1, progress=False, eval_every=1, keep_best=True)

@@ -151,6 +151,8 @@ def summary_lines(report: dict) -> list[str]:
             low_rank = f", {e['low_rank_accuracy']:.2%} low-rank" if e.get("low_rank_accuracy") is not None else ""
             lines.append(f"accuracy during training: {e['accuracy']:.2%} after epoch {e['epoch']}{low_rank} "
                          f"({len(t['evaluations'])} evaluations)")
+        if t.get("kept_epoch"):
+            lines.append(f"kept the weights of epoch {t['kept_epoch']}, the best evaluation (keep_best)")
         if t.get("accuracy_before_final_projection") is not None:
             lines.append(f"accuracy just before the final projection: {t['accuracy_before_final_projection']:.2%}")
     changes = {l["name"]: l["final_projection_change"] for l in report["layers"]
@@ -195,8 +197,9 @@ def markdown(report: dict) -> str:
     if evaluations:
         parts += ["Training, evaluated on eval_data() (low-rank: every projected kernel replaced by its low-rank "
                   "reconstruction, as the final projection would):", ""]
+        kept = report["training"].get("kept_epoch")
         parts += [markdown_table(["epoch", "train loss", "accuracy", "low-rank accuracy"], [
-            [e["epoch"], f"{e['loss']:.4f}", f"{e['accuracy']:.2%}",
+            [f"{e['epoch']} (kept)" if e["epoch"] == kept else e["epoch"], f"{e['loss']:.4f}", f"{e['accuracy']:.2%}",
              "-" if e.get("low_rank_accuracy") is None else f"{e['low_rank_accuracy']:.2%}"] for e in evaluations]), ""]
     if report["leaves"]:
         parts += ["Untraceable submodules kept as leaves:", ""]

@@ -71,11 +71,13 @@ class TrainResult:
     adaptive_periods: list[int] = field(default_factory=list)  # S_D at the end, per layer with target_change
     # every eval_every epochs: {"epoch", "loss", "accuracy"[, "low_rank_accuracy"]}, see evaluate()
     evaluations: list[dict] = field(default_factory=list)
+    kept_epoch: int | None = None  # keep_best: the epoch whose weights training ended with
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses",
-                 "distortion_changes", "accuracy_before_final_projection", "adaptive_periods", "evaluations")}
+                 "distortion_changes", "accuracy_before_final_projection", "adaptive_periods", "evaluations",
+                 "kept_epoch")}
 
 
 def _first_nonfinite_parameter(module: nn.Module) -> str | None:
@@ -91,6 +93,22 @@ class Checkpointing:
     identity: dict  # checkpoint.identity(): the pipeline, model structure and world size
     resume: bool = False
     every: int = 0
+
+
+@dataclass
+class BestWeights:
+    """keep_best: the weights of the evaluation that scored best so far, by low-rank accuracy under
+    DeepTwist (what stopping there would deploy), else accuracy; on the CPU, and in the checkpoint."""
+
+    epoch: int = 0
+    score: float = -1.0
+    state: dict | None = None
+
+    def offer(self, module: nn.Module, record: dict) -> None:
+        score = record.get("low_rank_accuracy", record["accuracy"])
+        if score > self.score:  # a tie keeps the earlier epoch
+            self.epoch, self.score = record["epoch"], score
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 @contextmanager
@@ -122,7 +140,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
           device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0,
           warmup: int = 0, clip_grad: float = 0.0, accumulate: int = 1,
           eval_data: Callable[[], Iterable] | None = None, eval_every: int = 0,
-          schedule: str = "cosine") -> TrainResult:
+          schedule: str = "cosine", keep_best: bool = False) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -148,7 +166,11 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     end); DeepTwist's step counter, the schedule, checkpoints and stops go by optimizer steps.
     `eval_data`, `eval_every`: after every `eval_every`-th epoch and the last, `evaluate()` on eval_data()
     (under torchrun every rank must have eval_data: each takes its share of the batches).
+    `keep_best`: training ends with the weights of the best of those evaluations (see BestWeights).
     """
+    if keep_best and not (eval_data and eval_every):
+        raise SpecError("train: keep_best needs evaluations during training: eval_every=N and eval_data() in "
+                        "MODEL.py")
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
@@ -164,8 +186,10 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     result = TrainResult(epochs, lr=lr)
     at = {"epoch": 0, "batch": 0, "step": 0, "distortion_steps": 0, "loss_total": 0.0}
     saved = _resume(checkpointing, module, optimizer, scaler) if checkpointing else None
+    best = BestWeights()
     if saved:
         result, at = TrainResult(**saved["result"]), saved["position"]
+        best = BestWeights(**saved.get("best") or {})
         set_rng_state(saved["rng_epoch_start"] if at["batch"] else saved["rng"])
     start = time.perf_counter() - result.seconds
     module.train()
@@ -183,12 +207,12 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 set_rng_state(rng)
             if distributed.any_rank(bool(stop)):  # every rank stops after the same step
                 bar.close()
-                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start)
+                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
                 raise Stopped(stop[0] if stop else signal.SIGTERM,
                               f"checkpoint saved in {checkpointing.directory}; continue with --resume")
             if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
                     and at["batch"] != per_epoch:  # the epoch's end saves anyway
-                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start)
+                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
 
         for epoch in range(at["epoch"], epochs):
             epoch_rng = rng_state()
@@ -233,10 +257,12 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 result.evaluations.append({"epoch": epoch + 1, "loss": result.losses[-1],
                                            **evaluate(module, eval_data, prepare)})
                 evaluated = _evaluation_text(result.evaluations[-1])
+                if keep_best:
+                    best.offer(module, result.evaluations[-1])
             log.info("epoch %d/%d: loss %.4f%s", epoch + 1, epochs, result.losses[-1], evaluated)
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
-                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start)
+                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
     where = _first_nonfinite_parameter(module)
     if where:
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
@@ -244,6 +270,11 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     result.distortions = at["distortion_steps"]
     result.adaptive_periods = [int(p.current_period) for p in projections(module) if p.target_change]
     result.final_loss = result.losses[-1] if result.losses else float("nan")
+    if keep_best and best.state is not None:
+        result.kept_epoch = best.epoch
+        if best.epoch != epochs:
+            module.load_state_dict(best.state)
+            log.info("kept the weights of epoch %d, the best evaluation (%.2f%%)", best.epoch, 100 * best.score)
     module.to("cpu", memory_format=torch.contiguous_format if channels_last else torch.preserve_format)
     if finalize:
         result.final_projections = final_projection(module)
@@ -327,7 +358,7 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 
 
 def _save(cp: Checkpointing, module, optimizer, scaler, result: TrainResult, at: dict, epoch_rng: dict,
-          started: float) -> None:
+          started: float, best: BestWeights) -> None:
     """Checkpoint the run as it stands (training time so far counted from `started`); rank 0 only."""
     result.seconds = time.perf_counter() - started
     if not distributed.is_main():
@@ -335,7 +366,8 @@ def _save(cp: Checkpointing, module, optimizer, scaler, result: TrainResult, at:
     checkpoint.save(cp.directory, {
         "identity": cp.identity, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "position": dict(at), "result": dataclasses.asdict(result), "rng": rng_state(), "rng_epoch_start": epoch_rng})
+        "position": dict(at), "result": dataclasses.asdict(result), "rng": rng_state(), "rng_epoch_start": epoch_rng,
+        "best": dataclasses.asdict(best) if best.state is not None else None})
 
 
 def _resume(cp: Checkpointing, module, optimizer, scaler) -> dict | None:
@@ -511,7 +543,9 @@ class Train(Stage):
                    "accumulate": "batches whose mean gradient makes one optimizer step (DeepTwist's S_D counts "
                    "optimizer steps)",
                    "eval_every": "epochs between evaluations on eval_data() during training, as trained and "
-                   "low-rank (0: none)"}
+                   "low-rank (0: none)",
+                   "keep_best": "end with the weights of the best evaluation (low-rank accuracy under DeepTwist); "
+                   "needs eval_every"}
 
     epochs: int = 3
     lr: float = 0.01
@@ -532,6 +566,7 @@ class Train(Stage):
     clip_grad: float = 0.0
     accumulate: int = 1
     eval_every: int = 0
+    keep_best: bool = False
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -542,6 +577,8 @@ class Train(Stage):
             raise SpecError(f"train: device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.device != "cpu" and not torch.cuda.is_available():
             raise SpecError(f"train: device={self.device}, but this torch sees no CUDA device; use device=cpu")
+        if self.keep_best and not self.eval_every:
+            raise SpecError("train: keep_best chooses among the evaluations of eval_every=N; give eval_every too")
         if self.accumulate < 1:
             raise SpecError(f"train: accumulate must be >= 1 (batches per optimizer step), got {self.accumulate}")
         if self.schedule not in SCHEDULES:
@@ -575,7 +612,8 @@ class Train(Stage):
                        shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
                        channels_last=self.channels_last, rectify_bn=self.rectify_bn, warmup=self.warmup,
                        clip_grad=self.clip_grad, accumulate=self.accumulate, eval_data=ctx.eval_data,
-                       eval_every=self.eval_every, schedule=self.schedule) if self.epochs else TrainResult(0)
+                       eval_every=self.eval_every, schedule=self.schedule,
+                       keep_best=self.keep_best) if self.epochs else TrainResult(0)
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
@@ -592,4 +630,5 @@ def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
                        b.lr, a.losses + b.losses, a.distortion_changes + b.distortion_changes,
                        b.accuracy_before_final_projection or a.accuracy_before_final_projection,
                        b.adaptive_periods or a.adaptive_periods,
-                       a.evaluations + [{**e, "epoch": a.epochs + e["epoch"]} for e in b.evaluations])
+                       a.evaluations + [{**e, "epoch": a.epochs + e["epoch"]} for e in b.evaluations],
+                       a.epochs + b.kept_epoch if b.kept_epoch else a.kept_epoch)
