@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models_for_tests import TINY_MODEL_PY
+from twistc import cli
 from twistc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +109,12 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["atol"] == 1e-4
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
     assert "conv4" in text and "tucker-chain" in text and "ONNX check" in text
+    # without plan-latency, the two models are timed in onnxruntime on the CPU at batch 1, 1 thread
+    latency = report["latency"]
+    assert {k: latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")} == \
+        {"runtime": "ort", "device": "cpu", "threads": 1, "batch": 1}
+    assert "predicted_speedup" not in latency and len(latency["measured"]["samples_ms"]) == 2
+    assert f"1 thread, batch 1: measured {latency['measured']['before_ms']:.3f} -> " in text
     assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"][:-1])
     assert "the final projection removed" in (out / "report.md").read_text()
     changes = report["training"]["distortion_changes"]
@@ -123,6 +130,21 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
                  str(out / "report.json"), "--set", "pretrain_epochs=1", "-o", str(again), "--quiet"]) == 0
     replayed = json.loads((again / "report.json").read_text())
     assert [l["ranks"] for l in replayed["layers"]] == [l["ranks"] for l in report["layers"]]
+
+
+def test_a_compiled_model_that_measures_slower_gets_a_warning_and_no_timing_skips_it(tmp_path, capsys,
+                                                                                       monkeypatch):
+    measured = {"median_ms": [1.0, 1.25], "speedup": 0.8, "speedup_ci95": [0.78, 0.82], "reps": 30,
+                "samples_ms": [[1.0], [1.25]]}
+    monkeypatch.setattr(cli, "compare_models", lambda timers, reps: measured)
+    model = _model_file(tmp_path)
+    assert main(["compile", str(model), "--pass", "tucker", "--ratio", "2", "--epochs", "0", "-o",
+                 str(tmp_path / "a"), "--quiet"]) == 0
+    assert "measured slower than the original (0.80x in ort cpu, 1 thread(s), batch 1)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["latency"]["measured"]["speedup"] == 0.8
+    assert main(["compile", str(model), "--pass", "tucker", "--ratio", "2", "--epochs", "0", "--no-timing", "-o",
+                 str(tmp_path / "b"), "--quiet"]) == 0
+    assert "latency" not in json.loads((tmp_path / "b" / "report.json").read_text())
 
 
 def test_passes_lists_passes_and_presets(capsys):
@@ -436,13 +458,15 @@ def test_every_option_of_every_pass_says_what_it_means():
 
 def test_status_lines_go_to_a_terminal_only(tmp_path, capsys, monkeypatch):
     path = _model_file(tmp_path)
-    assert main(["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "a")]) == 0
+    assert main(["compile", str(path), "--pass", "tucker", "--no-timing", "-o", str(tmp_path / "a")]) == 0
     assert capsys.readouterr().err == ""  # not a terminal: the summary on stdout and nothing else
+    # (--no-timing: this tiny model's lowered form may time slower, and that warning would go to stderr)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err.splitlines()
     assert "twistc: running lower-conv-tucker{ratio=2}" in err
     assert "twistc: exporting model.onnx and checking it in onnxruntime" in err
+    assert "twistc: timing the original and the compiled model (ort cpu, 1 thread(s), batch 1)" in err
 
 
 def test_eval_reports_the_accuracy_of_an_onnx_file(tmp_path, capsys):

@@ -52,7 +52,7 @@ BUSY = "while True:\n    pass\n"
 
 def compile_once(model_file: Path, out: Path, threads: int | None) -> dict:
     command = [sys.executable, "-m", "twistc", "compile", str(model_file), "--pass", "tucker", "--ratio", "2",
-               "--epochs", "0", "-o", str(out), "--force", "--quiet"]
+               "--epochs", "0", "-o", str(out), "--force", "--quiet", "--no-timing"]  # the compile alone
     if threads:
         command += ["--threads", str(threads)]
     start = time.perf_counter()

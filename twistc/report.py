@@ -179,14 +179,16 @@ def latency_line(latency: dict) -> str:
     r = latency["runtime"]
     where = (f"{r['runtime']} {r['device']} ({r['machine']}), {r['threads']} thread{'s' * (r['threads'] > 1)}, "
              f"batch {r['batch']}")
-    line = (f"latency in {where}: predicted {latency['model_ms_before']:.3f} -> {latency['predicted_ms_after']:.3f} ms "
-            f"({latency['predicted_speedup']:.2f}x)")
+    parts = []
+    if "predicted_speedup" in latency:  # plan-latency's prediction
+        parts.append(f"predicted {latency['model_ms_before']:.3f} -> {latency['predicted_ms_after']:.3f} ms "
+                     f"({latency['predicted_speedup']:.2f}x)")
     m = latency.get("measured")
     if m:
         lo, hi = m["speedup_ci95"]
-        line += (f", measured {m['before_ms']:.3f} -> {m['after_ms']:.3f} ms ({m['speedup']:.2f}x, "
-                 f"95% CI {lo:.2f}-{hi:.2f})")
-    return line
+        parts.append(f"measured {m['before_ms']:.3f} -> {m['after_ms']:.3f} ms ({m['speedup']:.2f}x, "
+                     f"95% CI {lo:.2f}-{hi:.2f})")
+    return f"latency in {where}: " + ", ".join(parts)
 
 
 def markdown(report: dict) -> str:
