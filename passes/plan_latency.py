@@ -34,7 +34,8 @@ from twistc.convs import ConvSite, conv_sites
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import conv_cost
 from twistc.errors import RankError, SpecError
-from twistc.latency import BUILDERS, LatencyCache, LayerShape, Runtime, measure_layer, model_timer, paired_medians
+from twistc.latency import (BUILDERS, LatencyCache, LayerShape, Runtime, measure_layer, model_key, model_timer,
+                            paired_medians)
 from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
@@ -162,8 +163,8 @@ class PlanLatency(Pass):
             options.append([(entries[i], ms[i], errors[i], drop) for i, drop in zip(keep, drops)])
             whys.append("target met without it" if len(keep) > 1 else "no form ran faster" if len(entries) > 1 else
                         None if selected(self.layers, site.name) else f"not selected by layers={self.layers}")
+        model_ms = self.model_ms(gm, runtime, cache)
         cache.save()
-        model_ms = self.model_ms(gm, runtime)
         try:
             picks = self.solve(sites, options, model_ms)
         except RankError as e:
@@ -175,9 +176,14 @@ class PlanLatency(Pass):
                         "model_ms_before": model_ms, "predicted_ms_after": predicted,
                         "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
 
-    def model_ms(self, gm: fx.GraphModule, runtime: Runtime) -> float:
-        """The whole model's median latency now."""
-        return paired_medians([model_timer(gm, state_of(gm).example_inputs[0], runtime)], reps=self.reps)[0]
+    def model_ms(self, gm: fx.GraphModule, runtime: Runtime, cache: LatencyCache) -> float:
+        """The whole model's median latency, from the cache (so that the same command plans the same
+        again) or measured now."""
+        example = state_of(gm).example_inputs[0]
+        key = f"{runtime.key()}|{model_key(gm, example)}"
+        if cache.get(key) is None:
+            cache.put(key, paired_medians([model_timer(gm, example, runtime)], reps=self.reps)[0])
+        return cache.get(key)
 
     def candidates(self, gm: fx.GraphModule, site: ConvSite) -> list[LayerPlan]:
         """The layer's forms over the rank grid, each with fewer weights than the dense layer."""

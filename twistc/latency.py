@@ -15,6 +15,7 @@ cores), `torch` (PyTorch eager on cpu or cuda; CUDA timings use events) and `tor
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -356,6 +357,13 @@ def model_timer(module: nn.Module, example: torch.Tensor, runtime: Runtime,
     if x.dtype not in ORT_DTYPES:  # the file is the model's float32 copy, as Runtime.timer runs it
         x = x.float()
     return ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path))
+
+
+def model_key(module: nn.Module, example: torch.Tensor) -> str:
+    """A whole model's cache key: a digest of its modules (with their settings), its graph code where it
+    has one, and the example input's shape and dtype; weights' values do not change a dense model's time."""
+    text = f"{module}\n{getattr(module, 'code', '')}\n{tuple(example.shape)}:{example.dtype}"
+    return f"model={hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:

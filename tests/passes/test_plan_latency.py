@@ -32,7 +32,7 @@ def table(monkeypatch):
     def fake_measure(shape, entries, runtime, cache, warmup=5, reps=25):
         return [rules["dense"](None, shape) if e is None else rules["lowered"](e, shape) for e in entries]
 
-    def fake_model_ms(self, gm, runtime):
+    def fake_model_ms(self, gm, runtime, cache):
         return 1.0 + sum(rules["dense"](None, LayerShape.of(s)) for s in plan_latency.conv_sites(gm))
 
     monkeypatch.setattr(plan_latency, "measure_layer", fake_measure)
@@ -95,7 +95,7 @@ def test_meets_a_reachable_target_with_the_least_error(table, tmp_path):
 
 def test_prediction_subtracts_savings_when_layers_alone_cost_more_than_in_the_model(table, tmp_path, monkeypatch):
     # the three convs timed alone take 3 ms, the whole model 2 ms: alone, each pays a cost the model hides
-    monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime: 2.0)
+    monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime, cache: 2.0)
     table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
     gm, _ = _run(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}}")
     state = state_of(gm)
@@ -216,6 +216,19 @@ def test_objective_eval_spends_the_budget_where_accuracy_does_not_suffer(table, 
             trace(_TwoPaths(), (x[:1],)))
 
 
+def test_the_whole_model_time_is_cached_so_the_same_command_plans_the_same(tmp_path, monkeypatch):
+    medians = iter([3.0, 5.0, 7.0])
+    monkeypatch.setattr(plan_latency, "paired_medians", lambda timers, reps: [next(medians)])
+    cache = LatencyCache(tmp_path / "c.json")
+    runtime = Runtime("ort", "cpu", 1, 1)
+    pass_ = PlanLatency(speedup=1.2)
+    assert pass_.model_ms(_traced(), runtime, cache) == pass_.model_ms(_traced(), runtime, cache) == 3.0
+    wider = trace(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1)),
+                  (torch.randn(1, 3, 8, 8),))
+    assert pass_.model_ms(wider, runtime, cache) == 5.0  # another structure is timed anew
+    assert pass_.model_ms(trace(_net(), (torch.randn(1, 3, 16, 16),)), runtime, cache) == 7.0  # another input
+
+
 def test_runtime_torch_measures_in_pytorch_and_leaves_threads_alone(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
@@ -305,7 +318,7 @@ def test_candidates_are_timed_in_the_model_dtype(table, tmp_path, monkeypatch):
 
     seen = []
     table["lowered"] = lambda e, shape: seen.append(shape.dtype) or 0.1 * sum(e.ranks) / 8
-    monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime: 4.0)
+    monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime, cache: 4.0)
     gm = trace(_net().to(torch.float16), (torch.randn(1, 3, 8, 8, dtype=torch.float16),))
     Pipeline.parse(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}}").run(gm)
     assert seen and set(seen) == {"float16"}
