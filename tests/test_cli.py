@@ -132,8 +132,8 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert [l["ranks"] for l in replayed["layers"]] == [l["ranks"] for l in report["layers"]]
 
 
-def test_a_compiled_model_that_measures_slower_gets_a_warning_and_no_timing_skips_it(tmp_path, capsys,
-                                                                                       monkeypatch):
+def test_a_slower_compiled_model_gets_a_warning_and_a_skipped_or_failed_timing_loses_nothing(tmp_path, capsys,
+                                                                                         monkeypatch):
     measured = {"median_ms": [1.0, 1.25], "speedup": 0.8, "speedup_ci95": [0.78, 0.82], "reps": 30,
                 "samples_ms": [[1.0], [1.25]]}
     monkeypatch.setattr(cli, "compare_models", lambda timers, reps: measured)
@@ -145,6 +145,16 @@ def test_a_compiled_model_that_measures_slower_gets_a_warning_and_no_timing_skip
     assert main(["compile", str(model), "--pass", "tucker", "--ratio", "2", "--epochs", "0", "--no-timing", "-o",
                  str(tmp_path / "b"), "--quiet"]) == 0
     assert "latency" not in json.loads((tmp_path / "b" / "report.json").read_text())
+
+    def broken(timers, reps):
+        raise RuntimeError("no such provider\nmore")
+
+    monkeypatch.setattr(cli, "compare_models", broken)  # a failed timing loses nothing the compile made
+    assert main(["compile", str(model), "--pass", "tucker", "--ratio", "2", "--epochs", "0", "-o",
+                 str(tmp_path / "c"), "--quiet"]) == 0
+    assert "timing the models in ort cpu, 1 thread(s), batch 1 failed (RuntimeError: no such provider)" \
+        in capsys.readouterr().err
+    assert "latency" not in json.loads((tmp_path / "c" / "report.json").read_text())
 
 
 def test_passes_lists_passes_and_presets(capsys):
