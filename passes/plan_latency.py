@@ -179,7 +179,7 @@ class PlanLatency(Pass):
     def model_ms(self, gm: fx.GraphModule, runtime: Runtime, cache: LatencyCache) -> float:
         """The whole model's median latency, from the cache (so that the same command plans the same
         again) or measured now."""
-        example = state_of(gm).example_inputs[0]
+        example = state_of(gm).example_inputs
         key = f"{runtime.key()}|{model_key(gm, example)}"
         if cache.get(key) is None:
             cache.put(key, paired_medians([model_timer(gm, example, runtime)], reps=self.reps)[0])

@@ -7,6 +7,7 @@ import torch
 import twistc
 from twistc.errors import ExportCheckError
 from twistc.bench import bench
+from twistc.latency import Runtime, model_timer
 from twistc.pipeline import Pipeline
 from twistc.report import build_report
 from models_for_tests import Net
@@ -52,6 +53,28 @@ def test_bench_times_models_side_by_side(lowered, tmp_path):
     assert result["models"][0]["ratio_to_first"] == 1.0
     assert all(m["median_ms"] > 0 and m["p10_ms"] <= m["p90_ms"] for m in result["models"])
     assert result["repetitions"] == 5 and result["provider"] == "cpu" and result["threads"] == 1
+
+
+class TokensAndScale(torch.nn.Module):
+    """Two inputs, one of them integer token ids, as a text model's."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, tokens, scale):
+        return self.proj(self.embed(tokens).mean(1)) * scale
+
+
+def test_several_inputs_and_integer_inputs_are_timed(tmp_path):
+    model, inputs = TokensAndScale().eval(), (torch.randint(0, 50, (1, 7)), torch.ones(1, 1))
+    path = tmp_path / "tokens.onnx"
+    twistc.export_onnx(model, inputs, path)
+    result = bench([str(path)], batch=3, threads=1, warmup=1, reps=3)  # zeros for the token ids
+    assert result["models"][0]["median_ms"] > 0
+    for runtime in (Runtime("ort", "cpu", 1, 3), Runtime("torch", "cpu", 1, 3)):
+        run = model_timer(model, inputs, runtime, path if runtime.runtime == "ort" else None)
+        assert run() > 0
 
 
 LOWERINGS = {

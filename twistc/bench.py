@@ -16,8 +16,13 @@ import onnxruntime as ort
 import torch
 
 from twistc.errors import TwistcError
+from twistc.export import batched
 from twistc.latency import ORT_PROVIDERS, Runtime, ort_session, paired_medians, paired_speedup
 from twistc.report import cpu_model, versions
+
+# an ONNX input's type -> the numpy dtype twistc bench feeds it
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 def resolve_provider(provider: str) -> str:
     """'auto' is cuda when this onnxruntime has the CUDA execution provider (onnxruntime-gpu), else cpu."""
@@ -40,12 +45,18 @@ def session(path: str | Path, provider: str = "cpu", threads: int = 1, spin: boo
 
 
 def _feed(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> dict:
+    """Inputs of the session's shapes at `batch`: Gaussian noise for floating-point inputs, zeros (a
+    valid index) for integer ones, such as token ids."""
     feed = {}
     for inp in sess.get_inputs():
         shape = [batch if i == 0 else d for i, d in enumerate(inp.shape)]
         if not all(isinstance(d, int) for d in shape):
             raise TwistcError(f"input {inp.name} has a dynamic axis besides the batch: {inp.shape}")
-        feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
+        dtype = ORT_TYPES.get(inp.type)
+        if dtype is None:
+            raise TwistcError(f"input {inp.name} is a {inp.type}; twistc bench feeds float and integer tensors")
+        noise = rng.standard_normal(shape) if np.issubdtype(dtype, np.floating) else np.zeros(shape)
+        feed[inp.name] = noise.astype(dtype)
     return feed
 
 
@@ -69,9 +80,8 @@ def _program_timer(path: str, runtime: Runtime) -> Callable[[], float]:
         program = torch.export.load(str(path))
     except Exception as e:
         raise TwistcError(f"torch.export cannot load {path}: {str(e).splitlines()[0]}") from None
-    (x, *_), _ = program.example_inputs
-    x = torch.randn(runtime.batch, *x.shape[1:], generator=torch.Generator().manual_seed(0))
-    return runtime.timer(program.module(), x)
+    inputs, _ = program.example_inputs
+    return runtime.timer(program.module(), batched(inputs, runtime.batch))
 
 
 def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "cpu", warmup: int = 10,

@@ -265,7 +265,7 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
     if state.latency is not None:
         runtime = Runtime(**{k: state.latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")})
         latency = state.latency
-    elif timing and len(example) == 1 and any(r.lowering for r in state.layers.values()):
+    elif timing and any(r.lowering for r in state.layers.values()):
         runtime = Runtime("ort", "cpu", threads, 1)
         latency = {"runtime": runtime.to_json()}
     else:
@@ -273,8 +273,8 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
     where = f"{runtime.runtime} {runtime.device}, {runtime.threads} thread(s), batch {runtime.batch}"
     status(f"timing the original and the compiled model ({where})")
     try:
-        timers = [model_timer(original, example[0], runtime, folder / "original.onnx"),
-                  model_timer(compiled, example[0], runtime, folder / "model.onnx")]
+        timers = [model_timer(original, example, runtime, folder / "original.onnx"),
+                  model_timer(compiled, example, runtime, folder / "model.onnx")]
         once = sum(run() for run in timers)  # seconds for one run of each: at most about 3 s of timing
         result = compare_models(timers, reps=max(10, min(30, int(3 / max(once, 1e-9)))))
     except Exception as e:  # the compile (perhaps hours of training) is written all the same

@@ -57,7 +57,8 @@ def model_dtype(module: nn.Module) -> torch.dtype:
 def for_onnxruntime(module: nn.Module, example_inputs: tuple) -> tuple[nn.Module, tuple]:
     """The module and inputs in a dtype onnxruntime runs: as they are in float32 and float16, else a
     float32 copy (onnxruntime has no float64 or bfloat16 Conv on the CPU)."""
-    if model_dtype(module) in ORT_DTYPES:
+    floats = [x.dtype for x in example_inputs if torch.is_tensor(x) and x.is_floating_point()]
+    if model_dtype(module) in ORT_DTYPES and all(d in ORT_DTYPES for d in floats):
         return module, example_inputs
     cast = tuple(x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
     return copy.deepcopy(module).float(), cast
@@ -87,21 +88,22 @@ def save_program(module: nn.Module, example_inputs: tuple, path: str | Path) -> 
     module.eval()
     try:
         with _quiet(), torch.no_grad():
-            program = torch.export.export(module, _batched(example_inputs, 2),
+            program = torch.export.export(module, batched(example_inputs, 2),
                                           dynamic_shapes=_dynamic_batch(example_inputs))
     except Exception as e:
         raise _cannot_export("torch.export", module, e) from None
     torch.export.save(program, str(path))
 
 
-def _batched(example_inputs: tuple, batch: int) -> tuple:
+def batched(example_inputs: tuple, batch: int) -> tuple:
+    """Each tensor input repeated (or cut) along its first axis to `batch` rows."""
     return tuple(torch.cat([x] * batch)[:batch] if torch.is_tensor(x) and x.dim() else x for x in example_inputs)
 
 
 def onnx_model(module: nn.Module, example_inputs: tuple, dynamic_batch: bool = True,
                opset: int | None = None) -> bytes:
     """`module` in eval mode as an ONNX model (bytes), its batch axis dynamic unless asked otherwise."""
-    inputs = _batched(example_inputs, 2) if dynamic_batch else example_inputs
+    inputs = batched(example_inputs, 2) if dynamic_batch else example_inputs
     with _quiet(), torch.no_grad():
         outputs = len(_tensors(module(*inputs)))
         names = [f"input{i}" for i in range(len(inputs))], [f"output{i}" for i in range(outputs)]
@@ -177,7 +179,7 @@ def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol:
     names = [i.name for i in session.get_inputs()]
     worst, sizes = 0.0, []
     for batch in (example_inputs[0].shape[0], 3):
-        inputs = _batched(example_inputs, batch) if batch != example_inputs[0].shape[0] else example_inputs
+        inputs = batched(example_inputs, batch) if batch != example_inputs[0].shape[0] else example_inputs
         expected = [t.numpy() for t in _tensors(module(*inputs))]
         got = session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
         for e, g in zip(expected, got):

@@ -32,7 +32,7 @@ from torch import nn
 
 from twistc.convs import conv_args
 from twistc.errors import SpecError, TwistcError
-from twistc.export import ORT_DTYPES, onnx_model
+from twistc.export import batched, for_onnxruntime, onnx_model
 from twistc.ops import CpConv, SvdConv, SvdLinear, TuckerConv
 from twistc.plan import LayerPlan
 from twistc.report import cpu_model
@@ -78,20 +78,20 @@ class Runtime:
     def to_json(self) -> dict:
         return {**asdict(self), "machine": self.machine()}
 
-    def timer(self, module: nn.Module, example: torch.Tensor) -> Callable[[], float]:
-        """A function that runs `module` once on `example` in this runtime and returns the seconds taken."""
+    def timer(self, module: nn.Module, example: torch.Tensor | tuple) -> Callable[[], float]:
+        """A function that runs `module` once on `example` (an input, or a tuple of them) in this runtime
+        and returns the seconds taken."""
+        inputs = _as_inputs(example)
         try:
             module = module.eval()
         except NotImplementedError:  # a torch.export program's module: exported in eval mode already
             pass
-        if self.runtime == "ort":
-            if example.dtype not in ORT_DTYPES:  # bfloat16, float64: as the float32 copy they are exported as
-                module, example = copy.deepcopy(module).float(), example.float()
-            return ort_timer(module, example, self.device, self.threads)
+        if self.runtime == "ort":  # bfloat16, float64: as the float32 copy they are exported as
+            return ort_timer(*for_onnxruntime(module, inputs), self.device, self.threads)
         if self.device != "cpu":  # a copy: the caller's module stays where it is
             module = copy.deepcopy(module).to(self.device)
         run = _compiled(module, self.device) if self.runtime == "torch-compile" else module
-        return _torch_timer(run, example.to(self.device), self.device, self.threads)
+        return _torch_timer(run, tuple(x.to(self.device) for x in inputs), self.device, self.threads)
 
 
 def _ort():
@@ -127,7 +127,11 @@ def _compiled(module: nn.Module, device: str) -> Callable:
     return call
 
 
-def _torch_timer(module: Callable, x: torch.Tensor, device: str, threads: int) -> Callable[[], float]:
+def _as_inputs(example: torch.Tensor | tuple) -> tuple:
+    return example if isinstance(example, tuple) else (example,)
+
+
+def _torch_timer(module: Callable, inputs: tuple, device: str, threads: int) -> Callable[[], float]:
     @torch.inference_mode()
     def run() -> float:
         previous = torch.get_num_threads()
@@ -136,12 +140,12 @@ def _torch_timer(module: Callable, x: torch.Tensor, device: str, threads: int) -
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                module(x)
+                module(*inputs)
                 end.record()
                 end.synchronize()
                 return start.elapsed_time(end) / 1e3
             t = time.perf_counter()
-            module(x)
+            module(*inputs)
             return time.perf_counter() - t
         finally:
             torch.set_num_threads(previous)
@@ -149,9 +153,9 @@ def _torch_timer(module: Callable, x: torch.Tensor, device: str, threads: int) -
     return run
 
 
-def onnx_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
-    """A small ONNX model of `module` at the fixed shape of `example`, by the exporter twistc writes files with."""
-    return onnx_model(module.eval(), (example,), dynamic_batch=False)
+def onnx_bytes(module: nn.Module, example: torch.Tensor | tuple) -> bytes:
+    """A small ONNX model of `module` at the fixed shapes of `example`, by the exporter twistc writes files with."""
+    return onnx_model(module.eval(), _as_inputs(example), dynamic_batch=False)
 
 
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -172,10 +176,11 @@ def ort_session(model: bytes | str, device: str = "cpu", threads: int = 1, spin:
     return ort.InferenceSession(model, options, providers=[provider])
 
 
-def ort_timer(module: nn.Module, x: torch.Tensor, device: str, threads: int,
+def ort_timer(module: nn.Module, example: torch.Tensor | tuple, device: str, threads: int,
               model: bytes | str | None = None) -> Callable[[], float]:
-    session = ort_session(model or onnx_bytes(module, x), device, threads)
-    feed = {session.get_inputs()[0].name: x.numpy()}
+    inputs = _as_inputs(example)
+    session = ort_session(model or onnx_bytes(module, inputs), device, threads)
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
 
     def run() -> float:
         t = time.perf_counter()
@@ -347,27 +352,24 @@ def measure_layer(shape: LayerShape, entries: list[LayerPlan | None], runtime: R
     return [cache.get(k) for k in keys]
 
 
-def model_timer(module: nn.Module, example: torch.Tensor, runtime: Runtime,
+def model_timer(module: nn.Module, example: torch.Tensor | tuple, runtime: Runtime,
                 onnx_path: str | Path | None = None) -> Callable[[], float]:
-    """A timer for a whole model: its ONNX file in onnxruntime (exported here when no path is given),
-    or the module itself under runtime torch or torch-compile."""
-    x = _batched(example, runtime.batch)
+    """A timer for a whole model on `example` (its inputs) at the runtime's batch: its ONNX file in
+    onnxruntime (exported here when no path is given), or the module itself under runtime torch or
+    torch-compile."""
+    inputs = batched(_as_inputs(example), runtime.batch)
     if runtime.runtime != "ort" or onnx_path is None:
-        return runtime.timer(module, x)
-    if x.dtype not in ORT_DTYPES:  # the file is the model's float32 copy, as Runtime.timer runs it
-        x = x.float()
-    return ort_timer(module, x, runtime.device, runtime.threads, str(onnx_path))
+        return runtime.timer(module, inputs)
+    _, inputs = for_onnxruntime(module, inputs)  # the file is the float32 copy of a bfloat16 or float64 model
+    return ort_timer(module, inputs, runtime.device, runtime.threads, str(onnx_path))
 
 
-def model_key(module: nn.Module, example: torch.Tensor) -> str:
+def model_key(module: nn.Module, example: torch.Tensor | tuple) -> str:
     """A whole model's cache key: a digest of its modules (with their settings), its graph code where it
-    has one, and the example input's shape and dtype; weights' values do not change a dense model's time."""
-    text = f"{module}\n{getattr(module, 'code', '')}\n{tuple(example.shape)}:{example.dtype}"
+    has one, and the inputs' shapes and dtypes; weights' values do not change a dense model's time."""
+    shapes = [(tuple(x.shape), str(x.dtype)) if torch.is_tensor(x) else repr(x) for x in _as_inputs(example)]
+    text = f"{module}\n{getattr(module, 'code', '')}\n{shapes}"
     return f"model={hashlib.sha256(text.encode()).hexdigest()[:16]}"
-
-
-def _batched(x: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([x] * batch)[:batch] if x.shape[0] != batch else x
 
 
 def paired_speedup(base: list[float], other: list[float], seed: int = 0) -> tuple[float, list[float]]:

@@ -229,6 +229,22 @@ def test_the_whole_model_time_is_cached_so_the_same_command_plans_the_same(tmp_p
     assert pass_.model_ms(trace(_net(), (torch.randn(1, 3, 16, 16),)), runtime, cache) == 7.0  # another input
 
 
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x, scale):
+        return self.b(torch.relu(self.a(x))) * scale
+
+
+def test_a_model_with_several_inputs_is_timed_whole_on_all_of_them(tmp_path):
+    gm = trace(TwoInputs().eval(), (torch.randn(1, 3, 8, 8), torch.ones(1, 1, 1, 1)))
+    gm = Pipeline.parse(f"plan-latency{{macs=1.2,reps=3,cache={tmp_path / 'c.json'}}},lower-conv-tucker,"
+                        "lower-conv-svd").run(gm)
+    assert state_of(gm).latency["model_ms_before"] > 0 and any(r.lowering for r in state_of(gm).layers.values())
+
+
 def test_runtime_torch_measures_in_pytorch_and_leaves_threads_alone(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
