@@ -24,6 +24,7 @@ from twistc.report import cpu_model, versions
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
+
 def resolve_provider(provider: str) -> str:
     """'auto' is cuda when this onnxruntime has the CUDA execution provider (onnxruntime-gpu), else cpu."""
     if provider == "auto":
