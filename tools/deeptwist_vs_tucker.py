@@ -144,7 +144,7 @@ def main_table(series: dict) -> list[list]:
         pairs50 = [(a, b) for a in dt50 for b in cv if a["seed"] == b["seed"]]
         acc = lambda rs: " / ".join(f"{100 * x['test_acc']:.2f}" for x in sorted(rs, key=lambda x: x["seed"])) or "-"
         table.append([f"{ref['layers_ratio']:.2f}x (asked {ratio:g})", f"{ref['model_ratio']:.2f}x", paper[0],
-                      paper[1], acc(dt), acc(cv), expkit.paired_difference(pairs), len(pairs),
+                      paper[1], acc(dt), acc(cv), expkit.paired_difference(pairs), len(pairs) or "-",
                       acc(dt50), expkit.paired_difference(pairs50)])
     return table
 
@@ -158,7 +158,7 @@ def report(store: expkit.RunStore, cfg) -> None:
     budgets = sorted({r["epochs"] for r in runs})
     series = budget_series(runs, DEFAULT_EPOCHS if DEFAULT_EPOCHS in budgets else budgets[0])
     header = ["ratio (layers)", "ratio (model)", "paper DT", "paper conv", "ours DT", "ours conv",
-              "DT - conv [95% CI]", "seeds", "ours DT, S_D = 50", "DT50 - conv [95% CI]"]
+              "DT - conv [95% CI]", "paired seeds", "ours DT, S_D = 50", "DT50 - conv [95% CI]"]
     tables = []
     for epochs in budgets:
         steps = next(r["steps_per_epoch"] for r in runs if r["epochs"] == epochs) * epochs
