@@ -285,15 +285,14 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
     before, after = result["median_ms"]
     measured = {"before_ms": before, "after_ms": after, "speedup": result["speedup"],
                 "speedup_ci95": result["speedup_ci95"], "reps": result["reps"], "samples_ms": result["samples_ms"]}
-    if measured["speedup"] < 1 and state.latency is not None:
+    if measured["speedup"] < 1:
         gains = sorted((r.latency_after - r.latency_before, r.name) for r in state.layers.values()
                        if r.lowering and r.latency_before)
-        log.warning("warning: the compiled model measured slower than the original (%.2fx); the layers with the "
-                    "least predicted gain: %s", measured["speedup"], ", ".join(n for _, n in gains[-3:][::-1]))
-    elif measured["speedup"] < 1:
-        log.warning("warning: the compiled model measured slower than the original (%.2fx in %s): fewer weights "
-                    "are not fewer milliseconds here; --target-speedup S chooses each layer's form and ranks by "
-                    "measured latency", measured["speedup"], where)
+        hint = (f"the layers with the least predicted gain: {', '.join(n for _, n in gains[-3:][::-1])}"
+                if state.latency is not None else "fewer weights are not fewer milliseconds here; --target-speedup "
+                "S chooses each layer's form and ranks by measured latency")
+        log.warning("warning: the compiled model measured slower than the original (%.2fx in %s): %s",
+                    measured["speedup"], where, hint)
     return {**latency, "measured": measured}
 
 

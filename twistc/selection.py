@@ -87,9 +87,9 @@ class LowRankOptions(Pass):
         check_layers_pattern(self.name, self.layers, list(state.layers))
         sites = [s for s in conv_sites(gm) if s.name in state.layers]
         takes = self.takes()
-        for site in sites:  # a layer kind the pass does not take says less than an earlier pass's reason
-            if site.kind not in takes and state.layers[site.name].skip_reason is None:
-                state.skip(site.name, Skip(self.kind_reason(site.kind, takes)))
+        for site in sites:
+            if site.kind not in takes:
+                state.skip(site.name, Skip(self.kind_reason(site.kind, takes), weak=True))
         return state, [s for s in sites if s.kind in takes]
 
     def takes(self) -> tuple[str, ...]:

@@ -17,9 +17,11 @@ PLANNED_DENSE = "left dense by the plan"
 
 @dataclass(frozen=True)
 class Skip:
-    """Why a pass leaves a layer as it is (in place of its plan entry)."""
+    """Why a pass leaves a layer as it is (in place of its plan entry). A `weak` reason (the pass does not
+    take this kind of layer at all) does not replace a reason an earlier pass gave."""
 
     reason: str
+    weak: bool = False
 
 
 @dataclass
@@ -96,8 +98,10 @@ class CompileState:
     latency: dict | None = None  # plan-latency: runtime settings, measured and predicted model latency
 
     def skip(self, name: str, skip: Skip) -> None:
-        record = self.layers.get(name)  # the plan has the last word: its reason for a dense layer stays
-        if record is not None and record.lowering is None and not (record.skip_reason or "").startswith(PLANNED_DENSE):
+        record = self.layers.get(name)
+        if record is None or record.lowering is not None or (skip.weak and record.skip_reason):
+            return
+        if not (record.skip_reason or "").startswith(PLANNED_DENSE):  # the plan's reason for a dense layer stays
             record.skip_reason = skip.reason
 
 

@@ -268,7 +268,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
     result.steps = at["step"]
     result.distortions = at["distortion_steps"]
-    result.adaptive_periods = [int(p.current_period) for p in projections(module) if p.target_change]
+    result.adaptive_periods = [int(p.current_period) for p in projected if p.target_change]
     result.final_loss = result.losses[-1] if result.losses else float("nan")
     if keep_best and best.state is not None:
         result.kept_epoch = best.epoch
