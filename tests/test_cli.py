@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -78,8 +79,9 @@ def test_option_fills_the_train_stage_of_a_preset(tmp_path, capsys):
                  "-o", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     [evaluation] = report["training"]["evaluations"]  # without --quiet, a line per epoch
-    assert f"twistc: epoch 1/1: loss {evaluation['loss']:.4f}; eval accuracy {evaluation['accuracy']:.2%}" \
-        in capsys.readouterr().err
+    line = re.escape(f"twistc: epoch 1/1: loss {evaluation['loss']:.4f}, ") + r"[\d.]+ s, [\d,]+ samples/s" + \
+        re.escape(f"; eval accuracy {evaluation['accuracy']:.2%}")
+    assert re.search(line, capsys.readouterr().err)
     assert "train{epochs=1,accumulate=2,eval_every=1}" in report["pipeline"]
     assert report["training"]["steps"] == 23  # 45 batches, 2 to a step
 

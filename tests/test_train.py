@@ -9,7 +9,7 @@ from torch import nn
 from models_for_tests import tiny_deeptwist_cnn
 from twistc import Pipeline, RunContext, trace
 from twistc.errors import SpecError
-from twistc.train import accuracy, final_projection, projections, train
+from twistc.train import _pace, accuracy, final_projection, projections, train
 
 train_module = importlib.import_module("twistc.train")  # twistc.train is also the function
 
@@ -227,3 +227,10 @@ def test_keep_best_needs_evaluations():
         Pipeline.parse("train{keep_best=true}")
     with pytest.raises(SpecError, match="keep_best needs evaluations during training"):
         train(_deeptwist_model(), _data, 1, progress=False, eval_every=1, keep_best=True)
+
+
+def test_epoch_pace_extrapolates_from_the_part_of_the_epoch_this_process_ran():
+    assert _pace(30.0, 3000, 1.0, 2) == "30 s, 100 samples/s, 60 s left"
+    assert _pace(30.0, 3000, 0.5, 2) == "30 s, 100 samples/s, 2.0 min left"  # resumed halfway through
+    assert _pace(3000.0, 1_500_000, 1.0, 4) == "50.0 min, 500 samples/s, 3.3 h left"
+    assert _pace(0.4, 100, 1.0, 0) == "0.4 s, 250 samples/s"  # the last epoch

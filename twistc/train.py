@@ -216,6 +216,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
 
         for epoch in range(at["epoch"], epochs):
             epoch_rng = rng_state()
+            clock, resumed_at, samples = time.perf_counter(), at["batch"], 0
             iterator, per_epoch = _epoch_batches(train_data, epoch, at["batch"], saved, shard)
             steps_per_epoch = -(-per_epoch // accumulate) if per_epoch else None
             bar = tqdm(iterator, total=per_epoch, initial=at["batch"], desc=f"epoch {epoch + 1}/{epochs}",
@@ -238,6 +239,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 at["distortion_steps"] += distorted
                 at["batch"] += 1
                 at["loss_total"] += loss
+                samples += len(y)
                 bar.set_postfix(loss=f"{at['loss_total'] / at['batch']:.4f}", distortions=at["distortion_steps"],
                                 refresh=False, **({"removed": f"{result.distortion_changes[-1]:.1%}"}
                                                   if at["distortion_steps"] else {}))
@@ -248,6 +250,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                     distributed.average_gradients_(optimizer)
                 end_step(at["batch"] % accumulate)
             bar.close()
+            pace = _pace(time.perf_counter() - clock, distributed.total(samples)[0],
+                         (at["batch"] - resumed_at) / max(at["batch"], 1), epochs - epoch - 1)
             if at["batch"] == 0:
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
                                 "(input, target) pairs every time it is called")
@@ -259,7 +263,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 evaluated = _evaluation_text(result.evaluations[-1])
                 if keep_best:
                     best.offer(module, result.evaluations[-1])
-            log.info("epoch %d/%d: loss %.4f%s", epoch + 1, epochs, result.losses[-1], evaluated)
+            log.info("epoch %d/%d: loss %.4f, %s%s", epoch + 1, epochs, result.losses[-1], pace, evaluated)
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
                 _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
@@ -439,6 +443,19 @@ def evaluate(module: nn.Module, eval_data: Callable[[], Iterable],
             record["low_rank_accuracy"] = shared_accuracy()
     set_rng_state(rng)
     return record
+
+
+def _pace(seconds: float, samples: int, share: float, epochs_left: int) -> str:
+    """'41 s, 1,210 samples/s, 3.4 min left': an epoch's training time (of which `share` ran in this
+    process, the rest before a resume), samples per second over all ranks, and what the remaining epochs
+    take at this pace (evaluations not counted)."""
+    left = f", {_duration(seconds / max(share, 1e-9) * epochs_left)} left" if epochs_left else ""
+    return f"{_duration(seconds)}, {samples / max(seconds, 1e-9):,.0f} samples/s{left}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
 
 
 def _evaluation_text(record: dict) -> str:
