@@ -5,6 +5,11 @@
          or  sum_l params_l(c_l) <= sum_l dense_params_l / ratio                      (ratio=R)
          or  sum_l macs_l(c_l) <= sum_l dense_macs_l / macs                           (macs=M)
 
+    or, with max_drop=D, the fastest plan whose accuracy on eval_data() batches, with every chosen
+    layer approximated at once, is at most D below the dense model's: the latency is minimised under a
+    budget on the summed per-layer increases of the loss, and the budget is bisected on the measured
+    accuracy of the whole plan (before any fine-tuning).
+
 Layers: Conv2d, Conv1d and Linear. Forms (`forms=`): Tucker-2 chains and SVD conv pairs (Conv2d,
 Conv1d), SVD Linear pairs, and CP chains (Conv2d, not by default: its ALS fits are slow to rank).
 
@@ -12,6 +17,8 @@ Conv1d), SVD Linear pairs, and CP chains (Conv2d, not by default: its ALS fits a
 bound on what the lowering's HOOI reaches). With `objective=eval` the cost of a candidate is instead
 the accuracy the model loses on `eval_batches` batches of eval_data() when that layer alone takes it
 (per-layer sensitivity, as AIMET measures it, but weighed against latency); the drops are summed.
+max_drop uses the loss instead: on a few batches the accuracy of one layer's candidates moves in steps
+of a whole sample, and many of them tie at zero.
 Latencies are medians measured with the real lowered modules at each layer's input shape
 (twistc.latency), cached across compiles. The prediction subtracts each layer's measured saving from
 the whole model's time: a layer timed alone pays costs the model does not (copying its output out of
@@ -23,6 +30,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,14 +49,15 @@ from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
 from twistc.state import PLANNED_DENSE, Skip, state_of
-from twistc.train import accuracy
+from twistc.train import accuracy, accuracy_and_loss
 
 log = logging.getLogger(__name__)
 
 # the lowered forms whose latency can be measured, and the decomposition that owns each
 FORMS = {form: d.name for d in DECOMPOSITIONS.values() for form in d.lowerings if form in BUILDERS}
 DENSE = LayerPlan("none", (), "none")
-TARGETS = ("speedup", "ratio", "macs")
+TARGETS = ("speedup", "ratio", "macs", "max_drop")
+BISECTIONS = 12  # max_drop: loss budgets tried
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,12 @@ class PlanLatency(Pass):
     writes_plan = True
     takes_context = True
     exclusive = (TARGETS,)
-    summary = "planning: pick each layer's form and ranks by measured latency to reach speedup=S (or ratio=R, macs=M)"
+    summary = ("planning: pick each layer's form and ranks by measured latency to reach speedup=S (or ratio=R, "
+               "macs=M), or the fastest within an accuracy drop max_drop=D")
     option_help = {"speedup": "target: measured whole-model speedup", "ratio": "target: weight ratio of the layers",
                    "macs": "target: MAC ratio of the layers",
+                   "max_drop": "target: the fastest plan that loses at most this accuracy (a fraction) on "
+                               "eval_batches batches of eval_data(), before fine-tuning",
                    "runtime": "where to measure: ort, torch (eager) or torch-compile",
                    "device": "ort: execution provider cpu or cuda; torch and torch-compile: cpu or cuda",
                    "threads": "threads of the runtime", "batch": "batch size to measure at",
@@ -74,6 +87,7 @@ class PlanLatency(Pass):
     speedup: float | None = None
     ratio: float | None = None
     macs: float | None = None
+    max_drop: float | None = None
     runtime: str = "ort"
     device: str = "cpu"
     threads: int = 1
@@ -89,8 +103,15 @@ class PlanLatency(Pass):
 
     def __post_init__(self):
         if sum(getattr(self, k) is not None for k in TARGETS) != 1:
-            raise SpecError("plan-latency needs exactly one of speedup=S, ratio=R (weights) or macs=M (MACs)")
-        for key in TARGETS:
+            raise SpecError("plan-latency needs exactly one of speedup=S, ratio=R (weights), macs=M (MACs) or "
+                            "max_drop=D (accuracy)")
+        if self.max_drop is not None and not 0 < self.max_drop < 1:
+            raise SpecError(f"plan-latency: max_drop is a fraction of accuracy in (0, 1), e.g. 0.01 for one point, "
+                            f"got {self.max_drop:g}")
+        if self.max_drop is not None and self.objective != "kernel":
+            raise SpecError("plan-latency: max_drop measures accuracy itself and minimises latency; leave out "
+                            "objective")
+        for key in TARGETS[:3]:
             value = getattr(self, key)
             if value is not None and not 1 < value < float("inf"):
                 raise SpecError(f"plan-latency: {key} must be a finite number > 1, got {value:g}")
@@ -112,7 +133,11 @@ class PlanLatency(Pass):
                                 f"it{f', or give forms={rest}' if rest else ''}")
 
     def needs(self) -> tuple[str, ...]:
-        return ("eval_data",) if self.objective == "eval" else ()
+        return ("eval_data",) if self.measures_accuracy else ()
+
+    @property
+    def measures_accuracy(self) -> bool:
+        return self.objective == "eval" or self.max_drop is not None
 
     def target(self) -> Runtime:
         return Runtime(self.runtime, self.device, self.threads, self.batch)
@@ -122,9 +147,10 @@ class PlanLatency(Pass):
         state = state_of(gm)
         check_layers_pattern(self.name, self.layers, list(state.layers))
         batches = None
-        if self.objective == "eval" and distributed.is_main():
+        if self.measures_accuracy and distributed.is_main():
             if ctx is None or ctx.eval_data is None:
-                raise SpecError("plan-latency{objective=eval} needs eval_data() in MODEL.py")
+                raise SpecError(f"plan-latency{{{'max_drop' if self.max_drop else 'objective=eval'}}} needs "
+                                "eval_data() in MODEL.py")
             batches = list(itertools.islice(ctx.eval_data(), self.eval_batches))
         # under torchrun, rank 0 measures and decides; every rank takes its plan
         decided = distributed.broadcast_object(self.decide(gm, batches) if distributed.is_main() else None)
@@ -147,34 +173,40 @@ class PlanLatency(Pass):
     def decide(self, gm: fx.GraphModule, batches: list | None = None) -> tuple[dict, dict] | str:
         """Per layer (plan entry, dense ms, chosen ms, kernel error, accuracy drop or None, why it would stay
         dense), and the latency summary; or why the target is out of reach. `batches`: eval batches for
-        objective=eval."""
+        objective=eval and max_drop."""
         state = state_of(gm)
         runtime, cache = self.target(), LatencyCache(self.cache or None)
         sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
         options, whys = [], []  # whys: why a layer would stay dense (None: the lowering passes say it)
-        baseline = accuracy(gm, batches) if batches else None
+        baseline = accuracy_and_loss(gm, batches) if batches else None
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
             entries = [None] + (self.candidates(gm, site) if selected(self.layers, site.name) else [])
             errors = [0.0] + self.errors(gm, site, entries[1:])
             ms = measure_layer(LayerShape.of(site, site.weight(gm).dtype), entries, runtime, cache, reps=self.reps)
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
-            drops = ([0.0] + [accuracy_drop(gm, site, entries[i], batches, baseline) for i in keep[1:]]
-                     if batches else [None] * len(keep))
-            options.append([(entries[i], ms[i], errors[i], drop) for i, drop in zip(keep, drops)])
-            whys.append("target met without it" if len(keep) > 1 else "no form ran faster" if len(entries) > 1 else
+            costs = ([(0.0, 0.0)] + [alone_cost(gm, site, entries[i], batches, baseline) for i in keep[1:]]
+                     if batches else [(None, None)] * len(keep))
+            options.append([(entries[i], ms[i], errors[i], *cost) for i, cost in zip(keep, costs)])
+            met = "max_drop left no room for it" if self.max_drop else "target met without it"
+            whys.append(met if len(keep) > 1 else "no form ran faster" if len(entries) > 1 else
                         None if selected(self.layers, site.name) else f"not selected by layers={self.layers}")
         model_ms = self.model_ms(gm, runtime, cache)
         cache.save()
         try:
-            picks = self.solve(sites, options, model_ms)
+            picks, drop = (self.fastest_within_drop(gm, sites, options, batches, baseline[0]) if self.max_drop
+                           else (self.solve(sites, options, model_ms), None))
         except RankError as e:
             return str(e)
         predicted = model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks))
         layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2], opts[i][3], why)
                   for site, opts, i, why in zip(sites, options, picks, whys)}
-        return layers, {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
-                        "model_ms_before": model_ms, "predicted_ms_after": predicted,
-                        "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
+        summary = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
+                   "model_ms_before": model_ms, "predicted_ms_after": predicted,
+                   "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
+        if drop is not None:
+            summary["accuracy_drop"] = {"max": self.max_drop, "measured": drop,
+                                        "samples": sum(len(y) for _, y in batches)}
+        return layers, summary
 
     def model_ms(self, gm: fx.GraphModule, runtime: Runtime, cache: LatencyCache) -> float:
         """The whole model's median latency, from the cache (so that the same command plans the same
@@ -221,7 +253,7 @@ class PlanLatency(Pass):
             cost = entry.cost(site.geometry) if entry else conv_cost(site.geometry)
             return cost.params if self.ratio else cost.macs
 
-        groups = [[(weight(s, e, ms), drop if self.objective == "eval" else err ** 2) for e, ms, err, drop in o]
+        groups = [[(weight(s, e, ms), drop if self.objective == "eval" else err ** 2) for e, ms, err, drop, _ in o]
                   for s, o in zip(sites, options)]
         dense = sum(g[0][0] for g in groups)
         if self.speedup:
@@ -245,14 +277,66 @@ class PlanLatency(Pass):
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
                             f"dense (at most {dense / e.least:.2f}x)") from None
 
+    def fastest_within_drop(self, gm: fx.GraphModule, sites: list[ConvSite], options: list[list[tuple]],
+                            batches: list, baseline: float) -> tuple[list[int], float]:
+        """The picks with the least summed latency whose accuracy on `batches`, every chosen layer approximated
+        at once, is at most max_drop below `baseline`, and that drop. Each try minimises the latency under a
+        budget on the summed sensitivities (a candidate's loss increase plus its accuracy drop, each measured
+        alone; a candidate whose drop alone exceeds max_drop is left out): first the fastest plan, then the one
+        of candidates that cost nothing, then the budget is bisected on the measured drop, geometrically, since
+        the sensitivities span magnitudes."""
+        groups = [[(loss + drop, ms) if drop <= self.max_drop else (math.inf, ms) for _, ms, _, drop, loss in o]
+                  for o in options]
+        latency = lambda picks: sum(o[i][1] for o, i in zip(options, picks))  # noqa: E731
 
-@torch.no_grad()
-def accuracy_drop(gm: fx.GraphModule, site: ConvSite, entry: LayerPlan, batches: list, baseline: float) -> float:
-    """How much accuracy the model loses on `batches` when this layer alone takes `entry`'s approximation."""
-    weight = site.weight(gm)
-    kept = weight.detach().clone()
-    weight.copy_(entry.reconstruct(kept))
-    try:
-        return max(baseline - accuracy(gm, batches), 0.0)
-    finally:
-        weight.copy_(kept)
+        def drop_of(picks: list[int]) -> float:
+            with approximated(gm, [(s, o[i][0]) for s, o, i in zip(sites, options, picks) if i]):
+                return baseline - accuracy(gm, batches)
+
+        best, best_drop = [0] * len(options), 0.0  # all dense
+        # twice the largest sum: the knapsack rounds each weight up, and the fastest plan must still fit
+        low, high = 0.0, 2 * sum(max((w for w, _ in g if w < math.inf), default=0.0) for g in groups)
+        for budget in [high, 0.0] + [None] * BISECTIONS:
+            budget = math.sqrt(max(low, high * 1e-6) * high) if budget is None else budget
+            picks = knapsack.choose(groups, budget)
+            drop = drop_of(picks)
+            if drop <= self.max_drop + 1e-12:
+                if latency(picks) < latency(best):
+                    best, best_drop = picks, drop
+                low = budget
+            else:
+                high = budget
+            if low == high or high == 0:  # the fastest plan fits, or not even the free candidates do
+                break
+        if not any(best):
+            alone = [d for o in options for *_, d, _ in o[1:]]
+            least = (f"the least that one layer's fastest forms lose alone is {min(alone):.2%}" if alone else
+                     "no layer has a form faster than dense")
+            raise RankError(f"plan-latency: max_drop {self.max_drop:g} is out of reach: every plan tried lost more "
+                            f"on the {sum(len(y) for _, y in batches)} samples of eval_data() it measures on "
+                            f"({least}); allow a larger drop, or measure on more batches (eval_batches=)")
+        return best, best_drop
+
+
+@contextmanager
+def approximated(gm: fx.GraphModule, layers: list[tuple[ConvSite, LayerPlan]]):
+    """Each layer's weight replaced by its plan entry's approximation for the duration, then restored."""
+    weights = [site.weight(gm) for site, _ in layers]
+    kept = [w.detach().clone() for w in weights]
+    with torch.no_grad():
+        try:
+            for w, k, (_, entry) in zip(weights, kept, layers):
+                w.copy_(entry.reconstruct(k))
+            yield
+        finally:
+            for w, k in zip(weights, kept):
+                w.copy_(k)
+
+
+def alone_cost(gm: fx.GraphModule, site: ConvSite, entry: LayerPlan, batches: list,
+               baseline: tuple[float, float]) -> tuple[float, float]:
+    """The accuracy the model loses on `batches` when this layer alone takes `entry`'s approximation, and how
+    much its mean loss rises (neither below zero)."""
+    with approximated(gm, [(site, entry)]):
+        acc, loss = accuracy_and_loss(gm, batches)
+    return max(baseline[0] - acc, 0.0), max(loss - baseline[1], 0.0)

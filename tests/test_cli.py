@@ -425,6 +425,27 @@ def test_target_speedup_plans_by_measured_latency(tmp_path, capsys):
     assert len(json.loads(cache.read_text())["entries"]) == entries
 
 
+def test_max_drop_plans_the_fastest_model_within_an_accuracy_drop(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["compile", str(_model_file(tmp_path, WIDE + EVAL)), "--pass", "tucker", "--max-drop", "0.5",
+            "--epochs", "0", "--latency-cache", str(tmp_path / "latency.json"), "--no-timing", "-o", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"].startswith("plan-latency{max_drop=0.5,")
+    latency = report["latency"]
+    assert "measured" not in latency and latency["predicted_speedup"] > 1  # --no-timing: the prediction alone
+    drop = latency["accuracy_drop"]
+    assert drop["samples"] == 4 and drop["measured"] <= 0.5
+    assert report["accuracy"]["before"] - report["accuracy"]["after"] == pytest.approx(drop["measured"])
+    assert "the plan's accuracy drop before training" in capsys.readouterr().out
+    _fails(capsys, ["compile", str(_model_file(tmp_path, WIDE, "no_eval.py")), "--pass", "tucker", "--max-drop",
+                    "0.5", "-o", str(tmp_path / "o")],
+           "uses eval_data(), which no_eval.py does not define")
+    with pytest.raises(SystemExit):  # one target at a time
+        main(argv + ["--target-speedup", "2"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_plan_naming_missing_layers_is_an_error(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"conv9": {"decomp": "none"}}))

@@ -37,3 +37,9 @@ def test_unreachable_names_the_least_total():
 
 def test_equal_weights_take_the_lower_cost():
     assert choose([[(4.0, 0.0), (2.0, 0.5), (2.0, 0.2)]], budget=3.0) == [2]
+
+
+def test_a_zero_budget_takes_only_options_of_zero_weight_and_infinite_weights_never_fit():
+    groups = [[(0.0, 5.0), (0.001, 1.0)], [(0.0, 3.0), (0.0, 2.0), (2.0, 0.0)]]
+    assert choose(groups, 0.0) == [0, 1]
+    assert choose([[(0.0, 1.0), (float("inf"), 0.0)]], 5.0) == [0]

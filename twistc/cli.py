@@ -72,13 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rtol", type=float, help="ONNX check relative tolerance (1e-4; 1e-2 for a float16 model)")
     c.add_argument("--threads", type=int, help="torch threads")
     c.add_argument("--no-timing", action="store_true",
-                   help="do not time the compiled model against the original after compiling (without "
-                        "plan-latency, both run in onnxruntime on the CPU at batch 1 with --threads, default 1)")
+                   help="do not time the compiled model against the original after compiling (in plan-latency's "
+                        "runtime after it, else in onnxruntime on the CPU at batch 1 with --threads, default 1)")
     c.add_argument("--device", default="auto",
                    help="where the train stage runs: cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
-    c.add_argument("--target-speedup", type=float, metavar="S",
-                   help="tucker and deeptwist-tucker: choose each layer's form and ranks by measured latency so that "
-                        "the model runs S times faster (plan-latency{speedup=S}; --threads sets its thread count)")
+    target = c.add_mutually_exclusive_group()
+    target.add_argument("--target-speedup", type=float, metavar="S",
+                        help="tucker and deeptwist-tucker: choose each layer's form and ranks by measured latency so "
+                             "that the model runs S times faster (plan-latency{speedup=S}; --threads sets its thread "
+                             "count)")
+    target.add_argument("--max-drop", type=float, metavar="D",
+                        help="tucker and deeptwist-tucker: the fastest forms and ranks whose accuracy on eval_data() "
+                             "before fine-tuning is at most D (a fraction) below the original's "
+                             "(plan-latency{max_drop=D})")
     c.add_argument("--latency-cache", metavar="PATH",
                    help="latency cache of plan-latency (default: ~/.cache/twistc/latency.json)")
     c.add_argument("--checkpoint", metavar="DIR",
@@ -145,7 +151,9 @@ def build_pipeline(spec: str, args) -> Pipeline:
     skip them."""
     stages, planned = [], False
     extra = _options(args.stage_options, "--option")
-    for text in split_items(expand_presets(spec, args.epochs, args.target_speedup)):
+    target = ({"speedup": args.target_speedup} if args.target_speedup is not None else
+              {"max_drop": args.max_drop} if args.max_drop is not None else None)
+    for text in split_items(expand_presets(spec, args.epochs, target)):
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
                   "threads": args.threads, "cache": args.latency_cache, **extra}
         if not planned:
@@ -261,15 +269,15 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
     """The original and the compiled model timed paired: in plan-latency's runtime and settings after
     it, else (unless `timing` is off) in onnxruntime on the CPU at batch 1. A compiled model that
     measures slower gets a warning: after plan-latency it names the layers with the least predicted
-    gain, else it points to --target-speedup."""
+    gain, else it points to --target-speedup. Without `timing`, plan-latency's prediction alone."""
+    if not timing or (state.latency is None and not any(r.lowering for r in state.layers.values())):
+        return state.latency
     if state.latency is not None:
         runtime = Runtime(**{k: state.latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")})
         latency = state.latency
-    elif timing and any(r.lowering for r in state.layers.values()):
+    else:
         runtime = Runtime("ort", "cpu", threads, 1)
         latency = {"runtime": runtime.to_json()}
-    else:
-        return None
     where = f"{runtime.runtime} {runtime.device}, {runtime.threads} thread(s), batch {runtime.batch}"
     status(f"timing the original and the compiled model ({where})")
     try:

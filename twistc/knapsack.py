@@ -25,19 +25,21 @@ def choose(groups: list[list[tuple[float, float]]], budget: float, resolution: i
     least = sum(min(w for w, _ in g) for g in groups)
     if least > budget:
         raise Unreachable(least, budget)
-    unit = budget / resolution if budget > 0 else 1.0
-    size = resolution + 1
+    unit, size = budget / resolution, resolution + 1
+
+    def units(w: float) -> int:  # a weight on the grid, rounded up (with no budget, only weight 0 fits)
+        return 0 if w <= 0 else size if unit <= 0 or math.isinf(w) else math.ceil(w / unit - 1e-9)
     best = np.zeros(size)  # best[b]: least cost of the groups so far with rounded weight <= b units
     picks = []
     for group in groups:
         new = np.full(size, np.inf)
         pick = np.full(size, -1, dtype=np.int64)
         for i, (w, c) in enumerate(group):
-            units = math.ceil(w / unit - 1e-9)
-            if units >= size:
+            u = units(w)
+            if u >= size:
                 continue
             shifted = np.full(size, np.inf)
-            shifted[units:] = best[:size - units] + c
+            shifted[u:] = best[:size - u] + c
             better = shifted < new
             new[better], pick[better] = shifted[better], i
         best = new
@@ -48,5 +50,5 @@ def choose(groups: list[list[tuple[float, float]]], budget: float, resolution: i
     for group, pick in zip(reversed(groups), reversed(picks)):
         i = int(pick[b])
         chosen.append(i)
-        b -= math.ceil(group[i][0] / unit - 1e-9)
+        b -= units(group[i][0])
     return chosen[::-1]

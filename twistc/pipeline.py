@@ -228,25 +228,29 @@ def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
 LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
 
 
-def expand_presets(spec: str, epochs: int | None = None, target_speedup: float | None = None) -> str:
-    """Presets replaced by their pipelines. `target_speedup` puts plan-latency in front of a Tucker preset
-    and lowers the layers it gives an SVD pair (1x1 convs and Linear layers among them) as well."""
+def expand_presets(spec: str, epochs: int | None = None, latency_target: dict | None = None) -> str:
+    """Presets replaced by their pipelines. `latency_target` ({"speedup": S} or {"max_drop": D}) puts
+    plan-latency with it in front of a Tucker preset and lowers the layers it gives an SVD pair (1x1 convs
+    and Linear layers among them) as well."""
     items = []
     for item in split_items(spec):
         if item in PRESETS:
             expansion = PRESETS[item][0]
             if item == "tucker" and epochs:
                 expansion = expansion.replace(",fold", ",train,fold")
-            if target_speedup is not None and item in LATENCY_PRESETS:
+            if latency_target and item in LATENCY_PRESETS:
                 lowerings = "lower-conv-tucker,lower-conv-svd,lower-linear-svd"
-                expansion = (f"plan-latency{{speedup={format_value(target_speedup)}}},"
+                [(key, value)] = latency_target.items()
+                expansion = (f"plan-latency{{{key}={format_value(value)}}},"
                              + expansion.replace("lower-conv-tucker", lowerings))
             items.append(expansion)
         else:
             items.append(item)
-    if target_speedup is not None and not any(i in LATENCY_PRESETS for i in split_items(spec)):
-        raise SpecError(f"--target-speedup applies to the presets {' and '.join(LATENCY_PRESETS)}; in a pipeline "
-                        "of your own, write plan-latency{speedup=S} in front")
+    if latency_target and not any(i in LATENCY_PRESETS for i in split_items(spec)):
+        [key] = latency_target
+        flag = {"speedup": "--target-speedup", "max_drop": "--max-drop"}[key]
+        raise SpecError(f"{flag} applies to the presets {' and '.join(LATENCY_PRESETS)}; in a pipeline of your own, "
+                        f"write plan-latency{{{key}=...}} in front")
     return ",".join(items)
 
 

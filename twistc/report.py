@@ -166,6 +166,10 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"accuracy: before {a['before']:.2%}, after {a['after']:.2%}")
     if "latency" in report:
         lines.append(latency_line(report["latency"]))
+        d = report["latency"].get("accuracy_drop")
+        if d:
+            lines.append(f"the plan's accuracy drop before training (every chosen layer approximated, "
+                         f"{d['samples']:,} samples of eval_data()): {d['measured']:.2%}, at most {d['max']:.2%}")
     if "onnx" in report:
         o = report["onnx"]
         copy = (f", a {o['dtype']} copy of the {o['model_dtype']} model (onnxruntime has no {o['model_dtype']} Conv)"

@@ -42,7 +42,7 @@ class LayerRecord:
     latency_before: float | None = None  # plan-latency: the dense conv's measured median (ms)
     latency_after: float | None = None   # ... and the chosen form's
     approx_error: float | None = None    # ... and its relative kernel error as planned
-    accuracy_drop: float | None = None   # ... and, with objective=eval, the accuracy it costs alone
+    accuracy_drop: float | None = None   # ... and, with objective=eval or max_drop, the accuracy it costs alone
     shared_with: str | None = None  # a conv whose weight is this one's (tied weights): its lowering is reused
     module: str | None = None  # the path of its lowered module
 

@@ -432,7 +432,7 @@ def evaluate(module: nn.Module, eval_data: Callable[[], Iterable],
     evaluates every world-size-th batch and the counts are summed. The weights and the random streams
     are left as they were, so training goes on as it would have without the evaluation."""
     def shared_accuracy() -> float:
-        correct, seen = distributed.total(*_correct_and_seen(module, distributed.my_share(eval_data()), prepare))
+        correct, seen = distributed.total(*_tally(module, distributed.my_share(eval_data()), prepare)[:2])
         return correct / max(seen, 1)
 
     rng = rng_state()
@@ -491,16 +491,24 @@ def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
 def accuracy(module: nn.Module, data: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> float:
     """Top-1 accuracy (a fraction) in eval mode, of the inputs after `prepare` (device, memory order);
     training flags are restored."""
-    correct, seen = _correct_and_seen(module, data, prepare)
+    correct, seen, _ = _tally(module, data, prepare)
     return correct / max(seen, 1)
 
 
+def accuracy_and_loss(module: nn.Module, data: Iterable) -> tuple[float, float]:
+    """Top-1 accuracy and mean cross-entropy in eval mode."""
+    correct, seen, loss = _tally(module, data)
+    return correct / max(seen, 1), loss / max(seen, 1)
+
+
 @torch.no_grad()
-def _correct_and_seen(module: nn.Module, data: Iterable,
-                      prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
+def _tally(module: nn.Module, data: Iterable,
+           prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> tuple[int, int, float]:
+    """Correct predictions, samples and summed cross-entropy."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
     correct = seen = 0
+    loss = 0.0
     try:
         for x, y in data:
             try:
@@ -517,10 +525,11 @@ def _correct_and_seen(module: nn.Module, data: Iterable,
                                      f"[0, {logits.shape[1]})")
             correct += int((logits.argmax(1).cpu() == y).sum())
             seen += len(y)
+            loss += float(F.cross_entropy(logits.float().cpu(), y, reduction="sum"))
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return correct, seen
+    return correct, seen, loss
 
 
 def _logits(out) -> torch.Tensor:

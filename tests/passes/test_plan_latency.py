@@ -11,7 +11,7 @@ from twistc.errors import RankError, SpecError
 from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer
 from twistc.passes.plan_latency import PlanLatency
 from twistc.plan import LayerPlan
-from twistc.train import train
+from twistc.train import accuracy, train
 
 
 def _net():
@@ -214,6 +214,53 @@ def test_objective_eval_spends_the_budget_where_accuracy_does_not_suffer(table, 
     with pytest.raises(SpecError, match="needs eval_data"):
         Pipeline.parse(f"plan-latency{{speedup=1.15,objective=eval,cache={tmp_path / 'c.json'}}}").run(
             trace(_TwoPaths(), (x[:1],)))
+
+
+def _two_paths_and_data(seed=0):
+    net = _TwoPaths().eval()
+    x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    data = [(x[i:i + 64], net(x[i:i + 64]).argmax(1)) for i in range(0, 256, 64)]  # 100% accurate before
+    return net, data
+
+
+@pytest.mark.parametrize("max_drop", [0.01, 0.05, 0.99])
+def test_max_drop_gives_the_fastest_plan_whose_measured_drop_is_within_it(table, tmp_path, max_drop):
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8  # lower ranks are faster
+    net, data = _two_paths_and_data()
+    gm = trace(net, (data[0][0][:1],))
+    spec = f"plan-latency{{max_drop={max_drop},eval_batches=4,cache={tmp_path / 'c.json'}}}"
+    gm = Pipeline.parse(spec).run(gm, RunContext(eval_data=lambda: data))
+    state = state_of(gm)
+    drop = state.latency["accuracy_drop"]
+    assert drop["max"] == max_drop and drop["samples"] == 256
+    sites = {s.name: s for s in plan_latency.conv_sites(gm)}
+    chosen = [(s, state.plan.get(name)) for name, s in sites.items() if state.plan.get(name).decomp != "none"]
+    with plan_latency.approximated(gm, chosen):  # the whole plan at once, measured independently
+        assert 1 - accuracy(gm, data) == pytest.approx(drop["measured"]) and drop["measured"] <= max_drop
+    fastest = {name: min(sum(e.ranks) for e in PlanLatency(speedup=2).candidates(gm, s)) for name, s in sites.items()}
+    assert sum(state.plan.get("a").ranks) == fastest["a"]  # costs no accuracy: always at its fastest
+    if max_drop == 0.99:  # anything goes: every layer at its fastest
+        assert all(sum(state.plan.get(name).ranks) == ms for name, ms in fastest.items())
+    else:
+        assert state.plan.get("b").decomp == "none"  # every form of b alone loses more than max_drop
+
+
+def test_max_drop_out_of_reach_and_bad_values(table, tmp_path):
+    table["lowered"] = lambda e, shape: 0.5 if sum(e.ranks) <= 4 else 1.5  # only the lowest ranks are faster
+    net, data = _two_paths_and_data()
+    gm = trace(net, (data[0][0][:1],))
+    with pytest.raises(RankError, match=r"max_drop 0.001 is out of reach: every plan tried lost more on the 256 "
+                                        r"samples .*the least that one layer's fastest forms lose alone is"):
+        Pipeline.parse(f"plan-latency{{max_drop=0.001,layers=b,eval_batches=4,cache={tmp_path / 'c.json'}}}").run(
+            gm, RunContext(eval_data=lambda: data))
+    for spec, message in [("max_drop=0", "max_drop is a fraction of accuracy in"),
+                          ("max_drop=1.5", "max_drop is a fraction of accuracy in"),
+                          ("max_drop=0.01,objective=eval", "leave out objective"),
+                          ("max_drop=0.01,speedup=2", "exactly one of")]:
+        with pytest.raises(SpecError, match=message):
+            Pipeline.parse(f"plan-latency{{{spec}}}")
+    with pytest.raises(SpecError, match=r"plan-latency\{max_drop\} needs eval_data"):
+        Pipeline.parse("plan-latency{max_drop=0.01}").run(trace(_TwoPaths(), (data[0][0][:1],)))
 
 
 def test_the_whole_model_time_is_cached_so_the_same_command_plans_the_same(tmp_path, monkeypatch):
