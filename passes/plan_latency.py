@@ -7,7 +7,7 @@
 
     or, with max_drop=D, the fastest plan whose accuracy on eval_data() batches, with every chosen
     layer approximated at once, is at most D below the dense model's: the latency is minimised under a
-    budget on the summed per-layer increases of the loss, and the budget is bisected on the measured
+    budget on the summed per-layer divergences of the output, and the budget is searched on the measured
     accuracy of the whole plan (before any fine-tuning).
 
 Layers: Conv2d, Conv1d and Linear. Forms (`forms=`): Tucker-2 chains and SVD conv pairs (Conv2d,
@@ -17,8 +17,9 @@ Conv1d), SVD Linear pairs, and CP chains (Conv2d, not by default: its ALS fits a
 bound on what the lowering's HOOI reaches). With `objective=eval` the cost of a candidate is instead
 the accuracy the model loses on `eval_batches` batches of eval_data() when that layer alone takes it
 (per-layer sensitivity, as AIMET measures it, but weighed against latency); the drops are summed.
-max_drop uses the loss instead: on a few batches the accuracy of one layer's candidates moves in steps
-of a whole sample, and many of them tie at zero.
+max_drop weighs candidates by how far the model's output moves instead (the mean KL divergence of its
+softmax from the dense model's): on a few batches the accuracy of one layer's candidates moves in steps
+of a whole sample and many tie at zero, and a loss change can be negative alone yet add up to a loss.
 Latencies are medians measured with the real lowered modules at each layer's input shape
 (twistc.latency), cached across compiles. The prediction subtracts each layer's measured saving from
 the whole model's time: a layer timed alone pays costs the model does not (copying its output out of
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from twistc import distributed, knapsack
@@ -49,7 +51,7 @@ from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
 from twistc.state import PLANNED_DENSE, Skip, state_of
-from twistc.train import accuracy, accuracy_and_loss
+from twistc.train import accuracy, class_scores
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 FORMS = {form: d.name for d in DECOMPOSITIONS.values() for form in d.lowerings if form in BUILDERS}
 DENSE = LayerPlan("none", (), "none")
 TARGETS = ("speedup", "ratio", "macs", "max_drop")
-BISECTIONS = 12  # max_drop: loss budgets tried
+BISECTIONS = 12  # max_drop: divergence budgets tried
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ class PlanLatency(Pass):
         runtime, cache = self.target(), LatencyCache(self.cache or None)
         sites = [s for s in conv_sites(gm) if s.name in state.layers and s.projection is None]
         options, whys = [], []  # whys: why a layer would stay dense (None: the lowering passes say it)
-        baseline = accuracy_and_loss(gm, batches) if batches else None
+        baseline = (accuracy(gm, batches), scores(gm, batches)) if batches else None
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
             entries = [None] + (self.candidates(gm, site) if selected(self.layers, site.name) else [])
             errors = [0.0] + self.errors(gm, site, entries[1:])
@@ -281,11 +283,11 @@ class PlanLatency(Pass):
                             batches: list, baseline: float) -> tuple[list[int], float]:
         """The picks with the least summed latency whose accuracy on `batches`, every chosen layer approximated
         at once, is at most max_drop below `baseline`, and that drop. Each try minimises the latency under a
-        budget on the summed sensitivities (a candidate's loss increase plus its accuracy drop, each measured
-        alone; a candidate whose drop alone exceeds max_drop is left out): first the fastest plan, then the one
-        of candidates that cost nothing, then the budget is bisected on the measured drop, geometrically, since
-        the sensitivities span magnitudes."""
-        groups = [[(loss + drop, ms) if drop <= self.max_drop else (math.inf, ms) for _, ms, _, drop, loss in o]
+        budget on the summed divergences (each candidate measured alone; one whose accuracy drop alone exceeds
+        max_drop is left out): first the fastest plan, then the plan of candidates that leave the output as it
+        was, then the budget is bisected on the measured drop, geometrically, since divergences span
+        magnitudes."""
+        groups = [[(kl, ms) if drop <= self.max_drop else (math.inf, ms) for _, ms, _, drop, kl in o]
                   for o in options]
         latency = lambda picks: sum(o[i][1] for o, i in zip(options, picks))  # noqa: E731
 
@@ -334,9 +336,25 @@ def approximated(gm: fx.GraphModule, layers: list[tuple[ConvSite, LayerPlan]]):
 
 
 def alone_cost(gm: fx.GraphModule, site: ConvSite, entry: LayerPlan, batches: list,
-               baseline: tuple[float, float]) -> tuple[float, float]:
-    """The accuracy the model loses on `batches` when this layer alone takes `entry`'s approximation, and how
-    much its mean loss rises (neither below zero)."""
+               baseline: tuple[float, list[torch.Tensor]]) -> tuple[float, float]:
+    """When this layer alone takes `entry`'s approximation: the accuracy the model loses on `batches` (not
+    below zero), and the mean KL divergence of its softmax output from the dense model's."""
+    dense_accuracy, dense_scores = baseline
     with approximated(gm, [(site, entry)]):
-        acc, loss = accuracy_and_loss(gm, batches)
-    return max(baseline[0] - acc, 0.0), max(loss - baseline[1], 0.0)
+        approx = scores(gm, batches)
+    correct = sum(int((s.argmax(1) == y).sum()) for s, (_, y) in zip(approx, batches))
+    kl = sum(float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(d, 1), log_target=True, reduction="sum"))
+             for s, d in zip(approx, dense_scores))
+    seen = sum(len(y) for _, y in batches)
+    return max(dense_accuracy - correct / seen, 0.0), max(kl / seen, 0.0)
+
+
+def scores(gm: fx.GraphModule, batches: list) -> list[torch.Tensor]:
+    """The model's class scores on each batch, in eval mode and float32."""
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        return [class_scores(gm(x)).float() for x, _ in batches]
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

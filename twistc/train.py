@@ -432,7 +432,7 @@ def evaluate(module: nn.Module, eval_data: Callable[[], Iterable],
     evaluates every world-size-th batch and the counts are summed. The weights and the random streams
     are left as they were, so training goes on as it would have without the evaluation."""
     def shared_accuracy() -> float:
-        correct, seen = distributed.total(*_tally(module, distributed.my_share(eval_data()), prepare)[:2])
+        correct, seen = distributed.total(*_correct_and_seen(module, distributed.my_share(eval_data()), prepare))
         return correct / max(seen, 1)
 
     rng = rng_state()
@@ -491,24 +491,16 @@ def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
 def accuracy(module: nn.Module, data: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> float:
     """Top-1 accuracy (a fraction) in eval mode, of the inputs after `prepare` (device, memory order);
     training flags are restored."""
-    correct, seen, _ = _tally(module, data, prepare)
+    correct, seen = _correct_and_seen(module, data, prepare)
     return correct / max(seen, 1)
 
 
-def accuracy_and_loss(module: nn.Module, data: Iterable) -> tuple[float, float]:
-    """Top-1 accuracy and mean cross-entropy in eval mode."""
-    correct, seen, loss = _tally(module, data)
-    return correct / max(seen, 1), loss / max(seen, 1)
-
-
 @torch.no_grad()
-def _tally(module: nn.Module, data: Iterable,
-           prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> tuple[int, int, float]:
-    """Correct predictions, samples and summed cross-entropy."""
+def _correct_and_seen(module: nn.Module, data: Iterable,
+                      prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
     modes = {m: m.training for m in module.modules()}
     module.eval()
     correct = seen = 0
-    loss = 0.0
     try:
         for x, y in data:
             try:
@@ -518,21 +510,20 @@ def _tally(module: nn.Module, data: Iterable,
                 raise ModelFileError(f"running the model on a batch of eval_data() failed: {type(e).__name__}: "
                                      f"{first}; eval_data() must yield (input, target) batches that the model "
                                      "takes, like example_inputs()") from None
-            logits = _logits(out)
+            logits = class_scores(out)
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
                 raise ModelFileError(f"eval_data() gives targets {int(y.min())}..{int(y.max())}, but the model has "
                                      f"{logits.shape[1]} outputs: targets must be class indices in "
                                      f"[0, {logits.shape[1]})")
             correct += int((logits.argmax(1).cpu() == y).sum())
             seen += len(y)
-            loss += float(F.cross_entropy(logits.float().cpu(), y, reduction="sum"))
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return correct, seen, loss
+    return correct, seen
 
 
-def _logits(out) -> torch.Tensor:
+def class_scores(out) -> torch.Tensor:
     """The class scores in a model's output: the tensor itself, a dict's 'logits', or a tuple's first tensor."""
     if isinstance(out, dict) and torch.is_tensor(out.get("logits")):
         out = out["logits"]

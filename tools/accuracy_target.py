@@ -1,0 +1,137 @@
+"""plan-latency{max_drop=D} on the trained CIFAR-10 ResNet-32: the fastest model within an accuracy drop, untrained.
+
+For each D, twistc plans on the named test slice's first `--plan-images` images (the first 100 test
+images of each class, interleaved by class), lowers, folds, and the result is checked on the 9,000
+test images outside the slice, which the planner never saw. Every compiled model is then timed with
+the dense one round-robin in onnxruntime (CPU, 1 thread, batch 1; the setting it was planned for).
+No fine-tuning: this is what a user without training data, or without time to train, gets. Beside
+each, plan-latency{speedup=S} at the same predicted speedup (least kernel error, no accuracy
+measured) shows what choosing by accuracy gains.
+
+    python tools/accuracy_target.py                                   # D = 0.005, 0.01, 0.02, 0.05
+    python tools/accuracy_target.py --drops 0.02 --out /tmp/at        # one target
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import expkit  # noqa: E402
+
+from twistc import Pipeline, RunContext, state_of, trace  # noqa: E402
+from twistc.data import cifar10_batches, first_per_class, load_cifar10  # noqa: E402
+from twistc.latency import Runtime, model_timer, paired_medians, paired_speedup  # noqa: E402
+from twistc.models import load_resnet32  # noqa: E402
+
+log = logging.getLogger("accuracy_target")
+LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
+RUNTIME = Runtime("ort", "cpu", threads=1, batch=1)
+
+
+def interleaved_slice(labels: np.ndarray, per_class: int = 100) -> np.ndarray:
+    """The slice's indices ordered class by class in turn, so that any prefix is balanced."""
+    picked = first_per_class(labels, per_class)
+    by_class = [picked[labels[picked] == c] for c in np.unique(labels)]
+    return np.stack(by_class, axis=1).reshape(-1)
+
+
+def compile_plan(model: torch.nn.Module, target: str, plan_batches: list, cache: str) -> tuple:
+    spec = f"plan-latency{{{target},eval_batches={len(plan_batches)},threads=1,batch=1,cache={cache}}},{LOWER}"
+    start = time.perf_counter()
+    gm = Pipeline.parse(spec).run(trace(model, (torch.randn(1, 3, 32, 32),)),
+                                  RunContext(eval_data=lambda: plan_batches))
+    state = state_of(gm)
+    layers = list(state.layers.values())
+    return gm, {"spec": spec, "seconds": time.perf_counter() - start,
+                "compressed": sum(1 for r in layers if r.lowering), "layers": len(layers),
+                "forms": {f: sum(1 for r in layers if r.lowering == f) for f in {r.lowering for r in layers} if f},
+                "weight_ratio": sum(r.before.params for r in layers) / sum(r.current.params for r in layers),
+                "mac_ratio": sum(r.before.macs for r in layers) / sum(r.current.macs for r in layers),
+                "predicted_speedup": state.latency["predicted_speedup"],
+                "plan_drop": state.latency.get("accuracy_drop")}
+
+
+def report(runs: list[dict], out: Path) -> None:
+    rows = [[f"{r['max_drop']:.1%}", r["plan_images"], f"{r['plan_drop']['measured']:.2%}", f"{r['held_out_drop']:.2%} [{r['held_out_drop_ci95'][0]:.2%}, "
+             f"{r['held_out_drop_ci95'][1]:.2%}]",
+             f"{r['held_out_accuracy']:.2%}", f"{r['kernel_plan']['held_out_accuracy']:.2%}", f"{r['speedup']:.2f} [{r['speedup_ci95'][0]:.2f}, "
+             f"{r['speedup_ci95'][1]:.2f}]", f"{r['predicted_speedup']:.2f}", f"{r['mac_ratio']:.2f}",
+             f"{r['weight_ratio']:.2f}", f"{r['compressed']}/{r['layers']}", f"{r['seconds'] / 60:.1f}"]
+            for r in sorted(runs, key=lambda r: (r["plan_images"], r["max_drop"]))]
+    first = runs[0]
+    text = ["# plan-latency{max_drop=D}: the fastest ResNet-32 within an accuracy drop, without fine-tuning", "",
+            f"Command: `{first['command']}` (planning images from the test slice, held-out check on "
+            f"{first['held_out_images']:,} other test images; dense held-out accuracy "
+            f"{first['dense_held_out_accuracy']:.2%}; onnxruntime CPU, 1 thread, batch 1, {first['reps']} paired "
+            "repetitions; machine and versions in results.json).", "",
+            expkit.markdown_table(["max_drop", "planning images", "drop on them", "drop on held-out images "
+                                   "[95% CI]", "held-out accuracy", "kernel-error plan at the same predicted "
+                                   "speedup: held-out accuracy", "measured speedup [95% CI]", "predicted", "MAC cut",
+                                   "weight cut", "layers compressed", "compile (min)"], rows), ""]
+    (out / "results.md").write_text("\n".join(text))
+    (out / "results.json").write_text(json.dumps(runs, indent=1))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--drops", default="0.005,0.01,0.02,0.05")
+    p.add_argument("--plan-images", default="500", help="planning images from the slice (batches of 250), "
+                   "comma-separated for several")
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=2, help="torch threads for planning's evaluations")
+    p.add_argument("--data", default=str(expkit.SHARED_DATA / "cifar10-jpg.tar.gz"))
+    p.add_argument("--checkpoint", default=str(expkit.SHARED_DATA / "resnet32_cifar10.pt"))
+    p.add_argument("--latency-cache", default=str(expkit.CHECKPOINTS.parent / "latency.json"))
+    p.add_argument("--out", default=str(expkit.REPO / "results" / "accuracy_target"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, labels = load_cifar10(args.data, "test")
+    held_out = np.setdiff1d(np.arange(len(labels)), first_per_class(labels, 100))
+    check = list(cifar10_batches(args.data, "test", batch_size=500, subset=held_out))
+    model = load_resnet32(Path(args.checkpoint)).eval()
+    dense_correct = expkit.correctness(model, check)
+    runs = []
+    for images, drop in itertools.product((int(n) for n in args.plan_images.split(",")),
+                                          (float(d) for d in args.drops.split(","))):
+        planning = interleaved_slice(labels)[:images]
+        plan_batches = list(cifar10_batches(args.data, "test", batch_size=250, subset=planning))
+        torch.set_num_threads(args.threads)
+        log.info("max_drop %g on %d images", drop, images)
+        gm, info = compile_plan(model, f"max_drop={drop:g}", plan_batches, args.latency_cache)
+        correct = expkit.correctness(gm.eval(), check)
+        kernel_gm, kernel = compile_plan(model, f"speedup={info['predicted_speedup']:.4f}", plan_batches,
+                                         args.latency_cache)
+        kernel["held_out_accuracy"] = float(expkit.correctness(kernel_gm.eval(), check).mean())
+        torch.set_num_threads(RUNTIME.threads)
+        x = torch.randn(1, 3, 32, 32)
+        samples: list[list[float]] = []
+        medians = paired_medians([model_timer(model, x, RUNTIME), model_timer(gm, x, RUNTIME)], warmup=5,
+                                 reps=args.reps, samples=samples)
+        runs.append({**info, "max_drop": drop, "plan_images": len(planning), "held_out_images": len(held_out),
+                     "dense_held_out_accuracy": float(dense_correct.mean()),
+                     "held_out_accuracy": float(correct.mean()),
+                     "held_out_drop": float(dense_correct.mean() - correct.mean()),
+                     "held_out_drop_ci95": list(expkit.paired_bootstrap(dense_correct, correct)[1:]),
+                     "dense_ms": medians[0], "compiled_ms": medians[1], "speedup": medians[0] / medians[1],
+                     "speedup_ci95": paired_speedup(samples[0], samples[1])[1], "reps": args.reps,
+                     "kernel_plan": kernel,
+                     **expkit.metadata()})
+        log.info("max_drop %g: planned drop %.2f%%, held-out drop %.2f%%, %.2fx measured", drop,
+                 100 * info["plan_drop"]["measured"], 100 * runs[-1]["held_out_drop"], runs[-1]["speedup"])
+        report(runs, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
