@@ -312,7 +312,7 @@ class PlanLatency(Pass):
                 break
         if not any(best):
             alone = [d for o in options for *_, d, _ in o[1:]]
-            least = (f"the least that one layer's fastest forms lose alone is {min(alone):.2%}" if alone else
+            least = (f"the least any one candidate loses alone is {min(alone):.2%}" if alone else
                      "no layer has a form faster than dense")
             raise RankError(f"plan-latency: max_drop {self.max_drop:g} is out of reach: every plan tried lost more "
                             f"on the {sum(len(y) for _, y in batches)} samples of eval_data() it measures on "

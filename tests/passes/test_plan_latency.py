@@ -250,7 +250,7 @@ def test_max_drop_out_of_reach_and_bad_values(table, tmp_path):
     net, data = _two_paths_and_data()
     gm = trace(net, (data[0][0][:1],))
     with pytest.raises(RankError, match=r"max_drop 0.001 is out of reach: every plan tried lost more on the 256 "
-                                        r"samples .*the least that one layer's fastest forms lose alone is"):
+                                        r"samples .*the least any one candidate loses alone is"):
         Pipeline.parse(f"plan-latency{{max_drop=0.001,layers=b,eval_batches=4,cache={tmp_path / 'c.json'}}}").run(
             gm, RunContext(eval_data=lambda: data))
     for spec, message in [("max_drop=0", "max_drop is a fraction of accuracy in"),
