@@ -72,8 +72,8 @@ class PlanLatency(Pass):
                "macs=M), or the fastest within an accuracy drop max_drop=D")
     option_help = {"speedup": "target: measured whole-model speedup", "ratio": "target: weight ratio of the layers",
                    "macs": "target: MAC ratio of the layers",
-                   "max_drop": "target: the fastest plan that loses at most this accuracy (a fraction) on "
-                               "eval_batches batches of eval_data(), before fine-tuning",
+                   "max_drop": "target: the fastest plan losing at most this accuracy (0.01: a point) on "
+                               "eval_batches batches",
                    "runtime": "where to measure: ort, torch (eager) or torch-compile",
                    "device": "ort: execution provider cpu or cuda; torch and torch-compile: cpu or cuda",
                    "threads": "threads of the runtime", "batch": "batch size to measure at",
