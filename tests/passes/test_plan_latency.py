@@ -1,5 +1,8 @@
 """plan-latency with an injected latency table (no timing), then with real timing on a small model."""
+import itertools
 import json
+import random
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -243,6 +246,33 @@ def test_max_drop_gives_the_fastest_plan_whose_measured_drop_is_within_it(table,
         assert all(sum(state.plan.get(name).ranks) == ms for name, ms in fastest.items())
     else:
         assert state.plan.get("b").decomp == "none"  # every form of b alone loses more than max_drop
+
+
+def test_max_drop_search_finds_the_fastest_plan_that_fits(monkeypatch):
+    """Layers whose drops add up exactly as their divergences: the search must find what brute force finds,
+    also where the fastest plan does not fit and the free candidates alone are far from the best."""
+    active = []
+
+    @contextmanager
+    def fake_approximated(gm, layers):
+        active[:] = [entry for _, entry in layers]
+        yield
+
+    monkeypatch.setattr(plan_latency, "approximated", fake_approximated)
+    monkeypatch.setattr(plan_latency, "accuracy", lambda gm, batches: 1.0 - sum(e.ranks[0] / 1000 for e in active))
+    rng = random.Random(0)
+    for trial in range(20):
+        # per layer: dense (1 ms), then candidates entry(ranks=(kl in thousandths,)) that run faster
+        options = [[(None, 1.0, 0.0, 0.0, 0.0)] + [
+            (LayerPlan("svd", (k,), "svd-conv"), 1.0 - rng.uniform(0.05, 0.9), 0.0, k / 1000, k / 1000)
+            for k in rng.sample(range(0, 40), 3)] for _ in range(4)]
+        pass_ = PlanLatency(max_drop=0.05)
+        picks, drop = pass_.fastest_within_drop(None, [None] * 4, options, [], 1.0)
+        latency = lambda ps: sum(o[i][1] for o, i in zip(options, ps))  # noqa: E731
+        feasible = [ps for ps in itertools.product(*(range(len(o)) for o in options))
+                    if sum(o[i][4] for o, i in zip(options, ps)) <= 0.05 + 1e-12]
+        assert drop <= 0.05 + 1e-12 and drop == pytest.approx(sum(o[i][4] for o, i in zip(options, picks)))
+        assert latency(picks) == pytest.approx(min(latency(ps) for ps in feasible)), trial
 
 
 def test_max_drop_out_of_reach_and_bad_values(table, tmp_path):
