@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import twistc
 from twistc import pipeline
-from twistc.errors import PassError
+from twistc.errors import PassError, SpecError
 from twistc.pipeline import Pass, PassResult, Pipeline, expand_presets
 from twistc.passes.deeptwist import DeepTwist
 from twistc.train import Train
@@ -35,6 +35,10 @@ def test_presets_expand():
     assert expand_presets("deeptwist-tucker") == "deeptwist,train,lower-conv-tucker,fold,cleanup"
     assert expand_presets("tucker") == "lower-conv-tucker,fold,cleanup"
     assert expand_presets("tucker", epochs=2) == "lower-conv-tucker,train,fold,cleanup"
+    assert expand_presets("deeptwist-tucker", latency_target={"max_drop": 0.01}) == (
+        "plan-latency{max_drop=0.01},deeptwist,train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup")
+    with pytest.raises(SpecError, match=r"--max-drop applies to the presets.*write plan-latency\{max_drop=...\}"):
+        expand_presets("lower-conv-svd", latency_target={"max_drop": 0.01})
     assert [s.name for s in Pipeline.parse("deeptwist-tucker").stages] == [
         "deeptwist", "train", "lower-conv-tucker", "fold", "cleanup"]
     names = [row[0] for row in pipeline.describe()]
