@@ -84,6 +84,23 @@ def _tuned_row(r: dict) -> list:
             f"{diff:+.2f} [{lo:+.2f}, {hi:+.2f}]"]
 
 
+def plot(runs: list[dict], path: Path) -> None:
+    """Held-out accuracy against predicted speedup, before fine-tuning: max_drop plans and kernel-error plans."""
+    fig, ax = expkit.figure()
+    for color, images in zip(("C0", "C1", "C2", "C3"), sorted({r["plan_images"] for r in runs})):
+        mine = sorted((r for r in runs if r["plan_images"] == images), key=lambda r: r["predicted_speedup"])
+        x = [r["predicted_speedup"] for r in mine]
+        ax.plot(x, [100 * r["held_out_accuracy"] for r in mine], "o-", color=color,
+                label=f"max_drop, planned on {images} images")
+        ax.plot(x, [100 * r["kernel_plan"]["held_out_accuracy"] for r in mine], "x--", color=color,
+                label="least kernel error at the same speedup")
+    ax.axhline(100 * runs[0]["dense_held_out_accuracy"], color="gray", ls=":", label="dense")
+    ax.set_xlabel("predicted speedup (onnxruntime CPU, 1 thread, batch 1)")
+    ax.set_ylabel("accuracy on the 9,000 held-out test images (%)")
+    ax.set_title("ResNet-32 on CIFAR-10, without fine-tuning")
+    expkit.save_figure(fig, ax, path)
+
+
 def report(runs: list[dict], out: Path) -> None:
     runs = sorted(runs, key=lambda r: (r["plan_images"], r["max_drop"]))
     rows = [[f"{r['max_drop']:.1%}", r["plan_images"], f"{r['plan_drop']['measured']:.2%}",
@@ -109,6 +126,8 @@ def report(runs: list[dict], out: Path) -> None:
                  expkit.markdown_table(["max_drop", "planning images", "measured speedup", "max_drop plan",
                                         "kernel-error plan", "difference (points) [95% CI]"],
                                        [_tuned_row(r) for r in tuned]), ""]
+    text += ["![held-out accuracy against predicted speedup](accuracy_vs_speedup.png)", ""]
+    plot(runs, out / "accuracy_vs_speedup.png")
     (out / "results.md").write_text("\n".join(text))
     (out / "results.json").write_text(json.dumps(runs, indent=1))
 
