@@ -51,7 +51,7 @@ from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
 from twistc.state import PLANNED_DENSE, Skip, state_of
-from twistc.train import accuracy, class_scores
+from twistc.train import accuracy, class_scores, in_mode
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +356,5 @@ def alone_cost(gm: fx.GraphModule, site: ConvSite, entry: LayerPlan, batches: li
 
 def scores(gm: fx.GraphModule, batches: list) -> list[torch.Tensor]:
     """The model's class scores on each batch, in eval mode and float32."""
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
+    with in_mode(gm, training=False):
         return [class_scores(gm(x)).float() for x, _ in batches]
-    finally:
-        for m, mode in modes.items():
-            m.training = mode

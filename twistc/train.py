@@ -407,20 +407,17 @@ def recalibrate_batchnorm(module: nn.Module, train_data: Callable[[], Iterable],
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
-    modes = {m: m.training for m in module.modules()}
-    module.train()
     used = 0
     try:
-        for x, _ in train_data():
-            module(prepare(x))
-            used += 1
-            if used >= batches:
-                break
+        with in_mode(module, training=True):
+            for x, _ in train_data():
+                module(prepare(x))
+                used += 1
+                if used >= batches:
+                    break
     finally:
         for m, momentum in momenta.items():
             m.momentum = momentum
-        for m, mode in modes.items():
-            m.training = mode
     return used
 
 
@@ -454,8 +451,9 @@ def _pace(seconds: float, samples: int, share: float, epochs_left: int) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
+    if seconds < 90:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _evaluation_text(record: dict) -> str:
@@ -498,10 +496,8 @@ def accuracy(module: nn.Module, data: Iterable, prepare: Callable[[torch.Tensor]
 @torch.no_grad()
 def _correct_and_seen(module: nn.Module, data: Iterable,
                       prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
     correct = seen = 0
-    try:
+    with in_mode(module, training=False):
         for x, y in data:
             try:
                 out = module(prepare(x))
@@ -517,10 +513,19 @@ def _correct_and_seen(module: nn.Module, data: Iterable,
                                      f"[0, {logits.shape[1]})")
             correct += int((logits.argmax(1).cpu() == y).sum())
             seen += len(y)
+    return correct, seen
+
+
+@contextmanager
+def in_mode(module: nn.Module, training: bool):
+    """The module in training or eval mode for the duration; each submodule's own flag restored after."""
+    modes = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        yield
     finally:
         for m, mode in modes.items():
             m.training = mode
-    return correct, seen
 
 
 def class_scores(out) -> torch.Tensor:
