@@ -20,6 +20,7 @@ the accuracy the model loses on `eval_batches` batches of eval_data() when that 
 max_drop weighs candidates by how far the model's output moves instead (the mean KL divergence of its
 softmax from the dense model's): on a few batches the accuracy of one layer's candidates moves in steps
 of a whole sample and many tie at zero, and a loss change can be negative alone yet add up to a loss.
+Each candidate reruns only the part of the model that depends on its layer's weight (twistc.partial).
 Latencies are medians measured with the real lowered modules at each layer's input shape
 (twistc.latency), cached across compiles. The prediction subtracts each layer's measured saving from
 the whole model's time: a layer timed alone pays costs the model does not (copying its output out of
@@ -47,6 +48,7 @@ from twistc.decomp.cost import conv_cost
 from twistc.errors import RankError, SpecError
 from twistc.latency import (BUILDERS, LatencyCache, LayerShape, Runtime, measure_layer, model_key, model_timer,
                             paired_medians)
+from twistc.partial import Suffix
 from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
@@ -187,7 +189,7 @@ class PlanLatency(Pass):
             errors = [0.0] + self.errors(gm, site, entries[1:])
             ms = measure_layer(LayerShape.of(site, site.weight(gm).dtype), entries, runtime, cache, reps=self.reps)
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
-            costs = ([(0.0, 0.0)] + [alone_cost(gm, site, entries[i], batches, baseline) for i in keep[1:]]
+            costs = ([(0.0, 0.0)] + alone_costs(gm, site, [entries[i] for i in keep[1:]], batches, baseline)
                      if batches else [(None, None)] * len(keep))
             options.append([(entries[i], ms[i], errors[i], *cost) for i, cost in zip(keep, costs)])
             met = "max_drop left no room for it" if self.max_drop else "target met without it"
@@ -340,18 +342,30 @@ def approximated(gm: fx.GraphModule, layers: list[tuple[ConvSite, LayerPlan]]):
                 w.copy_(k)
 
 
-def alone_cost(gm: fx.GraphModule, site: ConvSite, entry: LayerPlan, batches: list,
-               baseline: tuple[float, list[torch.Tensor]]) -> tuple[float, float]:
-    """When this layer alone takes `entry`'s approximation: the accuracy the model loses on `batches` (not
-    below zero), and the mean KL divergence of its softmax output from the dense model's."""
+def alone_costs(gm: fx.GraphModule, site: ConvSite, entries: list[LayerPlan], batches: list,
+                baseline: tuple[float, list[torch.Tensor]]) -> list[tuple[float, float]]:
+    """For each entry, when this layer alone takes its approximation: the accuracy the model loses on
+    `batches` (not below zero), and the mean KL divergence of its softmax output from the dense model's.
+    Only the part of the model that depends on the layer runs again for each entry."""
     dense_accuracy, dense_scores = baseline
-    with approximated(gm, [(site, entry)]):
-        approx = scores(gm, batches)
-    correct = sum(int((s.argmax(1) == y).sum()) for s, (_, y) in zip(approx, batches))
-    kl = sum(float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(d, 1), log_target=True, reduction="sum"))
-             for s, d in zip(approx, dense_scores))
+    weight, suffix = site.weight(gm), Suffix(gm, site.weight_name)
+    kept = weight.detach().clone()
+    approximations = [entry.reconstruct(kept) for entry in entries]
+    correct, kl = [0] * len(entries), [0.0] * len(entries)
+    with in_mode(gm, training=False), torch.no_grad():
+        try:
+            for (x, y), dense in zip(batches, dense_scores):
+                inputs = suffix.inputs(x)
+                for i, approximation in enumerate(approximations):
+                    weight.copy_(approximation)
+                    s = class_scores(suffix(x, inputs)).float()
+                    correct[i] += int((s.argmax(1) == y).sum())
+                    kl[i] += float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(dense, 1), log_target=True,
+                                            reduction="sum"))
+        finally:
+            weight.copy_(kept)
     seen = sum(len(y) for _, y in batches)
-    return max(dense_accuracy - correct / seen, 0.0), max(kl / seen, 0.0)
+    return [(max(dense_accuracy - c / seen, 0.0), max(k / seen, 0.0)) for c, k in zip(correct, kl)]
 
 
 def scores(gm: fx.GraphModule, batches: list) -> list[torch.Tensor]:

@@ -8,7 +8,8 @@ No fine-tuning: this is what a user without training data, or without time to tr
 each, plan-latency{speedup=S} at the same predicted speedup (least kernel error, no accuracy
 measured) shows what choosing by accuracy gains. `--finetune` then fine-tunes both plans the usual way
 (lowered, then 3 epochs of SGD from lr 0.01, cosine; tools/deeptwist_vs_tucker.py's budget) and
-checks them on the same 9,000 images. Runs are merged into results.json by (planning images, D).
+checks them on the same 9,000 images. Runs are merged into results.json by (planning images, D); a rerun
+without --finetune that plans the same keeps the earlier fine-tuning results.
 
     python tools/accuracy_target.py                                   # D = 0.005, 0.01, 0.02, 0.05
     python tools/accuracy_target.py --drops 0.02 --out /tmp/at        # one target
@@ -110,7 +111,7 @@ def report(runs: list[dict], out: Path) -> None:
              f"{r['compressed']}/{r['layers']}", f"{r['seconds'] / 60:.1f}"] for r in runs]
     tuned = [r for r in runs if "finetuned" in r]
     first = runs[0]
-    commands = sorted({r["command"] for r in runs})
+    commands = sorted({r["command"] for r in runs} | {r["finetuned"]["command"] for r in tuned})
     text = ["# plan-latency{max_drop=D}: the fastest ResNet-32 within an accuracy drop", "",
             f"Commands: {', '.join(f'`{c}`' for c in commands)} (planning images from the test slice, held-out "
             f"check on {first['held_out_images']:,} other test images; dense held-out accuracy "
@@ -172,7 +173,8 @@ def main(argv=None) -> int:
         samples: list[list[float]] = []
         medians = paired_medians([model_timer(model, x, RUNTIME), model_timer(gm, x, RUNTIME)], warmup=5,
                                  reps=args.reps, samples=samples)
-        runs = [r for r in runs if (r["plan_images"], r["max_drop"]) != (images, drop)]
+        before = [r for r in runs if (r["plan_images"], r["max_drop"]) == (images, drop)]
+        runs = [r for r in runs if r not in before]
         runs.append({**info, "max_drop": drop, "plan_images": len(planning), "held_out_images": len(held_out),
                      "dense_held_out_accuracy": float(dense_correct.mean()),
                      "held_out_accuracy": float(correct.mean()),
@@ -184,10 +186,15 @@ def main(argv=None) -> int:
                      **expkit.metadata()})
         log.info("max_drop %g: planned drop %.2f%%, held-out drop %.2f%%, %.2fx measured", drop,
                  100 * info["plan_drop"]["measured"], 100 * runs[-1]["held_out_drop"], runs[-1]["speedup"])
+        plans = json.loads(json.dumps([info["plan"], kernel["plan"]]))  # as results.json holds them
+        same_plans = [r for r in before if [r.get("plan"), r["kernel_plan"].get("plan")] == plans]
+        if same_plans and "finetuned" in same_plans[0] and not args.finetune:  # still what those plans scored
+            runs[-1]["finetuned"] = {"command": same_plans[0]["command"], **same_plans[0]["finetuned"]}
         if args.finetune:
             torch.set_num_threads(args.threads)
             runs[-1]["finetuned"] = {"max_drop": finetuned(budget, info["plan"], held_out),
-                                     "kernel": finetuned(budget, kernel["plan"], held_out)}
+                                     "kernel": finetuned(budget, kernel["plan"], held_out),
+                                     "command": runs[-1]["command"]}
         report(runs, out)
     return 0
 

@@ -249,6 +249,25 @@ def test_max_drop_gives_the_fastest_plan_whose_measured_drop_is_within_it(table,
         assert state.plan.get("b").decomp == "none"  # every form of b alone loses more than max_drop
 
 
+def test_each_candidates_cost_is_what_the_whole_model_gives_with_that_layer_approximated():
+    net, data = _two_paths_and_data()
+    gm = trace(net, (data[0][0][:1],))
+    baseline = (accuracy(gm, data), plan_latency.scores(gm, data))
+    for site in plan_latency.conv_sites(gm):
+        entries = PlanLatency(speedup=2).candidates(gm, site)
+        before = site.weight(gm).detach().clone()
+        costs = plan_latency.alone_costs(gm, site, entries, data, baseline)
+        assert torch.equal(site.weight(gm), before)  # restored
+        assert entries and (site.name != "b" or max(d for d, _ in costs) > 0)  # b's candidates do cost accuracy
+        for entry, (drop, kl) in zip(entries, costs):
+            with plan_latency.approximated(gm, [(site, entry)]):  # the whole model, run as usual
+                approx = plan_latency.scores(gm, data)
+                assert drop == pytest.approx(max(baseline[0] - accuracy(gm, data), 0.0), abs=1e-12)
+            divergence = sum(float(torch.nn.functional.kl_div(s.log_softmax(1), d.log_softmax(1), log_target=True,
+                                                              reduction="sum")) for s, d in zip(approx, baseline[1]))
+            assert kl == pytest.approx(divergence / 256, rel=1e-5, abs=1e-9)
+
+
 def test_max_drop_search_finds_the_fastest_plan_that_fits(monkeypatch):
     """Layers whose drops add up exactly as their divergences: the search must find what brute force finds,
     also where the fastest plan does not fit and the free candidates alone are far from the best."""

@@ -1,0 +1,58 @@
+"""Partial evaluation reruns only what depends on one weight, and gives the whole model's output."""
+import pytest
+import torch
+from torch import nn
+
+from twistc import trace
+from twistc.convs import conv_sites
+from twistc.models.resnet_cifar import resnet_cifar
+from twistc.partial import Suffix, readers
+from twistc.train import in_mode
+
+from tests.passes.test_shared_weights import Tied, Twice
+
+
+class LinearByHand(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) @ self.w.T
+
+
+def _changed_output_matches(gm, x, weight_name):
+    """After the weight changes in place, the suffix gives what the whole model gives."""
+    suffix = Suffix(gm, weight_name)
+    with in_mode(gm, training=False), torch.no_grad():
+        inputs = suffix.inputs(x)
+        weight = gm.get_parameter(weight_name)
+        weight.add_(0.1 * torch.randn_like(weight))
+        torch.testing.assert_close(suffix(x, inputs), gm(x), atol=0, rtol=0)
+    return suffix
+
+
+def test_every_resnet32_conv_suffix_equals_the_whole_model():
+    torch.manual_seed(0)
+    model = resnet_cifar(32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    gm = trace(model, (x[:1],))
+    sizes = []
+    for site in conv_sites(gm):
+        suffix = _changed_output_matches(gm, x, site.weight_name)
+        sizes.append(len(suffix._skip_suffix))
+    # later layers leave more of the model out of the rerun; the first conv leaves only the input
+    assert sizes == sorted(sizes) and sizes[0] <= 2 and sizes[-1] > 0.9 * len(gm.graph.nodes)
+
+
+@pytest.mark.parametrize("make, weight_name, count", [(Twice, "conv.weight", 2), (lambda: Tied(False), "a.weight", 2),
+                                                      (lambda: Tied(False), "b.weight", 2),
+                                                      (LinearByHand, "w", 1)])
+def test_a_weight_read_in_several_places_or_by_get_attr_reruns_every_reader(make, weight_name, count):
+    model = make().eval()
+    x = torch.randn(3, 3 if make in (Twice, LinearByHand) else 8, 6, 6)
+    gm = trace(model, (x[:1],))
+    assert len(readers(gm, weight_name)) == count
+    _changed_output_matches(gm, x, weight_name)

@@ -1,0 +1,52 @@
+"""Partial evaluation: a traced model's output after one weight changes, rerunning only the nodes that
+depend on that weight and reusing the unchanged model's values for the rest (its inputs, skip branches,
+and every layer before it)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+def readers(gm: fx.GraphModule, weight_name: str) -> list[fx.Node]:
+    """The nodes that read the parameter `weight_name` under any of its names (a tied weight has several):
+    get_attr nodes of it, and calls of a module that holds it."""
+    weight = gm.get_parameter(weight_name)
+    names = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is weight]
+    return [n for n in gm.graph.nodes if (n.op == "get_attr" and n.target in names)
+            or (n.op == "call_module" and any(name.startswith(f"{n.target}.") for name in names))]
+
+
+class Suffix:
+    """Runs the part of `gm` that depends on one weight. `inputs(x)` computes, with the model as it is, the
+    values that part reads from the rest; `__call__(x, inputs)` runs only that part and returns the model's
+    output, so that after changing the weight in place it costs only the layers from it to the output."""
+
+    def __init__(self, gm: fx.GraphModule, weight_name: str):
+        self.gm = gm
+        changed, todo = set(), readers(gm, weight_name)
+        while todo:
+            node = todo.pop()
+            if node not in changed:
+                changed.add(node)
+                todo.extend(node.users)
+        self.frontier = [n for n in gm.graph.nodes if n not in changed and any(u in changed for u in n.users)]
+        needed, todo = set(), list(self.frontier)  # what computing the frontier takes
+        while todo:
+            node = todo.pop()
+            if node not in needed:
+                needed.add(node)
+                todo.extend(node.all_input_nodes)
+        rest = [n for n in gm.graph.nodes if n.op != "output"]
+        # placeholders for values never read: fx's Interpreter skips the nodes already in its environment
+        self._skip_prefix = {n: None for n in rest if n not in needed}
+        self._skip_suffix = {n: None for n in rest if n not in changed}
+
+    @torch.no_grad()
+    def inputs(self, x: torch.Tensor) -> dict[fx.Node, object]:
+        interpreter = fx.Interpreter(self.gm, garbage_collect_values=False)
+        interpreter.run(x, initial_env=dict(self._skip_prefix))
+        return {n: interpreter.env[n] for n in self.frontier}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, inputs: dict[fx.Node, object]):
+        return fx.Interpreter(self.gm).run(x, initial_env={**self._skip_suffix, **inputs})
