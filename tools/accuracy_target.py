@@ -6,14 +6,17 @@ test images outside the slice, which the planner never saw. Every compiled model
 the dense one round-robin in onnxruntime (CPU, 1 thread, batch 1; the setting it was planned for).
 No fine-tuning: this is what a user without training data, or without time to train, gets. Beside
 each, plan-latency{speedup=S} at the same predicted speedup (least kernel error, no accuracy
-measured) shows what choosing by accuracy gains. `--finetune` then fine-tunes both plans the usual way
-(lowered, then 3 epochs of SGD from lr 0.01, cosine; tools/deeptwist_vs_tucker.py's budget) and
-checks them on the same 9,000 images. Runs are merged into results.json by (planning images, D); a rerun
-without --finetune that plans the same keeps the earlier fine-tuning results.
+measured) shows what choosing by accuracy gains; with --eval-plan, so does plan-latency{speedup=S,
+objective=eval} (per-layer sensitivity on the same images). `--finetune` then fine-tunes the max_drop
+and kernel-error plans the usual way (lowered, then 3 epochs of SGD from lr 0.01, cosine;
+tools/deeptwist_vs_tucker.py's budget) and checks them on the same 9,000 images. Runs are merged into
+results.json by (planning images, D); a rerun that plans the same keeps the earlier fine-tuning and
+objective=eval results unless it is asked for them again.
 
     python tools/accuracy_target.py                                   # D = 0.005, 0.01, 0.02, 0.05
     python tools/accuracy_target.py --drops 0.02 --out /tmp/at        # one target
     python tools/accuracy_target.py --drops 0.02 --plan-images 1000 --finetune   # and after fine-tuning
+    python tools/accuracy_target.py --drops 0.02 --plan-images 1000 --eval-plan  # and objective=eval
 """
 from __future__ import annotations
 
@@ -86,7 +89,8 @@ def _tuned_row(r: dict) -> list:
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Held-out accuracy against predicted speedup, before fine-tuning: max_drop plans and kernel-error plans."""
+    """Held-out accuracy against predicted speedup, before fine-tuning: max_drop, kernel-error and objective=eval
+    plans."""
     fig, ax = expkit.figure()
     for color, images in zip(("C0", "C1", "C2", "C3"), sorted({r["plan_images"] for r in runs})):
         mine = sorted((r for r in runs if r["plan_images"] == images), key=lambda r: r["predicted_speedup"])
@@ -95,6 +99,11 @@ def plot(runs: list[dict], path: Path) -> None:
                 label=f"max_drop, planned on {images} images")
         ax.plot(x, [100 * r["kernel_plan"]["held_out_accuracy"] for r in mine], "x--", color=color,
                 label="least kernel error at the same speedup")
+        evaluated = [r for r in mine if "eval_plan" in r]
+        if evaluated:
+            ax.plot([r["predicted_speedup"] for r in evaluated],
+                    [100 * r["eval_plan"]["held_out_accuracy"] for r in evaluated], "s:", color=color,
+                    label="objective=eval at the same speedup")
     ax.axhline(100 * runs[0]["dense_held_out_accuracy"], color="gray", ls=":", label="dense")
     ax.set_xlabel("predicted speedup (onnxruntime CPU, 1 thread, batch 1)")
     ax.set_ylabel("accuracy on the 9,000 held-out test images (%)")
@@ -106,12 +115,14 @@ def report(runs: list[dict], out: Path) -> None:
     runs = sorted(runs, key=lambda r: (r["plan_images"], r["max_drop"]))
     rows = [[f"{r['max_drop']:.1%}", r["plan_images"], f"{r['plan_drop']['measured']:.2%}",
              _interval(r["held_out_drop"], r["held_out_drop_ci95"], ".2%"), f"{r['held_out_accuracy']:.2%}",
-             f"{r['kernel_plan']['held_out_accuracy']:.2%}", _interval(r["speedup"], r["speedup_ci95"], ".2f"),
+             f"{r['kernel_plan']['held_out_accuracy']:.2%}",
+             f"{r['eval_plan']['held_out_accuracy']:.2%}" if "eval_plan" in r else "-", _interval(r["speedup"], r["speedup_ci95"], ".2f"),
              f"{r['predicted_speedup']:.2f}", f"{r['mac_ratio']:.2f}", f"{r['weight_ratio']:.2f}",
              f"{r['compressed']}/{r['layers']}", f"{r['seconds'] / 60:.1f}"] for r in runs]
     tuned = [r for r in runs if "finetuned" in r]
     first = runs[0]
-    commands = sorted({r["command"] for r in runs} | {r["finetuned"]["command"] for r in tuned})
+    commands = sorted({r["command"] for r in runs} | {r[k]["command"] for k in ("finetuned", "eval_plan")
+                                                       for r in runs if "command" in r.get(k, {})})
     text = ["# plan-latency{max_drop=D}: the fastest ResNet-32 within an accuracy drop", "",
             f"Commands: {', '.join(f'`{c}`' for c in commands)} (planning images from the test slice, held-out "
             f"check on {first['held_out_images']:,} other test images; dense held-out accuracy "
@@ -119,7 +130,8 @@ def report(runs: list[dict], out: Path) -> None:
             "repetitions; machine and versions in results.json).", "",
             expkit.markdown_table(["max_drop", "planning images", "drop on them", "drop on held-out images "
                                    "[95% CI]", "held-out accuracy", "kernel-error plan at the same predicted "
-                                   "speedup: held-out accuracy", "measured speedup [95% CI]", "predicted", "MAC cut",
+                                   "speedup: held-out accuracy", "objective=eval plan, same: held-out accuracy",
+                                   "measured speedup [95% CI]", "predicted", "MAC cut",
                                    "weight cut", "layers compressed", "compile (min)"], rows), ""]
     if tuned:
         text += ["After fine-tuning both plans the same way (lowered, 3 epochs, SGD from lr 0.01, cosine), on the "
@@ -145,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--latency-cache", default=str(expkit.CHECKPOINTS.parent / "latency.json"))
     p.add_argument("--out", default=str(expkit.REPO / "results" / "accuracy_target"))
     p.add_argument("--finetune", action="store_true", help="also fine-tune both plans (3 epochs) and check them")
+    p.add_argument("--eval-plan", action="store_true", help="also plan-latency{speedup=S,objective=eval} at the "
+                   "same predicted speedup (least summed per-layer output divergence)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
@@ -168,6 +182,10 @@ def main(argv=None) -> int:
         kernel_gm, kernel = compile_plan(model, f"speedup={info['predicted_speedup']:.4f}", plan_batches,
                                          args.latency_cache)
         kernel["held_out_accuracy"] = float(expkit.correctness(kernel_gm.eval(), check).mean())
+        if args.eval_plan:
+            eval_gm, by_eval = compile_plan(model, f"speedup={info['predicted_speedup']:.4f},objective=eval",
+                                            plan_batches, args.latency_cache)
+            by_eval["held_out_accuracy"] = float(expkit.correctness(eval_gm.eval(), check).mean())
         torch.set_num_threads(RUNTIME.threads)
         x = torch.randn(1, 3, 32, 32)
         samples: list[list[float]] = []
@@ -182,7 +200,7 @@ def main(argv=None) -> int:
                      "held_out_drop_ci95": list(expkit.paired_bootstrap(dense_correct, correct)[1:]),
                      "dense_ms": medians[0], "compiled_ms": medians[1], "speedup": medians[0] / medians[1],
                      "speedup_ci95": paired_speedup(samples[0], samples[1])[1], "reps": args.reps,
-                     "kernel_plan": kernel,
+                     "kernel_plan": kernel, **({"eval_plan": by_eval} if args.eval_plan else {}),
                      **expkit.metadata()})
         log.info("max_drop %g: planned drop %.2f%%, held-out drop %.2f%%, %.2fx measured", drop,
                  100 * info["plan_drop"]["measured"], 100 * runs[-1]["held_out_drop"], runs[-1]["speedup"])
@@ -190,6 +208,8 @@ def main(argv=None) -> int:
         same_plans = [r for r in before if [r.get("plan"), r["kernel_plan"].get("plan")] == plans]
         if same_plans and "finetuned" in same_plans[0] and not args.finetune:  # still what those plans scored
             runs[-1]["finetuned"] = {"command": same_plans[0]["command"], **same_plans[0]["finetuned"]}
+        if same_plans and "eval_plan" in same_plans[0] and not args.eval_plan:
+            runs[-1]["eval_plan"] = {"command": same_plans[0]["command"], **same_plans[0]["eval_plan"]}
         if args.finetune:
             torch.set_num_threads(args.threads)
             runs[-1]["finetuned"] = {"max_drop": finetuned(budget, info["plan"], held_out),
