@@ -14,12 +14,13 @@ Layers: Conv2d, Conv1d and Linear. Forms (`forms=`): Tucker-2 chains and SVD con
 Conv1d), SVD Linear pairs, and CP chains (Conv2d, not by default: its ALS fits are slow to rank).
 
 `err` is the relative kernel reconstruction error (||W - W_r|| / ||W||; HOSVD's for Tucker, an upper
-bound on what the lowering's HOOI reaches). With `objective=eval` the cost of a candidate is instead
-the accuracy the model loses on `eval_batches` batches of eval_data() when that layer alone takes it
-(per-layer sensitivity, as AIMET measures it, but weighed against latency); the drops are summed.
-max_drop weighs candidates by how far the model's output moves instead (the mean KL divergence of its
-softmax from the dense model's): on a few batches the accuracy of one layer's candidates moves in steps
-of a whole sample and many tie at zero, and a loss change can be negative alone yet add up to a loss.
+bound on what the lowering's HOOI reaches). With `objective=eval`, and for max_drop, the cost of a
+candidate is instead how far the model's output moves on `eval_batches` batches of eval_data() when that
+layer alone takes it (per-layer sensitivity, as AIMET measures it, but weighed against latency): the mean
+KL divergence of its softmax from the dense model's, summed over layers. Not the accuracy drop: on a few
+batches the accuracy of one layer's candidates moves in steps of a whole sample and many tie at zero
+(summed, such drops chose worse plans on ResNet-32 than the kernel error did), and a loss change can be
+negative alone yet add up to a loss.
 Each candidate reruns only the part of the model that depends on its layer's weight (twistc.partial).
 Latencies are medians measured with the real lowered modules at each layer's input shape
 (twistc.latency), cached across compiles. The prediction subtracts each layer's measured saving from
@@ -86,7 +87,7 @@ class PlanLatency(Pass):
                    "layers": "fnmatch patterns of the layers it may compress",
                    "cache": "latency cache file (default ~/.cache/twistc/latency.json)",
                    "reps": "timed repetitions per candidate",
-                   "objective": "kernel (summed squared kernel errors) or eval (summed accuracy drops)",
+                   "objective": "kernel (summed squared kernel errors) or eval (summed output divergences)",
                    "eval_batches": "objective=eval: batches of eval_data() per measurement"}
 
     speedup: float | None = None
@@ -262,7 +263,7 @@ class PlanLatency(Pass):
             cost = entry.cost(site.geometry) if entry else conv_cost(site.geometry)
             return cost.params if self.ratio else cost.macs
 
-        groups = [[(weight(s, e, ms), drop if self.objective == "eval" else err ** 2) for e, ms, err, drop, _ in o]
+        groups = [[(weight(s, e, ms), kl if self.objective == "eval" else err ** 2) for e, ms, err, _, kl in o]
                   for s, o in zip(sites, options)]
         dense = sum(g[0][0] for g in groups)
         if self.speedup:

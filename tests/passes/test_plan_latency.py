@@ -202,7 +202,7 @@ class _TwoPaths(nn.Module):
         return self.head((self.a(x) * 0.0 + self.b(x)).mean((2, 3)))
 
 
-def test_objective_eval_spends_the_budget_where_accuracy_does_not_suffer(table, tmp_path):
+def test_objective_eval_spends_the_budget_where_the_output_does_not_move(table, tmp_path):
     table["dense"] = lambda e, shape: 1.0
     table["lowered"] = lambda e, shape: 0.5
     net = _TwoPaths().eval()
@@ -210,12 +210,12 @@ def test_objective_eval_spends_the_budget_where_accuracy_does_not_suffer(table, 
     data = [(x[:32], net(x[:32]).argmax(1)), (x[32:], net(x[32:]).argmax(1))]  # 100% accurate before
     gm = trace(net, (x[:1],))
     ctx = RunContext(eval_data=lambda: data)
-    gm = Pipeline.parse(f"plan-latency{{speedup=1.15,objective=eval,cache={tmp_path / 'c.json'}}}").run(gm, ctx)
+    gm = Pipeline.parse(f"plan-latency{{speedup=1.14,objective=eval,cache={tmp_path / 'c.json'}}}").run(gm, ctx)
     state = state_of(gm)
     assert state.plan.get("a").decomp != "none" and state.layers["a"].accuracy_drop == 0.0
-    assert state.plan.get("b").decomp == "none"
+    assert state.plan.get("b").decomp == state.plan.get("head").decomp == "none"  # a alone saves enough
     with pytest.raises(SpecError, match="needs eval_data"):
-        Pipeline.parse(f"plan-latency{{speedup=1.15,objective=eval,cache={tmp_path / 'c.json'}}}").run(
+        Pipeline.parse(f"plan-latency{{speedup=1.14,objective=eval,cache={tmp_path / 'c.json'}}}").run(
             trace(_TwoPaths(), (x[:1],)))
 
 
