@@ -23,23 +23,13 @@ class Suffix:
 
     def __init__(self, gm: fx.GraphModule, weight_name: str):
         self.gm = gm
-        changed, todo = set(), readers(gm, weight_name)
-        while todo:
-            node = todo.pop()
-            if node not in changed:
-                changed.add(node)
-                todo.extend(node.users)
-        self.frontier = [n for n in gm.graph.nodes if n not in changed and any(u in changed for u in n.users)]
-        needed, todo = set(), list(self.frontier)  # what computing the frontier takes
-        while todo:
-            node = todo.pop()
-            if node not in needed:
-                needed.add(node)
-                todo.extend(node.all_input_nodes)
+        self.rerun = _closure(readers(gm, weight_name), lambda n: n.users)  # what depends on the weight
+        self.frontier = [n for n in gm.graph.nodes if n not in self.rerun and any(u in self.rerun for u in n.users)]
+        prefix = _closure(self.frontier, lambda n: n.all_input_nodes)  # what computing the frontier takes
         rest = [n for n in gm.graph.nodes if n.op != "output"]
         # placeholders for values never read: fx's Interpreter skips the nodes already in its environment
-        self._skip_prefix = {n: None for n in rest if n not in needed}
-        self._skip_suffix = {n: None for n in rest if n not in changed}
+        self._skip_prefix = {n: None for n in rest if n not in prefix}
+        self._skip_suffix = {n: None for n in rest if n not in self.rerun}
 
     @torch.no_grad()
     def inputs(self, x: torch.Tensor) -> dict[fx.Node, object]:
@@ -50,3 +40,14 @@ class Suffix:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, inputs: dict[fx.Node, object]):
         return fx.Interpreter(self.gm).run(x, initial_env={**self._skip_suffix, **inputs})
+
+
+def _closure(start: list[fx.Node], step) -> set[fx.Node]:
+    """`start` and every node reached from it by `step` (a node's users, or its inputs)."""
+    seen, todo = set(), list(start)
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(step(node))
+    return seen
