@@ -24,12 +24,24 @@ class Suffix:
     def __init__(self, gm: fx.GraphModule, weight_name: str):
         self.gm = gm
         self.rerun = _closure(readers(gm, weight_name), lambda n: n.users)  # what depends on the weight
+        if not self._values_are_kept(gm):
+            self.rerun = set(gm.graph.nodes)
         self.frontier = [n for n in gm.graph.nodes if n not in self.rerun and any(u in self.rerun for u in n.users)]
         prefix = _closure(self.frontier, lambda n: n.all_input_nodes)  # what computing the frontier takes
         rest = [n for n in gm.graph.nodes if n.op != "output"]
         # placeholders for values never read: fx's Interpreter skips the nodes already in its environment
         self._skip_prefix = {n: None for n in rest if n not in prefix}
         self._skip_suffix = {n: None for n in rest if n not in self.rerun}
+
+    def _values_are_kept(self, gm: fx.GraphModule) -> bool:
+        """Whether every value the rerun reads stays as the unchanged model left it. An op that changes its
+        input in place breaks that where the input has other readers (the graph then relies on aliasing), or
+        lies outside the rerun (the next rerun would read it changed); the whole model then reruns."""
+        for node in gm.graph.nodes:
+            changed = _changed_in_place(gm, node)
+            if changed is not None and (len(changed.users) > 1 or (node in self.rerun) != (changed in self.rerun)):
+                return False
+        return True
 
     @torch.no_grad()
     def inputs(self, x: torch.Tensor) -> dict[fx.Node, object]:
@@ -40,6 +52,25 @@ class Suffix:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, inputs: dict[fx.Node, object]):
         return fx.Interpreter(self.gm).run(x, initial_env={**self._skip_suffix, **inputs})
+
+
+_IN_PLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior",
+                       "ixor", "ilshift", "irshift"}
+
+
+def _changed_in_place(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The node whose tensor `node` changes in place, if it does: x.add_(y), torch.relu_(x), F.relu(x,
+    inplace=True), nn.ReLU(inplace=True), x += y."""
+    if node.op == "call_module":
+        in_place = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    elif node.op in ("call_method", "call_function"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        in_place = (node.kwargs.get("inplace") is True or (name.endswith("_") and not name.endswith("__"))
+                    or name in _IN_PLACE_OPERATORS)
+    else:
+        return None
+    first = node.args[0] if node.args else None
+    return first if in_place and isinstance(first, fx.Node) else None
 
 
 def _closure(start: list[fx.Node], step) -> set[fx.Node]:
