@@ -43,6 +43,10 @@ def _reason(exc: BaseException) -> str:
     return f"{message} ({_user_frame(exc)})"
 
 
+def _last_node(graph: fx.Graph) -> fx.Node | None:
+    return next(iter(reversed(graph.nodes)), None)  # under torch 2.11 reversed() gives a list, not an iterator
+
+
 class LeafTolerantTracer(fx.Tracer):
     """Traces through submodules, turning those that fail into leaves."""
 
@@ -60,7 +64,7 @@ class LeafTolerantTracer(fx.Tracer):
         qualname = self.path_of_module(m)
         if self.is_leaf_module(m, qualname):
             return super().call_module(m, forward, args, kwargs)
-        mark = next(reversed(self.graph.nodes), None)
+        mark = _last_node(self.graph)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as exc:  # any failure inside: keep the module whole
@@ -71,7 +75,7 @@ class LeafTolerantTracer(fx.Tracer):
 
     def _erase_after(self, mark: fx.Node | None) -> None:
         while True:
-            last = next(reversed(self.graph.nodes), None)
+            last = _last_node(self.graph)
             if last is None or last is mark:
                 return
             self._erased.add(last)
