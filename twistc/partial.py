@@ -24,7 +24,7 @@ class Suffix:
     def __init__(self, gm: fx.GraphModule, weight_name: str):
         self.gm = gm
         self.rerun = _closure(readers(gm, weight_name), lambda n: n.users)  # what depends on the weight
-        if not self._values_are_kept(gm):
+        if not self._values_are_kept():
             self.rerun = set(gm.graph.nodes)
         self.frontier = [n for n in gm.graph.nodes if n not in self.rerun and any(u in self.rerun for u in n.users)]
         prefix = _closure(self.frontier, lambda n: n.all_input_nodes)  # what computing the frontier takes
@@ -33,12 +33,12 @@ class Suffix:
         self._skip_prefix = {n: None for n in rest if n not in prefix}
         self._skip_suffix = {n: None for n in rest if n not in self.rerun}
 
-    def _values_are_kept(self, gm: fx.GraphModule) -> bool:
+    def _values_are_kept(self) -> bool:
         """Whether every value the rerun reads stays as the unchanged model left it. An op that changes its
         input in place breaks that where the input has other readers (the graph then relies on aliasing), or
         lies outside the rerun (the next rerun would read it changed); the whole model then reruns."""
-        for node in gm.graph.nodes:
-            changed = _changed_in_place(gm, node)
+        for node in self.gm.graph.nodes:
+            changed = _changed_in_place(self.gm, node)
             if changed is not None and (len(changed.users) > 1 or (node in self.rerun) != (changed in self.rerun)):
                 return False
         return True
