@@ -116,7 +116,8 @@ def report(runs: list[dict], out: Path) -> None:
     rows = [[f"{r['max_drop']:.1%}", r["plan_images"], f"{r['plan_drop']['measured']:.2%}",
              _interval(r["held_out_drop"], r["held_out_drop_ci95"], ".2%"), f"{r['held_out_accuracy']:.2%}",
              f"{r['kernel_plan']['held_out_accuracy']:.2%}",
-             f"{r['eval_plan']['held_out_accuracy']:.2%}" if "eval_plan" in r else "-", _interval(r["speedup"], r["speedup_ci95"], ".2f"),
+             f"{r['eval_plan']['held_out_accuracy']:.2%}" if "eval_plan" in r else "-",
+             _interval(r["speedup"], r["speedup_ci95"], ".2f"),
              f"{r['predicted_speedup']:.2f}", f"{r['mac_ratio']:.2f}", f"{r['weight_ratio']:.2f}",
              f"{r['compressed']}/{r['layers']}", f"{r['seconds'] / 60:.1f}"] for r in runs]
     tuned = [r for r in runs if "finetuned" in r]
@@ -206,10 +207,9 @@ def main(argv=None) -> int:
                  100 * info["plan_drop"]["measured"], 100 * runs[-1]["held_out_drop"], runs[-1]["speedup"])
         plans = json.loads(json.dumps([info["plan"], kernel["plan"]]))  # as results.json holds them
         same_plans = [r for r in before if [r.get("plan"), r["kernel_plan"].get("plan")] == plans]
-        if same_plans and "finetuned" in same_plans[0] and not args.finetune:  # still what those plans scored
-            runs[-1]["finetuned"] = {"command": same_plans[0]["command"], **same_plans[0]["finetuned"]}
-        if same_plans and "eval_plan" in same_plans[0] and not args.eval_plan:
-            runs[-1]["eval_plan"] = {"command": same_plans[0]["command"], **same_plans[0]["eval_plan"]}
+        for key, asked in (("finetuned", args.finetune), ("eval_plan", args.eval_plan)):
+            if same_plans and key in same_plans[0] and not asked:  # still what those plans scored
+                runs[-1][key] = {"command": same_plans[0]["command"], **same_plans[0][key]}
         if args.finetune:
             torch.set_num_threads(args.threads)
             runs[-1]["finetuned"] = {"max_drop": finetuned(budget, info["plan"], held_out),
