@@ -58,9 +58,13 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def identity(pipeline: str, module: nn.Module, world_size: int = 1) -> dict:
-    """What a checkpoint belongs to; the folder, how often it is written and how often the run is
-    evaluated are not part of it."""
-    pipeline = re.sub(r"(checkpoint(_every)?|eval_every)=[^,}]*,?", "", pipeline).replace(",}", "}").replace("{}", "")
+    """What a checkpoint belongs to. The folder, how often it is written and how often the run is
+    evaluated are not part of it, nor where the train stage runs (its device and memory order), so a
+    run can move, e.g. from a GPU that is taken back to a CPU."""
+    pipeline = re.sub(r"(checkpoint(_every)?|eval_every)=[^,}]*,?", "", pipeline)
+    pipeline = re.sub(r"train\{[^}]*\}", lambda m: re.sub(r"(device|channels_last)=[^,}]*,?", "", m.group(0)),
+                      pipeline)
+    pipeline = pipeline.replace(",}", "}").replace("{}", "")
     return {"pipeline": pipeline,
             "model": fingerprint(module), "world_size": world_size}
 
