@@ -35,7 +35,9 @@ pack() { [ -d "$1/$2" ] && [ -n "$(ls -A "$1/$2")" ] && tar czf "$OUT/$3" -C "$1
 if ! python3 -c "import tensorly" 2>/dev/null; then
     python3 -m pip install --quiet --no-deps --no-index "$HERE"/tensorly-*.whl || exit 1
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# the working tree, installed as the README says but offline (twistc.passes lives in passes/)
+python3 -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
+export PYTHONUNBUFFERED=1
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
@@ -61,12 +63,14 @@ for spec in $RUNS; do
         --out "$HERE/results" --checkpoints "$HERE/checkpoints" $OPTIONS $extra --only "$run" \
         > "$HERE/logs/$run.log" 2>&1 &
 done
+# torch's default, a thread per core for each process, made small steps crawl beside the runs there
 if [ "$TESTS" = 1 ]; then
-    timeout --signal=TERM "$LIMIT" python3 -m pytest -p no:warnings -p no:cacheprovider > "$HERE/logs/tests.log" 2>&1 &
+    OMP_NUM_THREADS=4 timeout --signal=TERM "$LIMIT" python3 -m pytest -p no:warnings -p no:cacheprovider > "$HERE/logs/tests.log" 2>&1 &
 fi
 if [ "$DDP" = 1 ]; then
-    timeout --signal=TERM "$LIMIT" torchrun --standalone --nproc-per-node 1 -m twistc compile examples/digits.py \
-        --pass deeptwist-tucker --epochs 2 --period 20 --device "$DEVICE" --option amp=bf16 -o "$HERE/ddp-out" --force \
+    OMP_NUM_THREADS=2 timeout --signal=TERM "$LIMIT" torchrun --standalone --nproc-per-node 1 -m twistc compile \
+        examples/digits.py --pass deeptwist-tucker --epochs 2 --period 20 --device "$DEVICE" --option amp=bf16 \
+        --threads 2 -o "$HERE/ddp-out" --force \
         > "$HERE/logs/torchrun.log" 2>&1 &
 fi
 wait
