@@ -177,7 +177,8 @@ def report(store: expkit.RunStore) -> None:
         rows.append([r["model"], r["setting"], "dense", f"1 ({r['dense_median_ms']:.2f} ms)", "", "", "", "0", ""])
         for label, v in r["variants"].items():
             if "failed" in v:
-                rows.append([r["model"], r["setting"], label, "not compiled: " + v["failed"][:120], "", "", "", "", ""])
+                why = v["failed"].removeprefix("RankError: plan-latency: ").split("; ask for less")[0]
+                rows.append([r["model"], r["setting"], label, "not compiled: " + why, "", "", "", "", ""])
                 continue
             lo, hi = v["speedup_ci95"]
             rows.append([r["model"], r["setting"], label, f"{v['speedup']:.2f} [{lo:.2f}, {hi:.2f}]",
