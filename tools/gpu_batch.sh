@@ -1,5 +1,5 @@
 #!/bin/bash
-# On one GPU machine, in three stages: tools/latency_plan.py for the settings in LATENCY (e.g.
+# On one GPU machine, in two stages: tools/latency_plan.py for the settings in LATENCY (e.g.
 # cuda-b1,cuda-b32), alone; then, side by side, several tools/deeptwist_vs_tucker.py runs (RUNS), the
 # test suite with the GPU visible (TESTS=1) and a one-process torchrun compile on CUDA with NCCL and
 # bf16 autocast (DDP=1). Packs what they made into $OUT: latency.tgz, runs.tgz (finished runs),
@@ -9,8 +9,8 @@
 # its image lacks tensorly; .gitignore keeps .device/ out of the repository):
 #   mkdir -p .device && cp ../shared/data/cifar10-jpg.tar.gz ../shared/data/resnet32_cifar10.pt .device/
 #   pip download --no-deps -d .device tensorly
-# Then, through the device tool, with carry [".device"] and a timeout_s above the three stages'
-# limits (seconds: LATENCY_LIMIT, LIMIT for the runs, tests and torchrun) plus a minute:
+# Then, through the device tool, with carry [".device"] and a timeout_s above the two stages' limits
+# (seconds: LATENCY_LIMIT, then LIMIT for the runs, tests and torchrun) plus a minute:
 #   LATENCY=cuda-b32,cuda-b1 RUNS="conventional-r4.3-e30-s1 deeptwist-r4.3-sd200-e30-late10at8800-s0:--late=10@8800" \
 #   OPTIONS="--epochs 30 --eval-every 3" TESTS=1 DDP=1 LATENCY_LIMIT=150 LIMIT=330 bash tools/gpu_batch.sh
 # A run is its id, then, after a colon, its own options, comma-separated. Unpack runs.tgz into
