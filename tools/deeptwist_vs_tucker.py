@@ -229,17 +229,23 @@ def report(store: expkit.RunStore, cfg) -> None:
 def plot_training(runs: list[dict], path: Path) -> None:
     """Test accuracy during training (`--eval-every`): as trained, and for DeepTwist also low-rank (every
     projected kernel replaced by its reconstruction, as stopping there would deploy)."""
-    fig, ax = expkit.figure((6.5, 4.4))
-    for r in (r for r in runs if r.get("evaluations")):
-        epochs = [e["epoch"] for e in r["evaluations"]]
-        line, = ax.plot(epochs, [100 * e["accuracy"] for e in r["evaluations"]], "o-", ms=3, label=id_of(r))
-        low_rank = [100 * e["low_rank_accuracy"] for e in r["evaluations"] if e.get("low_rank_accuracy") is not None]
-        if low_rank:
-            ax.plot(epochs, low_rank, "--", color=line.get_color(), label=f"{id_of(r)}, low-rank")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("ResNet-32 on CIFAR-10: accuracy during fine-tuning")
-    expkit.save_figure(fig, ax, path)
+    evaluated = [r for r in runs if r.get("evaluations")]
+    ratios = sorted({r["ratio_requested"] for r in evaluated})
+    fig, axes = expkit.figure((5.5 * len(ratios), 4.6), ncols=len(ratios))
+    for ax, ratio in zip(np.atleast_1d(axes), ratios):
+        for r in (r for r in evaluated if r["ratio_requested"] == ratio):
+            epochs = [e["epoch"] for e in r["evaluations"]]
+            line, = ax.plot(epochs, [100 * e["accuracy"] for e in r["evaluations"]], "o-", ms=3, label=id_of(r))
+            low_rank = [100 * e["low_rank_accuracy"] for e in r["evaluations"]
+                        if e.get("low_rank_accuracy") is not None]
+            if low_rank:
+                ax.plot(epochs, low_rank, "--", color=line.get_color(), label="  low-rank")
+        ax.set_xlabel("epoch")
+        ax.set_title(f"{ratio:g}x")
+    np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
+    fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning (dashed: DeepTwist's network projected to "
+                 "low rank)", fontsize=10)
+    expkit.save_figure(fig, axes, path)
 
 
 def plot_budget(runs: list[dict], path: Path) -> None:

@@ -123,21 +123,22 @@ def metadata() -> dict:
             "versions": versions()}
 
 
-def figure(size=(6, 4.2)):
-    """A matplotlib figure and axes drawn off-screen."""
+def figure(size=(6, 4.2), ncols: int = 1):
+    """A matplotlib figure and its axes (an array of `ncols` panels sharing y when ncols > 1), drawn off-screen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=size)
+    return plt.subplots(1, ncols, figsize=size, sharey=True)
 
 
 def save_figure(fig, ax, path: Path, dpi: int = 120) -> None:
-    """Legend, grid, tight layout, then write the PNG and free the figure."""
+    """Legend and grid on each panel, tight layout, then write the PNG and free the figure."""
     import matplotlib.pyplot as plt
 
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    for panel in np.atleast_1d(ax):
+        panel.legend(fontsize=7)
+        panel.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
