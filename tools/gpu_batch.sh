@@ -51,8 +51,8 @@ if [ -n "$LATENCY" ]; then
 fi
 
 if [ -n "$RUNS" ]; then  # decoded once here, not by every run at once
-    python3 -c "import sys; from twistc.data.cifar10 import load_cifar10 as f; [f(sys.argv[1], s) for s in ('train', 'test')]" \
-        "$HERE/cifar10-jpg.tar.gz"
+    python3 -c "import sys; from twistc.data.cifar10 import load_cifar10 as f; [f(sys.argv[1], s) for s in sys.argv[2:]]" \
+        "$HERE/cifar10-jpg.tar.gz" train test
 fi
 for spec in $RUNS; do
     run=${spec%%:*}
@@ -65,7 +65,8 @@ for spec in $RUNS; do
 done
 # torch's default, a thread per core for each process, made small steps crawl beside the runs there
 if [ "$TESTS" = 1 ]; then
-    OMP_NUM_THREADS=4 timeout --signal=TERM "$LIMIT" python3 -m pytest -p no:warnings -p no:cacheprovider > "$HERE/logs/tests.log" 2>&1 &
+    OMP_NUM_THREADS=4 timeout --signal=TERM "$LIMIT" python3 -m pytest -p no:warnings -p no:cacheprovider \
+        > "$HERE/logs/tests.log" 2>&1 &
 fi
 if [ "$DDP" = 1 ]; then
     OMP_NUM_THREADS=2 timeout --signal=TERM "$LIMIT" torchrun --standalone --nproc-per-node 1 -m twistc compile \
