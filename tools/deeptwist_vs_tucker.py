@@ -232,7 +232,8 @@ def plot_training(runs: list[dict], path: Path) -> None:
     evaluated = [r for r in runs if r.get("evaluations")]
     ratios = sorted({r["ratio_requested"] for r in evaluated})
     fig, axes = expkit.figure((5.5 * len(ratios), 4.6), ncols=len(ratios))
-    for ax, ratio in zip(np.atleast_1d(axes), ratios):
+    panels = np.atleast_1d(axes)
+    for ax, ratio in zip(panels, ratios):
         for r in (r for r in evaluated if r["ratio_requested"] == ratio):
             epochs = [e["epoch"] for e in r["evaluations"]]
             line, = ax.plot(epochs, [100 * e["accuracy"] for e in r["evaluations"]], "o-", ms=3, label=id_of(r))
@@ -242,7 +243,7 @@ def plot_training(runs: list[dict], path: Path) -> None:
                 ax.plot(epochs, low_rank, "--", color=line.get_color(), label="  low-rank")
         ax.set_xlabel("epoch")
         ax.set_title(f"{ratio:g}x")
-    np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
+    panels[0].set_ylabel("test accuracy (%)")
     fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning (dashed: DeepTwist's network projected to "
                  "low rank)", fontsize=10)
     expkit.save_figure(fig, axes, path)
