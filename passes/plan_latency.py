@@ -63,7 +63,7 @@ FORMS = {form: d.name for d in DECOMPOSITIONS.values() for form in d.lowerings i
 DENSE = LayerPlan("none", (), "none")
 TARGETS = ("speedup", "ratio", "macs", "max_drop")
 BISECTIONS = 12  # max_drop: divergence budgets tried
-FEW_SAMPLES = 1000  # max_drop: fewer planning samples than this get a warning (results/accuracy_target)
+FEW_SAMPLES = 1000  # fewer planning samples than this get a warning (results/accuracy_target)
 
 
 @dataclass(frozen=True)
@@ -209,13 +209,15 @@ class PlanLatency(Pass):
         summary = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
                    "model_ms_before": model_ms, "predicted_ms_after": predicted,
                    "predicted_speedup": model_ms / predicted, "cache": str(cache.path)}
+        samples = sum(len(y) for _, y in batches) if batches else None
         if drop is not None:
-            samples = sum(len(y) for _, y in batches)
             summary["accuracy_drop"] = {"max": self.max_drop, "measured": drop, "samples": samples}
-            if samples < FEW_SAMPLES:
-                log.warning("plan-latency: max_drop was measured on %d samples; a plan that just fits them fits "
-                            "their noise too (on ResNet-32, plans made on 500 lost more than max_drop on other "
-                            "images, plans made on 1,000 did not); eval_batches= takes more", samples)
+        if samples is not None and samples < FEW_SAMPLES:
+            log.warning("plan-latency: %s measured on %d samples; %s; eval_batches= takes more",
+                        "max_drop was" if drop is not None else "the layers' sensitivities were", samples,
+                        "a plan that just fits them fits their noise too (on ResNet-32, plans made on 500 "
+                        "lost more than max_drop on other images, plans made on 1,000 did not)"
+                        if drop is not None else "fewer samples give noisier rankings of the layers")
         return layers, summary
 
     def model_ms(self, gm: fx.GraphModule, runtime: Runtime, cache: LatencyCache) -> float:

@@ -202,7 +202,7 @@ class _TwoPaths(nn.Module):
         return self.head((self.a(x) * 0.0 + self.b(x)).mean((2, 3)))
 
 
-def test_objective_eval_spends_the_budget_where_the_output_does_not_move(table, tmp_path):
+def test_objective_eval_spends_the_budget_where_the_output_does_not_move(table, tmp_path, caplog):
     table["dense"] = lambda e, shape: 1.0
     table["lowered"] = lambda e, shape: 0.5
     net = _TwoPaths().eval()
@@ -214,6 +214,7 @@ def test_objective_eval_spends_the_budget_where_the_output_does_not_move(table, 
     state = state_of(gm)
     assert state.plan.get("a").decomp != "none" and state.layers["a"].accuracy_drop == 0.0
     assert state.plan.get("b").decomp == state.plan.get("head").decomp == "none"  # a alone saves enough
+    assert "sensitivities were measured on 64 samples" in caplog.text  # few: a warning
     with pytest.raises(SpecError, match="needs eval_data"):
         Pipeline.parse(f"plan-latency{{speedup=1.14,objective=eval,cache={tmp_path / 'c.json'}}}").run(
             trace(_TwoPaths(), (x[:1],)))
