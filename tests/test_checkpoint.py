@@ -17,6 +17,7 @@ from twistc import Pipeline, trace
 from twistc import checkpoint
 from twistc.checkpoint import CheckpointError
 from twistc.errors import Stopped
+from twistc.report import cpu_model
 from twistc.train import Checkpointing, projections, train
 
 
@@ -90,6 +91,11 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, stop_at
     assert (result.steps, result.distortions) == (ref_result.steps, ref_result.distortions) == (15, 5)
     assert np.allclose(result.losses, ref_result.losses, atol=1e-6)
     assert result.distortion_changes == pytest.approx(ref_result.distortion_changes, abs=1e-6)
+    # each process that trained is recorded: the steps it took, where, and for how long
+    assert [s["steps"] for s in ref_result.sessions] == [[0, 15]]
+    assert [s["steps"] for s in result.sessions] == [[0, stop_at], [stop_at, 15]]
+    assert {(s["hardware"], s["device"]) for s in result.sessions} == {(cpu_model(), "cpu")}
+    assert sum(s["seconds"] for s in result.sessions) == pytest.approx(result.seconds)
 
 
 def test_a_stop_waits_for_the_accumulated_step_to_end_and_resumes_exactly(tmp_path, monkeypatch):
@@ -240,6 +246,7 @@ def test_cli_stops_with_a_checkpoint_and_resumes(tmp_path):
                              env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr and (tmp_path / "out" / "model.onnx").is_file()
+    assert "trained in 2 sessions: steps 0-" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_adamw_takes_adam_steps(monkeypatch):

@@ -177,7 +177,7 @@ def report(store: expkit.RunStore, cfg) -> None:
                  "-" if expkit.late_change(r) is None else f"{100 * expkit.late_change(r):.2f}%",
                  f"{r['seconds'] / 60:.1f}"
                  + (f" ({r['train_seconds'] / 3600:.1f} h)" if r.get("train_seconds", 0) > 1.5 * r["seconds"]
-                    else ""), r["machine"].get("gpu", r["machine"]["cpu"])] for r in runs]
+                    else ""), expkit.machines(r)] for r in runs]
     change_rows = []
     for r in runs:
         if "projection_change" not in r:

@@ -123,6 +123,13 @@ def metadata() -> dict:
             "versions": versions()}
 
 
+def machines(run: dict) -> str:
+    """Where the run trained: each machine in turn when it was resumed on others, else where it ran."""
+    names = [s["hardware"] for s in run.get("train_sessions", [])]
+    names = [n for i, n in enumerate(names) if i == 0 or n != names[i - 1]]
+    return " -> ".join(names) if len(names) > 1 else run["machine"].get("gpu", run["machine"]["cpu"])
+
+
 def figure(size=(6, 4.2), ncols: int = 1):
     """A matplotlib figure and its axes (an array of `ncols` panels sharing y when ncols > 1), drawn off-screen."""
     import matplotlib
@@ -274,4 +281,5 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
     })
     if t:
         result["train_seconds"] = t.seconds  # over all sessions of a resumed run
+        result["train_sessions"] = t.sessions
     return result

@@ -139,6 +139,10 @@ def summary_lines(report: dict) -> list[str]:
         t = report["training"]
         lines.append(f"training: {t['epochs']} epochs, {t['steps']} steps, {t['distortions']} distortions, "
                      f"{t['final_projections']} final projections, {t['seconds']:.0f}s")
+        if len(t.get("sessions") or []) > 1:
+            lines.append("trained in {} sessions: {}".format(len(t["sessions"]), "; ".join(
+                f"steps {s['steps'][0]}-{s['steps'][1]} on {s['hardware']} ({s['device']}, {s['seconds']:.0f}s)"
+                for s in t["sessions"])))
         if t.get("distortion_changes"):
             c = t["distortion_changes"]
             lines.append(f"the first distortion removed {c[0]:.1%} of a kernel's norm on average, the last {c[-1]:.1%}")

@@ -30,6 +30,7 @@ from twistc.checkpoint import rng_state, set_rng_state
 from twistc.errors import ModelFileError, NonFiniteError, SpecError, Stopped
 from twistc.ops import LowRankProjection
 from twistc.pipeline import RunContext, Stage
+from twistc.report import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,15 @@ class TrainResult:
     # every eval_every epochs: {"epoch", "loss", "accuracy"[, "low_rank_accuracy"]}, see evaluate()
     evaluations: list[dict] = field(default_factory=list)
     kept_epoch: int | None = None  # keep_best: the epoch whose weights training ended with
+    # one per process that trained (a resumed run has several): {"hardware", "device", "steps": [first, last],
+    # "seconds"}, so a run begun on a GPU and finished on a CPU says so
+    sessions: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses",
                  "distortion_changes", "accuracy_before_final_projection", "adaptive_periods", "evaluations",
-                 "kept_epoch")}
+                 "kept_epoch", "sessions")}
 
 
 def _first_nonfinite_parameter(module: nn.Module) -> str | None:
@@ -192,6 +196,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
         best = BestWeights(**saved.get("best") or {})
         set_rng_state(saved["rng_epoch_start"] if at["batch"] else saved["rng"])
     start = time.perf_counter() - result.seconds
+    result.sessions.append({"hardware": _hardware(device), "device": str(device), "steps": [at["step"], at["step"]],
+                            "seconds": 0.0})
     module.train()
     net = distributed.wrap(module)
     projected = projections(module)
@@ -282,7 +288,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     module.to("cpu", memory_format=torch.contiguous_format if channels_last else torch.preserve_format)
     if finalize:
         result.final_projections = final_projection(module)
-    result.seconds = time.perf_counter() - start
+    _clock(result, start, at["step"])
     module.eval()
     return result
 
@@ -364,7 +370,7 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 def _save(cp: Checkpointing, module, optimizer, scaler, result: TrainResult, at: dict, epoch_rng: dict,
           started: float, best: BestWeights) -> None:
     """Checkpoint the run as it stands (training time so far counted from `started`); rank 0 only."""
-    result.seconds = time.perf_counter() - started
+    _clock(result, started, at["step"])
     if not distributed.is_main():
         return
     checkpoint.save(cp.directory, {
@@ -372,6 +378,19 @@ def _save(cp: Checkpointing, module, optimizer, scaler, result: TrainResult, at:
         "scaler": scaler.state_dict(),
         "position": dict(at), "result": dataclasses.asdict(result), "rng": rng_state(), "rng_epoch_start": epoch_rng,
         "best": dataclasses.asdict(best) if best.state is not None else None})
+
+
+def _clock(result: TrainResult, started: float, step: int) -> None:
+    """Bring the run's and this session's time and last step up to now."""
+    before = result.seconds
+    result.seconds = time.perf_counter() - started
+    session = result.sessions[-1]
+    session["steps"][1] = step
+    session["seconds"] += result.seconds - before
+
+
+def _hardware(device: str) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_model()
 
 
 def _resume(cp: Checkpointing, module, optimizer, scaler) -> dict | None:
@@ -653,4 +672,4 @@ def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
                        b.accuracy_before_final_projection or a.accuracy_before_final_projection,
                        b.adaptive_periods or a.adaptive_periods,
                        a.evaluations + [{**e, "epoch": a.epochs + e["epoch"]} for e in b.evaluations],
-                       a.epochs + b.kept_epoch if b.kept_epoch else a.kept_epoch)
+                       a.epochs + b.kept_epoch if b.kept_epoch else a.kept_epoch, a.sessions + b.sessions)

@@ -110,3 +110,11 @@ def test_gpu_batch_packs_the_finished_runs(tmp_path):
     with tarfile.open(tmp_path / "out" / "runs.tgz") as packed:
         assert packed.getnames() == ["runs", "runs/deeptwist-r4.3-sd1-e1-s0.json"]
     assert not (tmp_path / "out" / "checkpoints.tgz").exists()  # nothing was stopped
+
+
+def test_a_run_resumed_elsewhere_names_each_machine_in_turn():
+    run = {"machine": {"cpu": "AMD EPYC"},
+           "train_sessions": [{"hardware": h} for h in ("NVIDIA H200", "AMD EPYC", "AMD EPYC", "Intel Xeon")]}
+    assert expkit.machines(run) == "NVIDIA H200 -> AMD EPYC -> Intel Xeon"
+    assert expkit.machines({**run, "train_sessions": [{"hardware": "AMD EPYC"}] * 2}) == "AMD EPYC"
+    assert expkit.machines({"machine": {"cpu": "AMD EPYC", "gpu": "NVIDIA H100"}}) == "NVIDIA H100"  # older runs
