@@ -1,5 +1,6 @@
 """DDP with gloo: 2 processes over shards of the batches end where 1 process over the same global batches ends."""
 import json
+import socket
 import subprocess
 import sys
 
@@ -97,6 +98,29 @@ def test_torchrun_compiles_with_two_ranks(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["steps"] == 3 and report["training"]["distortions"] == 1  # 6 batches over 2 ranks
     assert run.stdout.count("wrote ") == 1  # rank 0 alone writes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_meet_through_torchruns_rendezvous_and_only_global_rank_0_writes(tmp_path):
+    """Two torchrun agents, one process each, as on two machines (here both on this one, sharing its disk)."""
+    model = tmp_path / "model.py"
+    model.write_text(TINY)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "twistc-test",
+                               "-m", "twistc", "compile", str(model), "--pass", "deeptwist-tucker", "--epochs", "1",
+                               "--period", "2", "--threads", "1", "-o", str(tmp_path / "out"), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["training"]["steps"] == 3  # 6 batches over 2 ranks on 2 nodes
+    assert sum(stdout.count("wrote ") for stdout, _ in outputs) == 1
 
 
 def test_each_rank_takes_its_own_gpu_and_nccl_only_where_there_are_gpus(monkeypatch):
