@@ -116,7 +116,11 @@ def test_two_nodes_meet_through_torchruns_rendezvous_and_only_global_rank_0_writ
                                "-m", "twistc", "compile", str(model), "--pass", "deeptwist-tucker", "--epochs", "1",
                                "--period", "2", "--threads", "1", "-o", str(tmp_path / "out"), "--quiet"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()  # a no-op for a node that has ended
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["training"]["steps"] == 3  # 6 batches over 2 ranks on 2 nodes
