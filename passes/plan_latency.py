@@ -213,11 +213,11 @@ class PlanLatency(Pass):
         if drop is not None:
             summary["accuracy_drop"] = {"max": self.max_drop, "measured": drop, "samples": samples}
         if samples is not None and samples < FEW_SAMPLES:
-            log.warning("plan-latency: %s measured on %d samples; %s; eval_batches= takes more",
-                        "max_drop was" if drop is not None else "the layers' sensitivities were", samples,
-                        "a plan that just fits them fits their noise too (on ResNet-32, plans made on 500 "
-                        "lost more than max_drop on other images, plans made on 1,000 did not)"
-                        if drop is not None else "fewer samples give noisier rankings of the layers")
+            what, why = (("max_drop was", "a plan that just fits them fits their noise too (on ResNet-32, plans "
+                          "made on 500 lost more than max_drop on other images, plans made on 1,000 did not)")
+                         if drop is not None else
+                         ("the layers' sensitivities were", "fewer samples give noisier rankings of the layers"))
+            log.warning("plan-latency: %s measured on %d samples; %s; eval_batches= takes more", what, samples, why)
         return layers, summary
 
     def model_ms(self, gm: fx.GraphModule, runtime: Runtime, cache: LatencyCache) -> float:

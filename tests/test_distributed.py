@@ -86,13 +86,18 @@ def train_data():
 '''
 
 
-def test_torchrun_compiles_with_two_ranks(tmp_path):
+def _torchrun_compile(tmp_path, *torchrun_args: str) -> list[str]:
+    """torchrun with these arguments, compiling TINY into tmp_path/out."""
     model = tmp_path / "model.py"
     model.write_text(TINY)
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "-m", "twistc", "compile", str(model),
+            "--pass", "deeptwist-tucker", "--epochs", "1", "--period", "2", "--threads", "1",
+            "-o", str(tmp_path / "out"), "--quiet"]
+
+
+def test_torchrun_compiles_with_two_ranks(tmp_path):
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "twistc", "compile", str(model), "--pass", "deeptwist-tucker", "--epochs", "1",
-                          "--period", "2", "--threads", "1", "-o", str(out), "--quiet"],
+    run = subprocess.run(_torchrun_compile(tmp_path, "--standalone", "--nproc-per-node", "2"),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -108,14 +113,9 @@ def _free_port() -> int:
 
 def test_two_nodes_meet_through_torchruns_rendezvous_and_only_global_rank_0_writes(tmp_path):
     """Two torchrun agents, one process each, as on two machines (here both on this one, sharing its disk)."""
-    model = tmp_path / "model.py"
-    model.write_text(TINY)
-    endpoint = f"127.0.0.1:{_free_port()}"
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "twistc-test",
-                               "-m", "twistc", "compile", str(model), "--pass", "deeptwist-tucker", "--epochs", "1",
-                               "--period", "2", "--threads", "1", "-o", str(tmp_path / "out"), "--quiet"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = _torchrun_compile(tmp_path, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "twistc-test")
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         outputs = [node.communicate(timeout=300) for node in nodes]
     finally:
