@@ -47,13 +47,14 @@ from twistc.convs import ConvSite, conv_sites
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import conv_cost
 from twistc.errors import RankError, SpecError
-from twistc.latency import (BUILDERS, LatencyCache, LayerShape, Runtime, measure_layer, model_key, model_timer,
-                            paired_medians)
+from twistc.latency import BUILDERS, LayerShape, Runtime, measure_layer, model_key, model_timer, paired_medians
+from twistc.latency_cache import LatencyCache
 from twistc.partial import Suffix
 from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.plan import LayerPlan
 from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
 from twistc.state import PLANNED_DENSE, Skip, state_of
+from twistc.timing import Sampling
 from twistc.train import accuracy, class_scores, in_mode
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,9 @@ class PlanLatency(Pass):
         example = state_of(gm).example_inputs
         key = f"{runtime.key()}|{model_key(gm, example)}"
         if cache.get(key) is None:
-            cache.put(key, paired_medians([model_timer(gm, example, runtime)], reps=self.reps)[0])
+            samples: list[list[float]] = []
+            ms = paired_medians([model_timer(gm, example, runtime)], reps=self.reps, samples=samples)[0]
+            cache.put(key, ms, Sampling.of(samples, runtime.threads))
         return cache.get(key)
 
     def candidates(self, gm: fx.GraphModule, site: ConvSite) -> list[LayerPlan]:

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from twistc.errors import TwistcError
+from twistc.errors import TwistcError, first_line
 from twistc.export import batched
 from twistc.latency import ORT_PROVIDERS, Runtime, ort_session, paired_medians, paired_speedup
 from twistc.report import cpu_model, versions
@@ -42,7 +42,7 @@ def session(path: str | Path, provider: str = "cpu", threads: int = 1, spin: boo
     except TwistcError:
         raise
     except Exception as e:
-        raise TwistcError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise TwistcError(f"onnxruntime cannot load {path}: {first_line(e)}") from None
 
 
 def _feed(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> dict:
@@ -80,7 +80,7 @@ def _program_timer(path: str, runtime: Runtime) -> Callable[[], float]:
     try:
         program = torch.export.load(str(path))
     except Exception as e:
-        raise TwistcError(f"torch.export cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise TwistcError(f"torch.export cannot load {path}: {first_line(e)}") from None
     inputs, _ = program.example_inputs
     return runtime.timer(program.module(), batched(inputs, runtime.batch))
 

@@ -11,17 +11,17 @@ load with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from twistc.errors import SpecError
+from twistc.errors import SpecError, first_line
+from twistc.files import WriteError, atomic_write
 
 FORMAT = 1
 FILE = "checkpoint.pt"
@@ -69,32 +69,30 @@ def identity(pipeline: str, module: nn.Module, world_size: int = 1) -> dict:
             "model": fingerprint(module), "world_size": world_size}
 
 
-def save(directory: Path, payload: dict) -> Path:
-    """Write `payload` atomically: a stop during the save keeps the previous checkpoint."""
+def save(directory: Path, payload: dict, name: str = FILE) -> Path:
+    """Write `payload` atomically: a stop, a full disk or a file-size limit during the save keeps the
+    previous checkpoint."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{FILE}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return directory / FILE
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot create checkpoint folder {directory}: {e.strerror}") from None
+    buffer = io.BytesIO()  # serialised first, so that the file system's errors come as OSError
+    torch.save({"format": FORMAT, **payload}, buffer)
+    return atomic_write(directory / name, lambda f: f.write(buffer.getbuffer()), "checkpoint",
+                        "the previous checkpoint is kept")
 
 
-def load(directory: Path) -> dict | None:
-    """The checkpoint in `directory`, or None when there is none yet."""
-    path = Path(directory) / FILE
+def load(directory: Path, name: str = FILE) -> dict | None:
+    """The checkpoint `name` in `directory`, or None when there is none yet."""
+    path = Path(directory) / name
     if not path.is_file():
         return None
     try:
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} ({first_line(e)}); it is damaged or not a twistc "
+                              "checkpoint: remove it or choose another --checkpoint") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a twistc checkpoint of format {FORMAT}")
     return payload

@@ -21,14 +21,16 @@ from pathlib import Path
 
 import torch
 
-from twistc import distributed
+from twistc import checkpoint, distributed
 from twistc.bench import bench, session
-from twistc.errors import SpecError, Stopped, TwistcError
+from twistc.errors import SpecError, Stopped, TwistcError, first_line
 from twistc.export import export_onnx, save_program
+from twistc.files import WRITE_ERRNOS, check_distinct, check_writable
 from twistc.latency import Runtime, compare_models, model_timer
+from twistc.latency_cache import LatencyCache
 from twistc.modelfile import load_model_file
 from twistc.outdir import OutputDir, check_output
-from twistc.pipeline import (Pipeline, RunContext, describe, expand_presets, format_value, parse_item,
+from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, expand_presets, format_value, parse_item,
                              split_items, stage_class)
 from twistc.plan import DEFAULT_RATIO, Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
@@ -42,12 +44,22 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("original.onnx", "model.onnx", "model.pt2", "report.json", "report.md")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with twistc's one-line errors instead of a usage block."""
+
+    def error(self, message: str):
+        print(f"twistc: error: {message} (`{self.prog} --help` lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="twistc", description="Compile CNNs into low-rank form (DeepTwist, Tucker).")
+    p = _Parser(prog="twistc", description="Compile CNNs into low-rank form (DeepTwist, Tucker).")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    debug = argparse.ArgumentParser(add_help=False)  # --debug after the command too
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="trace MODEL.py, run a pass pipeline, export and check ONNX")
+    c = sub.add_parser("compile", parents=[debug], help="trace MODEL.py, run a pass pipeline, export and check ONNX")
     c.add_argument("model", help="MODEL.py defining model(), example_inputs() [, train_data(), eval_data()]")
     c.add_argument("--pass", dest="pipeline", default="deeptwist-tucker",
                    help="pipeline spec or preset (see `twistc passes`); default deeptwist-tucker")
@@ -97,17 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an earlier twistc output directory")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    ps = sub.add_parser("passes", help="list passes, stages and presets; with NAME, that pass's options")
+    ps = sub.add_parser("passes", parents=[debug],
+                        help="list passes, stages and presets; with NAME, that pass's options")
     ps.add_argument("name", nargs="?", help="a pass or stage, e.g. plan-latency")
 
-    e = sub.add_parser("eval", help="top-1 accuracy of an ONNX file in onnxruntime on MODEL.py's eval_data()")
+    e = sub.add_parser("eval", parents=[debug],
+                       help="top-1 accuracy of an ONNX file in onnxruntime on MODEL.py's eval_data()")
     e.add_argument("model", help="MODEL.py defining eval_data()")
     e.add_argument("onnx", help="the ONNX file, e.g. twistc-out/model.onnx")
     e.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="option passed to MODEL.py functions that take KEY (repeatable)")
     e.add_argument("--threads", type=int, default=1)
 
-    b = sub.add_parser("bench", help="time ONNX models in onnxruntime (or .pt2 programs in PyTorch), side by side")
+    b = sub.add_parser("bench", parents=[debug],
+                       help="time ONNX models in onnxruntime (or .pt2 programs in PyTorch), side by side")
     b.add_argument("models", nargs="+", help="ONNX files (.pt2 programs with --runtime torch or torch-compile); "
                                              "ratios are relative to the first")
     b.add_argument("--runtime", choices=("ort", "torch", "torch-compile"), default="ort",
@@ -197,6 +212,7 @@ def compile_command(args) -> int:
         raise SpecError(f"--checkpoint-every must be >= 1 and comes with --checkpoint DIR, got {args.checkpoint_every}")
     plan = Plan.load(args.plan) if args.plan else None
     check_output(out, model_path, args.force, OUTPUTS)
+    _check_paths(args, pipeline, model_path, out)
     mf = load_model_file(model_path, _options(args.options))
     missing = [f"{name}()" for name in pipeline.needs() if not mf.has(name)]
     if missing:
@@ -264,6 +280,43 @@ def compile_command(args) -> int:
     return 0
 
 
+def _check_paths(args, pipeline: Pipeline, model_path: Path, out: Path) -> None:
+    """Every path the run will write, checked before the model is built: each can be written, none is
+    the input or another output, and each option has a stage that reads it."""
+    names = {s.name for s in pipeline.stages}
+    if args.checkpoint and "train" not in names:
+        raise SpecError(f"--checkpoint: the pipeline '{pipeline}' has no train stage to checkpoint; drop it or add "
+                        "--epochs N to a preset")
+    if args.latency_cache and "plan-latency" not in names:
+        raise SpecError(f"--latency-cache: the pipeline '{pipeline}' has no plan-latency stage that measures; drop "
+                        "it or add --target-speedup S or --max-drop D")
+    folders = {f"train{{checkpoint={s.checkpoint}}}": s.checkpoint for s in pipeline.stages
+               if getattr(s, "checkpoint", "")}
+    if args.checkpoint:
+        folders["--checkpoint"] = args.checkpoint
+    for flag, folder in folders.items():
+        if Path(folder).name == checkpoint.FILE and Path(folder).is_file():
+            raise SpecError(f"{flag} {folder} names the checkpoint file itself; give its folder {Path(folder).parent}")
+        check_writable(folder, flag, folder=True)
+    caches = {"--latency-cache": args.latency_cache} if args.latency_cache else {}
+    caches.update({f"plan-latency{{cache={s.cache}}}": s.cache for s in pipeline.stages
+                   if s.name == "plan-latency" and s.cache and s.cache != args.latency_cache})
+    if "plan-latency" in names and not caches:
+        caches["the latency cache"] = None  # the default one
+    for flag, cache in caches.items():
+        try:
+            LatencyCache.check(cache)
+        except SpecError as e:
+            raise SpecError(str(e).replace("latency cache", flag, 1) if cache is None else
+                            str(e).replace("--latency-cache", flag)) from None
+    paths = {"the input": model_path, "-o": out, **folders, **caches}
+    check_distinct(paths)
+    outdir = Path(os.path.abspath(out)).resolve()
+    for flag, path in {**folders, **caches}.items():
+        if path is not None and outdir in Path(os.path.abspath(path)).resolve().parents:
+            raise SpecError(f"{flag} {path} lies inside the output folder {out}; put it elsewhere")
+
+
 def _measure_speedup(state, original, compiled, example, folder: Path, status, threads: int,
                      timing: bool = True) -> dict | None:
     """The original and the compiled model timed paired: in plan-latency's runtime and settings after
@@ -286,7 +339,7 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
         once = sum(run() for run in timers)  # seconds for one run of each: at most about 3 s of timing
         result = compare_models(timers, reps=max(10, min(30, int(3 / max(once, 1e-9)))))
     except Exception as e:  # the compile (perhaps hours of training) is written all the same
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = first_line(e)
         log.warning("warning: timing the models in %s failed (%s: %s); the compiled model is written without a "
                     "measured speedup (twistc bench times the files)", where, type(e).__name__, first)
         return state.latency
@@ -305,6 +358,11 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
 
 
 def passes_command(args) -> int:
+    if args.name in PRESETS:
+        expansion, summary = PRESETS[args.name]
+        _say(f"{args.name}: {summary}\n  = {expansion}\n`twistc passes NAME` lists the options of each item; "
+             "--ratio, --epochs, --lr, --period and --option fill the ones the preset does not write")
+        return 0
     if args.name:
         cls = stage_class(args.name)
         _say(f"{cls.name}: {cls.summary}\n")
@@ -373,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING)
     main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:  # SIGTERM unwinds like Ctrl-C, so temporary files are removed
-        previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    if main_thread:  # SIGTERM unwinds like Ctrl-C, so temporary files are removed; a file-size limit makes
+        # a write fail with EFBIG instead of killing the process
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped),
+                    signal.SIGXFSZ: signal.signal(signal.SIGXFSZ, signal.SIG_IGN)}
     command = {"compile": compile_command, "passes": passes_command, "bench": bench_command,
                "eval": eval_command}[args.command]
     try:
@@ -389,6 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if _signals_received:
             return _stopped(_signals_received[-1])
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS and not args.debug:  # a full disk, a size limit
+            print(f"twistc: error: cannot write {e.filename or 'a file'}: {e.strerror}; nothing was written in "
+                  "its place", file=sys.stderr)
+            return 2
+        failure = distributed.collective_failure(e)
+        if failure and not args.debug:
+            print(f"twistc: error: {failure}", file=sys.stderr)
+            return 2
         if args.debug:
             traceback.print_exc()
         print(f"twistc: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
@@ -398,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         log.removeHandler(handler)
         logging.getLogger("twistc.train").setLevel(logging.NOTSET)
         if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler_before in previous.items():
+                signal.signal(signum, handler_before)
         _signals_received.clear()
 
 

@@ -9,13 +9,20 @@ before and after, exports and writes.
 """
 from __future__ import annotations
 
+import datetime
 import itertools
+import logging
 import os
+import signal
 from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from twistc.errors import SpecError, first_line
+
+log = logging.getLogger(__name__)
 
 
 def backend() -> str:
@@ -25,12 +32,50 @@ def backend() -> str:
     return "gloo"
 
 
+def timeout() -> float:
+    """Seconds a rank waits for the others in a collective before the run ends with an error
+    (TWISTC_COLLECTIVE_TIMEOUT, default 600)."""
+    text = os.environ.get("TWISTC_COLLECTIVE_TIMEOUT", "600")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise SpecError(f"TWISTC_COLLECTIVE_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return seconds
+
+
 def init_from_env() -> None:
-    """Join the process group torchrun describes in the environment (nothing to do without torchrun)."""
+    """Join the process group torchrun describes in the environment (nothing to do without torchrun).
+    A collective that waits longer than timeout() fails on every rank; a rank whose torchrun agent dies
+    (even by SIGKILL) gets SIGTERM, so no rank outlives its launcher."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        _end_with_parent()
         if torch.cuda.is_available():
             torch.cuda.set_device(local_device("cuda"))
-        dist.init_process_group(backend())
+        dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout()))
+
+
+def _end_with_parent() -> None:
+    """SIGTERM to this process when its parent ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """A one-line account of a collective that timed out or lost a peer, or None for other errors."""
+    text = f"{type(e).__name__}: {e}"
+    if world()[1] == 1 and not isinstance(e, getattr(dist, "DistError", ())):
+        return None
+    if any(s in text for s in ("Timed out", "timed out", "Timeout", "Connection closed by peer", "Connection reset",
+                               "DistBackendError", "DistNetworkError")):
+        return (f"rank {world()[0]}: the other ranks did not answer within {timeout():g} s (a rank failed, was "
+                f"stopped or is stuck: {first_line(e)[:160]}); TWISTC_COLLECTIVE_TIMEOUT sets the wait")
+    return None
 
 
 def local_device(device: str) -> str:
@@ -62,16 +107,46 @@ def wrap(module: nn.Module) -> nn.Module:
 
 
 def shard(batches: Iterator, count: int | None) -> tuple[Iterator, int | None]:
-    """Every world-size-th batch, from this rank's index on; all ranks get the same number (the last
-    `count % world` batches are dropped), so that their steps stay in lockstep."""
+    """Every world-size-th batch, from this rank's index on, as many on every rank (see common_length)."""
     rank, size = world()
     if size == 1:
         return batches, count
-    if count is None:
-        raise ValueError("under torchrun, train_data() must return an iterable with a length, or take rank "
-                         "and world_size and shard itself")
-    per_rank = count // size
-    return itertools.islice(batches, rank, per_rank * size, size), per_rank
+    return common_length(itertools.islice(batches, rank, None, size), None if count is None else
+                         count // size + (rank < count % size))
+
+
+def common_length(batches: Iterator, count: int | None) -> tuple[Iterator, int | None]:
+    """This rank's batches cut to a length every rank has, so that their steps stay in lockstep and none
+    waits for good in a collective: the shortest rank's count when all ranks know theirs (a warning
+    when they differ), else batch by batch, the epoch ending for all when one rank runs out."""
+    if world()[1] == 1:
+        return batches, count
+    t = torch.tensor([-1 if count is None else count, -(-1 if count is None else count)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    least, most = int(t[0]), -int(t[1])
+    if least >= 0:
+        if least != most and is_main():
+            log.warning("warning: the ranks' train_data() give %d to %d batches; each rank trains on %d per epoch",
+                        least, most, least)
+        return itertools.islice(batches, least), least
+    return _in_lockstep(batches), None
+
+
+def _in_lockstep(batches: Iterator) -> Iterator:
+    """The batches while every rank still has one (one small all-reduce per batch)."""
+    iterator = iter(batches)
+    while True:
+        item = next(iterator, None)
+        if not all_ranks(item is not None):
+            if item is not None and is_main():
+                log.warning("warning: another rank's train_data() ran out first; this epoch ends there on every rank")
+            return
+        yield item
+
+
+def all_ranks(flag: bool) -> bool:
+    """Whether every rank raised `flag`."""
+    return not any_rank(not flag)
 
 
 def my_share(batches: Iterable) -> Iterator:

@@ -40,3 +40,9 @@ class Stopped(KeyboardInterrupt):
         super().__init__(message)
         self.signum = signum
         self.message = message
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors
+    built around a library's multi-line ones."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from twistc.errors import ExportCheckError
+from twistc.errors import ExportCheckError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def onnx_model(module: nn.Module, example_inputs: tuple, dynamic_batch: bool = T
 
 def _cannot_export(exporter: str, module: nn.Module, e: Exception) -> ExportCheckError:
     cause = e.__cause__ or e
-    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    first = first_line(cause)
     return ExportCheckError(f"{exporter} cannot export {type(module).__name__}: {type(cause).__name__}: {first} "
                             "(control flow that depends on tensor values has no static form; express it with "
                             "tensor ops or torch.cond)")
@@ -175,7 +175,7 @@ def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # e.g. no kernel for an op at this dtype
-        raise ExportCheckError(f"onnxruntime cannot run {Path(path).name}: {str(e).splitlines()[0]}") from None
+        raise ExportCheckError(f"onnxruntime cannot run {Path(path).name}: {first_line(e)}") from None
     names = [i.name for i in session.get_inputs()]
     worst, sizes = 0.0, []
     for batch in (example_inputs[0].shape[0], 3):

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,20 +28,17 @@ import torch
 from torch import nn
 
 from twistc.convs import conv_args
-from twistc.errors import SpecError, TwistcError
+from twistc.errors import SpecError, TwistcError, first_line
 from twistc.export import batched, for_onnxruntime, onnx_model
+from twistc.latency_cache import LatencyCache
 from twistc.ops import CpConv, SvdConv, SvdLinear, TuckerConv
 from twistc.plan import LayerPlan
 from twistc.report import cpu_model
+from twistc.timing import Sampling
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = {"ort": ("cpu", "cuda"), "torch": ("cpu", "cuda"), "torch-compile": ("cpu", "cuda")}
-
-
-def default_cache_path() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return root / "twistc" / "latency.json"
 
 
 @dataclass(frozen=True)
@@ -121,7 +115,7 @@ def _compiled(module: nn.Module, device: str) -> Callable:
             return compiled(x)
         except Exception as e:
             raise TwistcError(f"torch.compile cannot compile {type(module).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; "
+                              f"{first_line(e)}; "
                               "measure in runtime torch (eager) instead") from None
 
     return call
@@ -303,35 +297,6 @@ def build(shape: LayerShape, entry: LayerPlan | None) -> nn.Module:
     return BUILDERS[entry.lowering](shape, tuple(entry.ranks), rand, rand(shape.out_channels)).to(dtype)
 
 
-class LatencyCache:
-    """A JSON file of medians (ms), keyed by runtime, layer shape and candidate; written atomically."""
-
-    def __init__(self, path: str | Path | None = None):
-        self.path = Path(path) if path else default_cache_path()
-        self.entries: dict[str, float] = {}
-        if self.path.is_dir():
-            raise SpecError(f"latency cache {self.path} is a folder; give a file path with --latency-cache")
-        if self.path.is_file():
-            try:
-                data = json.loads(self.path.read_text())
-                self.entries = {str(k): float(v) for k, v in data.get("entries", {}).items()}
-            except (ValueError, AttributeError, TypeError):
-                log.warning("latency cache %s is unreadable; it will be rewritten", self.path)
-
-    def get(self, key: str) -> float | None:
-        return self.entries.get(key)
-
-    def put(self, key: str, ms: float) -> None:
-        self.entries[key] = ms
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": 1, "unit": "ms (median)", "entries": self.entries}, f, indent=0, sort_keys=True)
-        os.replace(tmp, self.path)
-
-
 def measure_layer(shape: LayerShape, entries: list[LayerPlan | None], runtime: Runtime, cache: LatencyCache,
                   warmup: int = 5, reps: int = 25) -> list[float]:
     """Latency (ms) of each candidate (None: the dense layer), from the cache or measured now.
@@ -346,9 +311,11 @@ def measure_layer(shape: LayerShape, entries: list[LayerPlan | None], runtime: R
         timed = sorted(set(missing) | ({dense} if dense is not None else set()))
         x = shape.example(runtime.batch)
         timers = [runtime.timer(nn.Identity(), x)] + [runtime.timer(build(shape, entries[i]), x) for i in timed]
-        null, *medians = paired_medians(timers, warmup, reps)
+        samples: list[list[float]] = []
+        null, *medians = paired_medians(timers, warmup, reps, samples)
+        sampling = Sampling.of(samples[1:], runtime.threads)  # the candidates' ratios to the first of them
         for i, ms in zip(timed, medians):
-            cache.put(keys[i], max(ms - null, 1e-6))
+            cache.put(keys[i], max(ms - null, 1e-6), sampling)
     return [cache.get(k) for k in keys]
 
 

@@ -101,7 +101,8 @@ class Stage:
         try:
             stage = cls(**values)
         except (TypeError, ValueError, TwistcError) as e:
-            raise SpecError(f"{cls.name}: {e}") from None
+            message = str(e)
+            raise SpecError(message if message.startswith(f"{cls.name}:") else f"{cls.name}: {message}") from None
         object.__setattr__(stage, "_given", dict(options))
         return stage
 

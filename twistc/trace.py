@@ -19,7 +19,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from twistc.decomp.cost import ConvGeometry
-from twistc.errors import TraceError
+from twistc.errors import TraceError, first_line
 from twistc.ops import LowRankProjection, TuckerConv
 from twistc.state import META_KEY, CompileState, LayerRecord
 
@@ -39,7 +39,7 @@ def _user_frame(exc: BaseException) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    message = first_line(exc)
     return f"{message} ({_user_frame(exc)})"
 
 
@@ -106,7 +106,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise TraceError(f"running {type(model).__name__} on example_inputs() failed: "
-                         f"{type(cause).__name__}: {str(cause).splitlines()[0]}") from None
+                         f"{type(cause).__name__}: {first_line(cause)}") from None
     state = CompileState(example_inputs, output_shapes(outputs), leaves=dict(tracer.leaves))
     gm.meta[META_KEY] = state
     _record_convs(gm, state)

@@ -301,8 +301,7 @@ def _epoch_batches(train_data, epoch: int, done: int, saved: dict | None, shard:
         batches.set_epoch(epoch)
     count = len(batches) if hasattr(batches, "__len__") else None
     iterator = iter(batches)
-    if shard:
-        iterator, count = distributed.shard(iterator, count)
+    iterator, count = distributed.shard(iterator, count) if shard else distributed.common_length(iterator, count)
     for _ in range(done):
         next(iterator)
     if done:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from twistc.errors import PassError
+from twistc.errors import PassError, first_line
 from twistc.state import state_of
 from twistc.trace import output_shapes, shape_prop
 
@@ -28,7 +28,7 @@ def verify(gm: fx.GraphModule, where: str) -> None:
         shapes = output_shapes(shape_prop(gm, state.example_inputs))
     except Exception as e:
         cause = e.__cause__ or e  # ShapeProp wraps the error of the node that failed
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        first = first_line(cause)
         raise PassError(f"invalid graph after {where}: {type(cause).__name__}: {first}") from None
     if shapes != state.output_shapes:
         raise PassError(f"invalid graph after {where}: output shapes {shapes} != original {state.output_shapes}")

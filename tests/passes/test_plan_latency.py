@@ -11,7 +11,8 @@ from torch import nn
 import twistc.passes.plan_latency as plan_latency
 from twistc import Pipeline, RunContext, state_of, trace
 from twistc.errors import RankError, SpecError
-from twistc.latency import LatencyCache, LayerShape, Runtime, measure_layer
+from twistc.latency import LayerShape, Runtime, measure_layer
+from twistc.latency_cache import LatencyCache
 from twistc.passes.plan_latency import PlanLatency
 from twistc.plan import LayerPlan
 from twistc.train import accuracy, train
@@ -316,7 +317,7 @@ def test_max_drop_out_of_reach_and_bad_values(table, tmp_path):
 
 def test_the_whole_model_time_is_cached_so_the_same_command_plans_the_same(tmp_path, monkeypatch):
     medians = iter([3.0, 5.0, 7.0])
-    monkeypatch.setattr(plan_latency, "paired_medians", lambda timers, reps: [next(medians)])
+    monkeypatch.setattr(plan_latency, "paired_medians", lambda timers, reps, samples: [next(medians)])
     cache = LatencyCache(tmp_path / "c.json")
     runtime = Runtime("ort", "cpu", 1, 1)
     pass_ = PlanLatency(speedup=1.2)
