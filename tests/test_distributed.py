@@ -1,8 +1,10 @@
 """DDP with gloo: 2 processes over shards of the batches end where 1 process over the same global batches ends."""
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -137,3 +139,41 @@ def test_each_rank_takes_its_own_gpu_and_nccl_only_where_there_are_gpus(monkeypa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
     assert distributed.backend() == "cpu:gloo,cuda:nccl"
+
+
+UNEVEN = TINY_MODEL_PY + '''
+import time
+
+def train_data(rank, world_size, stall=0.0):
+    """Rank 0 has 4 batches, rank 1 has 2, from a generator without a length; `stall`: rank 1 hangs first."""
+    if rank == 1 and stall:
+        time.sleep(stall)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(4 if rank == 0 else 2):
+        yield torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)
+'''
+
+
+def _torchrun_uneven(tmp_path, *extra: str) -> list[str]:
+    model = tmp_path / "model.py"
+    model.write_text(UNEVEN)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "twistc",
+            "compile", str(model), "--pass", "deeptwist-tucker", "--epochs", "1", "--period", "2", "--threads", "1",
+            "-o", str(tmp_path / "out"), "--quiet", *extra]
+
+
+def test_ranks_with_unequal_batch_counts_train_the_common_length_instead_of_hanging(tmp_path):
+    run = subprocess.run(_torchrun_uneven(tmp_path), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["training"]["steps"] == 2
+    assert "another rank's train_data() ran out first" in run.stderr
+
+
+def test_a_rank_that_stops_answering_ends_the_run_with_an_error_within_the_timeout(tmp_path):
+    start = time.perf_counter()
+    env = {**os.environ, "TWISTC_COLLECTIVE_TIMEOUT": "5"}
+    run = subprocess.run(_torchrun_uneven(tmp_path, "--set", "stall=120"), capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert run.returncode != 0 and time.perf_counter() - start < 100, run.stderr[-3000:]
+    assert "twistc: error: rank 0: the other ranks did not answer within 5 s" in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
