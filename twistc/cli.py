@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tile", type=_pair, metavar="HxW", help="tile shape for tiled-svd, e.g. 64x64")
     c.add_argument("--grid", type=_pair, metavar="RxC", help="tile grid for tiled-svd, e.g. 1x9")
     c.add_argument("--seed", type=int, help="seed of the train stage")
+    c.add_argument("--handoff", type=float, metavar="F",
+                   help="DeepTwist presets: spend the fraction F of the epochs training in the original shape, then "
+                        "lower and train the factors for the rest, on one learning-rate schedule")
+    c.add_argument("--distill", type=float, metavar="W",
+                   help="train stages: weight in [0, 1] of knowledge distillation from the original model "
+                        "(train{distill=W}; 0: labels only)")
     c.add_argument("--plan", help="plan JSON (or a report.json) whose per-layer entries override pass options")
     c.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="option passed to MODEL.py functions that take KEY (repeatable)")
@@ -168,9 +174,9 @@ def build_pipeline(spec: str, args) -> Pipeline:
     extra = _options(args.stage_options, "--option")
     target = ({"speedup": args.target_speedup} if args.target_speedup is not None else
               {"max_drop": args.max_drop} if args.max_drop is not None else None)
-    for text in split_items(expand_presets(spec, args.epochs, target)):
+    for text in split_items(expand_presets(spec, args.epochs, target, args.handoff)):
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
-                  "threads": args.threads, "cache": args.latency_cache, **extra}
+                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, **extra}
         if not planned:
             values.update(order=args.order, tile=args.tile, grid=args.grid, ratio=args.ratio)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

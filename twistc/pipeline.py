@@ -9,6 +9,7 @@ also see the run context (data). After every item the pipeline verifies the grap
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
@@ -76,6 +77,8 @@ class RunContext:
     pipeline: str = ""  # the spec being run (set by Pipeline.run); checkpoints record it
     train_data_sharded: bool = False  # under torchrun: train_data() already yields only this rank's batches
     status: Callable[[str], None] = lambda msg: None  # told which stage runs now
+    teacher: Any = None  # the original model, for distillation (Pipeline.run keeps a copy when none is given)
+    stages: list = field(default_factory=list)  # the pipeline being run (set by Pipeline.run)
 
 
 @dataclass(frozen=True)
@@ -229,16 +232,37 @@ def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
 LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
 
 
-def expand_presets(spec: str, epochs: int | None = None, latency_target: dict | None = None) -> str:
+HANDOFF_PRESETS = ("deeptwist-tucker", "deeptwist-svd", "deeptwist-cp", "deeptwist-tiled-svd")
+DEFAULT_EPOCHS = 3  # the train stage's default
+
+
+def handoff_epochs(fraction: float, epochs: int | None) -> tuple[int, int]:
+    """A budget of `epochs` split at a hand-off: (epochs in the original shape under DeepTwist, epochs of
+    the factors after lowering), each at least one."""
+    total = DEFAULT_EPOCHS if epochs is None else epochs
+    first = round(fraction * total)
+    if not 0 < fraction < 1 or first < 1 or first >= total:
+        raise SpecError(f"--handoff {fraction:g} of {total} epochs leaves {first} epochs for DeepTwist and "
+                        f"{total - first} for the factors; each needs at least 1 (a fraction in (0, 1), more --epochs)")
+    return first, total - first
+
+
+def expand_presets(spec: str, epochs: int | None = None, latency_target: dict | None = None,
+                   handoff: float | None = None) -> str:
     """Presets replaced by their pipelines. `latency_target` ({"speedup": S} or {"max_drop": D}) puts
     plan-latency with it in front of a Tucker preset and lowers the layers it gives an SVD pair (1x1 convs
-    and Linear layers among them) as well."""
+    and Linear layers among them) as well. `handoff` (a fraction of the epochs): a DeepTwist preset trains
+    that much in the original shape, lowers, and trains the factors for the rest on one schedule."""
     items = []
     for item in split_items(spec):
         if item in PRESETS:
             expansion = PRESETS[item][0]
             if item == "tucker" and epochs:
                 expansion = expansion.replace(",fold", ",train,fold")
+            if handoff is not None and item in HANDOFF_PRESETS:
+                first, rest = handoff_epochs(handoff, epochs)
+                expansion = expansion.replace(",train,", f",train{{epochs={first}}},").replace(
+                    ",fold,", f",train{{epochs={rest},handoff=continue}},fold,")
             if latency_target and item in LATENCY_PRESETS:
                 lowerings = "lower-conv-tucker,lower-conv-svd,lower-linear-svd"
                 [(key, value)] = latency_target.items()
@@ -247,6 +271,9 @@ def expand_presets(spec: str, epochs: int | None = None, latency_target: dict | 
             items.append(expansion)
         else:
             items.append(item)
+    if handoff is not None and not any(i in HANDOFF_PRESETS for i in split_items(spec)):
+        raise SpecError(f"--handoff applies to the presets {', '.join(HANDOFF_PRESETS)}; in a pipeline of your own, "
+                        "write train{epochs=E1},LOWERING,...,train{epochs=E2,handoff=continue}")
     if latency_target and not any(i in LATENCY_PRESETS for i in split_items(spec)):
         [key] = latency_target
         flag = {"speedup": "--target-speedup", "max_drop": "--max-drop"}[key]
@@ -286,7 +313,9 @@ class Pipeline:
         from twistc.verify import verify
 
         ctx = ctx or RunContext()
-        ctx.pipeline = str(self)
+        ctx.pipeline, ctx.stages = str(self), self.stages
+        if ctx.teacher is None and any(getattr(s, "needs_teacher", False) for s in self.stages):
+            ctx.teacher = copy.deepcopy(gm).eval()  # the model as it comes in: the original, before any pass
         done: list[str] = []
         verify(gm, "the traced model")
         for stage in self.stages:

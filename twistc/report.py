@@ -139,7 +139,14 @@ def summary_lines(report: dict) -> list[str]:
         t = report["training"]
         lines.append(f"training: {t['epochs']} epochs, {t['steps']} steps, {t['distortions']} distortions, "
                      f"{t['final_projections']} final projections, {t['seconds']:.0f}s")
-        if len(t.get("sessions") or []) > 1:
+        phases = t.get("phases") or []
+        if len(phases) > 1:
+            lines.append("one training in {} phases: {}".format(len(phases), "; then ".join(
+                f"{p['stage']} ({p['steps']} steps, {p['seconds']:.0f}s)" for p in phases)))
+        if t.get("teacher_seconds"):
+            lines.append(f"distillation: the teacher's forwards took {t['teacher_seconds']:.0f}s of {t['seconds']:.0f}s "
+                         f"of training ({t['teacher_seconds'] / max(t['seconds'], 1e-9):.0%})")
+        if len(t.get("sessions") or []) > max(len(phases), 1):  # resumed, perhaps elsewhere
             lines.append("trained in {} sessions: {}".format(len(t["sessions"]), "; ".join(
                 f"steps {s['steps'][0]}-{s['steps'][1]} on {s['hardware']} ({s['device']}, {s['seconds']:.0f}s)"
                 for s in t["sessions"])))

@@ -6,6 +6,7 @@ distortion count. A non-finite loss or weight stops it with a message naming the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -76,12 +77,18 @@ class TrainResult:
     # one per process that trained (a resumed run has several): {"hardware", "device", "steps": [first, last],
     # "seconds"}, so a run begun on a GPU and finished on a CPU says so
     sessions: list[dict] = field(default_factory=list)
+    teacher_seconds: float = 0.0  # distillation: time spent in the teacher's forwards
+    # one per train stage of the training (several after a hand-off): {"stage", "epochs", "steps", "seconds",
+    # "handoff"}
+    phases: list[dict] = field(default_factory=list)
+    # the optimizer's state by parameter name at the end (carried_state), for a hand-off; not saved
+    carried: dict | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {k: getattr(self, k) for k in
                 ("epochs", "steps", "distortions", "final_projections", "final_loss", "seconds", "lr", "losses",
                  "distortion_changes", "accuracy_before_final_projection", "adaptive_periods", "evaluations",
-                 "kept_epoch", "sessions")}
+                 "kept_epoch", "sessions", "teacher_seconds", "phases")}
 
 
 def _first_nonfinite_parameter(module: nn.Module) -> str | None:
@@ -97,6 +104,7 @@ class Checkpointing:
     identity: dict  # checkpoint.identity(): the pipeline, model structure and world size
     resume: bool = False
     every: int = 0
+    name: str = checkpoint.FILE  # a pipeline's later train stages each keep their own file
 
 
 @dataclass
@@ -144,7 +152,9 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
           device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0,
           warmup: int = 0, clip_grad: float = 0.0, accumulate: int = 1,
           eval_data: Callable[[], Iterable] | None = None, eval_every: int = 0,
-          schedule: str = "cosine", keep_best: bool = False) -> TrainResult:
+          schedule: str = "cosine", keep_best: bool = False, teacher: nn.Module | None = None,
+          distill: float = 0.0, temperature: float = 4.0, span: tuple[int, int] | None = None,
+          carried: dict | None = None) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
@@ -171,6 +181,13 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     `eval_data`, `eval_every`: after every `eval_every`-th epoch and the last, `evaluate()` on eval_data()
     (under torchrun every rank must have eval_data: each takes its share of the batches).
     `keep_best`: training ends with the weights of the best of those evaluations (see BestWeights).
+    `teacher`, `distill`, `temperature`: knowledge distillation: the loss is (1 - distill) times the
+    labels' cross-entropy plus distill * temperature^2 times the KL divergence from the teacher's softened
+    outputs (Hinton et al. 2015); the teacher runs in eval mode without gradients and never changes.
+    `span` (first epoch, total epochs): this run is epochs [first, first + epochs) of a longer schedule
+    (a hand-off between train stages), so the learning rate goes on where the previous phase left it.
+    `carried`: optimizer state by parameter name from the previous phase (`carried_state`); parameters
+    of the same name and shape start with it.
     """
     if keep_best and not (eval_data and eval_every):
         raise SpecError("train: keep_best needs evaluations during training: eval_every=N and eval_data() in "
@@ -187,6 +204,14 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
     optimizer = _optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, momentum,
                            weight_decay)
+    if carried:
+        _carry_over(module, optimizer, carried)
+    if distill and teacher is None:
+        raise SpecError("train: distill needs a teacher (the original model); the pipeline gives it as "
+                        "RunContext.teacher")
+    distillation = (Distillation(copy.deepcopy(teacher).to(device).eval().requires_grad_(False), distill,
+                                 temperature) if distill else None)
+    first, total = span or (0, epochs)
     result = TrainResult(epochs, lr=lr)
     at = {"epoch": 0, "batch": 0, "step": 0, "distortion_steps": 0, "loss_total": 0.0}
     saved = _resume(checkpointing, module, optimizer, scaler) if checkpointing else None
@@ -230,7 +255,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
             for x, y in bar:
                 micro = at["batch"] % accumulate
                 if micro == 0:
-                    done = (epoch + (at["batch"] // accumulate / steps_per_epoch if per_epoch else 0)) / epochs
+                    done = (first + epoch + (at["batch"] // accumulate / steps_per_epoch if per_epoch else 0)) / total
                     at["step"] += 1
                     for group in optimizer.param_groups:
                         group["lr"] = lr * SCHEDULES[schedule](done) * min(1.0, at["step"] / (warmup or 1))
@@ -239,7 +264,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 with autocast(), _counting(projected, micro == 0), \
                         (nullcontext() if ends or net is module else net.no_sync()):
                     loss, distorted = _forward_backward(module, net, projected, optimizer, scaler, loss_fn,
-                                                        prepare(x), y.to(device), at["step"], result, reset_momentum)
+                                                        prepare(x), y.to(device), at["step"], result, reset_momentum,
+                                                        distillation)
                 if micro == 0:
                     step_distorted = distorted
                 at["distortion_steps"] += distorted
@@ -289,6 +315,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     if finalize:
         result.final_projections = final_projection(module)
     _clock(result, start, at["step"])
+    result.carried = carried_state(module, optimizer)
     module.eval()
     return result
 
@@ -307,6 +334,47 @@ def _epoch_batches(train_data, epoch: int, done: int, saved: dict | None, shard:
     if done:
         set_rng_state(saved["rng"])
     return iterator, count
+
+
+@dataclass
+class Distillation:
+    """Knowledge distillation from `teacher` (see train())."""
+
+    teacher: nn.Module
+    weight: float
+    temperature: float
+
+    def loss(self, loss_fn, scores: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The labels' loss blended with the KL divergence from the teacher's softened `target` scores."""
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(scores.float() / t, 1), F.log_softmax(target.float() / t, 1),
+                        log_target=True, reduction="batchmean") * t ** 2
+        return (1 - self.weight) * loss_fn(scores, y) + self.weight * soft
+
+
+def carried_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's per-parameter state by parameter name, for the next phase of a hand-off."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    return {"optimizer": type(optimizer).__name__,
+            "state": {names[id(p)]: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                                     for k, v in state.items()}
+                      for p, state in optimizer.state.items() if id(p) in names}}
+
+
+def _carry_over(module: nn.Module, optimizer: torch.optim.Optimizer, carried: dict) -> int:
+    """Give parameters that survived the hand-off (same name and shape) their optimizer state from the
+    previous phase; returns how many got it."""
+    if carried["optimizer"] != type(optimizer).__name__:
+        log.warning("warning: the hand-off changes the optimizer (%s -> %s); its state starts afresh",
+                    carried["optimizer"], type(optimizer).__name__)
+        return 0
+    count = 0
+    for name, p in module.named_parameters():
+        state = carried["state"].get(name)
+        if state is not None and all(v.shape == p.shape for v in state.values() if torch.is_tensor(v) and v.dim()):
+            optimizer.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in state.items()}
+            count += 1
+    return count
 
 
 def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -333,10 +401,23 @@ def _counting(projected: list[LowRankProjection], on: bool):
 
 
 def _forward_backward(module, net, projected: list[LowRankProjection], optimizer, scaler, loss_fn, x, y, step: int,
-                      result: TrainResult, reset_momentum: bool) -> tuple[float, bool]:
+                      result: TrainResult, reset_momentum: bool,
+                      distillation: Distillation | None = None) -> tuple[float, bool]:
     """One batch's forward and backward through `net` (the module, or its DDP wrapper), its gradients
     added to those already there; returns the loss and whether a DeepTwist distortion happened in it."""
-    loss = loss_fn(net(x), y)
+    scores = class_scores(net(x), "train_data()")
+    if distillation is None:
+        target = None
+    else:  # the teacher's forward is the extra cost of a step, and counted as such
+        start = time.perf_counter()
+        with torch.no_grad():
+            target = class_scores(distillation.teacher(x), "train_data()")
+        result.teacher_seconds += time.perf_counter() - start
+    try:
+        loss = loss_fn(scores, y) if target is None else distillation.loss(loss_fn, scores, y, target)
+    except (IndexError, RuntimeError):
+        check_targets(y, scores.shape[1], "train_data()")
+        raise
     changes = [float(p.change) for p in projected if p.distorted]
     distorted = bool(changes)
     if distorted:
@@ -375,8 +456,9 @@ def _save(cp: Checkpointing, module, optimizer, scaler, result: TrainResult, at:
     checkpoint.save(cp.directory, {
         "identity": cp.identity, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "position": dict(at), "result": dataclasses.asdict(result), "rng": rng_state(), "rng_epoch_start": epoch_rng,
-        "best": dataclasses.asdict(best) if best.state is not None else None})
+        "position": dict(at), "result": {**dataclasses.asdict(result), "carried": None}, "rng": rng_state(),
+        "rng_epoch_start": epoch_rng,
+        "best": dataclasses.asdict(best) if best.state is not None else None}, cp.name)
 
 
 def _clock(result: TrainResult, started: float, step: int) -> None:
@@ -393,7 +475,7 @@ def _hardware(device: str) -> str:
 
 
 def _resume(cp: Checkpointing, module, optimizer, scaler) -> dict | None:
-    payload = checkpoint.load(cp.directory)
+    payload = checkpoint.load(cp.directory, cp.name)
     if payload is None:
         if cp.resume:
             log.warning("no checkpoint in %s yet; training from the start", cp.directory)
@@ -525,13 +607,17 @@ def _correct_and_seen(module: nn.Module, data: Iterable,
                                      f"{first}; eval_data() must yield (input, target) batches that the model "
                                      "takes, like example_inputs()") from None
             logits = class_scores(out)
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
-                raise ModelFileError(f"eval_data() gives targets {int(y.min())}..{int(y.max())}, but the model has "
-                                     f"{logits.shape[1]} outputs: targets must be class indices in "
-                                     f"[0, {logits.shape[1]})")
+            check_targets(y, logits.shape[1], "eval_data()")
             correct += int((logits.argmax(1).cpu() == y).sum())
             seen += len(y)
     return correct, seen
+
+
+def check_targets(y: torch.Tensor, classes: int, where: str) -> None:
+    """Refuse targets that are not class indices of a model with `classes` outputs."""
+    if y.dim() == 1 and not y.is_floating_point() and y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ModelFileError(f"{where} gives targets {int(y.min())}..{int(y.max())}, but the model has {classes} "
+                             f"outputs: targets must be class indices in [0, {classes})")
 
 
 @contextmanager
@@ -546,15 +632,16 @@ def in_mode(module: nn.Module, training: bool):
             m.training = mode
 
 
-def class_scores(out) -> torch.Tensor:
-    """The class scores in a model's output: the tensor itself, a dict's 'logits', or a tuple's first tensor."""
+def class_scores(out, where: str = "eval_data()") -> torch.Tensor:
+    """The class scores in a model's output: the tensor itself, a dict's 'logits', or a tuple's first tensor.
+    `where`: the data the model ran on, named in the error when there are none."""
     if isinstance(out, dict) and torch.is_tensor(out.get("logits")):
         out = out["logits"]
     elif isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
         out = out[0]
     if not torch.is_tensor(out) or out.dim() != 2:
         what = f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
-        raise ModelFileError(f"eval_data() needs the model to return class scores [batch, classes] (a tensor, a "
+        raise ModelFileError(f"{where} needs the model to return class scores [batch, classes] (a tensor, a "
                              f"dict with 'logits', or a tuple whose first item they are); it returns {what}")
     return out
 
@@ -585,7 +672,13 @@ class Train(Stage):
                    "eval_every": "epochs between evaluations on eval_data() during training, as trained and "
                    "low-rank (0: none)",
                    "keep_best": "end with the weights of the best evaluation (low-rank accuracy under DeepTwist); "
-                   "needs eval_every"}
+                   "needs eval_every",
+                   "distill": "weight of knowledge distillation from the original model, in [0, 1] (0: labels only)",
+                   "temperature": "distillation's softening temperature",
+                   "handoff": "none (a training of its own), continue (go on with the previous train stage's "
+                   "learning-rate schedule and optimizer state, e.g. after lowering) or rewind (its optimizer state, "
+                   "the schedule from its peak again)"}
+    HANDOFFS = ("none", "continue", "rewind")
 
     epochs: int = 3
     lr: float = 0.01
@@ -607,6 +700,9 @@ class Train(Stage):
     accumulate: int = 1
     eval_every: int = 0
     keep_best: bool = False
+    distill: float = 0.0
+    temperature: float = 4.0
+    handoff: str = "none"
 
     def __post_init__(self):
         if self.epochs < 0:
@@ -625,6 +721,12 @@ class Train(Stage):
             raise SpecError(f"train: schedule must be {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if not 0 <= self.distill <= 1:
+            raise SpecError(f"train: distill is a weight in [0, 1], got {self.distill}")
+        if not 0 < self.temperature < float("inf"):
+            raise SpecError(f"train: temperature must be a finite number > 0, got {self.temperature}")
+        if self.handoff not in self.HANDOFFS:
+            raise SpecError(f"train: handoff must be {', '.join(self.HANDOFFS)}, got {self.handoff!r}")
         if self.optimizer == "adamw" and not self.momentum < 1:
             raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
         for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn", "checkpoint_every", "warmup",
@@ -636,6 +738,30 @@ class Train(Stage):
     def needs(self) -> tuple[str, ...]:
         return ("train_data",) if self.epochs > 0 else ()
 
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill > 0
+
+    def check_place(self, before, after) -> None:
+        if self.handoff != "none" and not any(s.name == "train" for s in before):
+            raise SpecError(f"train{{handoff={self.handoff}}} continues an earlier train stage; the pipeline has "
+                            "none before it")
+
+    def span(self, ctx: RunContext) -> tuple[int, int]:
+        """(epochs before this stage, all epochs) of the learning-rate schedule this stage is part of: a
+        train stage and the later ones that continue it (handoff=continue) share one schedule."""
+        trains = [s for s in ctx.stages if s.name == "train"]
+        i = next((j for j, s in enumerate(trains) if s is self), None)
+        if i is None:  # run on its own, outside a pipeline
+            return 0, self.epochs
+        start = i
+        while start > 0 and trains[start].handoff == "continue":
+            start -= 1
+        end = i + 1
+        while end < len(trains) and trains[end].handoff == "continue":
+            end += 1
+        return sum(s.epochs for s in trains[start:i]), sum(s.epochs for s in trains[start:end])
+
     def run(self, gm: fx.GraphModule, ctx: RunContext) -> TrainResult:
         if ctx.train_data is None:
             if self.epochs > 0:
@@ -644,22 +770,35 @@ class Train(Stage):
         every = self.checkpoint_every or ctx.checkpoint_every
         if every and not folder:
             raise SpecError("train: checkpoint_every needs a folder to save into: checkpoint=DIR or --checkpoint DIR")
+        previous = ctx.results.get("train")
+        if self.handoff != "none" and previous is None:
+            raise SpecError(f"train{{handoff={self.handoff}}} continues an earlier train stage; none ran before it")
         identity = checkpoint.identity(ctx.pipeline, gm, distributed.world()[1])
-        checkpointing = Checkpointing(Path(folder), identity, ctx.resume, every) if folder else None
+        number = next((sum(t.name == "train" for t in ctx.stages[:i]) for i, s in enumerate(ctx.stages)
+                       if s is self), 0)  # train stages before this one
+        name = checkpoint.FILE if number == 0 else f"checkpoint-train{number + 1}.pt"
+        checkpointing = Checkpointing(Path(folder), identity, ctx.resume, every, name) if folder else None
+        if self.needs_teacher and ctx.teacher is None:
+            raise SpecError("train: distill needs the original model as teacher; run it in a Pipeline, which keeps "
+                            "one, or set RunContext.teacher")
         result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
                        ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
                        checkpointing=checkpointing, optimizer=self.optimizer,
                        shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
                        channels_last=self.channels_last, rectify_bn=self.rectify_bn, warmup=self.warmup,
                        clip_grad=self.clip_grad, accumulate=self.accumulate, eval_data=ctx.eval_data,
-                       eval_every=self.eval_every, schedule=self.schedule,
-                       keep_best=self.keep_best) if self.epochs else TrainResult(0)
+                       eval_every=self.eval_every, schedule=self.schedule, keep_best=self.keep_best,
+                       teacher=ctx.teacher, distill=self.distill, temperature=self.temperature,
+                       span=self.span(ctx) if self.handoff != "rewind" else None,
+                       carried=previous.carried if self.handoff != "none" else None) if self.epochs else TrainResult(0)
+        result.phases = [{"stage": self.spec(), "epochs": self.epochs, "steps": result.steps,
+                          "seconds": result.seconds, "teacher_seconds": result.teacher_seconds,
+                          "handoff": self.handoff}]
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
         result.final_projections = final_projection(gm)
         if self.recalibrate_bn and result.final_projections:
             recalibrate_batchnorm(gm, ctx.train_data, self.recalibrate_bn)
-        previous = ctx.results.get("train")
         ctx.results["train"] = result if previous is None else _merge(previous, result)
         return result
 
@@ -671,4 +810,5 @@ def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
                        b.accuracy_before_final_projection or a.accuracy_before_final_projection,
                        b.adaptive_periods or a.adaptive_periods,
                        a.evaluations + [{**e, "epoch": a.epochs + e["epoch"]} for e in b.evaluations],
-                       a.epochs + b.kept_epoch if b.kept_epoch else a.kept_epoch, a.sessions + b.sessions)
+                       a.epochs + b.kept_epoch if b.kept_epoch else a.kept_epoch, a.sessions + b.sessions,
+                       a.teacher_seconds + b.teacher_seconds, a.phases + b.phases, b.carried)
