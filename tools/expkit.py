@@ -248,7 +248,8 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
         state_of(gm).plan = Plan.from_json(plan)
     folder = Path(budget.checkpoints) / run_id if budget.checkpoints and run_id else None
     ctx = RunContext(train_data=lambda: train_batches, eval_data=lambda: test, progress=budget.progress,
-                     checkpoint=str(folder) if folder else None, resume=True)
+                     checkpoint=str(folder) if folder else None, resume=True,
+                     teacher=load_resnet32(budget.checkpoint).eval())  # distillation's teacher: the pre-trained model
     result = {"pipelines": pipelines, "seed": seed, "epochs": budget.epochs, "lr": budget.lr, "batch": budget.batch,
               "steps_per_epoch": len(train_batches)}
     for i, spec in enumerate(pipelines):
@@ -282,4 +283,6 @@ def finetune_run(budget: Budget, pipelines: list[str], seed: int, eval_after_fir
     if t:
         result["train_seconds"] = t.seconds  # over all sessions of a resumed run
         result["train_sessions"] = t.sessions
+        result["teacher_seconds"] = t.teacher_seconds
+        result["phases"] = t.phases
     return result

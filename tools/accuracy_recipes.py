@@ -1,0 +1,181 @@
+"""Accuracy at a given compression: hand-off and distillation recipes on CIFAR-10 ResNet-32.
+
+Every arm starts from the same pre-trained checkpoint, compresses the 30 3x3 convs of the residual
+stages by Tucker-2 at the same per-layer ratio, and gets the same budget (epochs, SGD Nesterov,
+cosine lr from 0.01, batch 128, weight decay 5e-4) as results/deeptwist_vs_tucker, whose
+conventional and DeepTwist runs are the reference arms here (read from its runs/, paired by seed):
+
+  conventional + distill   lower-conv-tucker,cleanup  then  train{distill=W}
+  handoff F                deeptwist{period=S_D},train{epochs=F*E},lower-conv-tucker,
+                           train{epochs=(1-F)*E,handoff=continue},cleanup
+  handoff F + distill      the same with train{distill=W} in both phases
+
+The teacher of distillation is the pre-trained model (W = 0.5, temperature 4, fixed beforehand).
+Each (arm, ratio, budget, seed) is a resumable run in results/accuracy_recipes/runs/.
+
+    python tools/accuracy_recipes.py --threads 2 --channels-last --eval-every 1   # the grid
+    python tools/accuracy_recipes.py --report-only
+    python tools/accuracy_recipes.py --smoke --out /tmp/smoke                       # < 2 minutes
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import expkit  # noqa: E402
+
+log = logging.getLogger("accuracy_recipes")
+
+LAYERS = "layer*"
+DISTILL = 0.5
+TEMPERATURE = 4.0
+REFERENCE = expkit.REPO / "results" / "deeptwist_vs_tucker" / "runs"
+
+# (arm, ratio, hand-off fraction, period) in the order they run: 6.7x first, where DeepTwist lost
+GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
+        for arm, f, sd in (("handoff", 0.67, 50), ("conventional-distill", None, None), ("handoff-distill", 0.67, 50),
+                           ("handoff", 0.33, 50))]
+
+
+def run_id(arm: str, ratio: float, fraction: float | None, period: int | None, seed: int, epochs: int) -> str:
+    handoff = f"{fraction:g}" if fraction is not None else ""
+    arm = arm.replace("handoff", f"handoff{handoff}", 1)
+    return f"{arm}-r{ratio:g}" + (f"-sd{period}" if period else "") + f"-e{epochs}-s{seed}"
+
+
+def train_item(budget: expkit.Budget, seed: int, epochs: int, distill: bool, extra: str = "") -> str:
+    base = budget.train_spec(seed)[:-1].replace(f"epochs={budget.epochs}", f"epochs={epochs}")
+    return base + (f",distill={DISTILL:g},temperature={TEMPERATURE:g}" if distill else "") + extra + "}"
+
+
+def pipelines(budget: expkit.Budget, arm: str, ratio: float, fraction: float | None, period: int | None,
+              seed: int) -> list[str]:
+    distill = arm.endswith("distill")
+    if arm.startswith("conventional"):
+        return [f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup",
+                train_item(budget, seed, budget.epochs, distill)]
+    first = max(1, min(budget.epochs - 1, round(fraction * budget.epochs)))
+    return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}}},"
+            f"{train_item(budget, seed, first, distill)},lower-conv-tucker,"
+            f"{train_item(budget, seed, budget.epochs - first, distill, ',handoff=continue')},cleanup"]
+
+
+def reference_runs(epochs: int) -> dict[tuple[str, float, int], dict]:
+    """(arm, ratio, seed) -> the reference run of results/deeptwist_vs_tucker at this budget and lr 0.01:
+    "conventional", and "deeptwist" (S_D = 200) and "deeptwist-sd50"."""
+    out = {}
+    for path in sorted(REFERENCE.glob("*.json")):
+        r = json.loads(path.read_text())
+        plain = (r["lr"] == 0.01 and not r.get("recalibrate_bn") and not r.get("reset_momentum") and not r.get("late")
+                 and not r.get("rectify_bn") and not r.get("target_change") and r["epochs"] == epochs)
+        if plain and r["arm"] in ("conventional", "deeptwist"):
+            arm = r["arm"] + (f"-sd{r['period']}" if r["arm"] == "deeptwist" and r["period"] != 200 else "")
+            out[(arm, r["ratio_requested"], r["seed"])] = r
+    return out
+
+
+def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
+    runs = store.load_all()
+    if not runs:
+        return
+    rows, lines = [], {}
+    for epochs in sorted({r["epochs"] for r in runs}):
+        refs = reference_runs(epochs)
+        mine = [r for r in runs if r["epochs"] == epochs]
+        for ratio in sorted({r["ratio_requested"] for r in mine}, reverse=True):
+            arms = {(a, s): r for (a, q, s), r in refs.items() if q == ratio}
+            arms.update({(r["arm_label"], r["seed"]): r for r in mine if r["ratio_requested"] == ratio})
+            for (label, seed), r in sorted(arms.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                conventional = refs.get(("conventional", ratio, seed))
+                diff = (expkit.paired_difference([(r, conventional)]) if conventional and r is not conventional
+                        else "-")
+                after = r.get("evaluations") or []
+                rows.append([f"{ratio:g}x", epochs, seed, label, f"{100 * r['test_acc']:.2f}", diff,
+                             f"{r['layers_ratio']:.2f}x", f"{r.get('train_seconds', r['seconds']) / 60:.0f}",
+                             f"{100 * r['teacher_seconds'] / r['train_seconds']:.0f}%"
+                             if r.get("teacher_seconds") else "-"])
+                if after:
+                    lines.setdefault(ratio, []).append((label, seed, r))
+    md = ["# Accuracy recipes: hand-off and distillation, CIFAR-10 ResNet-32 (Tucker-2 of the 30 residual 3x3 convs)\n",
+          f"Baseline (pre-trained): **{100 * budget.baseline_acc:.2f}%**. Reference arms (conventional, DeepTwist at "
+          "S_D = 200 and 50) are the runs of results/deeptwist_vs_tucker at the same budget and seed. "
+          "vs conventional: paired bootstrap over the 10,000 test images (10,000 resamples). "
+          f"Distillation: weight {DISTILL:g}, temperature {TEMPERATURE:g}, teacher = the pre-trained model; its "
+          "share of training time is the teacher's forwards.\n",
+          expkit.markdown_table(["ratio", "epochs", "seed", "arm", "test acc %", "vs conventional [95% CI]",
+                                 "layers ratio", "train min", "teacher share"], rows),
+          "\nCommands that produced these runs (each run's JSON has its own):\n",
+          *[f"- `{c}`" for c in sorted({r["command"] for r in runs})], ""]
+    (store.root / "results.md").write_text("\n".join(md) + "\n")
+    slim = [{k: v for k, v in r.items() if k != "test_correct"} for r in runs]
+    (store.root / "results.json").write_text(json.dumps({"runs": slim}, indent=1) + "\n")
+    if lines:
+        plot_training(lines, store.root / "accuracy_during_training.png")
+
+
+def plot_training(lines: dict, path: Path) -> None:
+    """Test accuracy after each epoch, per arm: DeepTwist phases as trained (solid) and projected to low rank
+    (dashed), the factors' phase after the hand-off as trained."""
+    fig, axes = expkit.figure((5.5 * len(lines), 4.6), ncols=len(lines))
+    for ax, (ratio, runs) in zip(np.atleast_1d(axes), sorted(lines.items())):
+        for label, seed, r in runs:
+            e = r["evaluations"]
+            line, = ax.plot([x["epoch"] for x in e], [100 * x["accuracy"] for x in e], "o-", ms=3,
+                            label=f"{label} s{seed}")
+            low = [(x["epoch"], 100 * x["low_rank_accuracy"]) for x in e if x.get("low_rank_accuracy") is not None]
+            if low:
+                ax.plot(*zip(*low), "--", color=line.get_color())
+        ax.set_title(f"{ratio:g}x")
+        ax.set_xlabel("epoch")
+    np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
+    fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning (dashed: DeepTwist's network at low rank)",
+                 fontsize=10)
+    expkit.save_figure(fig, axes, path)
+
+
+def main(argv=None) -> int:
+    p = expkit.budget_parser(__doc__.split("\n")[0], "accuracy_recipes",
+                             smoke_help="tiny budget: each arm once at 4.3x, 2 epochs")
+    p.add_argument("--only", help="comma-separated run ids to run (default: the whole grid)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of the grid (default 0)")
+    args = p.parse_args(argv)
+    budget = expkit.budget_of(args)
+    if args.smoke:
+        budget.epochs = 2
+    store = expkit.RunStore(Path(args.out))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    grid = [(*g, seed, budget.epochs) for seed in seeds for g in GRID]
+    if args.smoke:
+        grid = [g for g in grid if g[1] == 4.3 and g[2] in (None, 0.67)]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {run_id(*g) for g in grid}
+        if unknown:
+            p.error(f"--only names runs outside the grid: {', '.join(sorted(unknown))} "
+                    f"(it has, e.g., {', '.join(run_id(*g) for g in grid[:3])})")
+        grid = [g for g in grid if run_id(*g) in wanted]
+    for arm, ratio, fraction, period, seed, epochs in ([] if args.report_only else grid):
+        rid = run_id(arm, ratio, fraction, period, seed, epochs)
+        if store.done(rid):
+            log.info("%s: done earlier, skipped", rid)
+            continue
+        log.info("%s: running", rid)
+        result = expkit.finetune_run(budget, pipelines(budget, arm, ratio, fraction, period, seed), seed,
+                                     run_id=rid)
+        result.update({"arm": arm, "arm_label": rid.rsplit(f"-r{ratio:g}", 1)[0], "ratio_requested": ratio,
+                       "handoff": fraction, "period": period})
+        store.save(rid, result, budget.checkpoints)
+        log.info("%s: test acc %.2f%% (layers %.2fx) in %.1f min", rid, 100 * result["test_acc"],
+                 result["layers_ratio"], result["seconds"] / 60)
+        report(store, budget)
+    report(store, budget)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(expkit.resumable(main))
