@@ -26,7 +26,7 @@ from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice, check_pair, record_plan
+from twistc.selection import LowRankOptions, check_choice, check_pair, input_stats, record_plan
 from twistc.state import Skip
 
 
@@ -102,7 +102,8 @@ class DeepTwist(LowRankOptions):
                 continue
             record_plan(state, site, entry)
             projection = LowRankProjection(site.name, site.weight_name, state.plan, self.period, self.late_period,
-                                           self.late_after, self.target_change)
+                                           self.late_after, self.target_change,
+                                           input_stats(state, site.name, entry, self.name))
             insert_module(gm, f"{site.weight_name}_projection", projection)
             projected = None
             for use in group:

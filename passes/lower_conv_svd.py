@@ -17,8 +17,8 @@ import torch.fx as fx
 
 from twistc.convs import im2col_for, lowered_path, replace_with_chain, replace_with_module
 from twistc.decomp import DECOMPOSITIONS
-from twistc.decomp.svd import ORDERS, lowered, truncated_svd
-from twistc.decomp.tiling import tiled_svd
+from twistc.decomp.svd import ORDERS, lowered
+from twistc.decomp.tiling import TiledLowRank, tiled_svd
 from twistc.ops import Im2Col, LowRankGemm, SvdConv
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
@@ -64,11 +64,13 @@ class LowerConvSvd(LowRankOptions):
             k = lowered(site.weight(gm), entry.order)
             path = lowered_path(gm, site, "svd")
             if self.form == "conv":
-                f = truncated_svd(k, entry.ranks[0])
+                f = self.factors(gm, site, entry).low_rank
                 module = SvdConv(site.conv_args(), site.kernel, f.u, f.v, site.bias(gm), entry.order)
                 replace_with_chain(gm, site, path, module)
             else:
-                factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
+                grid = entry.tile_grid(tuple(k.shape))
+                factors = (TiledLowRank(grid, {(0, 0): self.factors(gm, site, entry).low_rank}, tuple(k.shape))
+                           if entry.fit == "activation" else tiled_svd(k, grid, entry.ranks[0]))
                 module = LowRankGemm(im2col_for(site, entry.order, self.im2col), factors, site.bias(gm))
                 replace_with_module(gm, site, path, module)
                 return self.im2col

@@ -16,7 +16,6 @@ import torch
 import torch.fx as fx
 
 from twistc.convs import lowered_path, replace_with_chain
-from twistc.decomp.tucker import tucker2
 from twistc.ops import TuckerConv
 from twistc.pipeline import PassResult
 from twistc.selection import LowRankOptions
@@ -31,7 +30,7 @@ class LowerConvTucker(LowRankOptions):
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         def rewrite(site, entry):
-            factors = tucker2(site.weight(gm), tuple(entry.ranks))
+            factors = self.factors(gm, site, entry)
             module = TuckerConv(site.conv_args(), factors.u_out, factors.core, factors.u_in, site.bias(gm))
             replace_with_chain(gm, site, lowered_path(gm, site, "tucker"), module)
 

@@ -14,7 +14,6 @@ import torch
 import torch.fx as fx
 
 from twistc.convs import lowered_path, replace_with_chain
-from twistc.decomp.svd import truncated_svd
 from twistc.ops import SvdLinear
 from twistc.pipeline import PassResult
 from twistc.selection import LowRankOptions
@@ -29,7 +28,7 @@ class LowerLinearSvd(LowRankOptions):
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         def rewrite(site, entry):
-            factors = truncated_svd(site.weight(gm), entry.ranks[0])
+            factors = self.factors(gm, site, entry).low_rank
             module = SvdLinear(factors.u, factors.v, site.bias(gm))
             replace_with_chain(gm, site, lowered_path(gm, site, "svd"), module)
 

@@ -241,8 +241,11 @@ class PlanLatency(Pass):
             if site.kind not in DECOMPOSITIONS[decomp].kinds_of(form) or first_failure(site, decomp):
                 continue
             order = "channel-major" if DECOMPOSITIONS[decomp].matrix else None
+            # where calibrate collected the layer's inputs, factors (and errors) fit the layer's output
+            fit = "activation" if DECOMPOSITIONS[decomp].data_aware and site.name in state_of(gm).calibration \
+                else None
             for ranks in DECOMPOSITIONS[decomp].rank_grid(g, self.steps, self._rank):
-                entry = LayerPlan(decomp, ranks, form, order=order)
+                entry = LayerPlan(decomp, ranks, form, order=order, fit=fit)
                 if entry.cost(g).params < dense_params and entry not in out:
                     out.append(entry)
         return out
@@ -253,11 +256,13 @@ class PlanLatency(Pass):
 
     @staticmethod
     def errors(gm: fx.GraphModule, site: ConvSite, entries: list[LayerPlan]) -> list[float]:
-        """Each entry's relative kernel error, computed per decomposition in one go."""
+        """Each entry's relative error, computed per decomposition in one go: of the layer's output on its
+        calibration inputs for entries with fit=activation, else of its kernel."""
         weight, errors = site.weight(gm), {}
+        stats = state_of(gm).calibration.get(site.name)
         for decomp in {e.decomp for e in entries}:
             mine = [e for e in entries if e.decomp == decomp]
-            errors.update(zip(mine, DECOMPOSITIONS[decomp].errors(weight, mine)))
+            errors.update(zip(mine, DECOMPOSITIONS[decomp].errors(weight, mine, stats)))
         return [errors[e] for e in entries]
 
     def solve(self, sites: list[ConvSite], options: list[list[tuple]], model_ms: float) -> list[int]:
@@ -338,10 +343,11 @@ def approximated(gm: fx.GraphModule, layers: list[tuple[ConvSite, LayerPlan]]):
     """Each layer's weight replaced by its plan entry's approximation for the duration, then restored."""
     weights = [site.weight(gm) for site, _ in layers]
     kept = [w.detach().clone() for w in weights]
+    calibration = state_of(gm).calibration
     with torch.no_grad():
         try:
-            for w, k, (_, entry) in zip(weights, kept, layers):
-                w.copy_(entry.reconstruct(k))
+            for w, k, (site, entry) in zip(weights, kept, layers):
+                w.copy_(entry.reconstruct(k, calibration.get(site.name)))
             yield
         finally:
             for w, k in zip(weights, kept):
@@ -356,7 +362,8 @@ def alone_costs(gm: fx.GraphModule, site: ConvSite, entries: list[LayerPlan], ba
     dense_accuracy, dense_scores = baseline
     weight, suffix = site.weight(gm), Suffix(gm, site.weight_name)
     kept = weight.detach().clone()
-    approximations = [entry.reconstruct(kept) for entry in entries]
+    stats = state_of(gm).calibration.get(site.name)
+    approximations = [entry.reconstruct(kept, stats) for entry in entries]
     correct, kl = [0] * len(entries), [0.0] * len(entries)
     with in_mode(gm, training=False), torch.no_grad():
         try:

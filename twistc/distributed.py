@@ -165,6 +165,12 @@ def total(*counts: int) -> list[int]:
     return t.tolist()
 
 
+def sum_(tensor: torch.Tensor) -> None:
+    """`tensor` summed over the ranks, in place."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor)
+
+
 def mean(value: float) -> float:
     """`value` averaged over the ranks."""
     if world()[1] == 1:

@@ -33,7 +33,7 @@ class LowRankProjection(nn.Module):
     """
 
     def __init__(self, layer: str, weight_name: str, plans: Plan, period: int, late_period: int | None = None,
-                 late_after: int | None = None, target_change: float | None = None):
+                 late_after: int | None = None, target_change: float | None = None, stats=None):
         super().__init__()
         if period < 1 or (late_period is not None and late_period < 1):
             raise ValueError(f"periods must be >= 1, got {period} and {late_period}")
@@ -46,6 +46,7 @@ class LowRankProjection(nn.Module):
         self.layer, self.weight_name, self.plans, self.period = layer, weight_name, plans, int(period)
         self.late_period, self.late_after, self.target_change = late_period, late_after, target_change
         self.fitted = None  # the factors of the last projection
+        self.stats = stats  # the layer's input statistics, for a plan entry with fit=activation
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("distortions", torch.zeros((), dtype=torch.int64))
         self.register_buffer("final_projections", torch.zeros((), dtype=torch.int64))
@@ -110,7 +111,7 @@ class LowRankProjection(nn.Module):
                 f"layer {self.layer}: weight is not finite at step {int(self.step)}; "
                 "lower the learning rate or raise the ranks"
             )
-        self.fitted = self.plan.fit(weight)  # the factors, for a lowering whose fit is not unique (CP)
+        self.fitted = self.plan.factors(weight, self.stats)  # kept for a lowering whose fit is not unique (CP)
         projected = self.fitted.reconstruct()
         change = relative_change(weight, projected)
         weight.copy_(projected)

@@ -27,6 +27,7 @@ from twistc.errors import SpecError, TwistcError
 log = logging.getLogger(__name__)
 
 REGISTRY = {
+    "calibrate": "twistc.passes.calibrate:Calibrate",
     "plan-latency": "twistc.passes.plan_latency:PlanLatency",
     "deeptwist": "twistc.passes.deeptwist:DeepTwist",
     "lower-conv-tucker": "twistc.passes.lower_conv_tucker:LowerConvTucker",

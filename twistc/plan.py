@@ -23,7 +23,9 @@ __all__ = ["DEFAULT_RATIO", "LayerPlan", "Layout", "Plan", "RankRequest", "check
 
 # decomposition -> lowered forms it can take (the first is the default); "none" leaves a layer dense
 LOWERINGS = {**{name: d.lowerings for name, d in DECOMPOSITIONS.items()}, "none": ("none",)}
-_KEYS = ("decomp", "ranks", "lowering", "ratio", "energy", "order", "tile", "grid")
+DATA_AWARE = tuple(name for name, d in DECOMPOSITIONS.items() if d.data_aware)
+_KEYS = ("decomp", "ranks", "lowering", "ratio", "energy", "order", "tile", "grid", "fit")
+FITS = ("weight", "activation")
 
 
 def relative_change(weight: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
@@ -40,6 +42,7 @@ class LayerPlan:
     order: str | None = None           # svd, tiled-svd: column order of the lowered matrix
     tile: tuple[int, int] | None = None  # tiled-svd: tile shape ...
     grid: tuple[int, int] | None = None  # ... or grid shape
+    fit: str | None = None             # "activation": factors fitted to the layer's inputs (None: to the kernel)
 
     def tile_grid(self, matrix_shape: tuple[int, int]) -> TileGrid:
         return TileGrid.of(matrix_shape, self.tile, self.grid)
@@ -48,18 +51,19 @@ class LayerPlan:
     def decomposition(self):
         return DECOMPOSITIONS[self.decomp]
 
-    def project(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(self, weight: torch.Tensor, stats=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The reconstruction and ||W - P(W)|| / ||W||, the share of the kernel's norm it removes."""
-        projected = self.reconstruct(weight)
+        projected = self.reconstruct(weight, stats)
         return projected, relative_change(weight, projected)
 
-    def fit(self, weight: torch.Tensor):
-        """The factors of the reconstruction (`fit(w).reconstruct()` is `reconstruct(w)`)."""
-        return self.decomposition.fit(weight, self)
+    def factors(self, weight: torch.Tensor, stats=None):
+        """The factors of the reconstruction (`factors(w).reconstruct()` is `reconstruct(w)`); `stats`: the
+        layer's input statistics (whiten.InputStats), which fit=activation fits them to."""
+        return self.decomposition.fit(weight, self, stats)
 
-    def reconstruct(self, weight: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, weight: torch.Tensor, stats=None) -> torch.Tensor:
         """The kernel's low-rank reconstruction under this plan (same shape and dtype)."""
-        return self.decomposition.reconstruct(weight, self)
+        return self.decomposition.reconstruct(weight, self, stats)
 
     def cost(self, g: ConvGeometry) -> Cost:
         return self.decomposition.cost(g, self)
@@ -92,9 +96,14 @@ class LayerPlan:
         order = data.get("order") or ("channel-major" if decomp != "none" and DECOMPOSITIONS[decomp].matrix else None)
         if order is not None and order not in ORDERS:
             raise SpecError(f"plan entry '{name}': order must be one of {ORDERS}, got {order!r}")
+        fit = data.get("fit")
+        if fit not in (None, *FITS):
+            raise SpecError(f"plan entry '{name}': fit must be one of {FITS}, got {fit!r}")
+        if fit == "activation" and not DECOMPOSITIONS[decomp].data_aware:
+            raise SpecError(f"plan entry '{name}': fit=activation applies to {' and '.join(DATA_AWARE)}, not {decomp}")
         tup = lambda v: tuple(v) if v is not None else None
         return cls(decomp, tuple(ints["ranks"] or ()), lowering, data.get("ratio"), data.get("energy"), order,
-                   tup(ints["tile"]), tup(ints["grid"]))
+                   tup(ints["tile"]), tup(ints["grid"]), None if fit == "weight" else fit)
 
 
 @dataclass

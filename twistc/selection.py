@@ -18,7 +18,7 @@ from twistc.decomp.cost import Cost, conv_cost
 from twistc.decomp.threads import on_free_cores
 from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass, PassResult
-from twistc.plan import LayerPlan, Layout, RankRequest, check_entry, choose
+from twistc.plan import DATA_AWARE, FITS, LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.report import count_weights
 from twistc.state import PLANNED_DENSE, CompileState, Skip, state_of
 
@@ -37,7 +37,9 @@ class LowRankOptions(Pass):
                    "energy": "keep this share (0, 1] of each mode's squared singular values",
                    "round_to": "round ranks to multiples of this",
                    "rank": "vbmf: each mode's rank by empirical variational Bayesian matrix factorization",
-                   "weaken": "rank=vbmf: move each rank this share (0..1) of the way to full rank"}
+                   "weaken": "rank=vbmf: move each rank this share (0..1) of the way to full rank",
+                   "fit": "weight (factors fitted to the kernel) or activation (to the layer's output on the inputs "
+                   "that calibrate collected; tucker and svd)"}
 
     kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it rewrites
     exclusive = (("ratio", "ranks", "energy", "rank"),)
@@ -49,8 +51,10 @@ class LowRankOptions(Pass):
     round_to: int = 1
     rank: str | None = None
     weaken: float = 0.0
+    fit: str = "weight"
 
     def __post_init__(self):
+        check_choice(self.fit, FITS, "fit")
         if self.ratio is not None and not 1 < self.ratio < float("inf"):
             raise RankError(f"ratio must be a finite number > 1, got {self.ratio:g}")
         if self.energy is not None and not 0 < self.energy <= 1:
@@ -127,7 +131,16 @@ class LowRankOptions(Pass):
             return Skip(str(e))
         if entry.cost(site.geometry).params >= conv_cost(site.geometry).params and self.ranks is None:
             return Skip(f"{decomp} at ranks {entry.ranks} would not be smaller than the conv")
+        if self.fit == "activation":
+            if not DECOMPOSITIONS[decomp].data_aware:
+                raise SpecError(f"{self.name}: fit=activation applies to {' and '.join(DATA_AWARE)}, not {decomp}")
+            entry = replace(entry, fit="activation")
         return entry
+
+    def factors(self, gm: fx.GraphModule, site: ConvSite, entry: LayerPlan):
+        """The layer's factors under its entry: fitted to its input statistics when the entry says
+        fit=activation (calibrate must have collected them), else to its kernel."""
+        return entry.factors(site.weight(gm), input_stats(state_of(gm), site.name, entry, self.name))
 
     def lowering_entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
                        lowering: str) -> LayerPlan | Skip:
@@ -177,6 +190,17 @@ class LowRankOptions(Pass):
         for other in group[1:]:
             reuse_lowered(gm, other, site.lowered_to)
         return 1
+
+
+def input_stats(state: CompileState, name: str, entry: LayerPlan, owner: str):
+    """The layer's input statistics when its entry asks for fit=activation (None otherwise)."""
+    if entry.fit != "activation":
+        return None
+    stats = state.calibration.get(name)
+    if stats is None:
+        raise SpecError(f"{owner}: layer {name} has fit=activation but no input statistics; put calibrate before "
+                        f"{owner} in the pipeline")
+    return stats
 
 
 def selected(layers: str | None, name: str) -> bool:

@@ -96,6 +96,7 @@ class CompileState:
     leaves: dict[str, str] = field(default_factory=dict)   # module path -> why it is a leaf
     plan: Plan = field(default_factory=Plan)
     latency: dict | None = None  # plan-latency: runtime settings, measured and predicted model latency
+    calibration: dict = field(default_factory=dict)  # calibrate: layer -> whiten.InputStats of its inputs
 
     def skip(self, name: str, skip: Skip) -> None:
         record = self.layers.get(name)

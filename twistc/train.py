@@ -405,18 +405,19 @@ def _forward_backward(module, net, projected: list[LowRankProjection], optimizer
                       distillation: Distillation | None = None) -> tuple[float, bool]:
     """One batch's forward and backward through `net` (the module, or its DDP wrapper), its gradients
     added to those already there; returns the loss and whether a DeepTwist distortion happened in it."""
-    scores = class_scores(net(x), "train_data()")
+    scores = _scores(net(x))
     if distillation is None:
         target = None
     else:  # the teacher's forward is the extra cost of a step, and counted as such
         start = time.perf_counter()
         with torch.no_grad():
-            target = class_scores(distillation.teacher(x), "train_data()")
+            target = _scores(distillation.teacher(x))
         result.teacher_seconds += time.perf_counter() - start
     try:
         loss = loss_fn(scores, y) if target is None else distillation.loss(loss_fn, scores, y, target)
     except (IndexError, RuntimeError):
-        check_targets(y, scores.shape[1], "train_data()")
+        if scores.dim() == 2:
+            check_targets(y, scores.shape[1], "train_data()")
         raise
     changes = [float(p.change) for p in projected if p.distorted]
     distorted = bool(changes)
@@ -569,7 +570,7 @@ def _reconstructed(module: nn.Module, pending: list[LowRankProjection]):
     saved = [w.detach().clone() for w in kernels]
     with torch.no_grad():
         for p, w in zip(pending, kernels):
-            w.copy_(p.plan.fit(w).reconstruct())
+            w.copy_(p.plan.reconstruct(w, p.stats))
     try:
         yield
     finally:
@@ -611,6 +612,12 @@ def _correct_and_seen(module: nn.Module, data: Iterable,
             correct += int((logits.argmax(1).cpu() == y).sum())
             seen += len(y)
     return correct, seen
+
+
+def _scores(out) -> torch.Tensor:
+    """What the training loss takes from a model's output: a tensor as it is (any loss_fn), the class
+    scores of a dict or tuple."""
+    return out if torch.is_tensor(out) else class_scores(out, "train_data()")
 
 
 def check_targets(y: torch.Tensor, classes: int, where: str) -> None:

@@ -65,6 +65,7 @@ class Decomposition:
     kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it takes
     matrix: ClassVar[bool] = False          # works on the lowered matrix K[T, S*kh*kw] (order matters)
     tiled: ClassVar[bool] = False           # ... split into tiles (tile= or grid=)
+    data_aware: ClassVar[bool] = False      # fits factors to a layer's input statistics (fit=activation)
 
     @property
     def lowerings(self) -> tuple[str, ...]:
@@ -92,14 +93,15 @@ class Decomposition:
         """The entry's ranks, or RankError when they do not fit the layer."""
         raise NotImplementedError
 
-    def reconstruct(self, weight: torch.Tensor, entry) -> torch.Tensor:
-        """The kernel's approximation at the entry's ranks (same shape and dtype): DeepTwist's projection."""
-        return self.fit(weight, entry).reconstruct()
+    def reconstruct(self, weight: torch.Tensor, entry, stats=None) -> torch.Tensor:
+        """The kernel's approximation at the entry's ranks (same shape and dtype): DeepTwist's projection.
+        `stats` (whiten.InputStats): the layer's input statistics, used when the entry has fit=activation."""
+        return self.fit(weight, entry, stats).reconstruct()
 
-    def fit(self, weight: torch.Tensor, entry):
+    def fit(self, weight: torch.Tensor, entry, stats=None):
         """The factors of the approximation (anything with `reconstruct()`). A DeepTwist projection keeps
         the last ones, so that a lowering whose fit is not unique (CP) can reuse them and stay exact."""
-        return Reconstructed(self.reconstruct(weight, entry))
+        return Reconstructed(self.reconstruct(weight, entry, stats))
 
     def cost(self, g: ConvGeometry, entry) -> Cost:
         """Weights and MACs per sample of the lowered form, every constant it stores included."""
@@ -114,6 +116,7 @@ class Decomposition:
         through `rounded(r, top)`."""
         raise NotImplementedError
 
-    def errors(self, weight: torch.Tensor, entries: list) -> list[float]:
-        """A cheap ||W - W_r|| / ||W|| for each entry (an upper bound where the lowering does better)."""
+    def errors(self, weight: torch.Tensor, entries: list, stats=None) -> list[float]:
+        """A cheap ||W - W_r|| / ||W|| for each entry (an upper bound where the lowering does better); for
+        entries with fit=activation and `stats`, the relative error of the layer's output on those inputs."""
         raise NotImplementedError

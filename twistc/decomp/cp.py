@@ -92,7 +92,7 @@ class Cp(Decomposition):
             raise RankError(f"CP rank {'x'.join(map(str, ranks))} is outside 1..{top} for this kernel")
         return ranks
 
-    def fit(self, weight, entry):
+    def fit(self, weight, entry, stats=None):
         return cp(weight, entry.ranks[0])
 
     def cost(self, g, entry):
@@ -102,7 +102,7 @@ class Cp(Decomposition):
         top = min(cp_max_rank(g), conv_cost(g).params // cp_cost(g, 1).params)  # as many weights as the conv
         return [(rounded(top * k / steps, top),) for k in range(1, steps)] if top >= 1 else []
 
-    def errors(self, weight, entries):
+    def errors(self, weight, entries, stats=None):
         """The ALS fit's error at each rank, with fewer iterations than the lowering's (an estimate)."""
         norm = torch.linalg.vector_norm(weight)
         return [float(torch.linalg.vector_norm(weight - cp(weight, e.ranks[0], n_iter=50, tol=1e-6).reconstruct())

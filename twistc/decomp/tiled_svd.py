@@ -5,11 +5,14 @@ kh x kw conv and a 1x1 conv, or im2col and two matrix products).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twistc.decomp.base import DEFAULT_RATIO, Decomposition
 from twistc.decomp.cost import lowrank_cost
 from twistc.decomp.rank import rank_for_energy, vbmf_weakened
-from twistc.decomp.svd import lowered, singular_energies, truncation_errors, unlowered
+from twistc.decomp.svd import LowRank, lowered, singular_energies, truncated_svd, truncation_errors, unlowered
 from twistc.decomp.tiling import TileGrid, rank_for_ratio, tiled_svd
+from twistc.decomp.whiten import whitened_svd, whitened_truncation_errors
 from twistc.errors import RankError, SpecError
 
 
@@ -45,7 +48,7 @@ class TiledSvd(Decomposition):
     def check_ranks(self, g, entry):
         return (check_matrix_rank(self.grid(g, entry), tuple(entry.ranks)),)
 
-    def reconstruct(self, weight, entry):
+    def reconstruct(self, weight, entry, stats=None):
         k = lowered(weight, entry.order)
         factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
         return unlowered(factors.reconstruct(), tuple(weight.shape), entry.order)
@@ -66,6 +69,7 @@ class Svd(TiledSvd):
     kinds = ("Conv2d", "Conv1d", "Linear")
     form_kinds = {"svd-conv": ("Conv2d", "Conv1d"), "svd-im2col": ("Conv2d",), "svd-linear": ("Linear",)}
     tiled = False
+    data_aware = True
 
     def grid(self, g, layout) -> TileGrid:
         return TileGrid.of((g.out_channels, g.in_channels * g.taps), None, None)
@@ -82,5 +86,33 @@ class Svd(TiledSvd):
         top = min(g.out_channels, g.in_channels * g.taps)
         return [(rounded(top * k / steps, top),) for k in range(1, steps)]
 
-    def errors(self, weight, entries):
-        return [truncation_errors(lowered(weight, e.order), [e.ranks[0]])[0] for e in entries]
+    def fit(self, weight, entry, stats=None):
+        k = lowered(weight, entry.order)
+        low = None
+        if entry.fit == "activation" and stats is not None:
+            low = whitened_svd(k, stats.in_order(tuple(weight.shape), entry.order), entry.ranks[0])
+        return LoweredLowRank(low or truncated_svd(k, entry.ranks[0]), tuple(weight.shape), entry.order)
+
+    def reconstruct(self, weight, entry, stats=None):
+        return Decomposition.reconstruct(self, weight, entry, stats)
+
+    def errors(self, weight, entries, stats=None):
+        out = []
+        for e in entries:
+            k = lowered(weight, e.order)
+            data = (whitened_truncation_errors(k, stats.in_order(tuple(weight.shape), e.order), [e.ranks[0]])
+                    if e.fit == "activation" and stats is not None else None)
+            out.append((data or truncation_errors(k, [e.ranks[0]]))[0])
+        return out
+
+
+@dataclass(frozen=True)
+class LoweredLowRank:
+    """Factors of a kernel's lowered matrix; `reconstruct()` gives the kernel."""
+
+    low_rank: LowRank
+    shape: tuple[int, ...]
+    order: str
+
+    def reconstruct(self):
+        return unlowered(self.low_rank.reconstruct(), self.shape, self.order)

@@ -18,6 +18,8 @@ from tensorly.tenalg import multi_mode_dot
 
 from twistc.decomp.base import DEFAULT_RATIO, Decomposition
 from twistc.decomp.cost import tucker_chain_cost
+from twistc.decomp.svd import lowered
+from twistc.decomp.whiten import output_error, tucker2_whitened
 from twistc.decomp.rank import (check_tucker_ranks, rank_for_energy, tucker_max_ranks, tucker_ranks_for_ratio,
                                 vbmf_weakened)
 
@@ -154,7 +156,13 @@ class Tucker(Decomposition):
     def check_ranks(self, g, entry):
         return check_tucker_ranks(g, tuple(entry.ranks))
 
-    def fit(self, weight, entry):
+    data_aware = True
+
+    def fit(self, weight, entry, stats=None):
+        if entry.fit == "activation" and stats is not None:
+            factors = tucker2_whitened(weight, stats, tuple(entry.ranks), tucker2)
+            if factors is not None:
+                return _cast(Tucker2(*factors), weight.dtype)
         return tucker2(weight, tuple(entry.ranks))
 
     def cost(self, g, entry):
@@ -164,5 +172,9 @@ class Tucker(Decomposition):
         top_out, top_in = tucker_max_ranks(g)
         return [(rounded(top_out * k / steps, top_out), rounded(top_in * k / steps, top_in)) for k in range(1, steps)]
 
-    def errors(self, weight, entries):
-        return hosvd_errors(weight, [tuple(e.ranks) for e in entries])
+    def errors(self, weight, entries, stats=None):
+        if stats is None or not any(e.fit == "activation" for e in entries):
+            return hosvd_errors(weight, [tuple(e.ranks) for e in entries])
+        k, cov = lowered(weight), stats.covariance
+        return [output_error(k, lowered(self.fit(weight, e, stats).reconstruct()), cov) if e.fit == "activation"
+                else hosvd_errors(weight, [tuple(e.ranks)])[0] for e in entries]
