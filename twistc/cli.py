@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--tile", type=_pair, metavar="HxW", help="tile shape for tiled-svd, e.g. 64x64")
     c.add_argument("--grid", type=_pair, metavar="RxC", help="tile grid for tiled-svd, e.g. 1x9")
     c.add_argument("--seed", type=int, help="seed of the train stage")
+    c.add_argument("--fit", choices=("weight", "activation"),
+                   help="what the factors are fitted to: weight (the kernel) or activation (each layer's output on "
+                        "batches of train_data(), else eval_data(), that a calibrate stage put in front collects)")
+    c.add_argument("--calib-batches", type=int, metavar="N", help="batches calibrate collects on (16)")
     c.add_argument("--handoff", type=float, metavar="F",
                    help="DeepTwist presets: spend the fraction F of the epochs training in the original shape, then "
                         "lower and train the factors for the rest, on one learning-rate schedule")
@@ -174,9 +178,13 @@ def build_pipeline(spec: str, args) -> Pipeline:
     extra = _options(args.stage_options, "--option")
     target = ({"speedup": args.target_speedup} if args.target_speedup is not None else
               {"max_drop": args.max_drop} if args.max_drop is not None else None)
-    for text in split_items(expand_presets(spec, args.epochs, target, args.handoff)):
+    items = split_items(expand_presets(spec, args.epochs, target, args.handoff))
+    if args.fit == "activation" and not any(i.startswith("calibrate") for i in items):
+        items.insert(0, "calibrate")
+    for text in items:
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
-                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, **extra}
+                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, "fit": args.fit,
+                  "batches": args.calib_batches, **extra}
         if not planned:
             values.update(order=args.order, tile=args.tile, grid=args.grid, ratio=args.ratio)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

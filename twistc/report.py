@@ -107,11 +107,19 @@ def layer_rows(report: dict) -> list[tuple[str, ...]]:
                      f"{_count(layer['params_before'])} -> {_count(layer['params_after'])}",
                      f"{_count(layer['macs_before'])} -> {_count(layer['macs_after'])}",
                      f"{layer['ratio_achieved']:.2f}x",
-                     layer["skip_reason"] or _tiles_note(layer.get("tiles")) or _latency_note(layer)))
+                     layer["skip_reason"] or _tiles_note(layer.get("tiles")) or _latency_note(layer)
+                     or _fit_note(layer)))
     t = report["totals"]
     rows.append(("total (layers)", "", "", "", f"{_count(t['params_before'])} -> {_count(t['params_after'])}",
                  f"{_count(t['macs_before'])} -> {_count(t['macs_after'])}", f"{t['ratio']:.2f}x", ""))
     return rows
+
+
+def _fit_note(layer: dict) -> str:
+    """The output error of a layer fitted to its inputs (or of its kernel fit, measured on them)."""
+    if layer.get("output_error") is None:
+        return ""
+    return f"output error {layer['output_error']:.1%} (fit={layer['fit']})"
 
 
 def text_table(rows: list[tuple[str, ...]], header=COLUMNS, max_note: int = 60) -> str:

@@ -7,6 +7,7 @@ decomposition takes, and why not, its entry in twistc.decomp.DECOMPOSITIONS says
 from __future__ import annotations
 
 import fnmatch
+import logging
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -15,12 +16,18 @@ import torch.fx as fx
 from twistc.convs import ConvSite, conv_sites, finalize_projection, reuse_lowered, samples_alike, weight_groups
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import Cost, conv_cost
+from twistc.decomp.svd import lowered
 from twistc.decomp.threads import on_free_cores
+from twistc.decomp.whiten import output_error, whitener
 from twistc.errors import PassError, RankError, SpecError
 from twistc.pipeline import Pass, PassResult
 from twistc.plan import DATA_AWARE, FITS, LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.report import count_weights
 from twistc.state import PLANNED_DENSE, CompileState, Skip, state_of
+
+log = logging.getLogger(__name__)
+DEGENERATE = "its calibration inputs were all zero or not finite"
+
 
 def first_failure(site: ConvSite, decomp: str) -> str | None:
     """Why `decomp` cannot take this conv, or None."""
@@ -139,8 +146,17 @@ class LowRankOptions(Pass):
 
     def factors(self, gm: fx.GraphModule, site: ConvSite, entry: LayerPlan):
         """The layer's factors under its entry: fitted to its input statistics when the entry says
-        fit=activation (calibrate must have collected them), else to its kernel."""
-        return entry.factors(site.weight(gm), input_stats(state_of(gm), site.name, entry, self.name))
+        fit=activation (calibrate must have collected them), else to its kernel. The layer's record gets the
+        fit it got and, where there are statistics, the relative error of its output on them."""
+        state, weight = state_of(gm), site.weight(gm)
+        stats = input_stats(state, site.name, entry, self.name)
+        factors = entry.factors(weight, stats)
+        record, known = state.layers[site.name], state.calibration.get(site.name)
+        record.fit = "activation" if stats is not None else (
+            "weight" if entry.fit != "activation" else f"weight ({DEGENERATE})")
+        if known is not None:
+            record.output_error = output_error(lowered(weight), lowered(factors.reconstruct()), known.covariance)
+        return factors
 
     def lowering_entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
                        lowering: str) -> LayerPlan | Skip:
@@ -200,6 +216,9 @@ def input_stats(state: CompileState, name: str, entry: LayerPlan, owner: str):
     if stats is None:
         raise SpecError(f"{owner}: layer {name} has fit=activation but no input statistics; put calibrate before "
                         f"{owner} in the pipeline")
+    if whitener(stats.covariance) is None:
+        log.warning("warning: layer %s: %s; its factors are fitted to its kernel", name, DEGENERATE)
+        return None
     return stats
 
 

@@ -45,6 +45,8 @@ class LayerRecord:
     accuracy_drop: float | None = None   # ... and, with objective=eval or max_drop, the accuracy it costs alone
     shared_with: str | None = None  # a conv whose weight is this one's (tied weights): its lowering is reused
     module: str | None = None  # the path of its lowered module
+    fit: str | None = None  # what its factors were fitted to: "activation" (its inputs), or "weight" and why
+    output_error: float | None = None  # with input statistics: the lowering's relative error on the layer's output
 
     @property
     def before(self) -> Cost:
@@ -85,6 +87,8 @@ class LayerRecord:
             "approx_error": self.approx_error,
             "accuracy_drop": self.accuracy_drop,
             "shared_with": self.shared_with,
+            "fit": self.fit,
+            "output_error": self.output_error,
         }
 
 
