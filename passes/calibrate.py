@@ -5,9 +5,9 @@ For every conv and Linear layer twistc can compress, the second moment of its in
     C = sum_p p p^T  over the im2col patches p of a conv (channel-major), or the input rows of a Linear
 
 over `batches` batches of train_data() (eval_data() when there is none), in one pass over the model in
-eval mode. Memory: one n x n float64 matrix per layer, n = in_channels * kh * kw (ResNet-50: 0.74 GB
-for its 53 convs and its Linear layer; CIFAR ResNet-32: 15 MB); patches are folded in chunks, so a
-batch never holds more than CHUNK columns of any layer at once. Under torchrun each rank takes its
+eval mode. Memory: one n x n float64 matrix per layer, n = in_channels * kh * kw (the pass logs the
+total); patches are folded in chunks, so a batch never holds more than CHUNK columns of any layer
+at once. Under torchrun each rank takes its
 share of the batches and the sums are added over the ranks, so every rank holds the same statistics.
 The statistics land in the compile state (by layer name), where the lowering passes, DeepTwist and
 plan-latency read them; the graph is not changed.
@@ -15,7 +15,6 @@ plan-latency read them; the graph is not changed.
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +28,6 @@ from twistc.errors import SpecError
 from twistc.pipeline import Pass, PassResult, RunContext
 from twistc.selection import check_layers_pattern, selected
 from twistc.state import state_of
-
-log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16  # patch columns folded into a moment at a time
 
@@ -109,6 +106,6 @@ class Calibrate(Pass):
         if not any(s.count for s in stats.values()):
             raise SpecError("calibrate: the data yielded no batches")
         state.calibration.update(stats)
-        log.info("calibrate: statistics of %d layers on %d columns (largest layer)", len(stats),
-                 max(s.count for s in stats.values()))
+        ctx.status(f"calibrate: input statistics of {len(stats)} layers, "
+                   f"{sum(s.moment.numel() * 8 for s in stats.values()) / 2**20:.1f} MiB")
         return PassResult(gm, False, 0)
