@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from twistc import timing
 from twistc.errors import SpecError
 from twistc.latency_cache import LatencyCache
 from twistc.timing import Sampling
@@ -145,16 +144,3 @@ except SpecError as e:
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"cannot write latency cache {path}: File too large; the cache keeps its earlier")
     assert path.read_bytes() == before and not list(tmp_path.glob(".c.json.twistc-*.tmp"))
-
-
-def test_sampling_flags_spread_drift_and_load():
-    steady = [[1.0] * 20, [0.5 + 0.001 * (i % 3) for i in range(20)]]
-    assert Sampling.of(steady, threads=1, load_avg=0.5).trustworthy
-    jumpy = [[1.0] * 20, [0.2 + (i % 4) for i in range(20)]]
-    assert any("spread" in p for p in Sampling.of(jumpy, load_avg=0.0).problems())
-    drifting = [[1.0] * 20, [0.5] * 10 + [0.8] * 10]
-    assert any("drifted" in p for p in Sampling.of(drifting, load_avg=0.0).problems())
-    busy = Sampling.of(steady, threads=1, load_avg=3.2)
-    busy.cores = 2
-    assert any("load average 3.2 on 2 core(s)" in p for p in busy.problems())
-    assert timing.busy(3.2, 2, 1) and not timing.busy(1.9, 2, 1) and not timing.busy(2.4, 2, 2)

@@ -17,7 +17,7 @@ import torch
 
 from twistc.errors import TwistcError, first_line
 from twistc.export import batched
-from twistc.latency import ORT_PROVIDERS, Runtime, ort_session, paired_medians, paired_speedup
+from twistc.latency import ORT_PROVIDERS, Runtime, compare_models, ort_session
 from twistc.report import cpu_model, versions
 
 # an ONNX input's type -> the numpy dtype twistc bench feeds it
@@ -103,16 +103,13 @@ def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "c
         provider = resolve_provider(provider)
         timers = [_ort_timer(p, provider, threads, spin, batch, rng) for p in paths]
         machine = cpu_model()
-    samples: list[list[float]] = []
-    paired_medians(timers, warmup, reps, samples)
+    timed = compare_models(timers, warmup, reps, threads)
     models = []
-    for path, t in zip(paths, samples):
+    for path, t, (speedup, ci) in zip(paths, timed["samples_ms"], timed["speedups"]):
         q = statistics.quantiles(t, n=10) if len(t) > 1 else [t[0]] * 9
-        speedup, ci = paired_speedup(samples[0], t, seed)
         models.append({"path": str(path), "median_ms": statistics.median(t), "p10_ms": q[0], "p90_ms": q[-1],
                        "min_ms": min(t), "speedup_vs_first": speedup, "speedup_ci95": ci, "samples_ms": t})
-    for m in models:
-        m["ratio_to_first"] = m["median_ms"] / models[0]["median_ms"]
     return {"models": models, "runtime": runtime, "batch": batch, "threads": threads, "provider": provider,
-            "spinning": spin if runtime == "ort" else None, "warmup": warmup, "repetitions": reps,
+            "spinning": spin if runtime == "ort" else None, "warmup": warmup, "repetitions": timed["reps"],
+            "trustworthy": timed["trustworthy"], "problems": timed["problems"], "sampling": timed["sampling"],
             "machine": machine, "versions": versions()}

@@ -132,7 +132,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int, default=1)
 
     b = sub.add_parser("bench", parents=[debug],
-                       help="time ONNX models in onnxruntime (or .pt2 programs in PyTorch), side by side")
+                       help="time ONNX models in onnxruntime (or .pt2 programs in PyTorch), side by side",
+                       description="Times the models round-robin (one run of each per repetition). Columns: the "
+                                   "median and the 10th-90th percentiles of each model's run time, and its speedup "
+                                   "over the first model (the ratio of their medians) with a 95% interval from a "
+                                   "bootstrap over the paired repetitions. Timings whose paired ratios spread or drift "
+                                   "too much, or taken on a busy machine, are measured three times as long; if that "
+                                   "does not steady them, the interval is replaced by '(unsteady)' and a warning.")
     b.add_argument("models", nargs="+", help="ONNX files (.pt2 programs with --runtime torch or torch-compile); "
                                              "ratios are relative to the first")
     b.add_argument("--runtime", choices=("ort", "torch", "torch-compile"), default="ort",
@@ -351,7 +357,7 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
         timers = [model_timer(original, example, runtime, folder / "original.onnx"),
                   model_timer(compiled, example, runtime, folder / "model.onnx")]
         once = sum(run() for run in timers)  # seconds for one run of each: at most about 3 s of timing
-        result = compare_models(timers, reps=max(10, min(30, int(3 / max(once, 1e-9)))))
+        result = compare_models(timers, reps=max(10, min(30, int(3 / max(once, 1e-9)))), threads=runtime.threads)
     except Exception as e:  # the compile (perhaps hours of training) is written all the same
         first = first_line(e)
         log.warning("warning: timing the models in %s failed (%s: %s); the compiled model is written without a "
@@ -359,7 +365,21 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
         return state.latency
     before, after = result["median_ms"]
     measured = {"before_ms": before, "after_ms": after, "speedup": result["speedup"],
-                "speedup_ci95": result["speedup_ci95"], "reps": result["reps"], "samples_ms": result["samples_ms"]}
+                "speedup_ci95": result["speedup_ci95"], "reps": result["reps"], "samples_ms": result["samples_ms"],
+                "trustworthy": result["trustworthy"], "problems": result["problems"], "sampling": result["sampling"]}
+    if not result["trustworthy"]:
+        log.warning("warning: the machine is too busy for a trustworthy timing (%s), even measured three times as "
+                    "long; the measured %.2fx may be far off: time model.onnx against original.onnx with `twistc "
+                    "bench` on a quiet machine", "; ".join(result["problems"]), measured["speedup"])
+        return {**latency, "measured": measured}
+    target = (state.latency or {}).get("target", {}).get("speedup")
+    if target and measured["speedup_ci95"][1] < 0.95 * target:
+        blamed = sorted(((r.latency_before or 0) - (r.latency_after or 0), r.name) for r in state.layers.values()
+                        if r.lowering and r.latency_before)
+        log.warning("warning: the target speedup %.2fx was missed: planned %.2fx, measured %.2fx (95%% CI %.2f-%.2f) "
+                    "in %s; the layers the plan counted on most: %s", target, state.latency["predicted_speedup"],
+                    measured["speedup"], *measured["speedup_ci95"], where,
+                    ", ".join(f"{n} ({1e3 * gain:.0f} us)" for gain, n in blamed[::-1][:3]))
     if measured["speedup"] < 1:
         gains = sorted((r.latency_after - r.latency_before, r.name) for r in state.layers.values()
                        if r.lowering and r.latency_before)
@@ -423,14 +443,18 @@ def bench_command(args) -> int:
             raise SpecError(f"{flag} must be >= {least}, got {value}")
     result = bench(args.models, args.batch, args.threads, args.provider, args.warmup, args.reps, spin=args.spin,
                    runtime=args.runtime)
-    rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}", f"{m['ratio_to_first']:.3f}",
-             f"{m['speedup_vs_first']:.2f} [{m['speedup_ci95'][0]:.2f}, {m['speedup_ci95'][1]:.2f}]")
-            for m in result["models"]]
+    ci = (lambda m: f"[{m['speedup_ci95'][0]:.2f}, {m['speedup_ci95'][1]:.2f}]") if result["trustworthy"] else \
+        (lambda m: "(unsteady)")
+    rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}",
+             f"{m['speedup_vs_first']:.2f}x {ci(m)}") for m in result["models"]]
     where = {"ort": "onnxruntime", "torch": "PyTorch eager", "torch-compile": "PyTorch, torch.compile"}[args.runtime]
     threads = f"{args.threads} thread{'s' * (args.threads > 1)}"
     _say(f"{where} {result['provider']} ({result['machine']}), batch {args.batch}, {threads}, {args.reps} paired reps")
-    header = ("model", "median ms", "p10-p90 ms", "vs first", "speedup [95% CI]", "")
+    header = ("model", "median ms", "p10-p90 ms", "speedup over the first [95% CI]", "")
     _say(text_table([r + ("",) for r in rows], header))
+    if not result["trustworthy"]:
+        log.warning("warning: the machine is too busy for trustworthy timings (%s), even measured three times as "
+                    "long; the speedups may be far off", "; ".join(result["problems"]))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

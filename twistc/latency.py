@@ -340,17 +340,29 @@ def model_key(module: nn.Module, example: torch.Tensor | tuple) -> str:
 
 
 def paired_speedup(base: list[float], other: list[float], seed: int = 0) -> tuple[float, list[float]]:
-    """The median of the per-repetition ratios base / other, and a bootstrap 95% interval of it."""
-    ratios = np.array(base) / np.array(other)
-    boot = np.median(np.random.default_rng(seed).choice(ratios, size=(2000, len(ratios))), axis=1)
-    return float(np.median(ratios)), [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    """median(base) / median(other), the speedup the two medians show, and a 95% interval of it from a
+    bootstrap that resamples repetitions with their pairs kept together."""
+    base, other = np.asarray(base, dtype=float), np.asarray(other, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(base), size=(2000, len(base)))
+    boot = np.median(base[idx], axis=1) / np.median(other[idx], axis=1)
+    return float(np.median(base) / np.median(other)), [float(np.percentile(boot, 2.5)),
+                                                       float(np.percentile(boot, 97.5))]
 
 
-def compare_models(timers: list[Callable[[], float]], warmup: int = 5, reps: int = 30) -> dict:
-    """Paired timing of whole models: medians, the raw samples and the second's speedup over the first."""
+def compare_models(timers: list[Callable[[], float]], warmup: int = 5, reps: int = 30, threads: int = 1) -> dict:
+    """Paired timing of whole models: medians, the raw samples, each model's speedup over the first, and
+    how far to trust them (timing.Sampling). Unsteady samples are measured again, three times as long,
+    once; if they stay unsteady, `trustworthy` is False and `problems` says why."""
     samples: list[list[float]] = []
     medians = paired_medians(timers, warmup, reps, samples)
-    out = {"median_ms": medians, "samples_ms": samples, "reps": reps}
+    sampling = Sampling.of(samples, threads)
+    if not sampling.trustworthy:
+        reps, samples = reps * 3, []
+        medians = paired_medians(timers, 0, reps, samples)
+        sampling = Sampling.of(samples, threads)
+    out = {"median_ms": medians, "samples_ms": samples, "reps": reps, "sampling": sampling.to_json(),
+           "trustworthy": sampling.trustworthy, "problems": sampling.problems()}
+    out["speedups"] = [paired_speedup(samples[0], s) for s in samples]
     if len(timers) > 1:
-        out["speedup"], out["speedup_ci95"] = paired_speedup(samples[0], samples[1])
+        out["speedup"], out["speedup_ci95"] = out["speedups"][1]
     return out

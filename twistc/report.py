@@ -209,8 +209,9 @@ def latency_line(latency: dict) -> str:
     m = latency.get("measured")
     if m:
         lo, hi = m["speedup_ci95"]
-        parts.append(f"measured {m['before_ms']:.3f} -> {m['after_ms']:.3f} ms ({m['speedup']:.2f}x, "
-                     f"95% CI {lo:.2f}-{hi:.2f})")
+        trust = (f"95% CI {lo:.2f}-{hi:.2f}" if m.get("trustworthy", True)
+                 else "NOT TRUSTWORTHY: " + "; ".join(m["problems"]))
+        parts.append(f"measured medians {m['before_ms']:.3f} -> {m['after_ms']:.3f} ms ({m['speedup']:.2f}x, {trust})")
     return f"latency in {where}: " + ", ".join(parts)
 
 
