@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models_for_tests import TINY_MODEL_PY
-from twistc import cli
+from twistc import commands
 from twistc.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert {k: latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")} == \
         {"runtime": "ort", "device": "cpu", "threads": 1, "batch": 1}
     assert "predicted_speedup" not in latency and len(latency["measured"]["samples_ms"]) == 2
-    assert f"1 thread, batch 1: measured {latency['measured']['before_ms']:.3f} -> " in text
+    assert f"1 thread, batch 1: measured medians {latency['measured']['before_ms']:.3f} -> " in text
     assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"][:-1])
     assert "the final projection removed" in (out / "report.md").read_text()
     changes = report["training"]["distortion_changes"]
@@ -138,7 +138,7 @@ def test_a_slower_compiled_model_gets_a_warning_and_a_skipped_or_failed_timing_l
                                                                                          monkeypatch):
     measured = {"median_ms": [1.0, 1.25], "speedup": 0.8, "speedup_ci95": [0.78, 0.82], "reps": 30,
                 "samples_ms": [[1.0], [1.25]], "trustworthy": True, "problems": [], "sampling": {}}
-    monkeypatch.setattr(cli, "compare_models", lambda timers, reps, threads: measured)
+    monkeypatch.setattr(commands, "compare_models", lambda timers, reps, threads: measured)
     model = _model_file(tmp_path)
     assert main(["compile", str(model), "--pass", "tucker", "--ratio", "2", "--epochs", "0", "-o",
                  str(tmp_path / "a"), "--quiet"]) == 0
@@ -151,7 +151,7 @@ def test_a_slower_compiled_model_gets_a_warning_and_a_skipped_or_failed_timing_l
     def broken(timers, reps, threads):
         raise RuntimeError("no such provider\nmore")
 
-    monkeypatch.setattr(cli, "compare_models", broken)  # a failed timing loses nothing the compile made
+    monkeypatch.setattr(commands, "compare_models", broken)  # a failed timing loses nothing the compile made
     assert main(["compile", str(model), "--pass", "tucker", "--ratio", "2", "--epochs", "0", "-o",
                  str(tmp_path / "c"), "--quiet"]) == 0
     assert "timing the models in ort cpu, 1 thread(s), batch 1 failed (RuntimeError: no such provider)" \
@@ -415,7 +415,7 @@ def _injected_latencies(monkeypatch, speedup, ci, trustworthy=True):
     monkeypatch.setattr(plan_latency.PlanLatency, "model_ms", lambda self, gm, runtime, cache: 1.0 + sum(
         1.0 for _ in plan_latency.conv_sites(gm)))
     problems = [] if trustworthy else ["paired ratios spread 80% (at most 25% is steady)"]
-    monkeypatch.setattr(cli, "compare_models", lambda timers, reps, threads: {
+    monkeypatch.setattr(commands, "compare_models", lambda timers, reps, threads: {
         "median_ms": [1.0, 1.0 / speedup], "speedup": speedup, "speedup_ci95": ci, "reps": reps,
         "samples_ms": [[1.0], [1.0 / speedup]], "trustworthy": trustworthy, "problems": problems, "sampling": {}})
 

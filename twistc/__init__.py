@@ -3,15 +3,22 @@
     gm = twistc.trace(model, example_inputs)
     gm = twistc.Pipeline.parse("deeptwist{ratio=4},train{epochs=3},lower-conv-tucker,cleanup").run(gm, ctx)
     twistc.export_onnx(gm, example_inputs, "model.onnx")
+
+The names below load their modules (and torch) on first use, so the command line starts at once.
 """
-from twistc.errors import TwistcError
-from twistc.export import export_onnx
-from twistc.pipeline import Pass, PassResult, Pipeline, RunContext
-from twistc.plan import LayerPlan, Plan
-from twistc.state import state_of
-from twistc.trace import trace
-from twistc.train import accuracy, final_projection, train
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["TwistcError", "export_onnx", "Pass", "PassResult", "Pipeline", "RunContext", "LayerPlan", "Plan",
-           "state_of", "trace", "accuracy", "final_projection", "train"]
+_HOMES = {"TwistcError": "twistc.errors", "export_onnx": "twistc.export", "Pass": "twistc.pipeline",
+          "PassResult": "twistc.pipeline", "Pipeline": "twistc.pipeline", "RunContext": "twistc.pipeline",
+          "LayerPlan": "twistc.plan", "Plan": "twistc.plan", "state_of": "twistc.state", "trace": "twistc.trace",
+          "accuracy": "twistc.train", "final_projection": "twistc.train", "train": "twistc.train"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'twistc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value

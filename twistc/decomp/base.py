@@ -15,9 +15,9 @@ from typing import ClassVar
 import torch
 
 from twistc.decomp.cost import ConvGeometry, Cost
+from twistc.defaults import DEFAULT_RATIO  # noqa: F401  (the decompositions' default, re-exported)
 from twistc.errors import SpecError
 
-DEFAULT_RATIO = 2.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,324 @@
+"""The commands behind `twistc compile`, `passes`, `eval` and `bench` (the parser is twistc.cli)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+
+from twistc import checkpoint, distributed
+from twistc.bench import bench, session
+from twistc.cli import options
+from twistc.errors import SpecError, first_line
+from twistc.export import export_onnx, save_program
+from twistc.files import check_distinct, check_writable
+from twistc.latency import Runtime, compare_models, model_timer
+from twistc.latency_cache import LatencyCache
+from twistc.modelfile import load_model_file
+from twistc.outdir import OutputDir, check_output
+from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, expand_presets, format_value, parse_item,
+                             split_items, stage_class)
+from twistc.plan import Plan
+from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
+from twistc.selection import name_list
+from twistc.state import state_of
+from twistc.trace import trace
+from twistc.train import accuracy
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("original.onnx", "model.onnx", "model.pt2", "report.json", "report.md")
+
+
+def build_pipeline(spec: str, args) -> Pipeline:
+    """The pipeline from --pass; the other flags fill options the spec does not write. Passes after one
+    that writes the plan (deeptwist, plan-latency) take ranks, order and tiles from it, so those flags
+    skip them."""
+    stages, planned = [], False
+    extra = options(args.stage_options, "--option")
+    target = ({"speedup": args.target_speedup} if args.target_speedup is not None else
+              {"max_drop": args.max_drop} if args.max_drop is not None else None)
+    items = split_items(expand_presets(spec, args.epochs, target, args.handoff))
+    if args.fit == "activation" and not any(i.startswith("calibrate") for i in items):
+        items.insert(0, "calibrate")
+    for text in items:
+        values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
+                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, "fit": args.fit,
+                  "batches": args.calib_batches, **extra}
+        if not planned:
+            values.update(order=args.order, tile=args.tile, grid=args.grid, ratio=args.ratio)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        if device != "cpu" and not text.startswith("plan-latency"):  # plan-latency's device is where it measures
+            values["device"] = device
+        stage = parse_item(text, values)
+        stages.append(stage)
+        planned |= stage.writes_plan
+    unused = [k for k in extra if not any(k in {f.name for f in dataclasses.fields(s)} for s in stages)]
+    if unused:
+        raise SpecError(f"--option {unused[0]}: no stage of the pipeline ({', '.join(s.name for s in stages)}) "
+                        f"takes '{unused[0]}'; `twistc passes NAME` lists a stage's options")
+    return Pipeline(stages)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _status(msg: str) -> None:
+    """What twistc is doing now, on a terminal's stderr (nothing when stderr is a file or pipe)."""
+    if sys.stderr.isatty():
+        print(f"twistc: {msg}", file=sys.stderr, flush=True)
+
+
+def compile_command(args) -> int:
+    distributed.init_from_env()  # under torchrun: join the other ranks
+    model_path = Path(args.model).resolve()
+    out = Path(args.output)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SpecError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    pipeline = build_pipeline(args.pipeline, args)
+    pipeline.check_whole()
+    if args.resume and not args.checkpoint:
+        raise SpecError("--resume needs --checkpoint DIR, the folder the stopped run saved into")
+    if args.checkpoint_every < 0 or (args.checkpoint_every and not args.checkpoint):
+        raise SpecError(f"--checkpoint-every must be >= 1 and comes with --checkpoint DIR, got {args.checkpoint_every}")
+    plan = Plan.load(args.plan) if args.plan else None
+    check_output(out, model_path, args.force, OUTPUTS)
+    _check_paths(args, pipeline, model_path, out)
+    mf = load_model_file(model_path, options(args.options))
+    missing = [f"{name}()" for name in pipeline.needs() if not mf.has(name)]
+    if missing:
+        raise SpecError(f"pipeline '{pipeline}' uses {' and '.join(missing)}, which {model_path.name} does not define")
+    main_rank = distributed.is_main()
+    if main_rank:
+        _say(f"pipeline: {pipeline}")
+    if main_rank and not args.quiet:  # a line per epoch: loss, and the evaluations of eval_every
+        logging.getLogger("twistc.train").setLevel(logging.INFO)
+    status = _status if main_rank and not args.quiet else (lambda msg: None)
+    status(f"building the model ({model_path.name}: model())")
+    original = mf.model().eval()
+    example = mf.example_inputs()
+    eval_data = mf.data("eval_data")  # the ranks share evaluations during training; rank 0 alone does the rest
+    start = time.perf_counter()
+    if eval_data:
+        status("evaluating the original model on eval_data()")
+    acc_before = accuracy(original, eval_data()) if eval_data and main_rank else None
+    status("tracing")
+    gm = trace(copy.deepcopy(original), example)
+    state = state_of(gm)
+    if plan is not None:
+        unknown = sorted(set(plan.layers) - set(state.layers))
+        if unknown:
+            raise SpecError(f"plan {args.plan} names layers the model does not have ({name_list(unknown, 5)}); "
+                            f"its convs are: {name_list(list(state.layers))}")
+        state.plan = plan
+    ctx = RunContext(mf.data("train_data"), eval_data, progress=main_rank and not args.quiet,
+                     checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                     status=status,
+                     train_data_sharded=mf.takes("train_data", "rank") and mf.takes("train_data", "world_size"))
+    if not main_rank:  # the other ranks train alongside; rank 0 exports and writes
+        pipeline.run(gm, ctx)
+        return 0
+    writer = OutputDir(out, model_path, args.force)
+    with writer as tmp:
+        status("exporting original.onnx and checking it in onnxruntime")
+        export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
+        gm = pipeline.run(gm, ctx)
+        gm.eval()
+        status("exporting model.onnx and checking it in onnxruntime")
+        check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
+        save_program(gm, example, tmp / "model.pt2")
+        latency = _measure_speedup(state, original, gm, example, tmp, status, args.threads or 1,
+                                   timing=not args.no_timing)
+        if eval_data:
+            status("evaluating the compiled model on eval_data()")
+        acc_after = accuracy(gm, eval_data()) if eval_data else None
+        training = ctx.results.get("train")
+        report = build_report(
+            state, pipeline=str(pipeline), original=original, compiled=gm,
+            onnx={**check.to_json(), "path": str(Path(os.path.abspath(out)) / "model.onnx")},
+            training=training.to_json() if training else None,
+            accuracy={"before": acc_before, "after": acc_after} if eval_data else None, latency=latency,
+            model_file=str(model_path), seconds=time.perf_counter() - start, stage_seconds=ctx.results.get("seconds"))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "report.md").write_text(markdown(report))
+        writer.commit()
+    _say("")
+    _say(text_table(layer_rows(report)))
+    _say("")
+    for line in summary_lines(report):
+        _say(line)
+    _say(f"wrote {', '.join(OUTPUTS)} to {out}")
+    return 0
+
+
+def _check_paths(args, pipeline: Pipeline, model_path: Path, out: Path) -> None:
+    """Every path the run will write, checked before the model is built: each can be written, none is
+    the input or another output, and each option has a stage that reads it."""
+    names = {s.name for s in pipeline.stages}
+    if args.checkpoint and "train" not in names:
+        raise SpecError(f"--checkpoint: the pipeline '{pipeline}' has no train stage to checkpoint; drop it or add "
+                        "--epochs N to a preset")
+    if args.latency_cache and "plan-latency" not in names:
+        raise SpecError(f"--latency-cache: the pipeline '{pipeline}' has no plan-latency stage that measures; drop "
+                        "it or add --target-speedup S or --max-drop D")
+    folders = {f"train{{checkpoint={s.checkpoint}}}": s.checkpoint for s in pipeline.stages
+               if getattr(s, "checkpoint", "")}
+    if args.checkpoint:
+        folders["--checkpoint"] = args.checkpoint
+    for flag, folder in folders.items():
+        if Path(folder).name == checkpoint.FILE and Path(folder).is_file():
+            raise SpecError(f"{flag} {folder} names the checkpoint file itself; give its folder {Path(folder).parent}")
+        check_writable(folder, flag, folder=True)
+    caches = {"--latency-cache": args.latency_cache} if args.latency_cache else {}
+    caches.update({f"plan-latency{{cache={s.cache}}}": s.cache for s in pipeline.stages
+                   if s.name == "plan-latency" and s.cache and s.cache != args.latency_cache})
+    if "plan-latency" in names and not caches:
+        caches["the latency cache"] = None  # the default one
+    for flag, cache in caches.items():
+        try:
+            LatencyCache.check(cache)
+        except SpecError as e:
+            raise SpecError(str(e).replace("latency cache", flag, 1) if cache is None else
+                            str(e).replace("--latency-cache", flag)) from None
+    paths = {"the input": model_path, "-o": out, **folders, **caches}
+    check_distinct(paths)
+    outdir = Path(os.path.abspath(out)).resolve()
+    for flag, path in {**folders, **caches}.items():
+        if path is not None and outdir in Path(os.path.abspath(path)).resolve().parents:
+            raise SpecError(f"{flag} {path} lies inside the output folder {out}; put it elsewhere")
+
+
+def _measure_speedup(state, original, compiled, example, folder: Path, status, threads: int,
+                     timing: bool = True) -> dict | None:
+    """The original and the compiled model timed paired: in plan-latency's runtime and settings after
+    it, else (unless `timing` is off) in onnxruntime on the CPU at batch 1. A compiled model that
+    measures slower gets a warning: after plan-latency it names the layers with the least predicted
+    gain, else it points to --target-speedup. Without `timing`, plan-latency's prediction alone."""
+    if not timing or (state.latency is None and not any(r.lowering for r in state.layers.values())):
+        return state.latency
+    if state.latency is not None:
+        runtime = Runtime(**{k: state.latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")})
+        latency = state.latency
+    else:
+        runtime = Runtime("ort", "cpu", threads, 1)
+        latency = {"runtime": runtime.to_json()}
+    where = f"{runtime.runtime} {runtime.device}, {runtime.threads} thread(s), batch {runtime.batch}"
+    status(f"timing the original and the compiled model ({where})")
+    try:
+        timers = [model_timer(original, example, runtime, folder / "original.onnx"),
+                  model_timer(compiled, example, runtime, folder / "model.onnx")]
+        once = sum(run() for run in timers)  # seconds for one run of each: at most about 3 s of timing
+        result = compare_models(timers, reps=max(10, min(30, int(3 / max(once, 1e-9)))), threads=runtime.threads)
+    except Exception as e:  # the compile (perhaps hours of training) is written all the same
+        first = first_line(e)
+        log.warning("warning: timing the models in %s failed (%s: %s); the compiled model is written without a "
+                    "measured speedup (twistc bench times the files)", where, type(e).__name__, first)
+        return state.latency
+    before, after = result["median_ms"]
+    measured = {"before_ms": before, "after_ms": after, "speedup": result["speedup"],
+                "speedup_ci95": result["speedup_ci95"], "reps": result["reps"], "samples_ms": result["samples_ms"],
+                "trustworthy": result["trustworthy"], "problems": result["problems"], "sampling": result["sampling"]}
+    if not result["trustworthy"]:
+        log.warning("warning: the machine is too busy for a trustworthy timing (%s), even measured three times as "
+                    "long; the measured %.2fx may be far off: time model.onnx against original.onnx with `twistc "
+                    "bench` on a quiet machine", "; ".join(result["problems"]), measured["speedup"])
+        return {**latency, "measured": measured}
+    target = (state.latency or {}).get("target", {}).get("speedup")
+    if target and measured["speedup_ci95"][1] < 0.95 * target:
+        blamed = sorted(((r.latency_before or 0) - (r.latency_after or 0), r.name) for r in state.layers.values()
+                        if r.lowering and r.latency_before)
+        log.warning("warning: the target speedup %.2fx was missed: planned %.2fx, measured %.2fx (95%% CI %.2f-%.2f) "
+                    "in %s; the layers the plan counted on most: %s", target, state.latency["predicted_speedup"],
+                    measured["speedup"], *measured["speedup_ci95"], where,
+                    ", ".join(f"{n} ({1e3 * gain:.0f} us)" for gain, n in blamed[::-1][:3]))
+    if measured["speedup"] < 1:
+        gains = sorted((r.latency_after - r.latency_before, r.name) for r in state.layers.values()
+                       if r.lowering and r.latency_before)
+        hint = (f"the layers with the least predicted gain: {', '.join(n for _, n in gains[-3:][::-1])}"
+                if state.latency is not None else "fewer weights are not fewer milliseconds here; --target-speedup "
+                "S chooses each layer's form and ranks by measured latency")
+        log.warning("warning: the compiled model measured slower than the original (%.2fx in %s): %s",
+                    measured["speedup"], where, hint)
+    return {**latency, "measured": measured}
+
+
+def passes_command(args) -> int:
+    if args.name in PRESETS:
+        expansion, summary = PRESETS[args.name]
+        _say(f"{args.name}: {summary}\n  = {expansion}\n`twistc passes NAME` lists the options of each item; "
+             "--ratio, --epochs, --lr, --period and --option fill the ones the preset does not write")
+        return 0
+    if args.name:
+        cls = stage_class(args.name)
+        _say(f"{cls.name}: {cls.summary}\n")
+        hints = typing.get_type_hints(cls)
+        rows = [(f.name, _type_name(hints[f.name]), "-" if f.default is None else format_value(f.default),
+                 cls.option_help.get(f.name, "")) for f in dataclasses.fields(cls)]
+        _say(text_table(rows, ("option", "type", "default", "meaning"), max_note=100) if rows else "no options")
+        return 0
+    rows = describe()
+    width = max(len(r[0]) for r in rows)
+    for name, summary, expansion in rows:
+        _say(f"{name.ljust(width)}  {summary}" + (f"\n{' ' * width}  = {expansion}" if expansion else ""))
+    return 0
+
+
+def eval_command(args) -> int:
+    if args.threads < 1:
+        raise SpecError(f"--threads must be >= 1, got {args.threads}")
+    mf = load_model_file(Path(args.model).resolve(), options(args.options))
+    if not mf.has("eval_data"):
+        raise SpecError(f"{args.model} defines no eval_data(); twistc eval needs (input, target) batches from it")
+    sess = session(args.onnx, "cpu", args.threads)
+    name = sess.get_inputs()[0].name
+    correct = seen = 0
+    for x, y in mf.call("eval_data"):
+        (logits,) = sess.run(None, {name: x.numpy()})[:1]
+        correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
+        seen += len(y)
+    if not seen:
+        raise SpecError(f"eval_data() in {args.model} yielded no batches")
+    _say(f"{args.onnx}: top-1 accuracy {correct / seen:.2%} ({correct:,} of {seen:,}) on eval_data() of {args.model}")
+    return 0
+
+
+def _type_name(tp) -> str:
+    text = getattr(tp, "__name__", None) or str(tp)
+    return text.replace("typing.", "").replace("NoneType", "None").replace("tuple[int, ...]", "HxW")
+
+
+def bench_command(args) -> int:
+    for flag, value, least in (("--batch", args.batch, 1), ("--threads", args.threads, 1), ("--reps", args.reps, 1),
+                               ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise SpecError(f"{flag} must be >= {least}, got {value}")
+    result = bench(args.models, args.batch, args.threads, args.provider, args.warmup, args.reps, spin=args.spin,
+                   runtime=args.runtime)
+    ci = (lambda m: f"[{m['speedup_ci95'][0]:.2f}, {m['speedup_ci95'][1]:.2f}]") if result["trustworthy"] else \
+        (lambda m: "(unsteady)")
+    rows = [(m["path"], f"{m['median_ms']:.3f}", f"{m['p10_ms']:.3f}-{m['p90_ms']:.3f}",
+             f"{m['speedup_vs_first']:.2f}x {ci(m)}") for m in result["models"]]
+    where = {"ort": "onnxruntime", "torch": "PyTorch eager", "torch-compile": "PyTorch, torch.compile"}[args.runtime]
+    threads = f"{args.threads} thread{'s' * (args.threads > 1)}"
+    _say(f"{where} {result['provider']} ({result['machine']}), batch {args.batch}, {threads}, {args.reps} paired reps")
+    header = ("model", "median ms", "p10-p90 ms", "speedup over the first [95% CI]", "")
+    _say(text_table([r + ("",) for r in rows], header))
+    if not result["trustworthy"]:
+        log.warning("warning: the machine is too busy for trustworthy timings (%s), even measured three times as "
+                    "long; the speedups may be far off", "; ".join(result["problems"]))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
