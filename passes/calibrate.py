@@ -54,9 +54,9 @@ class _Collector(fx.Interpreter):
             x = self.env[site.input] if isinstance(site.input, fx.Node) else site.input
             cols = columns(site, x.detach())
             stats = self.stats[site.name]
-            for start in range(0, cols.shape[0], CHUNK):
-                part = cols[start:start + CHUNK].double()
-                stats.moment += (part.T @ part).cpu()
+            for start in range(0, cols.shape[0], CHUNK):  # each chunk's product in float32, summed in float64
+                part = cols[start:start + CHUNK].float()
+                stats.moment += (part.T @ part).double().cpu()
             stats.count += cols.shape[0]
         return super().run_node(node)
 

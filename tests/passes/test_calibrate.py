@@ -50,7 +50,7 @@ def test_calibrate_collects_each_layers_input_second_moment():
     x = torch.cat([b[0] for b in data[:3]])
     patches = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 36).double()
     assert stats["conv"].count == patches.shape[0]
-    torch.testing.assert_close(stats["conv"].moment, patches.T @ patches, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(stats["conv"].moment, patches.T @ patches, rtol=1e-5, atol=1e-4)  # float32 products
     h = F.relu(net.conv(x))
     rows = h.permute(0, 2, 3, 1).reshape(-1, 12).double()
     torch.testing.assert_close(stats["point"].moment, rows.T @ rows, rtol=1e-5, atol=1e-5)
