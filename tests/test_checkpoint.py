@@ -16,7 +16,7 @@ from models_for_tests import TINY_MODEL_PY
 from twistc import Pipeline, trace
 from twistc import checkpoint
 from twistc.checkpoint import CheckpointError
-from twistc.errors import Stopped
+from twistc.errors import ModelFileError, Stopped
 from twistc.report import cpu_model
 from twistc.train import Checkpointing, projections, train
 
@@ -103,8 +103,8 @@ def test_a_stop_waits_for_the_accumulated_step_to_end_and_resumes_exactly(tmp_pa
     reference, ref_result = _run(None, accumulate=2)  # 5 batches an epoch: steps of 2, 2 and 1 batches
     saved = []
     real_save = checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda d, payload: saved.append(dict(payload["position"]))
-                        or real_save(d, payload))
+    monkeypatch.setattr(checkpoint, "save", lambda d, payload, *name: saved.append(dict(payload["position"]))
+                        or real_save(d, payload, *name))
     with pytest.raises(Stopped):  # the signal comes with batch 8, the first of epoch 2's second step
         _run(tmp_path, stop_at=8, accumulate=2)
     assert {k: saved[-1][k] for k in ("epoch", "batch", "step")} == {"epoch": 1, "batch": 4, "step": 5}
@@ -133,9 +133,9 @@ def test_periodic_checkpoints_survive_a_crash_without_a_signal(tmp_path, monkeyp
     reference, _ = _run(None)
     saved = []
     real_save = checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda d, payload: saved.append(payload["position"]["step"])
-                        or real_save(d, payload))
-    with pytest.raises(ConnectionError):  # batch 9 of 15 is never trained; the last save was after step 6
+    monkeypatch.setattr(checkpoint, "save", lambda d, payload, *name: saved.append(payload["position"]["step"])
+                        or real_save(d, payload, *name))
+    with pytest.raises(ModelFileError, match=r"train_data\(\) raised ConnectionError"):  # batch 9 of 15 is never trained; the last save was after step 6
         _run(tmp_path, crash_at=9, every=3)
     assert saved == [3, 5, 6]  # every 3 steps, and at the end of epoch 1 (step 5)
     resumed, result = _run(tmp_path, resume=True, every=3)

@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="option for every stage of the pipeline that has KEY and whose spec does not write it, "
                         "e.g. --option accumulate=4 --option eval_every=1 for the train stage of a preset "
                         "(repeatable)")
-    c.add_argument("--atol", type=float, help="ONNX check absolute tolerance (1e-4; 1e-2 for a float16 model)")
-    c.add_argument("--rtol", type=float, help="ONNX check relative tolerance (1e-4; 1e-2 for a float16 model)")
+    c.add_argument("--atol", type=_tolerance, help="ONNX check absolute tolerance (1e-4; 1e-2 for a float16 model)")
+    c.add_argument("--rtol", type=_tolerance, help="ONNX check relative tolerance (1e-4; 1e-2 for a float16 model)")
     c.add_argument("--threads", type=int, help="torch threads")
     c.add_argument("--no-timing", action="store_true",
                    help="do not time the compiled model against the original after compiling (in plan-latency's "
@@ -139,6 +139,16 @@ def _pair(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HxW, e.g. 16x16, got {text!r}") from None
     return h, w
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def options(pairs: list[str], flag: str = "--set") -> dict[str, str]:

@@ -1,6 +1,7 @@
 """The commands behind `twistc compile`, `passes`, `eval` and `bench` (the parser is twistc.cli)."""
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -105,7 +106,13 @@ def compile_command(args) -> int:
         logging.getLogger("twistc.train").setLevel(logging.INFO)
     status = _status if main_rank and not args.quiet else (lambda msg: None)
     status(f"building the model ({model_path.name}: model())")
-    original = mf.model().eval()
+    original = mf.model()
+    try:
+        original.eval()
+    except NotImplementedError:  # torch.export's module of a loaded program (a model.pt2)
+        raise SpecError(f"model() in {model_path.name} returns {type(original).__name__}, a torch.export program's "
+                        "module (a loaded .pt2?), which twistc cannot trace again; return the nn.Module itself") \
+            from None
     example = mf.example_inputs()
     eval_data = mf.data("eval_data")  # the ranks share evaluations during training; rank 0 alone does the rest
     start = time.perf_counter()
@@ -133,6 +140,7 @@ def compile_command(args) -> int:
         status("exporting original.onnx and checking it in onnxruntime")
         export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
         gm = pipeline.run(gm, ctx)
+        _check_some_layer_compressed(pipeline, state)
         gm.eval()
         status("exporting model.onnx and checking it in onnxruntime")
         check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
@@ -159,6 +167,16 @@ def compile_command(args) -> int:
         _say(line)
     _say(f"wrote {', '.join(OUTPUTS)} to {out}")
     return 0
+
+
+def _check_some_layer_compressed(pipeline: Pipeline, state) -> None:
+    """A pipeline that lowers but lowered nothing is an error that says why, layer by layer."""
+    if not any(s.name.startswith("lower-") for s in pipeline.stages) or any(r.lowering for r in
+                                                                             state.layers.values()):
+        return
+    reasons = collections.Counter(r.skip_reason or "no reason recorded" for r in state.layers.values())
+    raise SpecError("no layer could be compressed, so nothing would be written: " + "; ".join(
+        f"{n} layer{'s' * (n > 1)}: {why}" for why, n in reasons.most_common(3)))
 
 
 def _check_paths(args, pipeline: Pipeline, model_path: Path, out: Path) -> None:
@@ -282,8 +300,13 @@ def eval_command(args) -> int:
     sess = session(args.onnx, "cpu", args.threads)
     name = sess.get_inputs()[0].name
     correct = seen = 0
+    expected = sess.get_inputs()[0].shape
     for x, y in mf.call("eval_data"):
-        (logits,) = sess.run(None, {name: x.numpy()})[:1]
+        try:
+            (logits,) = sess.run(None, {name: x.numpy()})[:1]
+        except Exception as e:
+            raise SpecError(f"onnxruntime cannot run {args.onnx} on a batch of eval_data() of shape "
+                            f"{tuple(x.shape)} (the model takes {expected}): {first_line(e)[:200]}") from None
         correct += int((torch.from_numpy(logits).argmax(1) == y).sum())
         seen += len(y)
     if not seen:

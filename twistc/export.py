@@ -14,6 +14,8 @@ import copy
 import dataclasses
 import io
 import logging
+import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -71,11 +73,30 @@ def _quiet():
     logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), _silent_descriptors():
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def _silent_descriptors():
+    """File descriptors 1 and 2 to /dev/null for the duration: what torch's C++ side prints (the
+    TorchScript exporter's whole IR graph when it gives up) bypasses Python's streams."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 def _dynamic_batch(example_inputs: tuple) -> tuple:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from twistc import checkpoint, distributed
 from twistc.checkpoint import rng_state, set_rng_state
-from twistc.errors import ModelFileError, NonFiniteError, SpecError, Stopped
+from twistc.errors import ModelFileError, NonFiniteError, SpecError, Stopped, first_line
 from twistc.ops import LowRankProjection
 from twistc.pipeline import RunContext, Stage
 from twistc.report import cpu_model
@@ -329,7 +329,7 @@ def _epoch_batches(train_data, epoch: int, done: int, saved: dict | None, shard:
     if hasattr(batches, "set_epoch"):
         batches.set_epoch(epoch)
     count = len(batches) if hasattr(batches, "__len__") else None
-    iterator = iter(batches)
+    iterator = _named(iter(batches))
     iterator, count = distributed.shard(iterator, count) if shard else distributed.common_length(iterator, count)
     for _ in range(done):
         next(iterator)
@@ -377,6 +377,20 @@ def _carry_over(module: nn.Module, optimizer: torch.optim.Optimizer, carried: di
             optimizer.state[p] = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in state.items()}
             count += 1
     return count
+
+
+def _named(batches: Iterable) -> Iterable:
+    """The batches of train_data(); an error of the user's loader becomes one line that names it."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise ModelFileError(f"train_data() raised {type(e).__name__} while giving a batch: "
+                                 f"{first_line(e)[:200]}") from None
+        yield batch
 
 
 def _to_channels_last(t: torch.Tensor) -> torch.Tensor:
