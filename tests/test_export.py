@@ -110,3 +110,32 @@ def test_reported_numbers_are_what_the_onnx_file_stores(form, tmp_path):
             module = gm.get_submodule(twistc.state_of(gm).layers[layer["name"]].module)
             assert layer["params_after"] == sum(t.numel() for n, t in (*module.named_parameters(),
                                                                       *module.named_buffers()) if "bias" not in n)
+
+
+class Scaled(torch.nn.Module):
+    """Outputs of order `scale` (or exactly `constant` everywhere); `perturb` changes them by that share."""
+
+    def __init__(self, scale=1e-6, perturb=0.0, constant=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.scale, self.perturb, self.constant = scale, perturb, constant
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3)) * self.scale
+        if self.constant is not None:
+            return y * 0 + self.constant
+        return y * (1 + self.perturb)
+
+
+def test_the_onnx_check_scales_with_the_output_and_warns_when_it_proves_little(tmp_path, caplog):
+    x = (torch.randn(1, 3, 8, 8),)
+    twistc.export_onnx(Scaled(), x, tmp_path / "ok.onnx")  # outputs of 1e-6, exported exactly: passes...
+    assert "outputs are at most" in caplog.text  # ...with a warning that the check proves little
+    path = tmp_path / "wrong.onnx"
+    twistc.export_onnx(Scaled(perturb=0.01), x, path)
+    with pytest.raises(ExportCheckError, match="differs from PyTorch"):  # 1% off, at 1e-6: caught
+        twistc.export.check_onnx(Scaled(), x, path)
+    check = twistc.export_onnx(Scaled(constant=0.0), x, tmp_path / "zero.onnx")
+    assert any("constant (0 everywhere)" in w for w in check.warnings)
+    assert check.to_json()["criterion"].startswith("|onnxruntime - pytorch| <= atol * max|pytorch|")

@@ -324,3 +324,46 @@ def lowered_path(gm: fx.GraphModule, site: ConvSite, form: str) -> str:
         except AttributeError:
             pass
     return f"{site.name}_{form}"
+
+
+def _parametric(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the node computes with learned parameters (a layer), not only reshapes or mixes values."""
+    if node.op == "call_module":
+        return any(True for _ in gm.get_submodule(node.target).parameters())
+    if node.op == "call_function" and node.target in (*_CONV_FUNCTIONS, *_LINEAR_FUNCTIONS, *_MATMULS):
+        return True
+    return any(n.op == "get_attr" and isinstance(_attr(gm, n.target), nn.Parameter) for n in node.all_input_nodes)
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
+
+
+def feeds_output(gm: fx.GraphModule, site: ConvSite) -> bool:
+    """Whether the layer's output reaches the model's output through operations without parameters only
+    (a flatten, a pooling, a softmax): the layer is the model's head."""
+    seen, todo = set(), list(site.node.users)
+    while todo:
+        node = todo.pop()
+        if node.op == "output":
+            return True
+        if node in seen or _parametric(gm, node):
+            continue
+        seen.add(node)
+        todo.extend(node.users)
+    return False
+
+
+def reads_input(gm: fx.GraphModule, site: ConvSite) -> bool:
+    """Whether the layer reads the model's input through operations without parameters only: the stem."""
+    seen, todo = set(), [site.input] if isinstance(site.input, fx.Node) else []
+    while todo:
+        node = todo.pop()
+        if node.op == "placeholder":
+            return True
+        if node in seen or _parametric(gm, node):
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    return False

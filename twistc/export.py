@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 ORT_DTYPES = (torch.float32, torch.float16)  # what onnxruntime's CPU Conv kernels take
 TOLERANCE = {torch.float16: 1e-2}  # default atol and rtol of the check by the ONNX file's dtype; else 1e-4
+# the check passes when every output element meets this, so that it means the same for logits of 10 and of 1e-5
+CRITERION = "|onnxruntime - pytorch| <= atol * max|pytorch| + rtol * |pytorch|"
+TINY = 1e-6  # a reference output whose largest magnitude is below this proves little: a warning
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,13 @@ class OnnxCheck:
     batch_sizes: tuple[int, ...]
     dtype: str = "float32"        # of the ONNX file
     model_dtype: str = "float32"  # of the PyTorch model
+    scale: float = 1.0            # the largest |output| of PyTorch, which atol is relative to
+    warnings: tuple[str, ...] = ()  # why the check may prove little (a tiny or constant reference output)
 
     def to_json(self) -> dict:
         return {"path": self.path, "max_abs_diff": self.max_abs_diff, "atol": self.atol, "rtol": self.rtol,
-                "batch_sizes": list(self.batch_sizes), "dtype": self.dtype, "model_dtype": self.model_dtype}
+                "batch_sizes": list(self.batch_sizes), "dtype": self.dtype, "model_dtype": self.model_dtype,
+                "scale": self.scale, "criterion": CRITERION, "warnings": list(self.warnings)}
 
 
 def model_dtype(module: nn.Module) -> torch.dtype:
@@ -198,11 +204,12 @@ def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol:
     except Exception as e:  # e.g. no kernel for an op at this dtype
         raise ExportCheckError(f"onnxruntime cannot run {Path(path).name}: {first_line(e)}") from None
     names = [i.name for i in session.get_inputs()]
-    worst, sizes = 0.0, []
+    worst, sizes, scale, notes = 0.0, [], 0.0, []
     for batch in (example_inputs[0].shape[0], 3):
         inputs = batched(example_inputs, batch) if batch != example_inputs[0].shape[0] else example_inputs
         expected = [t.numpy() for t in _tensors(module(*inputs))]
         got = session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+        scale = max([scale] + [float(np.max(np.abs(e))) for e in expected if e.size and np.isfinite(e).all()])
         for e, g in zip(expected, got):
             if e.shape != g.shape:
                 raise ExportCheckError(f"{path}: onnxruntime output shape {g.shape} != PyTorch {e.shape}")
@@ -212,12 +219,21 @@ def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol:
                                        f"{batch}); check the model's weights and inputs for NaN or inf")
             diff = float(np.max(np.abs(e - g))) if e.size else 0.0
             worst = max(worst, diff)
-            if not np.allclose(g, e, atol=atol, rtol=rtol):
+            if not np.allclose(g, e, atol=atol * float(np.max(np.abs(e), initial=0.0)), rtol=rtol):
                 raise ExportCheckError(
-                    f"{path}: onnxruntime differs from PyTorch by up to {diff:.3g} at batch {batch} "
-                    f"(atol={atol:g}, rtol={rtol:g}); raise the tolerance with --atol/--rtol if this is expected")
+                    f"{path}: onnxruntime differs from PyTorch by up to {diff:.3g} at batch {batch}, where the "
+                    f"outputs reach {float(np.max(np.abs(e), initial=0.0)):.3g} (atol={atol:g} of that, "
+                    f"rtol={rtol:g}); raise the tolerance with --atol/--rtol if this is expected")
+            if e.size and np.ptp(e) == 0:
+                notes.append(f"the model's output is constant ({float(e.flat[0]):.3g} everywhere), so the check "
+                             "cannot tell a right export from a wrong one")
         sizes.append(batch)
-    return OnnxCheck(str(path), worst, atol, rtol, tuple(sizes))
+    if scale < TINY and not notes:
+        notes.append(f"the model's outputs are at most {scale:.2g} in magnitude, so the check proves little "
+                     "about them")
+    for note in dict.fromkeys(notes):
+        log.warning("warning: ONNX check of %s: %s", Path(path).name, note)
+    return OnnxCheck(str(path), worst, atol, rtol, tuple(sizes), scale=scale, warnings=tuple(dict.fromkeys(notes)))
 
 
 def _tensors(out) -> list[torch.Tensor]:

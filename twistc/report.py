@@ -193,8 +193,10 @@ def summary_lines(report: dict) -> list[str]:
         o = report["onnx"]
         copy = (f", a {o['dtype']} copy of the {o['model_dtype']} model (onnxruntime has no {o['model_dtype']} Conv)"
                 if o.get("dtype", "float32") != o.get("model_dtype", "float32") else "")
-        lines.append(f"ONNX check (onnxruntime vs PyTorch, atol={o['atol']:g}, rtol={o['rtol']:g}{copy}): "
-                     f"max |diff| {o['max_abs_diff']:.2e}, ok")
+        scale = f" of the largest |output| {o['scale']:.2g}" if "scale" in o else ""
+        lines.append(f"ONNX check (onnxruntime vs PyTorch, atol={o['atol']:g}{scale}, rtol={o['rtol']:g}{copy}): "
+                     f"max |diff| {o['max_abs_diff']:.2e}, " + ("; ".join(o["warnings"]) if o.get("warnings")
+                                                                else "ok"))
     return lines
 
 

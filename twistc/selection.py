@@ -13,7 +13,8 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from twistc.convs import ConvSite, conv_sites, finalize_projection, reuse_lowered, samples_alike, weight_groups
+from twistc.convs import (ConvSite, conv_sites, feeds_output, finalize_projection, reads_input, reuse_lowered,
+                          samples_alike, weight_groups)
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import Cost, conv_cost
 from twistc.decomp.svd import lowered
@@ -27,6 +28,8 @@ from twistc.state import PLANNED_DENSE, CompileState, Skip, state_of
 
 log = logging.getLogger(__name__)
 DEGENERATE = "its calibration inputs were all zero or not finite"
+STEM_CHANNELS = 4  # a layer reading the model's input with at most this many channels (RGB, RGBA) keeps them all
+OVERSHOOT = 1.25  # an achieved ratio above the asked one times this is a warning
 
 
 def first_failure(site: ConvSite, decomp: str) -> str | None:
@@ -129,15 +132,28 @@ class LowRankOptions(Pass):
         return self.chosen(gm, site, decomp, lowering)
 
     def chosen(self, gm: fx.GraphModule, site: ConvSite, decomp: str, lowering: str | None = None) -> LayerPlan | Skip:
-        """The entry these options alone give the layer (no plan), or the reason it is skipped."""
+        """The entry these options alone give the layer (no plan), or the reason it is skipped. A head keeps a
+        rank per output (a direction per class) and an RGB stem its input channels, or the layer stays dense."""
+        g = site.geometry
+        head = feeds_output(gm, site)
+        floor = (g.out_channels if head else 1,
+                 g.in_channels if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)
+        why = (f"the model's head: it keeps a rank per output ({g.out_channels}), and " if head else
+               f"the model's stem: it keeps its {g.in_channels} input channels, and " if floor[1] > 1 else "")
         try:
-            entry = choose(site.weight(gm), site.geometry, decomp, self.request(), self.layout(), lowering)
+            entry = choose(site.weight(gm), g, decomp, replace(self.request(), floor=floor), self.layout(), lowering)
         except RankError as e:
             if self.ranks is not None:
                 raise RankError(f"layer {site.name}: {e}") from None
-            return Skip(str(e))
-        if entry.cost(site.geometry).params >= conv_cost(site.geometry).params and self.ranks is None:
-            return Skip(f"{decomp} at ranks {entry.ranks} would not be smaller than the conv")
+            return Skip(f"{why}{e}" if why else str(e))
+        dense = conv_cost(g).params
+        if entry.cost(g).params >= dense and self.ranks is None:
+            return Skip(f"{why}{decomp} at ranks {entry.ranks} would not be smaller than the layer" if why else
+                        f"{decomp} at ranks {entry.ranks} would not be smaller than the conv")
+        achieved = dense / entry.cost(g).params
+        if entry.ratio and achieved > OVERSHOOT * entry.ratio:
+            log.warning("warning: layer %s: ratio %.2fx where %.2fx was asked (the nearest ranks, %s, overshoot)",
+                        site.name, achieved, entry.ratio, "x".join(map(str, entry.ranks)))
         if self.fit == "activation":
             if not DECOMPOSITIONS[decomp].data_aware:
                 raise SpecError(f"{self.name}: fit=activation applies to {' and '.join(DATA_AWARE)}, not {decomp}")

@@ -12,9 +12,7 @@ import logging
 import math
 import random
 import signal
-import sys
 import threading
-import types
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -836,13 +834,3 @@ def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
                        a.epochs + b.kept_epoch if b.kept_epoch else a.kept_epoch, a.sessions + b.sessions,
                        a.teacher_seconds + b.teacher_seconds, a.phases + b.phases, b.carried)
 
-
-class _CallableModule(types.ModuleType):
-    """`twistc.train(...)` is the train() function, as the package documents, even where the import system
-    has bound the name to this module (the package loads its names lazily, see twistc/__init__.py)."""
-
-    def __call__(self, *args, **kwargs):
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -30,6 +30,9 @@ class RankRequest:
     energy: float | None = None
     round_to: int = 1
     vbmf: float | None = None
+    # the least ranks that keep the layer working, on its output and input side (a classifier head keeps a
+    # direction per class, an RGB stem its input channels); explicit `ranks` are taken as given
+    floor: tuple[int, int] = (1, 1)
 
     def __post_init__(self):
         given = [k for k in ("ratio", "ranks", "energy", "vbmf") if getattr(self, k) is not None]

@@ -37,22 +37,26 @@ def _round_down(r: float, multiple: int, top: int) -> int:
     return min(top, max(multiple, int(r // multiple) * multiple))
 
 
-def tucker_ranks_for_ratio(g: ConvGeometry, ratio: float, round_to: int = 1) -> tuple[int, int]:
-    """Largest proportional ranks whose weight compression ratio is >= `ratio`."""
+def tucker_ranks_for_ratio(g: ConvGeometry, ratio: float, round_to: int = 1,
+                           floor: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """Largest proportional ranks, each at least its `floor`, whose weight compression ratio is >= `ratio`."""
     if not ratio > 1:
         raise RankError(f"ratio must be > 1, got {ratio}")
     if round_to < 1:
         raise RankError(f"round_to must be >= 1, got {round_to}")
     top_out, top_in = tucker_max_ranks(g)
     best = None
+    least_out, least_in = min(floor[0], top_out), min(floor[1], top_in)
     for r_out in range(round_to, top_out + 1, round_to):
         r_in = _round_down(max(1.0, r_out * g.in_channels / g.out_channels), round_to, top_in)
-        if tucker_ratio(g, (r_out, r_in)) >= ratio:
-            best = (r_out, r_in)
+        pair = (max(r_out, least_out), max(r_in, least_in))
+        if tucker_ratio(g, pair) >= ratio:
+            best = pair
     if best is None:
-        smallest = (min(round_to, top_out), min(round_to, top_in))
+        smallest = (max(min(round_to, top_out), least_out), max(min(round_to, top_in), least_in))
+        kept = f" keeping ranks of at least {least_out}x{least_in}" if (least_out, least_in) != (1, 1) else ""
         raise RankError(
-            f"ratio {ratio:g} is out of reach: the smallest Tucker form, ranks {smallest}, "
+            f"ratio {ratio:g} is out of reach{kept}: the smallest Tucker form, ranks {smallest}, "
             f"compresses this conv only {tucker_ratio(g, smallest):.2f}x"
         )
     return best

@@ -43,7 +43,11 @@ class TiledSvd(Decomposition):
             raise SpecError("energy= and rank=vbmf choose ranks for tucker and svd only; give ratio or ranks "
                             f"for {self.name}")
         ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
-        return (rank_for_ratio(grid, ratio),), {"ratio": ratio}
+        rank, least = rank_for_ratio(grid, ratio), min(max(request.floor), min(grid.tile))
+        if rank < least:
+            raise RankError(f"ratio {ratio:g} is out of reach keeping rank {least}: rank {least} compresses it "
+                            f"only {grid.rows[-1][1] * grid.cols[-1][1] / grid.factor_params(least):.2f}x")
+        return (rank,), {"ratio": ratio}
 
     def check_ranks(self, g, entry):
         return (check_matrix_rank(self.grid(g, entry), tuple(entry.ranks)),)
@@ -75,11 +79,12 @@ class Svd(TiledSvd):
         return TileGrid.of((g.out_channels, g.in_channels * g.taps), None, None)
 
     def choose_ranks(self, weight, g, request, layout):
+        least = min(max(request.floor), g.out_channels, g.in_channels * g.taps)
         if request.energy is not None:
             spectrum = singular_energies(lowered(weight, layout.order))
-            return (rank_for_energy(spectrum, request.energy),), {"energy": request.energy}
+            return (max(least, rank_for_energy(spectrum, request.energy)),), {"energy": request.energy}
         if request.vbmf is not None:
-            return (vbmf_weakened(lowered(weight, layout.order), request.vbmf),), {}
+            return (max(least, vbmf_weakened(lowered(weight, layout.order), request.vbmf)),), {}
         return super().choose_ranks(weight, g, request, layout)
 
     def rank_grid(self, g, steps, rounded):

@@ -144,14 +144,16 @@ class Tucker(Decomposition):
     def choose_ranks(self, weight, g, request, layout):
         if request.ranks is not None:
             return check_tucker_ranks(g, tuple(request.ranks)), {}
+        raised = lambda ranks: tuple(max(r, min(f, top)) for r, f, top in zip(ranks, request.floor,
+                                                                             tucker_max_ranks(g)))
         if request.energy is not None:
-            return tucker_ranks_for_energy(weight, request.energy), {"energy": request.energy}
+            return raised(tucker_ranks_for_energy(weight, request.energy)), {"energy": request.energy}
         if request.vbmf is not None:  # each channel mode's unfolding
             with tl.backend_context("pytorch"):
-                return tuple(vbmf_weakened(tl.unfold(weight.detach().double(), mode), request.vbmf)
-                             for mode in (0, 1)), {}
+                return raised(tuple(vbmf_weakened(tl.unfold(weight.detach().double(), mode), request.vbmf)
+                                    for mode in (0, 1))), {}
         ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
-        return tucker_ranks_for_ratio(g, ratio, request.round_to), {"ratio": ratio}
+        return tucker_ranks_for_ratio(g, ratio, request.round_to, request.floor), {"ratio": ratio}
 
     def check_ranks(self, g, entry):
         return check_tucker_ranks(g, tuple(entry.ranks))

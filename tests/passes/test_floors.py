@@ -1,0 +1,60 @@
+"""Ranks that never destroy a layer: a classifier head keeps a direction per class (or stays dense), an
+RGB stem keeps its input channels, and an achieved ratio far above the asked one is a warning."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from twistc import Pipeline, state_of, trace
+
+
+class Small(nn.Module):
+    """An RGB stem, a body, and a 4-class head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.body = nn.Conv2d(32, 32, 3, padding=1)
+        self.mid = nn.Linear(32, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = F.relu(self.body(F.relu(self.stem(x)))).mean((2, 3))
+        return self.head(F.relu(self.mid(h))).softmax(-1)
+
+
+def _run(spec):
+    gm = trace(Small().eval(), (torch.randn(1, 3, 8, 8),))
+    return state_of(Pipeline.parse(spec).run(gm))
+
+
+@pytest.mark.parametrize("spec", ["lower-linear-svd{ratio=2}", "lower-linear-svd{energy=0.5}",
+                                  "lower-linear-svd{rank=vbmf}"])
+def test_a_head_with_few_classes_is_never_cut_below_its_output_count(spec):
+    state = _run(spec)
+    head = state.layers["head"]
+    assert head.lowering is None and head.skip_reason.startswith("the model's head: it keeps a rank per output (4)")
+    assert state.layers["mid"].lowering == "svd-linear"  # not a head: compressed
+
+
+def test_an_rgb_stem_keeps_its_three_input_channels():
+    state = _run("lower-conv-tucker{ratio=2}")
+    stem, body = state.layers["stem"], state.layers["body"]
+    assert stem.lowering is None or stem.ranks[1] == 3, (stem.ranks, stem.skip_reason)
+    assert body.lowering == "tucker-chain" and body.ranks[1] < 32
+    if stem.lowering is None:
+        assert stem.skip_reason.startswith("the model's stem: it keeps its 3 input channels")
+
+
+def test_explicit_ranks_are_taken_as_given():
+    state = _run("lower-linear-svd{ranks=2,layers=head}")
+    assert state.layers["head"].ranks == (2,)
+
+
+def test_an_overshooting_ratio_is_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        _run("lower-conv-tucker{ratio=3.6,layers=stem}")  # ranks 3x3 give 4.65x
+    assert "warning: layer stem: ratio" in caplog.text and "was asked" in caplog.text
