@@ -172,7 +172,7 @@ def test_accumulated_steps_equal_steps_over_the_concatenated_batches(sized):
 def test_evaluations_during_training_leave_it_as_it_was():
     torch.set_num_threads(1)
     data = _data()
-    spec = "deeptwist{ratio=4,period=5}"  # the 2nd epoch's last projection is 3 steps before its end
+    spec = "deeptwist{ranks=2x1,period=5}"  # the 2nd epoch's last projection is 3 steps before its end
     plain, watched = _deeptwist_model(spec), _deeptwist_model(spec)
     train(plain, lambda: data, 2, lr=0.05, progress=False, finalize=False)
     result = train(watched, lambda: data, 2, lr=0.05, progress=False, finalize=False, eval_data=lambda: data,

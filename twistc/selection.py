@@ -135,7 +135,7 @@ class LowRankOptions(Pass):
         """The entry these options alone give the layer (no plan), or the reason it is skipped. A head keeps a
         rank per output (a direction per class) and an RGB stem its input channels, or the layer stays dense."""
         g = site.geometry
-        head = feeds_output(gm, site)
+        head = g.taps == 1 and feeds_output(gm, site)  # a Linear or 1x1 conv giving the model's scores
         floor = (g.out_channels if head else 1,
                  g.in_channels if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)
         why = (f"the model's head: it keeps a rank per output ({g.out_channels}), and " if head else
@@ -180,7 +180,7 @@ class LowRankOptions(Pass):
         projection = site.projection
         if projection is None:
             if site.name not in state.plan and not self.chooses_ranks:
-                return Skip("no ranks asked for: give ratio, ranks or energy, or a plan entry")
+                return Skip("no ranks asked for: give ratio, ranks or energy, or a plan entry", weak=True)
             entry = self.entry(gm, site, state, decomp, lowering)
             return entry if isinstance(entry, Skip) else replace(entry, lowering=lowering)
         trained = projection.plan

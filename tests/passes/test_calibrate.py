@@ -20,10 +20,11 @@ class Net(nn.Module):
         torch.manual_seed(0)
         self.conv = nn.Conv2d(4, 12, 3, padding=1, stride=2)
         self.point = nn.Conv2d(12, 10, 1)
-        self.fc = nn.Linear(10 * 16, 8)
+        self.hidden = nn.Linear(10 * 16, 24)
+        self.fc = nn.Linear(24, 8)
 
     def forward(self, x):
-        return self.fc(F.relu(self.point(F.relu(self.conv(x)))).flatten(1))
+        return self.fc(F.relu(self.hidden(F.relu(self.point(F.relu(self.conv(x)))).flatten(1))))
 
 
 def _data(n=4, seed=0, scale=None):
@@ -54,13 +55,14 @@ def test_calibrate_collects_each_layers_input_second_moment():
     h = F.relu(net.conv(x))
     rows = h.permute(0, 2, 3, 1).reshape(-1, 12).double()
     torch.testing.assert_close(stats["point"].moment, rows.T @ rows, rtol=1e-5, atol=1e-5)
-    assert stats["fc"].moment.shape == (160, 160) and stats["fc"].count == 24
+    assert stats["hidden"].moment.shape == (160, 160) and stats["hidden"].count == 24
 
 
 @pytest.mark.parametrize("spec", ["lower-conv-tucker{ranks=12x4,fit=activation,layers=conv}",
                                   "lower-conv-svd{ranks=12,fit=activation,layers=conv},lower-conv-svd{ranks=10,fit=activation,layers=point}",
                                   "lower-conv-svd{ranks=12,fit=activation,form=im2col,layers=conv}",
-                                  "lower-linear-svd{ranks=8,fit=activation}"])
+                                  "lower-linear-svd{ranks=24,fit=activation,layers=hidden},"
+                                  "lower-linear-svd{ranks=8,fit=activation,layers=fc}"])
 def test_every_data_aware_form_is_exact_at_full_rank(spec):
     net, gm, data = _run(f"calibrate{{batches=2}},{spec}")
     lowered = [r for r in state_of(gm).layers.values() if r.lowering]

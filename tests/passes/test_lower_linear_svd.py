@@ -58,7 +58,9 @@ def test_deeptwist_svd_trains_convs_and_linears_and_lowers_both(tmp_path):
     trained = gm.eval()(x)
     gm = Pipeline.parse("lower-conv-svd,lower-linear-svd,fold,cleanup").run(gm)
     torch.testing.assert_close(gm(x), trained, atol=1e-5, rtol=1e-5)
-    assert [r.lowering for r in state_of(gm).layers.values()] == ["svd-conv", "svd-linear", "svd-linear"]
+    layers = list(state_of(gm).layers.values())
+    assert [r.lowering for r in layers] == ["svd-conv", "svd-linear", None]
+    assert not any(n.endswith("6.weight_projection") for n, _ in gm.named_modules())  # deeptwist left the head
 
 
 def test_conv_passes_and_attention_leave_linears_with_a_reason():
@@ -90,9 +92,10 @@ class MatmulLayers(nn.Module):
 def test_x_matmul_w_transposed_is_a_linear_layer():
     torch.manual_seed(0)
     model = MatmulLayers().eval()
-    gm = Pipeline.parse("lower-linear-svd{ratio=1.2},cleanup").run(twistc.trace(model, (X,)))
+    gm = Pipeline.parse("lower-linear-svd{ratio=1.2},lower-linear-svd{ranks=3,layers=v},cleanup").run(
+        twistc.trace(model, (X,)))
     layers = state_of(gm).layers
-    assert [layers[n].lowering for n in ("w", "v")] == ["svd-linear", "svd-linear"]
+    assert [layers[n].lowering for n in ("w", "v")] == ["svd-linear", "svd-linear"]  # v, the head: explicit ranks
     assert not any(n.op == "get_attr" for n in gm.graph.nodes)  # the weights and their .T are gone
     full = Pipeline.parse("lower-linear-svd{ranks=4},cleanup").run(twistc.trace(model, (X,)))
     assert state_of(full).layers["v"].ranks == (4,)

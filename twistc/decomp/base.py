@@ -31,7 +31,8 @@ class RankRequest:
     round_to: int = 1
     vbmf: float | None = None
     # the least ranks that keep the layer working, on its output and input side (a classifier head keeps a
-    # direction per class, an RGB stem its input channels); explicit `ranks` are taken as given
+    # direction per class, an RGB stem's input channel mode its channels: Tucker's r_in; a matrix
+    # decomposition has no input mode and takes the output side's); explicit `ranks` are taken as given
     floor: tuple[int, int] = (1, 1)
 
     def __post_init__(self):
