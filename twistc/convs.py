@@ -223,6 +223,13 @@ def weight_groups(gm: fx.GraphModule, sites: list[ConvSite]) -> dict[int, list[C
     return groups
 
 
+def tied_elsewhere(gm: fx.GraphModule, sites: list[ConvSite]) -> list[str]:
+    """The other names of these sites' weight that no site reads (an embedding tied to an output layer):
+    a lowering would leave them holding the dense weight, so the model would store both."""
+    weight, names = sites[0].weight(gm), {s.weight_name for s in conv_sites(gm)}
+    return [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight and n not in names]
+
+
 def samples_alike(gm: fx.GraphModule, sites: list[ConvSite]) -> bool:
     """Whether these convs sample their input alike and add the same bias, so that one lowered module can
     serve them all."""

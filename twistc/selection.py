@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch.fx as fx
 
 from twistc.convs import (ConvSite, conv_sites, feeds_output, finalize_projection, reads_input, reuse_lowered,
-                          samples_alike, weight_groups)
+                          samples_alike, tied_elsewhere, weight_groups)
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import Cost, conv_cost
 from twistc.decomp.svd import lowered
@@ -213,6 +213,10 @@ class LowRankOptions(Pass):
         if not isinstance(entry, Skip) and not samples_alike(gm, group):
             entry = Skip("shares its weight with convs that sample or add bias differently "
                          f"({name_list([s.node.name for s in group])})")
+        tied = [] if isinstance(entry, Skip) else tied_elsewhere(gm, group)
+        if tied:
+            entry = Skip(f"its weight is tied to {name_list(tied)}, which would keep the dense weight: the model "
+                         "would store both; untie them to compress it")
         if isinstance(entry, Skip):
             state.skip(site.name, entry)
             return 0

@@ -74,3 +74,32 @@ def test_tied_weights_with_their_own_biases_are_refused_by_name():
     record = state_of(gm).layers["a"]
     assert record.lowering is None and "shares its weight with convs that sample or add bias differently" in \
         record.skip_reason
+
+
+class TiedEmbedding(nn.Module):
+    """A language-model-like net whose output layer reuses the embedding's weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 16)
+        self.mix = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 40, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.relu(self.mix(self.embed(tokens))))
+
+
+def test_a_weight_tied_to_an_embedding_is_left_dense_by_name_and_the_totals_stay_true():
+    tokens = torch.randint(0, 40, (1, 6))
+    model = TiedEmbedding().eval()
+    gm = Pipeline.parse("lower-linear-svd{ratio=2},lower-linear-svd{ranks=4,layers=out},cleanup").run(
+        trace(model, (tokens,)))
+    out = state_of(gm).layers["out"]
+    assert out.lowering is None and out.skip_reason.startswith("its weight is tied to embed.weight")
+    assert state_of(gm).layers["mix"].lowering == "svd-linear"
+    report = build_report(state_of(gm), pipeline="", original=model, compiled=gm)
+    stored = sum(t.numel() for t in gm.state_dict().values())  # tied: one tensor, counted once by the report
+    assert report["model"]["params_after"] <= report["model"]["params_before"]
+    assert report["model"]["params_after"] == stored - 16 * 40  # state_dict lists the tied tensor twice
