@@ -414,6 +414,8 @@ def _injected_latencies(monkeypatch, speedup, ci, trustworthy=True):
         1.0 if e is None else 0.9 * sum(e.ranks) / (shape.out_channels + shape.in_channels) for e in entries])
     monkeypatch.setattr(plan_latency.PlanLatency, "model_ms", lambda self, gm, runtime, cache: 1.0 + sum(
         1.0 for _ in plan_latency.conv_sites(gm)))
+    monkeypatch.setattr(plan_latency.PlanLatency, "planned_ms", lambda self, gm, sites, options, picks, model_ms, *a:
+                        model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks)))
     problems = [] if trustworthy else ["paired ratios spread 80% (at most 25% is steady)"]
     monkeypatch.setattr(commands, "compare_models", lambda timers, reps, threads: {
         "median_ms": [1.0, 1.0 / speedup], "speedup": speedup, "speedup_ci95": ci, "reps": reps,

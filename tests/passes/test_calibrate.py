@@ -110,6 +110,7 @@ def test_deeptwist_and_plan_latency_use_the_statistics(monkeypatch):
     from twistc.passes import plan_latency
     monkeypatch.setattr(plan_latency, "measure_layer", lambda shape, entries, *a, **k: [1.0] + [0.5] * (len(entries) - 1))
     monkeypatch.setattr(plan_latency.PlanLatency, "model_ms", lambda self, gm, runtime, cache: 10.0)
+    monkeypatch.setattr(plan_latency.PlanLatency, "planned_ms", lambda self, gm, sites, options, picks, ms, *a: 9.0)
     _, gm, _ = _run("calibrate{batches=2},plan-latency{speedup=1.05,steps=3}")
     assert {e.fit for e in state_of(gm).plan.layers.values() if e.decomp != "none"} == {"activation"}
 
