@@ -229,6 +229,7 @@ def train_data(stop: int = 0):
 '''
 
 
+@pytest.mark.slow
 def test_cli_stops_with_a_checkpoint_and_resumes(tmp_path):
     model = tmp_path / "model.py"
     model.write_text(TINY)

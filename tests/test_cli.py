@@ -53,6 +53,7 @@ def _fails(capsys, argv, message):
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_adaptive_period_evaluations_and_the_kept_epoch_are_reported(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", str(REPO / "examples" / "digits.py"), "--pass",
@@ -72,6 +73,7 @@ def test_adaptive_period_evaluations_and_the_kept_epoch_are_reported(tmp_path, c
     assert f"| 1 (kept) | {evaluation['loss']:.4f} | {evaluation['accuracy']:.2%} |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_option_fills_the_train_stage_of_a_preset(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", str(REPO / "examples" / "digits.py"), "--pass", "deeptwist-tucker", "--ratio", "3",
@@ -86,6 +88,7 @@ def test_option_fills_the_train_stage_of_a_preset(tmp_path, capsys):
     assert report["training"]["steps"] == 23  # 45 batches, 2 to a step
 
 
+@pytest.mark.slow
 def test_compile_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["compile", str(REPO / "examples" / "digits.py"), "--pass", "deeptwist-tucker", "--ratio", "3",
@@ -582,6 +585,7 @@ def test_vbmf_ranks_from_the_command_line(tmp_path):
     assert all(layer["ranks"] or layer["skip_reason"] for layer in layers)
 
 
+@pytest.mark.slow
 def test_compile_the_transformer_example_end_to_end(tmp_path):
     out = tmp_path / "out"
     assert main(["compile", str(REPO / "examples" / "digits_transformer.py"), "--pass", "deeptwist-svd", "--ratio", "2",

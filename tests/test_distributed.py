@@ -57,6 +57,7 @@ def _worker(rank: int, world: int, init: str, out: str, accumulate: int, own_sha
 @pytest.mark.parametrize("accumulate, steps, own_shard", [(1, [(0, 1), (2, 3), (4, 5)], False),
                                                          (2, [(0, 1, 2, 3), (4, 5)], False),
                                                          (2, [(0, 1, 2, 3), (4, 5)], True)])
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_over_the_global_batches(tmp_path, accumulate, steps, own_shard):
     torch.set_num_threads(1)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), accumulate, own_shard), nprocs=2)
@@ -97,6 +98,7 @@ def _torchrun_compile(tmp_path, *torchrun_args: str) -> list[str]:
             "-o", str(tmp_path / "out"), "--quiet"]
 
 
+@pytest.mark.slow
 def test_torchrun_compiles_with_two_ranks(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(_torchrun_compile(tmp_path, "--standalone", "--nproc-per-node", "2"),
@@ -113,6 +115,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_nodes_meet_through_torchruns_rendezvous_and_only_global_rank_0_writes(tmp_path):
     """Two torchrun agents, one process each, as on two machines (here both on this one, sharing its disk)."""
     command = _torchrun_compile(tmp_path, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
@@ -162,6 +165,7 @@ def _torchrun_uneven(tmp_path, *extra: str) -> list[str]:
             "-o", str(tmp_path / "out"), "--quiet", *extra]
 
 
+@pytest.mark.slow
 def test_ranks_with_unequal_batch_counts_train_the_common_length_instead_of_hanging(tmp_path):
     run = subprocess.run(_torchrun_uneven(tmp_path), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -169,6 +173,7 @@ def test_ranks_with_unequal_batch_counts_train_the_common_length_instead_of_hang
     assert "another rank's train_data() ran out first" in run.stderr
 
 
+@pytest.mark.slow
 def test_a_rank_that_stops_answering_ends_the_run_with_an_error_within_the_timeout(tmp_path):
     start = time.perf_counter()
     env = {**os.environ, "TWISTC_COLLECTIVE_TIMEOUT": "5"}

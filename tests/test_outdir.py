@@ -137,6 +137,7 @@ def test_bad_output_paths_are_refused_up_front(tmp_path, capsys, make, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_no_temporary_folder(tmp_path):
     model = tmp_path / "model.py"
     model.write_text(TINY + '''

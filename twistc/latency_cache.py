@@ -1,8 +1,9 @@
 """The latency cache: measured medians that later compiles reuse, and only those worth reusing.
 
-Each entry records its median (ms), how stable its samples were (`spread`: interquartile range over
-median) and the machine's load when it was measured. An entry measured on a busy machine or from
-unstable samples is not trusted: the next compile measures it again. Compiles sharing one cache
+Each entry records its median (ms), how steady its samples were (`spread` and `drift` of the paired
+ratios, see twistc.timing) and the machine's load when it was measured. An entry measured on a busy
+machine is not trusted: the next compile measures it again. (A layer of a few microseconds spreads
+more than a whole model even on a quiet machine, so spread and drift are kept as a record only.) Compiles sharing one cache
 lose nothing: a save takes a lock, merges what is on disk with what this run measured, and writes
 atomically (twistc.files). A path that holds anything but a twistc cache is refused, never written.
 """
@@ -89,11 +90,11 @@ class LatencyCache:
         _read(check_writable(path or default_cache_path(), "--latency-cache", folder=False))
 
     def get(self, key: str) -> float | None:
-        """The cached median, or None when there is none or it was measured too unsteadily to trust."""
+        """The cached median, or None when there is none or it was measured on a busy machine."""
         entry = self.entries.get(key)
         if entry is None:
             return None
-        if key not in self.measured and not Sampling.from_json(entry).trustworthy:
+        if key not in self.measured and Sampling.from_json(entry).busy:
             self.distrusted += 1
             return None
         return entry["ms"]
@@ -115,5 +116,5 @@ class LatencyCache:
                          "the cache keeps its earlier entries")
         self.entries = entries
         if self.distrusted:
-            log.warning("latency cache %s: %d entries measured on a busy machine or from unsteady samples were "
-                        "measured again", self.path, self.distrusted)
+            log.warning("latency cache %s: %d entries measured on a busy machine (or recorded without their load) "
+                        "were measured again", self.path, self.distrusted)

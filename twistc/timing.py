@@ -81,8 +81,8 @@ class Sampling:
 
     @classmethod
     def from_json(cls, data: dict) -> "Sampling":
-        if "spread" not in data:  # recorded without a record of its quality: unknown, so not trusted
-            return cls(spread=float("inf"))
+        if "spread" not in data:  # recorded without a record of how it was taken: unknown, so not trusted
+            return cls(spread=float("inf"), load=float("inf"))
         return cls(float(data["spread"]), float(data.get("drift", 0.0)), float(data.get("load", 0.0)),
                    int(data.get("cores", 1)), int(data.get("threads", 1)))
 

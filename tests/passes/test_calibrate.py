@@ -125,6 +125,7 @@ def _calibrate_worker(rank, world, init, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_calibration_statistics_are_the_same_under_one_and_two_processes(tmp_path):
     mp.spawn(_calibrate_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     _, gm, _ = _run("calibrate{batches=4}")

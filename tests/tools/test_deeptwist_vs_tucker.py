@@ -18,6 +18,7 @@ needs_data = pytest.mark.skipif(not (expkit.SHARED_DATA / "resnet32_cifar10.pt")
 
 
 @needs_data
+@pytest.mark.slow
 def test_smoke_runs_both_arms_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "smoke"
     assert exp.main(["--smoke", "--out", str(out), "--max-runs", "1", "--eval-every", "1"]) == 0  # stops after one run
@@ -96,6 +97,7 @@ def test_bool_packing_round_trips():
 
 
 @needs_data
+@pytest.mark.slow
 def test_gpu_batch_packs_the_finished_runs(tmp_path):
     here = tmp_path / "carried"
     here.mkdir()

@@ -55,6 +55,7 @@ def test_report_lists_both_seeds_and_pairs_them_with_the_best_scheme(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_smoke_trains_lowers_and_reports(tmp_path):
     assert tiled_table.main(["--smoke", "--out", str(tmp_path)]) == 0
     runs = {r["scheme"]: r for r in expkit.RunStore(tmp_path).load_all()}

@@ -1,3 +1,4 @@
+import pytest
 """tools/transformer_recipe.py: both arms with and without the recipe, resumable runs, the report."""
 import json
 import sys
@@ -20,6 +21,7 @@ def test_pipelines_parse_and_differ_only_in_the_recipe():
     assert "period=5}" in tool.pipeline("deeptwist", 0.01, "warmup", 0, "sd5")
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_cell_once_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(tool, "EPOCHS", 1)
     monkeypatch.setattr(tool, "LRS", (0.003,))
