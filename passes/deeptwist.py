@@ -6,7 +6,9 @@
                                                W <- reconstruct(decompose(W, ranks)) in place
 
 `decomp` is tucker (Tucker-2 over the channel modes), svd (SVD of the lowered T x S*kh*kw matrix,
-columns in `order`) or tiled-svd (one SVD per tile of that matrix, tiles given by `tile` or `grid`).
+columns in `order`), tiled-svd (one SVD per tile of that matrix, tiles given by `tile` or `grid`),
+cp, or natural: each layer's natural one (Tucker-2 for kh x kw convs, SVD for 1x1 convs and Linear
+layers).
 The model keeps its shape while it trains; the projection module (ops.LowRankProjection) holds the
 layer's plan entry, and lowering passes read it from there. An nn.Conv2d becomes F.conv2d on its
 own parameters (so the weight is visible as get_attr -> project -> conv); a padding mode other than
@@ -26,7 +28,7 @@ from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice, check_pair, input_stats, record_plan
+from twistc.selection import LowRankOptions, check_choice, check_pair, input_stats, natural_decomp, record_plan
 from twistc.state import Skip
 
 
@@ -36,7 +38,8 @@ class DeepTwist(LowRankOptions):
     name = "deeptwist"
     writes_plan = True
     summary = "training-time: project each selected conv's weight to low rank every `period` steps"
-    option_help = {**LowRankOptions.option_help, "decomp": " or ".join(DECOMPOSITIONS),
+    option_help = {**LowRankOptions.option_help, "decomp": " or ".join((*DECOMPOSITIONS, "natural (tucker for kxk "
+                                                                        "convs, svd for 1x1 convs and Linear layers)")),
                    "period": "S_D: training steps between projections",
                    "late_period": "S_D after step late_after (a lower S_D late in training)",
                    "late_after": "the training step after which late_period applies",
@@ -58,7 +61,7 @@ class DeepTwist(LowRankOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        check_choice(self.decomp, tuple(DECOMPOSITIONS), "decomp")
+        check_choice(self.decomp, (*DECOMPOSITIONS, "natural"), "decomp")
         check_choice(self.order, ORDERS, "order")
         if self.period < 1:
             raise SpecError(f"period must be >= 1, got {self.period}")
@@ -75,9 +78,9 @@ class DeepTwist(LowRankOptions):
         check_pair(self.tile, "tile")
         check_pair(self.grid, "grid")
         tiled = [name for name, d in DECOMPOSITIONS.items() if d.tiled]
-        if DECOMPOSITIONS[self.decomp].tiled and (self.tile is None) == (self.grid is None):
+        if self.decomp in tiled and (self.tile is None) == (self.grid is None):
             raise SpecError(f"decomp={self.decomp} needs exactly one of tile=HxW or grid=RxC")
-        if not DECOMPOSITIONS[self.decomp].tiled and (self.tile or self.grid):
+        if self.decomp not in tiled and (self.tile or self.grid):
             raise SpecError(f"tile and grid apply to decomp={' or '.join(tiled)} only")
 
     def check_place(self, before, after) -> None:
@@ -95,7 +98,8 @@ class DeepTwist(LowRankOptions):
             if site.projection is not None:
                 continue
             planned = state.plan.get(site.name)  # a plan's decomposition wins over the option
-            decomp = planned.decomp if planned is not None and planned.decomp in DECOMPOSITIONS else self.decomp
+            decomp = (planned.decomp if planned is not None and planned.decomp in DECOMPOSITIONS else
+                      natural_decomp(site) if self.decomp == "natural" else self.decomp)
             entry = self.entry(gm, site, state, decomp)
             if isinstance(entry, Skip):
                 state.skip(site.name, entry)

@@ -98,9 +98,10 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted([".twistc-output.json", "original.onnx", "model.onnx",
                                                             "model.pt2", "report.json", "report.md"])
     report = json.loads((out / "report.json").read_text())
-    assert report["pipeline"] == "deeptwist{period=10,ratio=3},train{epochs=1},lower-conv-tucker,fold,cleanup"
+    assert report["pipeline"] == ("deeptwist{decomp=natural,period=10,ratio=3},train{epochs=1},lower-conv-tucker,"
+                                  "lower-conv-svd,lower-linear-svd,fold,cleanup")
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4", "fc"]
-    assert report["layers"][-1]["skip_reason"] == "Linear: tucker applies to Conv2d and Conv1d layers"
+    assert report["layers"][-1]["skip_reason"].startswith("the model's head: it keeps a rank per output (10)")
     for layer in report["layers"][:-1]:
         assert layer["lowering"] == "tucker-chain" and layer["ratio_achieved"] >= 3
         assert set(layer) >= {"name", "skip_reason", "ranks", "params_before", "params_after", "flops_before",
@@ -167,7 +168,7 @@ def test_passes_lists_passes_and_presets(capsys):
     text = capsys.readouterr().out
     for name in ("deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"):
         assert name in text
-    assert "= deeptwist,train,lower-conv-tucker,fold,cleanup" in text
+    assert "= deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup" in text
 
 
 @pytest.mark.parametrize("body,message", [

@@ -91,7 +91,8 @@ def test_sigterm_in_the_second_stage_resumes_exactly(tmp_path):
 
 def test_handoff_preset_splits_the_epochs_and_refuses_an_empty_phase():
     assert expand_presets("deeptwist-tucker", 10, handoff=0.7) == (
-        "deeptwist,train{epochs=7},lower-conv-tucker,train{epochs=3,handoff=continue},fold,cleanup")
+        "deeptwist{decomp=natural},train{epochs=7},lower-conv-tucker,lower-conv-svd,lower-linear-svd,"
+        "train{epochs=3,handoff=continue},fold,cleanup")
     assert "lower-linear-svd,train{epochs=1,handoff=continue},fold" in expand_presets("deeptwist-svd", 3, handoff=0.6)
     assert handoff_epochs(0.67, None) == (2, 1)
     for fraction, epochs in ((0.9, 3), (0.0, 3), (1.0, 10), (0.5, 1)):

@@ -32,15 +32,15 @@ def test_options_are_typed():
 
 
 def test_presets_expand():
-    assert expand_presets("deeptwist-tucker") == "deeptwist,train,lower-conv-tucker,fold,cleanup"
-    assert expand_presets("tucker") == "lower-conv-tucker,fold,cleanup"
-    assert expand_presets("tucker", epochs=2) == "lower-conv-tucker,train,fold,cleanup"
+    assert expand_presets("deeptwist-tucker") == "deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
+    assert expand_presets("tucker") == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
+    assert expand_presets("tucker", epochs=2) == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,train,fold,cleanup"
     assert expand_presets("deeptwist-tucker", latency_target={"max_drop": 0.01}) == (
-        "plan-latency{max_drop=0.01},deeptwist,train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup")
+        "plan-latency{max_drop=0.01},deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup")
     with pytest.raises(SpecError, match=r"--max-drop applies to the presets.*write plan-latency\{max_drop=...\}"):
         expand_presets("lower-conv-svd", latency_target={"max_drop": 0.01})
     assert [s.name for s in Pipeline.parse("deeptwist-tucker").stages] == [
-        "deeptwist", "train", "lower-conv-tucker", "fold", "cleanup"]
+        "deeptwist", "train", "lower-conv-tucker", "lower-conv-svd", "lower-linear-svd", "fold", "cleanup"]
     names = [row[0] for row in pipeline.describe()]
     assert {"deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"} <= set(names)
 

@@ -43,10 +43,13 @@ REGISTRY = {
 # name -> (expansion, one-line summary). "tucker" gains ",train" when epochs > 0 (before `fold`, which
 # freezes BatchNorm into the convs).
 PRESETS = {
-    "tucker": ("lower-conv-tucker,fold,cleanup",
-               "conventional: Tucker-decompose, then fine-tune the decomposed model (adds train when --epochs > 0)"),
-    "deeptwist-tucker": ("deeptwist,train,lower-conv-tucker,fold,cleanup",
-                         "DeepTwist: train in the original shape with periodic Tucker projections, then lower"),
+    "tucker": ("lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup",
+               "conventional: Tucker-2 for kxk convs, SVD pairs for 1x1 convs, Linear layers and convs Tucker leaves, "
+               "then fine-tune the decomposed model (adds train when --epochs > 0)"),
+    "deeptwist-tucker": ("deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,"
+                         "cleanup",
+                         "DeepTwist: train in the original shape with periodic projections (Tucker-2 for kxk convs, "
+                         "SVD for 1x1 convs and Linear layers), then lower"),
     "deeptwist-svd": ("deeptwist{decomp=svd},train,lower-conv-svd,lower-linear-svd,fold,cleanup",
                       "DeepTwist with SVD of each conv's lowered (im2col) matrix and each Linear weight, lowered "
                       "to conv pairs and Linear pairs"),
@@ -265,10 +268,8 @@ def expand_presets(spec: str, epochs: int | None = None, latency_target: dict | 
                 expansion = expansion.replace(",train,", f",train{{epochs={first}}},").replace(
                     ",fold,", f",train{{epochs={rest},handoff=continue}},fold,")
             if latency_target and item in LATENCY_PRESETS:
-                lowerings = "lower-conv-tucker,lower-conv-svd,lower-linear-svd"
                 [(key, value)] = latency_target.items()
-                expansion = (f"plan-latency{{{key}={format_value(value)}}},"
-                             + expansion.replace("lower-conv-tucker", lowerings))
+                expansion = f"plan-latency{{{key}={format_value(value)}}}," + expansion
             items.append(expansion)
         else:
             items.append(item)

@@ -228,6 +228,14 @@ class LowRankOptions(Pass):
         return 1
 
 
+NATURAL = ("tucker", "svd")  # a layer's natural decomposition: the first of these that takes it
+
+
+def natural_decomp(site: ConvSite) -> str:
+    """Tucker-2 for a kh x kw conv, an SVD pair for a 1x1 conv or a Linear layer."""
+    return next((d for d in NATURAL if DECOMPOSITIONS[d].skip_reason(site.geometry) is None), NATURAL[-1])
+
+
 def input_stats(state: CompileState, name: str, entry: LayerPlan, owner: str):
     """The layer's input statistics when its entry asks for fit=activation (None otherwise)."""
     if entry.fit != "activation":
