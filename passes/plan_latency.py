@@ -53,7 +53,7 @@ from twistc.latency_cache import LatencyCache
 from twistc.partial import Suffix
 from twistc.pipeline import Pass, PassResult, Pipeline, RunContext
 from twistc.plan import LayerPlan
-from twistc.selection import check_choice, check_layers_pattern, first_failure, selected
+from twistc.selection import check_choice, check_layers_pattern, first_failure, name_list, selected
 from twistc.state import PLANNED_DENSE, Skip, state_of
 from twistc.timing import Sampling
 from twistc.train import accuracy, class_scores, in_mode
@@ -351,9 +351,23 @@ class PlanLatency(Pass):
                 best = model_ms / (model_ms - saved) if saved < model_ms else float("inf")
                 raise RankError(f"plan-latency: {what} is out of reach in {self.runtime}/{self.device}: the fastest "
                                 f"candidates give {best:.2f}x (they save {saved:.3f} of the model's {model_ms:.3f} "
-                                "ms); ask for less, or add forms or a finer rank grid (steps=)") from None
+                                f"ms); {self.cap(sites, options, model_ms)}; ask for less, or add forms or a finer "
+                                "rank grid (steps=)") from None
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
                             f"dense (at most {dense / e.least:.2f}x)") from None
+
+    @staticmethod
+    def cap(sites: list[ConvSite], options: list[list[tuple]], model_ms: float) -> str:
+        """What caps the speedup: the share of the model's time outside the layers some form makes faster
+        (layers no form can compress, such as depthwise convs, and normalisation, activations, attention's
+        matmuls), and the speedup if those layers took no time at all."""
+        compressible = sum(opts[0][1] for opts in options if len(opts) > 1)
+        stuck = [s.name for s, opts in zip(sites, options) if len(opts) == 1]
+        share = min(1.0, max(0.0, 1 - compressible / model_ms))
+        best = "no limit" if share == 0 else f"{1 / share:.2f}x"
+        return (f"{share:.0%} of the model's time is outside the layers some form makes faster ({len(stuck)} layer"
+                f"{'s' * (len(stuck) != 1)} no form speeds up{': ' + name_list(stuck, 3) if stuck else ''}, and the operations between "
+                f"layers), so even compressed layers that took no time would give at most {best}")
 
     def fastest_within_drop(self, gm: fx.GraphModule, sites: list[ConvSite], options: list[list[tuple]],
                             batches: list, baseline: float) -> tuple[list[int], float]:

@@ -456,3 +456,26 @@ def test_a_plan_the_model_times_short_of_the_target_is_planned_again_for_the_sho
     assert len(rounds) >= 2 and rounds[1]["asked_speedup"] > 1.3  # planned again for a larger saving
     assert latency["model_ms_before"] / latency["predicted_ms_after"] >= 0.95 * 1.3  # the timed plan meets it
     assert latency["predicted_ms_after"] == rounds[-1]["measured_ms"]
+
+
+class _Depthwise(nn.Module):
+    """A 1x1 conv that compresses, then a depthwise conv that no form can."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.point = nn.Conv2d(16, 16, 1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+
+    def forward(self, x):
+        return self.depthwise(torch.relu(self.point(x)))
+
+
+def test_a_refusal_names_the_share_of_time_no_form_can_reduce(table, tmp_path):
+    table["lowered"] = lambda e, shape: 0.5  # any form halves the 1x1 conv
+    # the model: 1 ms outside the layers + 1 ms per layer = 3 ms, of which only the 1x1 conv's 1 ms shrinks
+    gm = trace(_Depthwise().eval(), (torch.randn(1, 16, 8, 8),))
+    with pytest.raises(RankError, match=r"67% of the model's time is outside the layers some form makes faster "
+                                        r"\(1 layer no form speeds up: depthwise, and the operations between layers\)"
+                                        r", so even compressed layers that took no time would give at most 1.50x"):
+        Pipeline.parse(f"plan-latency{{speedup=2,cache={tmp_path / 'c.json'}}},lower-conv-svd").run(gm)
