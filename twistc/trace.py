@@ -7,6 +7,7 @@ whose own forward cannot be traced is an error that names the module and the off
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import math
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -56,7 +58,7 @@ class LeafTolerantTracer(fx.Tracer):
         self._erased: set[fx.Node] = set()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (LowRankProjection, TuckerConv)) or qualname in self.leaves:
+        if isinstance(m, (LowRankProjection, TuckerConv)) or qualname in self.leaves or _switches_on_training(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -88,6 +90,43 @@ class LeafTolerantTracer(fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
+def _switches_on_training(m: nn.Module) -> bool:
+    """A module without parameters whose forward reads `self.training` (DropPath, stochastic depth): traced
+    through in eval mode it would vanish from the graph that the train stages train, so it stays a leaf,
+    which follows the model's train() and eval() at run time."""
+    if any(True for _ in m.parameters()) or type(m).__module__.startswith("torch.nn"):
+        return False
+    try:
+        return "self.training" in inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return False
+
+
+_DROPOUTS = {F.dropout: nn.Dropout, F.dropout1d: nn.Dropout1d, F.dropout2d: nn.Dropout2d, F.dropout3d: nn.Dropout3d,
+             F.alpha_dropout: nn.AlphaDropout}
+
+
+def _dropout_as_modules(gm: fx.GraphModule, training: bool) -> None:
+    """`F.dropout(x, p, self.training)` traced in eval mode records training=False for good; each such call
+    becomes a dropout module, which drops in the train stages and passes through once the model is in
+    eval mode, as the user's code does."""
+    for node in list(gm.graph.nodes):
+        kind = _DROPOUTS.get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        args = dict(zip(("input", "p", "training", "inplace"), node.args), **node.kwargs)
+        if args.get("training", True) is not False or not isinstance(args.get("p", 0.5), (int, float)):
+            continue  # always on (as the user wrote it), or a probability computed at run time
+        name = f"dropout_{node.name}"
+        gm.add_submodule(name, kind(args.get("p", 0.5)).train(training))  # in the mode of the traced model
+        with gm.graph.inserting_before(node):
+            module = gm.graph.call_module(name, (args["input"],))
+        module.meta = dict(node.meta)
+        node.replace_all_uses_with(module)
+        gm.graph.erase_node(node)
+    gm.recompile()
+
+
 def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
     """Trace `model`; the GraphModule shares its parameters, like torch.fx.symbolic_trace."""
     if not isinstance(example_inputs, tuple):
@@ -101,6 +140,7 @@ def trace(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             "traceable (untraceable code can move into a submodule, which twistc keeps as a leaf)"
         ) from None
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _dropout_as_modules(gm, model.training)
     try:
         outputs = shape_prop(gm, example_inputs)
     except Exception as exc:
