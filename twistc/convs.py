@@ -347,30 +347,28 @@ def _attr(gm: fx.GraphModule, target: str):
     return getattr(gm.get_submodule(owner) if owner else gm, name, None)
 
 
-def feeds_output(gm: fx.GraphModule, site: ConvSite) -> bool:
-    """Whether the layer's output reaches the model's output through operations without parameters only
-    (a flatten, a pooling, a softmax): the layer is the model's head."""
-    seen, todo = set(), list(site.node.users)
+def _reaches(gm: fx.GraphModule, start: list[fx.Node], onward, goal: str) -> bool:
+    """Whether a walk from `start` along `onward(node)` reaches a node of op `goal` through nodes that
+    compute without parameters."""
+    seen, todo = set(), list(start)
     while todo:
         node = todo.pop()
-        if node.op == "output":
+        if node.op == goal:
             return True
         if node in seen or _parametric(gm, node):
             continue
         seen.add(node)
-        todo.extend(node.users)
+        todo.extend(onward(node))
     return False
+
+
+def feeds_output(gm: fx.GraphModule, site: ConvSite) -> bool:
+    """Whether the layer's output reaches the model's output through operations without parameters only
+    (a flatten, a pooling, a softmax): the layer is the model's head."""
+    return _reaches(gm, list(site.node.users), lambda n: n.users, "output")
 
 
 def reads_input(gm: fx.GraphModule, site: ConvSite) -> bool:
     """Whether the layer reads the model's input through operations without parameters only: the stem."""
-    seen, todo = set(), [site.input] if isinstance(site.input, fx.Node) else []
-    while todo:
-        node = todo.pop()
-        if node.op == "placeholder":
-            return True
-        if node in seen or _parametric(gm, node):
-            continue
-        seen.add(node)
-        todo.extend(node.all_input_nodes)
-    return False
+    start = [site.input] if isinstance(site.input, fx.Node) else []
+    return _reaches(gm, start, lambda n: n.all_input_nodes, "placeholder")
