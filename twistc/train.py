@@ -493,7 +493,7 @@ def _resume(cp: Checkpointing, module, optimizer, scaler) -> dict | None:
     payload = checkpoint.load(cp.directory, cp.name)
     if payload is None:
         if cp.resume:
-            log.warning("no checkpoint in %s yet; training from the start", cp.directory)
+            log.warning("no checkpoint %s in %s yet; training from the start", cp.name, cp.directory)
         return None
     if not cp.resume:
         raise checkpoint.CheckpointError(f"{cp.directory} already holds a checkpoint; pass --resume to continue "
