@@ -9,6 +9,8 @@ conventional and DeepTwist runs are the reference arms here (read from its runs/
   handoff F                deeptwist{period=S_D},train{epochs=F*E},lower-conv-tucker,
                            train{epochs=(1-F)*E,handoff=continue},cleanup
   handoff F + distill      the same with train{distill=W} in both phases
+  ... -fit                 factors (and DeepTwist's projections) fitted to each layer's inputs: calibrate on
+                           16 training batches first, fit=activation
 
 The teacher of distillation is the pre-trained model (W = 0.5, temperature 4, fixed beforehand).
 Each (arm, ratio, budget, seed) is a resumable run in results/accuracy_recipes/runs/.
@@ -39,7 +41,8 @@ REFERENCE = expkit.REPO / "results" / "deeptwist_vs_tucker" / "runs"
 # (arm, ratio, hand-off fraction, period) in the order they run: 6.7x first, where DeepTwist lost
 GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
         for arm, f, sd in (("handoff", 0.67, 50), ("conventional-distill", None, None), ("handoff-distill", 0.67, 50),
-                           ("handoff", 0.33, 50))]
+                           ("conventional-fit-distill", None, None), ("handoff-fit-distill", 0.67, 50),
+                           ("handoff", 0.33, 50), ("conventional-fit", None, None))]
 
 
 def run_id(arm: str, ratio: float, fraction: float | None, period: int | None, seed: int, epochs: int) -> str:
@@ -56,11 +59,12 @@ def train_item(budget: expkit.Budget, seed: int, epochs: int, distill: bool, ext
 def pipelines(budget: expkit.Budget, arm: str, ratio: float, fraction: float | None, period: int | None,
               seed: int) -> list[str]:
     distill = arm.endswith("distill")
+    fit, calibrate = (",fit=activation", f"calibrate{{batches=16,layers={LAYERS}}},") if "-fit" in arm else ("", "")
     if arm.startswith("conventional"):
-        return [f"lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}}},cleanup",
+        return [f"{calibrate}lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}{fit}}},cleanup",
                 train_item(budget, seed, budget.epochs, distill)]
     first = max(1, min(budget.epochs - 1, round(fraction * budget.epochs)))
-    return [f"deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}}},"
+    return [f"{calibrate}deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}{fit}}},"
             f"{train_item(budget, seed, first, distill)},lower-conv-tucker,"
             f"{train_item(budget, seed, budget.epochs - first, distill, ',handoff=continue')},cleanup"]
 
