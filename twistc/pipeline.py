@@ -237,13 +237,13 @@ LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
 
 
 HANDOFF_PRESETS = ("deeptwist-tucker", "deeptwist-svd", "deeptwist-cp", "deeptwist-tiled-svd")
-DEFAULT_EPOCHS = 3  # the train stage's default
 
 
 def handoff_epochs(fraction: float, epochs: int | None) -> tuple[int, int]:
-    """A budget of `epochs` split at a hand-off: (epochs in the original shape under DeepTwist, epochs of
-    the factors after lowering), each at least one."""
-    total = DEFAULT_EPOCHS if epochs is None else epochs
+    """A budget of `epochs` (None: the train stage's default) split at a hand-off: (epochs in the original
+    shape under DeepTwist, epochs of the factors after lowering), each at least one."""
+    total = epochs if epochs is not None else next(f.default for f in dataclasses.fields(stage_class("train"))
+                                                   if f.name == "epochs")
     first = round(fraction * total)
     if not 0 < fraction < 1 or first < 1 or first >= total:
         raise SpecError(f"--handoff {fraction:g} of {total} epochs leaves {first} epochs for DeepTwist and "
