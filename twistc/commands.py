@@ -203,11 +203,7 @@ def _check_paths(args, pipeline: Pipeline, model_path: Path, out: Path) -> None:
     if "plan-latency" in names and not caches:
         caches["the latency cache"] = None  # the default one
     for flag, cache in caches.items():
-        try:
-            LatencyCache.check(cache)
-        except SpecError as e:
-            raise SpecError(str(e).replace("latency cache", flag, 1) if cache is None else
-                            str(e).replace("--latency-cache", flag)) from None
+        LatencyCache.check(cache, flag)
     paths = {"the input": model_path, "-o": out, **folders, **caches}
     check_distinct(paths)
     outdir = Path(os.path.abspath(out)).resolve()

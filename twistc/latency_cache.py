@@ -85,9 +85,10 @@ class LatencyCache:
         self.distrusted = 0  # entries measured again because their record was not trustworthy
 
     @staticmethod
-    def check(path: str | Path | None) -> None:
-        """Refuse, before any work, a cache path that cannot be written or holds something else."""
-        _read(check_writable(path or default_cache_path(), "--latency-cache", folder=False))
+    def check(path: str | Path | None, flag: str = "--latency-cache") -> None:
+        """Refuse, before any work, a cache path that cannot be written or holds something else; `flag`
+        names the option that gave the path in the message."""
+        _read(check_writable(path or default_cache_path(), flag, folder=False))
 
     def get(self, key: str) -> float | None:
         """The cached median, or None when there is none or it was measured on a busy machine."""
