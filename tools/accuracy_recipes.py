@@ -137,7 +137,7 @@ def plot_training(lines: dict, path: Path) -> None:
         ax.set_title(f"{ratio:g}x")
         ax.set_xlabel("epoch")
     np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
-    fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning (dashed: DeepTwist's network at low rank)",
+    fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning\n(dashed: DeepTwist's network at low rank)",
                  fontsize=10)
     expkit.save_figure(fig, axes, path)
 
