@@ -217,7 +217,7 @@ class PlanLatency(Pass):
         summary = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
                    "model_ms_before": model_ms, "predicted_ms_after": predicted,
                    "predicted_speedup": model_ms / predicted, "cache": str(cache.path),
-                   **({"plan_timed": checked} if checked else {})}
+                   **({"plan_timed": checked} if checked else {}), **self.busy_timings(cache)}
         samples = sum(len(y) for _, y in batches) if batches else None
         if drop is not None:
             summary["accuracy_drop"] = {"max": self.max_drop, "measured": drop, "samples": samples}
@@ -272,6 +272,19 @@ class PlanLatency(Pass):
             mine = [e for e in entries if e.decomp == decomp]
             errors.update(zip(mine, DECOMPOSITIONS[decomp].errors(weight, mine, stats)))
         return [errors[e] for e in entries]
+
+    @staticmethod
+    def busy_timings(cache: LatencyCache) -> dict:
+        """A warning, and `trustworthy: False` with the problems for the report, when the timings this run
+        took were taken on a busy machine (they are measured again next time, see LatencyCache)."""
+        busy = [Sampling.from_json(e) for e in cache.measured.values() if Sampling.from_json(e).busy]
+        if not busy:
+            return {}
+        worst = max(busy, key=lambda s: s.load)
+        log.warning("warning: plan-latency timed %d of %d candidates and models on a busy machine (%s); the plan and "
+                    "its prediction may be off: plan again on a quiet machine (those timings are measured again)",
+                    len(busy), len(cache.measured), "; ".join(worst.problems()))
+        return {"trustworthy": False, "problems": worst.problems()}
 
     def check_plan(self, gm, sites, options, picks, model_ms, runtime, cache, ctx) -> tuple | None:
         """The plan lowered by the pipeline's own later passes and timed whole against the dense model (the

@@ -479,3 +479,14 @@ def test_a_refusal_names_the_share_of_time_no_form_can_reduce(table, tmp_path):
                                         r"\(1 layer no form speeds up: depthwise, and the operations between layers\)"
                                         r", so even compressed layers that took no time would give at most 1.50x"):
         Pipeline.parse(f"plan-latency{{speedup=2,cache={tmp_path / 'c.json'}}},lower-conv-svd").run(gm)
+
+
+def test_timings_taken_on_a_busy_machine_are_flagged(tmp_path, caplog):
+    from twistc.timing import Sampling
+    cache = LatencyCache(tmp_path / "c.json")
+    cache.put("quiet", 1.0, Sampling(load=0.5, cores=2, threads=1))
+    assert PlanLatency.busy_timings(cache) == {}
+    cache.put("busy", 1.0, Sampling(load=5.0, cores=2, threads=1))  # another job on every core
+    flagged = PlanLatency.busy_timings(cache)
+    assert flagged["trustworthy"] is False and "load average 5.0 on 2 core(s)" in flagged["problems"][0]
+    assert "plan-latency timed 1 of 2 candidates and models on a busy machine" in caplog.text
