@@ -163,14 +163,14 @@ class LowRankOptions(Pass):
     def factors(self, gm: fx.GraphModule, site: ConvSite, entry: LayerPlan):
         """The layer's factors under its entry: fitted to its input statistics when the entry says
         fit=activation (calibrate must have collected them), else to its kernel. The layer's record gets the
-        fit it got and, where there are statistics, the relative error of its output on them."""
+        fit it got and, where there are statistics and the lowering approximates, its relative output error."""
         state, weight = state_of(gm), site.weight(gm)
         stats = input_stats(state, site.name, entry, self.name)
         factors = entry.factors(weight, stats)
         record, known = state.layers[site.name], state.calibration.get(site.name)
         record.fit = "activation" if stats is not None else (
             "weight" if entry.fit != "activation" else f"weight ({DEGENERATE})")
-        if known is not None:
+        if known is not None and site.projection is None:  # a DeepTwist-trained kernel lowers exactly
             record.output_error = output_error(lowered(weight), lowered(factors.reconstruct()), known.covariance)
         return factors
 
