@@ -62,7 +62,7 @@ def test_adaptive_period_evaluations_and_the_kept_epoch_are_reported(tmp_path, c
                  "cleanup", "--set", "pretrain_epochs=4", "-o", str(out), "--quiet"]) == 0
     training = json.loads((out / "report.json").read_text())["training"]
     periods = training["adaptive_periods"]
-    assert len(periods) == 4 and all(p >= 1 for p in periods)
+    assert len(periods) == 3 and all(p >= 1 for p in periods)  # conv1 holds 0.12% of the weights: dense
     text = capsys.readouterr().out
     assert f"adaptive S_D at the end of training: {min(periods)} to {max(periods)} steps" in text
     [evaluation] = training["evaluations"]
@@ -102,14 +102,15 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
                                   "lower-conv-svd,lower-linear-svd,fold,cleanup")
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4", "fc"]
     assert report["layers"][-1]["skip_reason"].startswith("the model's head: it keeps a rank per output (10)")
-    for layer in report["layers"][:-1]:
+    assert "save too little to matter" in report["layers"][0]["skip_reason"]  # conv1: 288 of 242k weights
+    for layer in report["layers"][1:-1]:
         assert layer["lowering"] == "tucker-chain" and layer["ratio_achieved"] >= 3
         assert set(layer) >= {"name", "skip_reason", "ranks", "params_before", "params_after", "flops_before",
                               "flops_after"}
         assert report["plan"][layer["name"]]["ranks"] == layer["ranks"]
     assert report["compressed_layers"]["ratio"] >= 3
     assert report["training"]["steps"] == 45 and report["training"]["distortions"] == 4
-    assert report["training"]["final_projections"] == 4
+    assert report["training"]["final_projections"] == 3
     assert 0 < report["training"]["accuracy_before_final_projection"] <= 1
     assert report["accuracy"]["before"] > 0.9 and 0 < report["accuracy"]["after"] <= 1
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["atol"] == 1e-4
@@ -121,7 +122,7 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
         {"runtime": "ort", "device": "cpu", "threads": 1, "batch": 1}
     assert "predicted_speedup" not in latency and len(latency["measured"]["samples_ms"]) == 2
     assert f"1 thread, batch 1: measured medians {latency['measured']['before_ms']:.3f} -> " in text
-    assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"][:-1])
+    assert all(0 <= layer["final_projection_change"] < 1 for layer in report["layers"][1:-1])
     assert "the final projection removed" in (out / "report.md").read_text()
     changes = report["training"]["distortion_changes"]
     assert len(changes) == 4 and changes[-1] < changes[0] < 1

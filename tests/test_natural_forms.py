@@ -94,7 +94,8 @@ def test_ratio_2_halves_the_1x1_convs_and_linear_layers(tmp_path, body, pointwis
         {layer["name"]: layer["skip_reason"] for layer in inner if not layer["lowering"]}
     before, after = sum(layer["params_before"] for layer in inner), sum(layer["params_after"] for layer in inner)
     assert 1.9 <= before / after <= 2.6  # the weights of the compressible layers halve (ranks round down)
-    assert layers["head"]["lowering"] is None and "head" in layers["head"]["skip_reason"]
+    head = layers["head"]["skip_reason"]  # dense: a head, and (on the MobileNet-like net) too small to matter
+    assert layers["head"]["lowering"] is None and ("head" in head or "save too little" in head), head
     for name, layer in layers.items():
         if name.endswith("depthwise"):
             assert layer["lowering"] is None and "grouped conv" in layer["skip_reason"]

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEGENERATE = "its calibration inputs were all zero or not finite"
 STEM_CHANNELS = 4  # a layer reading the model's input with at most this many channels (RGB, RGBA) keeps them all
 OVERSHOOT = 1.25  # an achieved ratio above the asked one times this is a warning
+MIN_SHARE = 0.005  # a layer with less of the layers' weights than this stays dense unless layers= names it
 
 
 def first_failure(site: ConvSite, decomp: str) -> str | None:
@@ -135,6 +136,11 @@ class LowRankOptions(Pass):
         """The entry these options alone give the layer (no plan), or the reason it is skipped. A head keeps a
         rank per output (a direction per class) and an RGB stem its input channels, or the layer stays dense."""
         g = site.geometry
+        if self.layers is None and self.ranks is None:  # layers named by the user are theirs to judge
+            share = conv_cost(g).params / max(sum(r.before.params for r in state_of(gm).layers.values()), 1)
+            if share < MIN_SHARE:
+                return Skip(f"it holds {share:.2%} of the layers' weights: compressing it would save too little "
+                            "to matter (name it in layers= to compress it all the same)")
         head = g.taps == 1 and feeds_output(gm, site)  # a Linear or 1x1 conv giving the model's scores
         floor = (g.out_channels if head else 1,
                  g.in_channels if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)

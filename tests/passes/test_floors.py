@@ -58,3 +58,27 @@ def test_an_overshooting_ratio_is_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         _run("lower-conv-tucker{ratio=3.6,layers=stem}")  # ranks 3x3 give 4.65x
     assert "warning: layer stem: ratio" in caplog.text and "was asked" in caplog.text
+
+
+class BigBody(nn.Module):
+    """A stem that holds a tiny share of the weights next to a wide body."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 256, 3, padding=1)
+        self.more = nn.Conv2d(256, 256, 3, padding=1)
+
+    def forward(self, x):
+        return self.more(F.relu(self.body(F.relu(self.stem(x))))).mean((2, 3))
+
+
+def test_a_layer_too_small_to_matter_stays_dense_unless_named():
+    gm = trace(BigBody().eval(), (torch.randn(1, 3, 8, 8),))
+    state = state_of(Pipeline.parse("lower-conv-tucker{ratio=2}").run(gm))
+    assert state.layers["stem"].lowering is None and "save too little to matter" in state.layers["stem"].skip_reason
+    assert state.layers["more"].lowering == "tucker-chain"
+    named = state_of(Pipeline.parse("lower-conv-tucker{ratio=1.5,layers=stem}").run(
+        trace(BigBody().eval(), (torch.randn(1, 3, 8, 8),))))
+    assert named.layers["stem"].lowering == "tucker-chain"
