@@ -208,7 +208,7 @@ class PlanLatency(Pass):
                            else (self.solve(sites, options, model_ms), None))
         except RankError as e:
             return str(e)
-        predicted = model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks))
+        predicted = _predicted_ms(model_ms, options, picks)
         checked = self.check_plan(gm, sites, options, picks, model_ms, runtime, cache, ctx)
         if checked is not None:
             picks, predicted, checked = checked
@@ -297,7 +297,7 @@ class PlanLatency(Pass):
             return None
         speedup, rounds = self.speedup, []
         for _ in range(CHECK_ROUNDS):
-            predicted = model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks))
+            predicted = _predicted_ms(model_ms, options, picks)
             measured = self.planned_ms(gm, sites, options, picks, model_ms, runtime, cache, later, ctx)
             rounds.append({"asked_speedup": speedup, "layers_predicted_ms": predicted, "measured_ms": measured})
             if not self.speedup or model_ms / measured >= 0.95 * self.speedup:
@@ -319,18 +319,19 @@ class PlanLatency(Pass):
     def planned_ms(self, gm, sites, options, picks, model_ms, runtime, cache, later, ctx) -> float:
         """The whole model's latency with `picks` lowered (a copy, by the later lowering passes), from the
         cache or timed now, paired with the dense model."""
-        planned = copy.deepcopy(gm)
-        plan = state_of(planned).plan
+        copied = copy.deepcopy(gm)
+        plan = state_of(copied).plan
         for site, opts, i in zip(sites, options, picks):
             plan.set(site.name, opts[i][0] or DENSE)
-        lowered = Pipeline(later).run(planned, RunContext(ctx.train_data, ctx.eval_data, progress=False))
+        lowered = Pipeline(later).run(copied, RunContext(ctx.train_data, ctx.eval_data, progress=False))
         example = state_of(gm).example_inputs
         key = f"{runtime.key()}|plan-of|{model_key(gm, example)}|{model_key(lowered, example)}"
         if cache.get(key) is None:
             samples: list[list[float]] = []
-            dense, planned = paired_medians([model_timer(gm, example, runtime), model_timer(lowered, example, runtime)],
-                                            reps=self.reps, samples=samples)
-            cache.put(key, model_ms * planned / dense, Sampling.of(samples, runtime.threads))
+            dense_ms, lowered_ms = paired_medians([model_timer(gm, example, runtime),
+                                                   model_timer(lowered, example, runtime)],
+                                                  reps=self.reps, samples=samples)
+            cache.put(key, model_ms * lowered_ms / dense_ms, Sampling.of(samples, runtime.threads))
         return cache.get(key)
 
     def solve(self, sites: list[ConvSite], options: list[list[tuple]], model_ms: float,
@@ -378,9 +379,10 @@ class PlanLatency(Pass):
         stuck = [s.name for s, opts in zip(sites, options) if len(opts) == 1]
         share = min(1.0, max(0.0, 1 - compressible / model_ms))
         best = "no limit" if share == 0 else f"{1 / share:.2f}x"
-        return (f"{share:.0%} of the model's time is outside the layers some form makes faster ({len(stuck)} layer"
-                f"{'s' * (len(stuck) != 1)} no form speeds up{': ' + name_list(stuck, 3) if stuck else ''}, and the operations between "
-                f"layers), so even compressed layers that took no time would give at most {best}")
+        layers = f"{len(stuck)} layer{'s' * (len(stuck) != 1)} no form speeds up" + (
+            f": {name_list(stuck, 3)}" if stuck else "")
+        return (f"{share:.0%} of the model's time is outside the layers some form makes faster ({layers}, and the "
+                f"operations between layers), so even compressed layers that took no time would give at most {best}")
 
     def fastest_within_drop(self, gm: fx.GraphModule, sites: list[ConvSite], options: list[list[tuple]],
                             batches: list, baseline: float) -> tuple[list[int], float]:
@@ -421,6 +423,11 @@ class PlanLatency(Pass):
                             f"on the {sum(len(y) for _, y in batches)} samples of eval_data() it measures on "
                             f"({least}); allow a larger drop, or measure on more batches (eval_batches=)")
         return best, best_drop
+
+
+def _predicted_ms(model_ms: float, options: list[list[tuple]], picks: list[int]) -> float:
+    """The model's time less each layer's saving measured alone (dense minus the picked form)."""
+    return model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks))
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from twistc import Pipeline, RunContext, state_of, trace
 from twistc.data import cifar10_batches
 from twistc.errors import Stopped
+from twistc.files import atomic_write
 from twistc.models import load_resnet32
 from twistc.plan import Plan
 from twistc.report import count_parameters, cpu_model, versions
@@ -64,11 +64,8 @@ class RunStore:
 
     def save(self, run_id: str, result: dict, checkpoints: str | None = None) -> None:
         """Atomic write: a run file exists only when the run finished; then its checkpoint goes."""
-        fd, tmp = tempfile.mkstemp(dir=self.root / "runs", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, self.path(run_id))
+        text = json.dumps(result, indent=1) + "\n"
+        atomic_write(self.path(run_id), lambda f: f.write(text.encode()), "run record", "the run can be rerun")
         if checkpoints:
             shutil.rmtree(Path(checkpoints) / run_id, ignore_errors=True)
 

@@ -105,8 +105,8 @@ def check_writable(path: str | Path, flag: str, folder: bool) -> Path:
 
 
 def check_distinct(paths: dict[str, Path | None]) -> None:
-    """Refuse two options (or an option and the input) that name the same path, or one inside the other
-    where that would make one overwrite the other: `paths` maps a name (e.g. '--checkpoint') to its path."""
+    """Refuse two options (or an option and the input) that name the same path: `paths` maps a name (e.g.
+    '--checkpoint') to its path."""
     named = [(name, Path(os.path.abspath(p)).resolve()) for name, p in paths.items() if p is not None]
     for i, (a, pa) in enumerate(named):
         for b, pb in named[i + 1:]:
