@@ -53,7 +53,8 @@ from twistc.latency_cache import LatencyCache
 from twistc.partial import Suffix
 from twistc.pipeline import Pass, PassResult, Pipeline, RunContext
 from twistc.plan import LayerPlan
-from twistc.selection import check_choice, check_layers_pattern, first_failure, name_list, selected
+from twistc.selection import (check_choice, check_layers_pattern, first_failure, floor_reason, keeps_floor, name_list, rank_floor,
+                              selected)
 from twistc.state import PLANNED_DENSE, Skip, state_of
 from twistc.timing import Sampling
 from twistc.train import accuracy, class_scores, in_mode
@@ -199,8 +200,11 @@ class PlanLatency(Pass):
                      if batches else [(None, None)] * len(keep))
             options.append([(entries[i], ms[i], errors[i], *cost) for i, cost in zip(keep, costs)])
             met = "max_drop left no room for it" if self.max_drop else "target met without it"
+            floor = rank_floor(gm, site)
             whys.append(met if len(keep) > 1 else "no form ran faster" if len(entries) > 1 else
-                        None if selected(self.layers, site.name) else f"not selected by layers={self.layers}")
+                        f"not selected by layers={self.layers}" if not selected(self.layers, site.name) else
+                        f"{floor_reason(site.geometry, floor)}, and no smaller form keeps them" if floor != (1, 1)
+                        else None)
         model_ms = self.model_ms(gm, runtime, cache)
         cache.save()
         try:
@@ -241,9 +245,10 @@ class PlanLatency(Pass):
         return cache.get(key)
 
     def candidates(self, gm: fx.GraphModule, site: ConvSite) -> list[LayerPlan]:
-        """The layer's forms over the rank grid, each with fewer weights than the dense layer."""
+        """The layer's forms over the rank grid, each with fewer weights than the dense layer and ranks at or
+        above its floor (a head's outputs, a stem's input channels)."""
         g, out = site.geometry, []
-        dense_params = conv_cost(g).params
+        dense_params, floor = conv_cost(g).params, rank_floor(gm, site)
         for form in self.forms.split("|"):
             decomp = FORMS[form]
             if site.kind not in DECOMPOSITIONS[decomp].kinds_of(form) or first_failure(site, decomp):
@@ -254,7 +259,7 @@ class PlanLatency(Pass):
                 else None
             for ranks in DECOMPOSITIONS[decomp].rank_grid(g, self.steps, self._rank):
                 entry = LayerPlan(decomp, ranks, form, order=order, fit=fit)
-                if entry.cost(g).params < dense_params and entry not in out:
+                if entry.cost(g).params < dense_params and keeps_floor(ranks, floor) and entry not in out:
                     out.append(entry)
         return out
 

@@ -16,6 +16,8 @@ The teacher of distillation is the pre-trained model (W = 0.5, temperature 4, fi
 Each (arm, ratio, budget, seed) is a resumable run in results/accuracy_recipes/runs/.
 
     python tools/accuracy_recipes.py --threads 2 --channels-last --eval-every 1   # the grid
+    python tools/accuracy_recipes.py --threads 2 --channels-last --eval-every 3 --epochs 30 \
+        --only handoff0.5-distill-r6.7-sd50-e30-s0,conventional-distill-r6.7-e30-s0     # the 30-epoch cells
     python tools/accuracy_recipes.py --report-only
     python tools/accuracy_recipes.py --smoke --out /tmp/smoke                       # < 2 minutes
 """
@@ -42,7 +44,8 @@ REFERENCE = expkit.REPO / "results" / "deeptwist_vs_tucker" / "runs"
 GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
         for arm, f, sd in (("handoff", 0.67, 50), ("conventional-distill", None, None), ("handoff-distill", 0.67, 50),
                            ("conventional-fit-distill", None, None), ("handoff-fit-distill", 0.67, 50),
-                           ("handoff", 0.33, 50), ("conventional-fit", None, None))]
+                           ("handoff", 0.33, 50), ("conventional-fit", None, None),
+                           ("handoff-distill", 0.5, 50))]
 
 
 def run_id(arm: str, ratio: float, fraction: float | None, period: int | None, seed: int, epochs: int) -> str:

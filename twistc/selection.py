@@ -33,6 +33,25 @@ OVERSHOOT = 1.25  # an achieved ratio above the asked one times this is a warnin
 MIN_SHARE = 0.005  # a layer with less of the layers' weights than this stays dense unless layers= names it
 
 
+def rank_floor(gm: fx.GraphModule, site: ConvSite) -> tuple[int, int]:
+    """The least (output, input) ranks that keep the layer what it is: a head (a Linear or 1x1 conv giving the
+    model's scores) keeps a rank per output, a direction per class; an RGB stem keeps its input channels."""
+    g = site.geometry
+    head = g.taps == 1 and feeds_output(gm, site)
+    return (g.out_channels if head else 1,
+            g.in_channels if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)
+
+
+def floor_reason(g, floor: tuple[int, int]) -> str:
+    return (f"the model's head: it keeps a rank per output ({g.out_channels})" if floor[0] > 1 else
+            f"the model's stem: it keeps its {g.in_channels} input channels")
+
+
+def keeps_floor(ranks, floor: tuple[int, int]) -> bool:
+    """Ranks at or above the floor: (r_out, r_in) pairwise for Tucker, a matrix form's one rank against the output's."""
+    return all(r >= f for r, f in zip(ranks, floor))
+
+
 def first_failure(site: ConvSite, decomp: str) -> str | None:
     """Why `decomp` cannot take this conv, or None."""
     return DECOMPOSITIONS[decomp].skip_reason(site.geometry)
@@ -141,11 +160,8 @@ class LowRankOptions(Pass):
             if share < MIN_SHARE:
                 return Skip(f"it holds {share:.2%} of the layers' weights: compressing it would save too little "
                             "to matter (name it in layers= to compress it all the same)")
-        head = g.taps == 1 and feeds_output(gm, site)  # a Linear or 1x1 conv giving the model's scores
-        floor = (g.out_channels if head else 1,
-                 g.in_channels if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)
-        why = (f"the model's head: it keeps a rank per output ({g.out_channels}), and " if head else
-               f"the model's stem: it keeps its {g.in_channels} input channels, and " if floor[1] > 1 else "")
+        floor = rank_floor(gm, site)
+        why = f"{floor_reason(g, floor)}, and " if floor != (1, 1) else ""
         try:
             entry = choose(site.weight(gm), g, decomp, replace(self.request(), floor=floor), self.layout(), lowering)
         except RankError as e:

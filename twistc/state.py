@@ -60,6 +60,7 @@ class LayerRecord:
         g, before, now = self.geometry, self.before, self.current
         return {
             "name": self.name,
+            "kind": g.kind,
             "shape": [g.out_channels, g.in_channels // g.groups, *g.kernel],
             "groups": g.groups,
             "in_hw": list(g.in_hw),

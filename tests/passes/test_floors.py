@@ -82,3 +82,15 @@ def test_a_layer_too_small_to_matter_stays_dense_unless_named():
     named = state_of(Pipeline.parse("lower-conv-tucker{ratio=1.5,layers=stem}").run(
         trace(BigBody().eval(), (torch.randn(1, 3, 8, 8),))))
     assert named.layers["stem"].lowering == "tucker-chain"
+
+
+def test_plan_latency_offers_no_candidate_below_a_floor():
+    from twistc.convs import conv_sites
+    from twistc.passes.plan_latency import PlanLatency
+
+    gm = trace(Small().eval(), (torch.randn(1, 3, 8, 8),))
+    planner = PlanLatency.from_options({"speedup": "1.5", "forms": "tucker-chain|svd-conv|svd-linear"})
+    candidates = {site.name: planner.candidates(gm, site) for site in conv_sites(gm)}
+    assert candidates["head"] == []  # rank 4 of a 64x4 head is the dense layer's size: it stays dense
+    assert candidates["stem"] and all(e.ranks[1] == 3 for e in candidates["stem"] if e.decomp == "tucker")
+    assert any(e.ranks[0] < 32 for e in candidates["mid"])  # not a head: the whole grid

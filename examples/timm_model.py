@@ -1,0 +1,33 @@
+"""MODEL.py for twistc: any timm architecture by name.
+
+    twistc compile examples/timm_model.py --set name=efficientnet_b0 --pass tucker --ratio 2 -o out/
+    twistc compile examples/timm_model.py --set name=vit_tiny_patch16_224 --target-speedup 1.5 -o out/
+
+`--set checkpoint=PATH` loads your weights (a state dict saved by torch.save, or a dict holding one under
+"state_dict" or "model"); without one the weights are timm's random initialisation, which is enough to
+measure size and speed but not accuracy. `--set pretrained=true` asks timm for its published weights (from
+the Hugging Face hub or its cache). Needs timm, which works here without torchvision:
+
+    pip install 'twistc[timm]' && pip install --no-deps 'timm>=1.0'
+"""
+import torch
+
+from twistc.models.timm_models import create_model, import_timm
+
+
+def model(name: str = "resnet18", checkpoint: str = "", pretrained: bool = False, num_classes: int = 0) -> torch.nn.Module:
+    net = create_model(name, num_classes=num_classes or None, pretrained=pretrained)
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):
+            state = state.get(key, state) if isinstance(state, dict) else state
+        net.load_state_dict(state)
+    return net.eval()
+
+
+def example_inputs(name: str = "resnet18", batch: int = 1):
+    """One batch at the architecture's default input size (timm's pretrained config)."""
+    timm = import_timm()
+    config = timm.get_pretrained_cfg(name)
+    size = config.input_size if config is not None else (3, 224, 224)
+    return (torch.randn(batch, *size),)
