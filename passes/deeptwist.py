@@ -83,7 +83,7 @@ class DeepTwist(LowRankOptions):
         if self.decomp not in tiled and (self.tile or self.grid):
             raise SpecError(f"tile and grid apply to decomp={' or '.join(tiled)} only")
 
-    def check_place(self, before, after) -> None:
+    def check_complete(self, before, after) -> None:
         if not any(stage.name == "train" and getattr(stage, "epochs", 0) > 0 for stage in after):
             raise SpecError("deeptwist needs a train stage with epochs > 0 after it (and train_data() in MODEL.py)")
 

@@ -40,7 +40,7 @@ class Fold(Pass):
     batchnorm: bool = True
     merge: bool = True
 
-    def check_place(self, before, after) -> None:
+    def check_order(self, before, after) -> None:
         if any(stage.name == "train" for stage in after):
             raise SpecError("fold freezes BatchNorm into the convs, so it goes after train; move it after train")
 

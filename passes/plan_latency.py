@@ -133,7 +133,7 @@ class PlanLatency(Pass):
                 raise SpecError(f"plan-latency: {key} must be >= {least}, got {getattr(self, key)}")
         self.target()
 
-    def check_place(self, before, after) -> None:
+    def check_complete(self, before, after) -> None:
         later = {stage.name for stage in after}
         for form in self.forms.split("|"):
             lowering = DECOMPOSITIONS[FORMS[form]].lowering_passes[form]

@@ -90,3 +90,22 @@ def test_pass_results_are_honest():
     second = pipeline.stage_class("lower-conv-tucker").from_options({"ratio": "2"})(gm)
     assert (first.modified, first.rewrites) == (True, 2)
     assert (second.modified, second.rewrites) == (False, 0)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("lower-conv-tucker{ratio=2},fold,train{epochs=1},cleanup", "fold freezes BatchNorm into the convs"),
+    ("lower-conv-tucker{ratio=2},train{epochs=1,handoff=continue}", "continues an earlier train stage"),
+])
+def test_the_python_api_refuses_a_misordered_pipeline_before_it_runs(spec, message):
+    gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 16, 16),))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    with pytest.raises(SpecError, match=message):
+        Pipeline.parse(spec).run(gm)
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())  # nothing ran
+
+
+def test_steps_a_python_caller_may_do_itself_are_left_to_it():
+    gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 16, 16),))
+    gm = Pipeline.parse("deeptwist{ratio=2}").run(gm)  # the caller trains in its own loop
+    with pytest.raises(SpecError, match="deeptwist needs a train stage"):
+        Pipeline.parse("deeptwist{ratio=2}").check_whole()  # a whole compilation must say how it trains

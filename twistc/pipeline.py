@@ -128,8 +128,12 @@ class Stage:
         """The MODEL.py functions this item uses besides model() and example_inputs()."""
         return ()
 
-    def check_place(self, before: list["Stage"], after: list["Stage"]) -> None:
-        """Raise SpecError when the items around this one in a whole compilation break its preconditions."""
+    def check_order(self, before: list["Stage"], after: list["Stage"]) -> None:
+        """Raise SpecError when the items around this one break a rule every pipeline obeys (Pipeline.run checks)."""
+
+    def check_complete(self, before: list["Stage"], after: list["Stage"]) -> None:
+        """Raise SpecError when a whole compilation (the CLI's) lacks what this item needs around it; a pipeline
+        run from Python may leave such steps to the caller (its own training loop, its own lowering)."""
 
 
 @dataclass(frozen=True)
@@ -288,11 +292,17 @@ class Pipeline:
     def __init__(self, stages: list[Stage]):
         self.stages = list(stages)
 
-    def check_whole(self) -> None:
-        """For a pipeline that is a whole compilation (the CLI's): every item's preconditions on the items
-        around it. A pipeline run from Python may leave steps to the caller (its own training loop)."""
+    def check_order(self) -> None:
+        """The rules on the order of items that every pipeline obeys (fold after train, a hand-off after a train)."""
         for i, stage in enumerate(self.stages):
-            stage.check_place(self.stages[:i], self.stages[i + 1:])
+            stage.check_order(self.stages[:i], self.stages[i + 1:])
+
+    def check_whole(self) -> None:
+        """For a pipeline that is a whole compilation (the CLI's): the order, and every item's needs on the items
+        around it (deeptwist a train stage after it, plan-latency a lowering pass for each form it may choose)."""
+        self.check_order()
+        for i, stage in enumerate(self.stages):
+            stage.check_complete(self.stages[:i], self.stages[i + 1:])
 
     def needs(self) -> tuple[str, ...]:
         """The MODEL.py functions the pipeline uses besides model() and example_inputs()."""
@@ -314,6 +324,7 @@ class Pipeline:
         """Run every stage in order, verifying the graph after each; returns the final module."""
         from twistc.verify import verify
 
+        self.check_order()
         ctx = ctx or RunContext()
         ctx.pipeline, ctx.stages = str(self), self.stages
         if ctx.teacher is None and any(getattr(s, "needs_teacher", False) for s in self.stages):

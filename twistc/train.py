@@ -763,7 +763,7 @@ class Train(Stage):
     def needs_teacher(self) -> bool:
         return self.distill > 0
 
-    def check_place(self, before, after) -> None:
+    def check_order(self, before, after) -> None:
         if self.handoff != "none" and not any(s.name == "train" for s in before):
             raise SpecError(f"train{{handoff={self.handoff}}} continues an earlier train stage; the pipeline has "
                             "none before it")
