@@ -93,3 +93,23 @@ def test_the_covariance_follows_the_column_order_and_gives_the_channel_covarianc
     channels = stats.channels(shape)
     assert channels.shape == (4, 4) and torch.allclose(channels, channels.T)
     assert torch.allclose(torch.diagonal(channels), torch.diagonal(cm).reshape(4, 9).mean(1))
+
+
+def test_data_aware_factors_are_conditioned_like_the_kernel_fits():
+    """Balanced: orthonormal directions scaled by sqrt(singular values), however anisotropic the inputs, so that
+    fine-tuning them is not slowed by the whitening's inverse (large entries along quiet input directions)."""
+    k = torch.randn(12, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = _correlated(4000, 20)
+    x[:, :5] *= 1e-3  # quiet directions
+    low = whitened_svd(k, _stats(x).covariance, 6)
+    gram_u, gram_v = low.u.T @ low.u, low.v @ low.v.T
+    torch.testing.assert_close(gram_u, torch.diag(torch.diagonal(gram_u)), atol=1e-9, rtol=0)
+    torch.testing.assert_close(gram_u, gram_v, atol=1e-9, rtol=0)  # U^T U = V V^T = diag(s)
+    assert float(low.v.abs().max()) < 2 * float(k.abs().max())
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    patches = F.unfold(torch.randn(64, 8, 10, 10, generator=torch.Generator().manual_seed(6),
+                                   dtype=torch.float64) * torch.logspace(-3, 0, 8).double()[None, :, None, None], 3)
+    cols = patches.transpose(1, 2).reshape(-1, 72)
+    core, u_out, u_in = tucker2_whitened(w, _stats(cols), (6, 4), tucker2)
+    for u in (u_out, u_in):
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), atol=1e-9, rtol=0)

@@ -51,12 +51,37 @@ class LowRank:
 
 
 def truncated_svd(matrix: Tensor, rank: int) -> LowRank:
-    """Best rank-`rank` factors of `matrix` (Eckart-Young), computed in float64."""
+    """Best rank-`rank` factors of `matrix` (Eckart-Young), computed in float64.
+
+    The leading singular vectors of the shorter side come from the eigenvectors of its Gram matrix (a
+    matrix product and a small eigh, several times faster than an SVD of the whole matrix); those of the
+    other side follow by one product. Singular values below 1e-7 of the largest (float32's resolution
+    of the product) carry nothing a float32 layer keeps, so their directions are dropped, not divided by."""
     m = matrix.detach().double()
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    rank = min(rank, s.numel())
-    root = s[:rank].sqrt()
-    return LowRank((u[:, :rank] * root).to(matrix.dtype), (root[:, None] * vh[:rank]).to(matrix.dtype))
+    tall = m.shape[0] > m.shape[1]
+    short = m.T if tall else m  # [k, n], k <= n
+    values, vectors = torch.linalg.eigh(short @ short.T)
+    rank = min(rank, values.numel())
+    values, vectors = values.flip(0)[:rank].clamp_min(0), vectors.flip(1)[:, :rank]
+    s = values.sqrt()
+    kept = s > 1e-7 * (s[0] if s.numel() else 0.0)
+    root = s.sqrt()
+    near = vectors * root  # U sqrt(s) on the short side
+    far = torch.where(kept[:, None], (vectors.T @ short) / root.clamp_min(1e-300)[:, None], 0.0)  # sqrt(s) V^T
+    u, v = (far.T, near.T) if tall else (near, far)
+    return LowRank(u.to(matrix.dtype), v.to(matrix.dtype))
+
+
+def balanced(u: Tensor, v: Tensor) -> LowRank:
+    """The same product U V as factors conditioned like a truncated SVD's: orthonormal columns of U and rows
+    of V, each scaled by the square root of the singular values. Exact: QR of each side, SVD of the small
+    r x r middle. Factors fitted through a whitening carry its inverse (large entries along the inputs'
+    quiet directions), which gradient descent then trains badly; balanced ones train like the kernel fit's."""
+    qu, ru = torch.linalg.qr(u.detach().double())
+    qv, rv = torch.linalg.qr(v.detach().double().T)
+    a, s, bh = torch.linalg.svd(ru @ rv.T)
+    root = s.sqrt()
+    return LowRank((qu @ a * root).to(u.dtype), (root[:, None] * bh @ qv.T).to(v.dtype))
 
 
 def singular_energies(matrix: Tensor) -> Tensor:

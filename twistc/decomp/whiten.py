@@ -24,7 +24,7 @@ import tensorly as tl
 import torch
 from tensorly.tenalg import multi_mode_dot
 
-from twistc.decomp.svd import LowRank, lowered, unlowered
+from twistc.decomp.svd import LowRank, balanced, lowered, unlowered
 
 Tensor = torch.Tensor
 DAMPING = 1e-6  # of the mean eigenvalue, added to every eigenvalue of C
@@ -77,8 +77,8 @@ def whitened_svd(matrix: Tensor, cov: Tensor, rank: int) -> LowRank | None:
     r, r_inv = w
     u, s, vh = torch.linalg.svd(matrix.detach().double() @ r, full_matrices=False)
     rank = min(rank, s.numel())
-    root = s[:rank].sqrt()
-    return LowRank((u[:, :rank] * root).to(matrix.dtype), (root[:, None] * vh[:rank] @ r_inv).to(matrix.dtype))
+    low = balanced(u[:, :rank] * s[:rank], vh[:rank] @ r_inv)
+    return LowRank(low.u.to(matrix.dtype), low.v.to(matrix.dtype))
 
 
 def output_error(matrix: Tensor, approx: Tensor, cov: Tensor) -> float:
@@ -125,4 +125,7 @@ def tucker2_whitened(weight: Tensor, stats: InputStats, ranks: tuple[int, int], 
         return None
     q, upper = torch.linalg.qr(low.u.double())
     core = unlowered(upper @ low.v.double(), (ranks[0], u_in.shape[1], *shape[2:]))
-    return core, q, u_in
+    q_in, upper_in = torch.linalg.qr(u_in)  # orthonormal input factor, as HOOI's: the whitening's inverse
+    with tl.backend_context("pytorch"):      # goes into the core (see svd.balanced)
+        core = multi_mode_dot(core, [upper_in], modes=[1])
+    return core, q, q_in
