@@ -31,13 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
-from twistc import Pipeline, RunContext, state_of, trace  # noqa: E402
-from twistc.data import cifar10_batches, first_per_class, load_cifar10  # noqa: E402
-from twistc.latency import Runtime, model_timer, paired_medians, paired_speedup  # noqa: E402
-from twistc.models import load_resnet32  # noqa: E402
+from twistc import Pipeline, RunContext, state_of, trace
+from twistc.data import cifar10_batches, first_per_class, load_cifar10
+from twistc.latency import Runtime, model_timer, paired_medians, paired_speedup
+from twistc.models import load_resnet32
 
 log = logging.getLogger("accuracy_target")
 LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"

@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
-import twistc  # noqa: E402
-from twistc.bench import bench  # noqa: E402
+import expkit
+import twistc
+from twistc.bench import bench
 
 # (name, in, out, stride, input size): the distinct 3x3 convs of a CIFAR ResNet-32
 IM2COL = ("unfold", "onehot", "slices")

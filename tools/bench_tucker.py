@@ -18,9 +18,8 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import partial_tucker
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
-from twistc.decomp.tucker import hooi, hosvd  # noqa: E402
+import expkit
+from twistc.decomp.tucker import hooi, hosvd
 
 MODELS = {
     "resnet50": [64] * 3 + [128] * 4 + [256] * 6 + [512] * 3,

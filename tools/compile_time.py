@@ -23,15 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
-import torch  # noqa: E402
+import expkit
+import torch
 
-from twistc import models  # noqa: E402
-from twistc.convs import conv_sites  # noqa: E402
-from twistc.decomp.rank import tucker_ranks_for_ratio  # noqa: E402
-from twistc.decomp.tucker import tucker2  # noqa: E402
-from twistc.trace import trace  # noqa: E402
+from twistc import models
+from twistc.convs import conv_sites
+from twistc.decomp.rank import tucker_ranks_for_ratio
+from twistc.decomp.tucker import tucker2
+from twistc.trace import trace
 
 MODELS = {
     "resnet50": ("resnet50", 224),

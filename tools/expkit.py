@@ -28,7 +28,7 @@ from twistc.errors import Stopped
 from twistc.files import atomic_write
 from twistc.models import load_resnet32
 from twistc.plan import Plan
-from twistc.report import count_parameters, cpu_model, versions
+from twistc.report import count_parameters, cpu_model, markdown_table, versions  # noqa: F401 (the tools' table writer)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -146,11 +146,6 @@ def save_figure(fig, ax, path: Path, dpi: int = 120) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
-
-
-def markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 @dataclass

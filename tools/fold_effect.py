@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
-from twistc import Pipeline, state_of, trace  # noqa: E402
-from twistc.latency import Runtime, compare_models, model_timer  # noqa: E402
-from twistc.models import load_resnet32, resnet18  # noqa: E402
+from twistc import Pipeline, state_of, trace
+from twistc.latency import Runtime, compare_models, model_timer
+from twistc.models import load_resnet32, resnet18
 
 log = logging.getLogger("fold_effect")
 MODELS = {

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
-from twistc import Pipeline, state_of, trace  # noqa: E402
-from twistc.latency import onnx_bytes, ort_timer, paired_medians  # noqa: E402
-from twistc.models import resnet50  # noqa: E402
-from twistc.plan import Plan  # noqa: E402
+from twistc import Pipeline, state_of, trace
+from twistc.latency import onnx_bytes, ort_timer, paired_medians
+from twistc.models import resnet50
+from twistc.plan import Plan
 
 log = logging.getLogger("latency_in_context")
 LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup"

@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
-from twistc import Pipeline, state_of, trace  # noqa: E402
-from twistc.latency import Runtime, model_timer, paired_medians, paired_speedup  # noqa: E402
-from twistc.models import load_resnet32, resnet18, resnet50  # noqa: E402
+from twistc import Pipeline, state_of, trace
+from twistc.latency import Runtime, model_timer, paired_medians, paired_speedup
+from twistc.models import load_resnet32, resnet18, resnet50
 
 log = logging.getLogger("latency_plan")
 

@@ -14,8 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
 RATIOS = (2.0, 4.0)
 FITS = ("weight", "activation")

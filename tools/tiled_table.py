@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
-import twistc  # noqa: E402
-from twistc.bench import bench  # noqa: E402
-from twistc.models import load_resnet32  # noqa: E402
+import expkit
+import twistc
+from twistc.bench import bench
+from twistc.models import load_resnet32
 
 log = logging.getLogger("tiled_table")
 LAYERS = "layer3.0.conv2|layer3.[1-4].conv*"

@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
-from twistc.decomp.tiling import TileGrid, rank_for_ratio, tiled_svd  # noqa: E402
+import expkit
+from twistc.decomp.tiling import TileGrid, rank_for_ratio, tiled_svd
 
 GRIDS = ((1, 1), (16, 16), (128, 128))
 RATIO = 4.0

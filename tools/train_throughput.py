@@ -24,12 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
-from twistc import Pipeline, trace  # noqa: E402
-from twistc.models import resnet_cifar  # noqa: E402
-from twistc.train import projections  # noqa: E402
+from twistc import Pipeline, trace
+from twistc.models import resnet_cifar
+from twistc.train import projections
 
 log = logging.getLogger("train_throughput")
 PERIODS = (50, 200)

@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
-from twistc import Pipeline, RunContext, trace  # noqa: E402
-from twistc.modelfile import load_model_file  # noqa: E402
+from twistc import Pipeline, RunContext, trace
+from twistc.modelfile import load_model_file
 
 MODEL_FILE = expkit.REPO / "examples" / "digits_transformer.py"
 EPOCHS, HANDOFF_EPOCHS, STEPS = 15, 10, 675

@@ -15,8 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
 
 def main() -> int:

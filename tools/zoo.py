@@ -32,14 +32,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import expkit  # noqa: E402
+import expkit
 
 MODELS = {  # label: timm architecture
     "ResNet-18": "resnet18", "ResNet-50": "resnet50", "MobileNetV2": "mobilenetv2_100",
     "MobileNetV3-L": "mobilenetv3_large_100", "EfficientNet-B0": "efficientnet_b0", "RegNetY-800MF": "regnety_008",
     "ConvNeXt-Atto": "convnext_atto", "DenseNet-121": "densenet121", "ViT-Tiny": "vit_tiny_patch16_224",
-    "DeiT-Tiny": "deit_tiny_patch16_224", "Mixer-B/16": "mixer_b16_224",
+    "DeiT-Tiny": "deit_tiny_patch16_224", "Mixer-S/16": "mixer_s16_224",
 }
 SMOKE_MODELS = {"MobileNetV3-S-0.5": "mobilenetv3_small_050", "ResNet-10t": "resnet10t"}
 SETTINGS = {"ratio2": ["--ratio", "2"], "speedup1.25": ["--target-speedup", "1.25"],

@@ -1,13 +1,10 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-sys.path.insert(0, str(TOOLS))
-import accuracy_recipes as exp  # noqa: E402
-import expkit  # noqa: E402
+import accuracy_recipes as exp
+import expkit
 
 needs_data = pytest.mark.skipif(not (expkit.SHARED_DATA / "resnet32_cifar10.pt").is_file(),
                                 reason="../shared/data is not on this machine")

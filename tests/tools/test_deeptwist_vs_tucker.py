@@ -1,17 +1,16 @@
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import deeptwist_vs_tucker as exp
+import expkit
+
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
-sys.path.insert(0, str(TOOLS))
-import deeptwist_vs_tucker as exp  # noqa: E402
-import expkit  # noqa: E402
 
 needs_data = pytest.mark.skipif(not (expkit.SHARED_DATA / "resnet32_cifar10.pt").is_file(),
                                 reason="../shared/data is not on this machine")

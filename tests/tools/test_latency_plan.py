@@ -1,14 +1,11 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-sys.path.insert(0, str(TOOLS))
-import latency_plan as lp  # noqa: E402
+import latency_plan as lp
 
 
 def _wide(checkpoint):

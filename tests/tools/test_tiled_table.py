@@ -1,13 +1,10 @@
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import expkit  # noqa: E402
-import tiled_table  # noqa: E402
+import expkit
+import tiled_table
 
 needs_data = pytest.mark.skipif(not (expkit.SHARED_DATA / "resnet32_cifar10.pt").is_file(),
                                 reason="../shared/data is not on this machine")

@@ -1,13 +1,10 @@
 import pytest
 """tools/transformer_recipe.py: both arms with and without the recipe, resumable runs, the report."""
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import transformer_recipe as tool  # noqa: E402
+import transformer_recipe as tool
 
-from twistc import Pipeline  # noqa: E402
+from twistc import Pipeline
 
 
 def test_pipelines_parse_and_differ_only_in_the_recipe():
