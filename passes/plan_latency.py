@@ -85,6 +85,7 @@ class PlanLatency(Pass):
                    "runtime": "where to measure: ort, torch (eager) or torch-compile",
                    "device": "ort: execution provider cpu or cuda; torch and torch-compile: cpu or cuda",
                    "threads": "threads of the runtime", "batch": "batch size to measure at",
+                   "channels_last": "torch runtimes: time with 4-D weights and inputs in channels-last order",
                    "forms": f"candidate forms joined by |: {', '.join(FORMS)}",
                    "steps": "rank grid: k/steps of each mode's full rank, k = 1..steps-1",
                    "round_to": "round ranks to multiples of this (default 8 on device=cuda, else 1)",
@@ -102,6 +103,7 @@ class PlanLatency(Pass):
     device: str = "cpu"
     threads: int = 1
     batch: int = 1
+    channels_last: bool = False
     forms: str = "tucker-chain|svd-conv|svd-linear"
     steps: int = 8
     round_to: int | None = None
@@ -150,7 +152,7 @@ class PlanLatency(Pass):
         return self.objective == "eval" or self.max_drop is not None
 
     def target(self) -> Runtime:
-        return Runtime(self.runtime, self.device, self.threads, self.batch)
+        return Runtime(self.runtime, self.device, self.threads, self.batch, self.channels_last)
 
     @torch.no_grad()
     def __call__(self, gm: fx.GraphModule, ctx: RunContext | None = None) -> PassResult:

@@ -221,7 +221,7 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
     if not timing or (state.latency is None and not any(r.lowering for r in state.layers.values())):
         return state.latency
     if state.latency is not None:
-        runtime = Runtime(**{k: state.latency["runtime"][k] for k in ("runtime", "device", "threads", "batch")})
+        runtime = Runtime(**{k: v for k, v in state.latency["runtime"].items() if k != "machine"})
         latency = state.latency
     else:
         runtime = Runtime("ort", "cpu", threads, 1)

@@ -49,6 +49,7 @@ class Runtime:
     device: str = "cpu"
     threads: int = 1
     batch: int = 1
+    channels_last: bool = False  # torch runtimes: 4-D weights and inputs in NHWC memory order
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -57,6 +58,9 @@ class Runtime:
             raise SpecError(f"device must be one of {', '.join(RUNTIMES[self.runtime])}, got {self.device!r}")
         if self.threads < 1 or self.batch < 1:
             raise SpecError(f"threads and batch must be >= 1, got threads={self.threads}, batch={self.batch}")
+        if self.channels_last and self.runtime == "ort":
+            raise SpecError("channels_last applies to runtime torch and torch-compile; onnxruntime picks its own "
+                            "memory layout")
 
     def machine(self) -> str:
         if self.device == "cuda":
@@ -67,7 +71,7 @@ class Runtime:
         version = _ort().__version__ if self.runtime == "ort" else torch.__version__
         spin = "|spin=0" if self.runtime == "ort" else ""
         return (f"{self.runtime}-{version}|{self.device}|{self.machine()}|threads={self.threads}"
-                f"|batch={self.batch}{spin}")
+                f"|batch={self.batch}{spin}" + ("|channels_last" if self.channels_last else ""))
 
     def to_json(self) -> dict:
         return {**asdict(self), "machine": self.machine()}
@@ -82,10 +86,14 @@ class Runtime:
             pass
         if self.runtime == "ort":  # bfloat16, float64: as the float32 copy they are exported as
             return ort_timer(*for_onnxruntime(module, inputs), self.device, self.threads)
-        if self.device != "cpu":  # a copy: the caller's module stays where it is
+        if self.device != "cpu" or self.channels_last:  # a copy: the caller's module stays as it is
             module = copy.deepcopy(module).to(self.device)
+        inputs = tuple(x.to(self.device) for x in inputs)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
+            inputs = tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs)
         run = _compiled(module, self.device) if self.runtime == "torch-compile" else module
-        return _torch_timer(run, tuple(x.to(self.device) for x in inputs), self.device, self.threads)
+        return torch_timer(run, inputs, self.device, self.threads)
 
 
 def _ort():
@@ -125,7 +133,8 @@ def _as_inputs(example: torch.Tensor | tuple) -> tuple:
     return example if isinstance(example, tuple) else (example,)
 
 
-def _torch_timer(module: Callable, inputs: tuple, device: str, threads: int) -> Callable[[], float]:
+def torch_timer(module: Callable, inputs: tuple, device: str, threads: int) -> Callable[[], float]:
+    """A function that runs `module` once on `inputs` and returns the seconds taken (CUDA: by events)."""
     @torch.inference_mode()
     def run() -> float:
         previous = torch.get_num_threads()

@@ -369,6 +369,26 @@ def test_runtime_torch_measures_in_pytorch_and_leaves_threads_alone(tmp_path):
     assert state.plan.get("2").decomp != "none"  # the wide conv is where 1.5x fewer weights come cheapest
 
 
+def test_channels_last_times_nhwc_weights_and_inputs_and_keys_them_apart(tmp_path, monkeypatch):
+    seen = []
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    original = nn.Conv2d.forward
+    monkeypatch.setattr(nn.Conv2d, "forward", lambda self, x: seen.append(
+        (x.is_contiguous(memory_format=torch.channels_last), self.weight.is_contiguous(memory_format=torch.channels_last))
+        ) or original(self, x))
+    runtime = Runtime("torch", "cpu", channels_last=True)
+    assert runtime.timer(conv, torch.randn(2, 8, 10, 10))() > 0 and seen[-1] == (True, True)
+    assert conv.weight.is_contiguous()  # the caller's module is left as it was
+    assert runtime.key().endswith("|channels_last") and not Runtime("torch", "cpu").key().endswith("channels_last")
+    with pytest.raises(SpecError, match="channels_last applies to runtime torch"):
+        Runtime("ort", "cpu", channels_last=True)
+    monkeypatch.setattr(plan_latency, "measure_layer", lambda shape, entries, *a, **k: [1.0 - 0.1 * i for i in
+                                                                                        range(len(entries))])
+    monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime, cache: 10.0)
+    gm = Pipeline.parse(f"plan-latency{{ratio=1.5,runtime=torch,channels_last=true,steps=3,reps=2,"
+                        f"cache={tmp_path / 'c.json'}}}").run(_traced())
+    assert state_of(gm).latency["runtime"]["channels_last"] is True
+
 def test_runtime_torch_compile_times_compiled_candidates(tmp_path):
     entries = [None, LayerPlan("svd", (4,), "svd-conv", order="channel-major")]
     cache = LatencyCache(tmp_path / "c.json")
