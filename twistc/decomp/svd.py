@@ -85,7 +85,10 @@ def balanced(u: Tensor, v: Tensor) -> LowRank:
 
 
 def singular_energies(matrix: Tensor) -> Tensor:
-    return torch.linalg.svdvals(matrix.detach().double()) ** 2
+    """The squared singular values, descending: the eigenvalues of the shorter side's Gram matrix."""
+    m = matrix.detach().double()
+    short = m.T if m.shape[0] > m.shape[1] else m
+    return torch.linalg.eigvalsh(short @ short.T).flip(0).clamp_min(0)
 
 
 def truncation_errors(matrix: Tensor, ranks: list[int]) -> list[float]:

@@ -102,12 +102,16 @@ class Svd(TiledSvd):
         return Decomposition.reconstruct(self, weight, entry, stats)
 
     def errors(self, weight, entries, stats=None):
-        out = []
-        for e in entries:
-            k = lowered(weight, e.order)
-            data = (whitened_truncation_errors(k, stats.in_order(tuple(weight.shape), e.order), [e.ranks[0]])
-                    if e.fit == "activation" and stats is not None else None)
-            out.append((data or truncation_errors(k, [e.ranks[0]]))[0])
+        """Each entry's relative error, from one spectrum per column order and fit among the entries."""
+        out: list[float | None] = [None] * len(entries)
+        aware = lambda e: e.fit == "activation" and stats is not None  # noqa: E731
+        for order, data in {(e.order, aware(e)) for e in entries}:
+            mine = [i for i, e in enumerate(entries) if (e.order, aware(e)) == (order, data)]
+            k, ranks = lowered(weight, order), [entries[i].ranks[0] for i in mine]
+            errors = ((whitened_truncation_errors(k, stats.in_order(tuple(weight.shape), order), ranks) if data
+                       else None) or truncation_errors(k, ranks))
+            for i, error in zip(mine, errors):
+                out[i] = error
         return out
 
 

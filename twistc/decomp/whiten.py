@@ -24,7 +24,7 @@ import tensorly as tl
 import torch
 from tensorly.tenalg import multi_mode_dot
 
-from twistc.decomp.svd import LowRank, balanced, lowered, unlowered
+from twistc.decomp.svd import LowRank, balanced, lowered, singular_energies, unlowered
 
 Tensor = torch.Tensor
 DAMPING = 1e-6  # of the mean eigenvalue, added to every eigenvalue of C
@@ -94,7 +94,7 @@ def whitened_truncation_errors(matrix: Tensor, cov: Tensor, ranks: list[int]) ->
     w = whitener(cov)
     if w is None:
         return None
-    energies = torch.linalg.svdvals(matrix.detach().double() @ w[0]) ** 2
+    energies = singular_energies(matrix.detach().double() @ w[0])
     total = energies.sum().clamp_min(1e-300)
     tail = energies.flip(0).cumsum(0).flip(0)
     return [float((tail[r] / total).sqrt()) if r < len(energies) else 0.0 for r in ranks]
