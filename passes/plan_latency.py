@@ -217,7 +217,13 @@ class PlanLatency(Pass):
         predicted = _predicted_ms(model_ms, options, picks)
         checked = self.check_plan(gm, sites, options, picks, model_ms, runtime, cache, ctx)
         if checked is not None:
+            alone = predicted
             picks, predicted, checked = checked
+            if self.speedup and predicted >= model_ms:
+                return (f"plan-latency: speedup {self.speedup:g} is out of reach in {runtime.runtime}/{runtime.device}: "
+                        f"its plan, lowered and timed whole, ran at {model_ms / predicted:.2f}x of the dense model "
+                        f"(its layers timed alone promised {model_ms / alone:.2f}x), so the savings do not survive "
+                        "in the whole model; time it at another batch or runtime, or leave the model dense")
         layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2], opts[i][3], why)
                   for site, opts, i, why in zip(sites, options, picks, whys)}
         summary = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},

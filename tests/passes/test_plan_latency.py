@@ -482,6 +482,14 @@ def test_a_plan_the_model_times_short_of_the_target_is_planned_again_for_the_sho
     assert latency["predicted_ms_after"] == rounds[-1]["measured_ms"]
 
 
+def test_a_plan_that_times_slower_than_dense_whole_is_refused(table, tmp_path):
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
+    table["realised"] = -0.2  # inside the model, the lowered layers cost more than the dense ones
+    spec = f"plan-latency{{speedup=1.3,cache={tmp_path / 'c.json'}}},lower-conv-tucker,lower-conv-svd,lower-linear-svd"
+    with pytest.raises(RankError, match=r"speedup 1.3 is out of reach in ort/cpu: its plan, lowered and timed whole, "
+                                        r"ran at 0\.\d\dx of the dense model \(its layers timed alone promised"):
+        _run(spec)
+
 class _Depthwise(nn.Module):
     """A 1x1 conv that compresses, then a depthwise conv that no form can."""
 
