@@ -26,7 +26,7 @@ from twistc.convs import ConvSite, conv_sites, im2col_for
 from twistc.decomp.whiten import InputStats
 from twistc.errors import SpecError
 from twistc.pipeline import Pass, PassResult, RunContext
-from twistc.selection import check_layers_pattern, selected
+from twistc.passes.lowrank import check_layers_pattern, selected
 from twistc.state import state_of
 
 CHUNK = 1 << 16  # patch columns folded into a moment at a time

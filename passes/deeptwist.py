@@ -28,7 +28,7 @@ from twistc.errors import SpecError
 from twistc.ops import LowRankProjection
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice, check_pair, input_stats, natural_decomp, record_plan
+from twistc.passes.lowrank import LowRankOptions, check_choice, check_pair, input_stats, natural_decomp, record_plan
 from twistc.state import Skip
 
 

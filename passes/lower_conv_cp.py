@@ -19,7 +19,7 @@ from twistc.convs import lowered_path, replace_with_chain
 from twistc.decomp.cp import CpFactors, cp
 from twistc.ops import CpConv
 from twistc.pipeline import PassResult
-from twistc.selection import LowRankOptions
+from twistc.passes.lowrank import LowRankOptions
 from twistc.state import state_of
 
 log = logging.getLogger(__name__)

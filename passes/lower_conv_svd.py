@@ -22,7 +22,7 @@ from twistc.decomp.tiling import TiledLowRank, tiled_svd
 from twistc.ops import Im2Col, LowRankGemm, SvdConv
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice
+from twistc.passes.lowrank import LowRankOptions, check_choice
 
 FORMS = {"conv": "svd-conv", "im2col": "svd-im2col"}
 

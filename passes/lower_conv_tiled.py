@@ -29,7 +29,7 @@ from twistc.errors import PassError, SpecError
 from twistc.ops import ChannelBlockConv, Im2Col, LowRankGemm, TapBlockGemm
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
-from twistc.selection import LowRankOptions, check_choice, check_pair
+from twistc.passes.lowrank import LowRankOptions, check_choice, check_pair
 
 BLOCK_FORMS = {"channel-blocks": ChannelBlockConv, "tap-blocks": TapBlockGemm}
 IM2COL = ("auto", *Im2Col.METHODS, *BLOCK_FORMS)

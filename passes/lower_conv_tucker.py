@@ -18,7 +18,7 @@ import torch.fx as fx
 from twistc.convs import lowered_path, replace_with_chain
 from twistc.ops import TuckerConv
 from twistc.pipeline import PassResult
-from twistc.selection import LowRankOptions
+from twistc.passes.lowrank import LowRankOptions
 
 
 @dataclass(frozen=True)

@@ -47,13 +47,13 @@ from twistc import distributed, knapsack
 from twistc.convs import ConvSite, conv_sites
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import conv_cost
-from twistc.errors import RankError, SpecError
+from twistc.errors import RankError, SpecError, name_list
 from twistc.latency import BUILDERS, LayerShape, Runtime, measure_layer, model_key, model_timer, paired_medians
 from twistc.latency_cache import LatencyCache
 from twistc.partial import Suffix
 from twistc.pipeline import Pass, PassResult, Pipeline, RunContext
 from twistc.plan import LayerPlan
-from twistc.selection import (check_choice, check_layers_pattern, first_failure, floor_reason, keeps_floor, name_list, rank_floor,
+from twistc.passes.lowrank import (check_choice, check_layers_pattern, first_failure, floor_reason, keeps_floor, rank_floor,
                               selected)
 from twistc.state import PLANNED_DENSE, Skip, state_of
 from twistc.timing import Sampling

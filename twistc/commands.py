@@ -28,7 +28,7 @@ from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, expand_pre
                              split_items, stage_class)
 from twistc.plan import Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
-from twistc.selection import name_list
+from twistc.errors import name_list
 from twistc.state import state_of
 from twistc.trace import trace
 from twistc.train import accuracy

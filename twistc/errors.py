@@ -46,3 +46,8 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors
     built around a library's multi-line ones."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def name_list(names: list[str], most: int = 12) -> str:
+    """Names for a message: the first `most`, then "..." when there are more."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")

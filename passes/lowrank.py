@@ -1,4 +1,5 @@
-"""Which layers a low-rank pass touches and with what ranks: the options shared by such passes.
+"""The low-rank passes' shared base (LowRankOptions): which layers a pass touches and with what ranks, the floors
+that keep a layer working, and the validators of their options.
 
 Order of authority for one layer: a DeepTwist projection (the layer was trained for its ranks) >
 the plan (from `--plan` or an earlier pass) > the pass options > the default ratio. Which layers a
@@ -20,7 +21,7 @@ from twistc.decomp.cost import Cost, conv_cost
 from twistc.decomp.svd import lowered
 from twistc.decomp.threads import on_free_cores
 from twistc.decomp.whiten import output_error, whitener
-from twistc.errors import PassError, RankError, SpecError
+from twistc.errors import PassError, RankError, SpecError, name_list
 from twistc.pipeline import Pass, PassResult
 from twistc.plan import DATA_AWARE, FITS, LayerPlan, Layout, RankRequest, check_entry, choose
 from twistc.report import count_weights
@@ -281,10 +282,6 @@ def check_layers_pattern(owner: str, layers: str | None, names: list[str]) -> No
     """A `layers=` pattern that selects none of the model's convs is an error that lists them."""
     if layers and not any(selected(layers, n) for n in names):
         raise SpecError(f"{owner}{{layers={layers}}} matches none of the model's layers ({name_list(names)})")
-
-
-def name_list(names: list[str], most: int = 12) -> str:
-    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def check_pair(value: tuple[int, ...] | None, what: str) -> None:
