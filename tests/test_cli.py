@@ -465,7 +465,7 @@ def test_max_drop_plans_the_fastest_model_within_an_accuracy_drop(tmp_path, caps
             "--epochs", "0", "--latency-cache", str(tmp_path / "latency.json"), "--no-timing", "-o", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["pipeline"].startswith("plan-latency{max_drop=0.5,")
+    assert report["pipeline"].startswith("calibrate,plan-latency{max_drop=0.5,")  # no training: data-aware factors
     latency = report["latency"]
     assert "measured" not in latency and latency["predicted_speedup"] > 1  # --no-timing: the prediction alone
     drop = latency["accuracy_drop"]
@@ -532,7 +532,8 @@ def test_status_lines_go_to_a_terminal_only(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert "twistc: running lower-conv-tucker{ratio=2}" in err
+    assert "twistc: running calibrate" in err  # no training, train_data(): factors fitted to the data
+    assert "twistc: running lower-conv-tucker{fit=activation,ratio=2}" in err
     assert "twistc: exporting model.onnx and checking it in onnxruntime" in err
     assert "twistc: timing the original and the compiled model (ort cpu, 1 thread(s), batch 1)" in err
 
@@ -614,3 +615,19 @@ def test_compile_the_transformer_example_end_to_end(tmp_path):
 def test_each_pass_checks_its_place_in_the_pipeline(tmp_path, capsys, spec, message):
     _fails(capsys, ["compile", str(_model_file(tmp_path)), "--pass", spec, "-o", str(tmp_path / "o")], message)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, fitted", [
+    ([], True),                                   # no training, data in MODEL.py: factors fitted to the data
+    (["--fit", "weight"], False),                 # asked for the kernel fit
+    (["--epochs", "1"], False),                   # fine-tuning evens the fits out: the kernel fit, no calibration
+])
+def test_a_compile_that_does_not_train_fits_its_factors_to_the_data_by_default(tmp_path, capsys, extra, fitted):
+    out = tmp_path / "out"
+    argv = ["compile", str(_model_file(tmp_path, WIDE + EVAL + TRAIN)), "--pass", "tucker", "--ratio", "2",
+            "--no-timing", "-o", str(out), *extra]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pipeline"].startswith("calibrate,") == fitted
+    fits = {layer["fit"] for layer in report["layers"] if layer["lowering"]}
+    assert fits == ({"activation"} if fitted else {"weight"})

@@ -100,8 +100,11 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
                 conventional = refs.get(("conventional", ratio, seed))
                 diff = (expkit.paired_difference([(r, conventional)]) if conventional and r is not conventional
                         else "-")
+                distilled = arms.get(("conventional-distill", seed))  # the same distillation, conventionally
+                diff_distilled = (expkit.paired_difference([(r, distilled)])
+                                  if distilled and r is not distilled and label.endswith("distill") else "-")
                 after = r.get("evaluations") or []
-                rows.append([f"{ratio:g}x", epochs, seed, label, f"{100 * r['test_acc']:.2f}", diff,
+                rows.append([f"{ratio:g}x", epochs, seed, label, f"{100 * r['test_acc']:.2f}", diff, diff_distilled,
                              f"{r['layers_ratio']:.2f}x", f"{r.get('train_seconds', r['seconds']) / 60:.0f}",
                              f"{100 * r['teacher_seconds'] / r['train_seconds']:.0f}%"
                              if r.get("teacher_seconds") else "-"])
@@ -114,7 +117,7 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
           f"Distillation: weight {DISTILL:g}, temperature {TEMPERATURE:g}, teacher = the pre-trained model; its "
           "share of training time is the teacher's forwards.\n",
           expkit.markdown_table(["ratio", "epochs", "seed", "arm", "test acc %", "vs conventional [95% CI]",
-                                 "layers ratio", "train min", "teacher share"], rows),
+                                 "vs conventional-distill", "layers ratio", "train min", "teacher share"], rows),
           "\nCommands that produced these runs (each run's JSON has its own):\n",
           *[f"- `{c}`" for c in sorted({r["command"] for r in runs})], ""]
     (store.root / "results.md").write_text("\n".join(md) + "\n")

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, help="seed of the train stage")
     c.add_argument("--fit", choices=("weight", "activation"),
                    help="what the factors are fitted to: weight (the kernel) or activation (each layer's output on "
-                        "batches of train_data(), else eval_data(), that a calibrate stage put in front collects)")
+                        "batches of train_data(), else eval_data(), that a calibrate stage put in front collects); "
+                        "default: activation for a compile that does not train when MODEL.py has either, else weight")
     c.add_argument("--calib-batches", type=int, metavar="N", help="batches calibrate collects on (16)")
     c.add_argument("--handoff", type=float, metavar="F",
                    help="DeepTwist presets: spend the fraction F of the epochs training in the original shape, then "

@@ -38,20 +38,25 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("original.onnx", "model.onnx", "model.pt2", "report.json", "report.md")
 
 
-def build_pipeline(spec: str, args) -> Pipeline:
+def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
     """The pipeline from --pass; the other flags fill options the spec does not write. Passes after one
     that writes the plan (deeptwist, plan-latency) take ranks, order and tiles from it, so those flags
-    skip them."""
+    skip them. Without --fit, a pipeline that does not train fits its factors to the data where MODEL.py
+    has some (`has_data`): its factors are all the accuracy it keeps (results/post_training_fit)."""
     stages, planned = [], False
     extra = options(args.stage_options, "--option")
     target = ({"speedup": args.target_speedup} if args.target_speedup is not None else
               {"max_drop": args.max_drop} if args.max_drop is not None else None)
     items = split_items(expand_presets(spec, args.epochs, target, args.handoff))
-    if args.fit == "activation" and not any(i.startswith("calibrate") for i in items):
+    names = [text.split("{")[0] for text in items]
+    fits = {name for name in names if getattr(stage_class(name), "fits_data", False)}
+    auto = args.fit is None and has_data and bool(fits) and "train" not in names and "fit=" not in spec
+    if (args.fit == "activation" or auto) and "calibrate" not in names:
         items.insert(0, "calibrate")
     for text in items:
+        fit = args.fit or ("activation" if auto and text.split("{")[0] in fits else None)
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
-                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, "fit": args.fit,
+                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, "fit": fit,
                   "batches": args.calib_batches, **extra}
         if not planned:
             values.update(order=args.order, tile=args.tile, grid=args.grid, ratio=args.ratio)
@@ -96,6 +101,9 @@ def compile_command(args) -> int:
     check_output(out, model_path, args.force, OUTPUTS)
     _check_paths(args, pipeline, model_path, out)
     mf = load_model_file(model_path, options(args.options))
+    if args.fit is None and (mf.has("train_data") or mf.has("eval_data")):
+        pipeline = build_pipeline(args.pipeline, args, has_data=True)
+        pipeline.check_whole()
     missing = [f"{name}()" for name in pipeline.needs() if not mf.has(name)]
     if missing:
         raise SpecError(f"pipeline '{pipeline}' uses {' and '.join(missing)}, which {model_path.name} does not define")

@@ -482,6 +482,14 @@ def test_a_plan_the_model_times_short_of_the_target_is_planned_again_for_the_sho
     assert latency["predicted_ms_after"] == rounds[-1]["measured_ms"]
 
 
+def test_a_plan_still_short_when_timed_whole_is_refused_with_what_it_reached(table, tmp_path):
+    table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
+    table["realised"] = 0.25  # inside the model the layers keep a quarter of their saving: re-planning cannot make up
+    spec = f"plan-latency{{speedup=1.3,cache={tmp_path / 'c.json'}}},lower-conv-tucker,lower-conv-svd,lower-linear-svd"
+    with pytest.raises(RankError, match=r"speedup 1.3 is out of reach in ort/cpu: the best plan, lowered and timed "
+                                        r"whole \(\d rounds?\), gives 1\.\d\dx; .*% of the model's time is outside"):
+        _run(spec)
+
 def test_a_plan_that_times_slower_than_dense_whole_is_refused(table, tmp_path):
     table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
     table["realised"] = -0.2  # inside the model, the lowered layers cost more than the dense ones
