@@ -100,9 +100,11 @@ def compile_run(label: str, setting: str, args, cache: Path, workdir: Path) -> d
 def cap(r: dict) -> str:
     """What held the speed: a refusal's numbers, a missed target, or the run's first warning."""
     if r["rc"] != 0:
-        m = re.search(r"give (\S+x).*?(\d+%) of the model's time is outside.*?at most (\S+x)", r["error"])
-        return (f"refused: candidates give {m.group(1)}; {m.group(2)} of the time in layers no form speeds up "
-                f"(at most {m.group(3)})" if m else r["error"].removeprefix("twistc: error: ")[:200])
+        m = re.search(r"(the fastest candidates|the best plan).*?gives? (\S+x).*?(\d+%) of the model's time is "
+                      r"outside.*?at most (\S+x)", r["error"])
+        what = "its plan timed whole gives" if m and m.group(1) == "the best plan" else "candidates give"
+        return (f"refused: {what} {m.group(2)}; {m.group(3)} of the time in layers no form speeds up "
+                f"(at most {m.group(4)})" if m else r["error"].removeprefix("twistc: error: ")[:200])
     target = float(r["setting"].removeprefix("speedup")) if r["setting"].startswith("speedup") else None
     if target and r["measured_speedup"] < MET * target:
         return f"missed: {r['measured_speedup']:.2f}x measured for {target:g}x"
