@@ -7,7 +7,6 @@ noise hits all of them alike; medians and their ratios to the first model are re
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +16,7 @@ import torch
 
 from twistc.errors import TwistcError, first_line
 from twistc.export import batched
-from twistc.latency import ORT_PROVIDERS, Runtime, compare_models, ort_session
+from twistc.latency import ORT_PROVIDERS, Runtime, compare_models, ort_session, session_timer
 from twistc.report import cpu_model, versions
 
 # an ONNX input's type -> the numpy dtype twistc bench feeds it
@@ -63,14 +62,7 @@ def _feed(sess: ort.InferenceSession, batch: int, rng: np.random.Generator) -> d
 
 def _ort_timer(path: str, provider: str, threads: int, spin: bool, batch: int, rng) -> Callable[[], float]:
     sess = session(path, provider, threads, spin)
-    feed = _feed(sess, batch, rng)
-
-    def run() -> float:
-        start = time.perf_counter()
-        sess.run(None, feed)
-        return time.perf_counter() - start
-
-    return run
+    return session_timer(sess, _feed(sess, batch, rng))
 
 
 def _program_timer(path: str, runtime: Runtime) -> Callable[[], float]:

@@ -183,8 +183,12 @@ def ort_timer(module: nn.Module, example: torch.Tensor | tuple, device: str, thr
               model: bytes | str | None = None) -> Callable[[], float]:
     inputs = _as_inputs(example)
     session = ort_session(model or onnx_bytes(module, inputs), device, threads)
-    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return session_timer(session, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
 
+
+def session_timer(session, feed: dict) -> Callable[[], float]:
+    """A function that runs an onnxruntime session once on `feed` and returns the seconds taken: the one
+    onnxruntime timer of latency planning, the compile's check and `twistc bench`."""
     def run() -> float:
         t = time.perf_counter()
         session.run(None, feed)
