@@ -49,7 +49,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=60)
     p.add_argument("--latency-cache", default=str(expkit.CHECKPOINTS.parent / "latency.json"))
-    p.add_argument("--out", default=str(expkit.REPO / "results" / "fold"))
+    p.add_argument("--out", default=str(expkit.REPO / "results" / "fold_effect"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 
 Compiles examples/resnet32_cifar10.py with `lower-conv-tucker{rank=vbmf,weaken=W}` (no fine-tuning)
 for each W, and keeps each run's report (per-layer ranks, weights, accuracy on the test set before
-and after) under results/vbmf/.
+and after) under results/vbmf_ranks/.
 
     python tools/vbmf_ranks.py --weaken 0 --weaken 0.5 --threads 2
 """
@@ -22,7 +22,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--weaken", type=float, action="append", help="VBMF weakening factors (repeatable)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(expkit.REPO / "results" / "vbmf"))
+    p.add_argument("--out", default=str(expkit.REPO / "results" / "vbmf_ranks"))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
