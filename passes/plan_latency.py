@@ -37,6 +37,7 @@ import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -69,6 +70,16 @@ BISECTIONS = 12  # max_drop: divergence budgets tried
 CHECK_ROUNDS = 3  # times a speedup plan is lowered, timed whole and, if short, planned again
 SHORT = 0.95  # a timed plan below this share of the asked speedup is short: planned again, then refused
 FEW_SAMPLES = 1000  # fewer planning samples than this get a warning (results/accuracy_target)
+
+
+class Option(NamedTuple):
+    """One way a layer can go in a plan: its dense form (entry None, first in each layer's list) or a candidate."""
+
+    entry: LayerPlan | None
+    ms: float             # measured alone
+    error: float          # relative error: of the layer's output on its calibration inputs, else of its kernel
+    drop: float | None    # objective=eval, max_drop: the accuracy it costs alone
+    kl: float | None      # ... and the divergence of the model's output
 
 
 @dataclass(frozen=True)
@@ -201,7 +212,7 @@ class PlanLatency(Pass):
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
             costs = ([(0.0, 0.0)] + alone_costs(gm, site, [entries[i] for i in keep[1:]], batches, baseline)
                      if batches else [(None, None)] * len(keep))
-            options.append([(entries[i], ms[i], errors[i], *cost) for i, cost in zip(keep, costs)])
+            options.append([Option(entries[i], ms[i], errors[i], *cost) for i, cost in zip(keep, costs)])
             met = "max_drop left no room for it" if self.max_drop else "target met without it"
             floor = rank_floor(gm, site)
             whys.append(met if len(keep) > 1 else "no form ran faster" if len(entries) > 1 else
@@ -230,7 +241,7 @@ class PlanLatency(Pass):
                         f"the best plan, lowered and timed whole ({len(checked)} round{'s' * (len(checked) > 1)}), gives "
                         f"{model_ms / predicted:.2f}x; {self.cap(sites, options, model_ms)}; ask for at most "
                         f"{model_ms / predicted:.2f}x")
-        layers = {site.name: (opts[i][0] or DENSE, opts[0][1], opts[i][1], opts[i][2], opts[i][3], why)
+        layers = {site.name: (opts[i].entry or DENSE, opts[0].ms, opts[i].ms, opts[i].error, opts[i].drop, why)
                   for site, opts, i, why in zip(sites, options, picks, whys)}
         summary = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
                    "model_ms_before": model_ms, "predicted_ms_after": predicted,
@@ -341,7 +352,7 @@ class PlanLatency(Pass):
         copied = copy.deepcopy(gm)
         plan = state_of(copied).plan
         for site, opts, i in zip(sites, options, picks):
-            plan.set(site.name, opts[i][0] or DENSE)
+            plan.set(site.name, opts[i].entry or DENSE)
         lowered = Pipeline(later).run(copied, RunContext(ctx.train_data, ctx.eval_data, progress=False))
         example = state_of(gm).example_inputs
         key = f"{runtime.key()}|plan-of|{model_key(gm, example)}|{model_key(lowered, example)}"
@@ -353,7 +364,7 @@ class PlanLatency(Pass):
             cache.put(key, model_ms * lowered_ms / dense_ms, Sampling.of(samples, runtime.threads))
         return cache.get(key)
 
-    def solve(self, sites: list[ConvSite], options: list[list[tuple]], model_ms: float,
+    def solve(self, sites: list[ConvSite], options: list[list[Option]], model_ms: float,
               speedup: float | None = None) -> list[int]:
         """Indices into each layer's options: the least summed squared error within the budget (`speedup`:
         a speedup target other than the pass's own)."""
@@ -364,7 +375,7 @@ class PlanLatency(Pass):
             cost = entry.cost(site.geometry) if entry else conv_cost(site.geometry)
             return cost.params if self.ratio else cost.macs
 
-        groups = [[(weight(s, e, ms), kl if self.objective == "eval" else err ** 2) for e, ms, err, _, kl in o]
+        groups = [[(weight(s, c.entry, c.ms), c.kl if self.objective == "eval" else c.error ** 2) for c in o]
                   for s, o in zip(sites, options)]
         dense = sum(g[0][0] for g in groups)
         if self.speedup:
@@ -390,11 +401,11 @@ class PlanLatency(Pass):
                             f"dense (at most {dense / e.least:.2f}x)") from None
 
     @staticmethod
-    def cap(sites: list[ConvSite], options: list[list[tuple]], model_ms: float) -> str:
+    def cap(sites: list[ConvSite], options: list[list[Option]], model_ms: float) -> str:
         """What caps the speedup: the share of the model's time outside the layers some form makes faster
         (layers no form can compress, such as depthwise convs, and normalisation, activations, attention's
         matmuls), and the speedup if those layers took no time at all."""
-        compressible = sum(opts[0][1] for opts in options if len(opts) > 1)
+        compressible = sum(opts[0].ms for opts in options if len(opts) > 1)
         stuck = [s.name for s, opts in zip(sites, options) if len(opts) == 1]
         share = min(1.0, max(0.0, 1 - compressible / model_ms))
         best = "no limit" if share == 0 else f"{1 / share:.2f}x"
@@ -403,7 +414,7 @@ class PlanLatency(Pass):
         return (f"{share:.0%} of the model's time is outside the layers some form makes faster ({layers}, and the "
                 f"operations between layers), so even compressed layers that took no time would give at most {best}")
 
-    def fastest_within_drop(self, gm: fx.GraphModule, sites: list[ConvSite], options: list[list[tuple]],
+    def fastest_within_drop(self, gm: fx.GraphModule, sites: list[ConvSite], options: list[list[Option]],
                             batches: list, baseline: float) -> tuple[list[int], float]:
         """The picks with the least summed latency whose accuracy on `batches`, every chosen layer approximated
         at once, is at most max_drop below `baseline`, and that drop. Each try minimises the latency under a
@@ -411,12 +422,11 @@ class PlanLatency(Pass):
         max_drop is left out): first the fastest plan, then the plan of candidates that leave the output as it
         was, then the budget is bisected on the measured drop, geometrically, since divergences span
         magnitudes."""
-        groups = [[(kl, ms) if drop <= self.max_drop else (math.inf, ms) for _, ms, _, drop, kl in o]
-                  for o in options]
-        latency = lambda picks: sum(o[i][1] for o, i in zip(options, picks))  # noqa: E731
+        groups = [[(c.kl, c.ms) if c.drop <= self.max_drop else (math.inf, c.ms) for c in o] for o in options]
+        latency = lambda picks: sum(o[i].ms for o, i in zip(options, picks))  # noqa: E731
 
         def drop_of(picks: list[int]) -> float:
-            with approximated(gm, [(s, o[i][0]) for s, o, i in zip(sites, options, picks) if i]):
+            with approximated(gm, [(s, o[i].entry) for s, o, i in zip(sites, options, picks) if i]):
                 return baseline - accuracy(gm, batches)
 
         best, best_drop = [0] * len(options), 0.0  # all dense
@@ -435,7 +445,7 @@ class PlanLatency(Pass):
             if low == high or high == 0:  # the fastest plan fits, or not even the free candidates do
                 break
         if not any(best):
-            alone = [d for o in options for *_, d, _ in o[1:]]
+            alone = [c.drop for o in options for c in o[1:]]
             least = (f"the least any one candidate loses alone is {min(alone):.2%}" if alone else
                      "no layer has a form faster than dense")
             raise RankError(f"plan-latency: max_drop {self.max_drop:g} is out of reach: every plan tried lost more "
@@ -444,9 +454,9 @@ class PlanLatency(Pass):
         return best, best_drop
 
 
-def _predicted_ms(model_ms: float, options: list[list[tuple]], picks: list[int]) -> float:
+def _predicted_ms(model_ms: float, options: list[list[Option]], picks: list[int]) -> float:
     """The model's time less each layer's saving measured alone (dense minus the picked form)."""
-    return model_ms - sum(o[0][1] - o[i][1] for o, i in zip(options, picks))
+    return model_ms - sum(o[0].ms - o[i].ms for o, i in zip(options, picks))
 
 
 @contextmanager

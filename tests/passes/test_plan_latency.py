@@ -13,7 +13,7 @@ from twistc import Pipeline, RunContext, state_of, trace
 from twistc.errors import RankError, SpecError
 from twistc.latency import LayerShape, Runtime, measure_layer
 from twistc.latency_cache import LatencyCache
-from twistc.passes.plan_latency import PlanLatency
+from twistc.passes.plan_latency import Option, PlanLatency
 from twistc.plan import LayerPlan
 from twistc.train import accuracy, train
 
@@ -293,8 +293,8 @@ def test_max_drop_search_finds_the_fastest_plan_that_fits(monkeypatch):
     rng = random.Random(0)
     for trial in range(20):
         # per layer: dense (1 ms), then candidates entry(ranks=(kl in thousandths,)) that run faster
-        options = [[(None, 1.0, 0.0, 0.0, 0.0)] + [
-            (LayerPlan("svd", (k,), "svd-conv"), 1.0 - rng.uniform(0.05, 0.9), 0.0, k / 1000, k / 1000)
+        options = [[Option(None, 1.0, 0.0, 0.0, 0.0)] + [
+            Option(LayerPlan("svd", (k,), "svd-conv"), 1.0 - rng.uniform(0.05, 0.9), 0.0, k / 1000, k / 1000)
             for k in rng.sample(range(0, 40), 3)] for _ in range(4)]
         pass_ = PlanLatency(max_drop=0.05)
         picks, drop = pass_.fastest_within_drop(None, [None] * 4, options, [], 1.0)
