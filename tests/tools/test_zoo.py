@@ -1,0 +1,32 @@
+"""The zoo's report: layer kinds, and what capped a model's speed, read from twistc's own messages."""
+import zoo
+
+
+def _layer(kind, shape, groups=1):
+    return {"kind": kind, "shape": shape, "groups": groups}
+
+
+def test_layers_are_sorted_into_the_kinds_the_table_counts():
+    assert zoo.kind_of(_layer("Linear", [10, 64, 1, 1])) == "Linear"
+    assert zoo.kind_of(_layer("Conv2d", [32, 1, 3, 3], groups=32)) == "depthwise"
+    assert zoo.kind_of(_layer("Conv2d", [32, 8, 3, 3], groups=4)) == "grouped"
+    assert zoo.kind_of(_layer("Conv2d", [32, 16, 1, 1])) == "1x1 conv"
+    assert zoo.kind_of(_layer("Conv2d", [32, 16, 3, 3])) == "kxk conv"
+
+
+def test_a_refusal_is_read_back_as_what_capped_it():
+    before = ("twistc: error: plan-latency: speedup 1.5 is out of reach in ort/cpu: the fastest candidates give 1.31x "
+              "(they save 1.234 of the model's 5.000 ms); 38% of the model's time is outside the layers some form "
+              "makes faster (17 layers no form speeds up: a, b, c, ..., and the operations between layers), so even "
+              "compressed layers that took no time would give at most 2.60x; ask for less")
+    after = ("twistc: error: plan-latency: speedup 1.5 is out of reach in ort/cpu: the best plan, lowered and timed "
+             "whole (2 rounds), gives 1.36x; 28% of the model's time is outside the layers some form makes faster "
+             "(14 layers no form speeds up), so even compressed layers that took no time would give at most 3.58x; "
+             "ask for at most 1.36x")
+    assert zoo.cap({"rc": 2, "error": before}) == ("refused: candidates give 1.31x; 38% of the time in layers no "
+                                                   "form speeds up (at most 2.60x)")
+    assert zoo.cap({"rc": 2, "error": after}) == ("refused: its plan timed whole gives 1.36x; 28% of the time in "
+                                                  "layers no form speeds up (at most 3.58x)")
+    missed = {"rc": 0, "setting": "speedup1.25", "measured_speedup": 1.15, "warnings": []}
+    assert zoo.cap(missed) == "missed: 1.15x measured for 1.25x"
+    assert zoo.cap({**missed, "measured_speedup": 1.21}) == "-"  # within 5%
