@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_checkpoint import Data, _model
 from twistc import Pipeline, RunContext, trace
 from twistc.errors import SpecError, Stopped
-from twistc.pipeline import expand_presets, handoff_epochs
+from twistc.commands import handoff_epochs, preset_pipeline
 from twistc.train import Distillation, train
 
 train_module = importlib.import_module("twistc.train")  # the module: twistc.train is also the function
@@ -90,16 +90,16 @@ def test_sigterm_in_the_second_stage_resumes_exactly(tmp_path):
 
 
 def test_handoff_preset_splits_the_epochs_and_refuses_an_empty_phase():
-    assert expand_presets("deeptwist-tucker", 10, handoff=0.7) == (
+    assert preset_pipeline("deeptwist-tucker", 10, handoff=0.7) == (
         "deeptwist{decomp=natural},train{epochs=7},lower-conv-tucker,lower-conv-svd,lower-linear-svd,"
         "train{epochs=3,handoff=continue},fold,cleanup")
-    assert "lower-linear-svd,train{epochs=1,handoff=continue},fold" in expand_presets("deeptwist-svd", 3, handoff=0.6)
+    assert "lower-linear-svd,train{epochs=1,handoff=continue},fold" in preset_pipeline("deeptwist-svd", 3, handoff=0.6)
     assert handoff_epochs(0.67, None) == (2, 1)
     for fraction, epochs in ((0.9, 3), (0.0, 3), (1.0, 10), (0.5, 1)):
         with pytest.raises(SpecError, match="each needs at least 1"):
             handoff_epochs(fraction, epochs)
     with pytest.raises(SpecError, match="--handoff applies to the presets"):
-        expand_presets("tucker", 3, handoff=0.5)
+        preset_pipeline("tucker", 3, handoff=0.5)
 
 
 def test_distillation_at_weight_zero_is_no_distillation_and_the_teacher_never_changes():

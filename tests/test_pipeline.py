@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import twistc
 from twistc import pipeline
 from twistc.errors import PassError, SpecError
-from twistc.pipeline import Pass, PassResult, Pipeline, expand_presets
+from twistc.commands import preset_pipeline
+from twistc.pipeline import Pass, PassResult, Pipeline
 from twistc.passes.deeptwist import DeepTwist
 from twistc.train import Train
 from models_for_tests import Net
@@ -32,13 +33,13 @@ def test_options_are_typed():
 
 
 def test_presets_expand():
-    assert expand_presets("deeptwist-tucker") == "deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
-    assert expand_presets("tucker") == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
-    assert expand_presets("tucker", epochs=2) == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,train,fold,cleanup"
-    assert expand_presets("deeptwist-tucker", latency_target={"max_drop": 0.01}) == (
+    assert preset_pipeline("deeptwist-tucker") == "deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
+    assert preset_pipeline("tucker") == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
+    assert preset_pipeline("tucker", epochs=2) == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,train,fold,cleanup"
+    assert preset_pipeline("deeptwist-tucker", latency_target={"max_drop": 0.01}) == (
         "plan-latency{max_drop=0.01},deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup")
     with pytest.raises(SpecError, match=r"--max-drop applies to the presets.*write plan-latency\{max_drop=...\}"):
-        expand_presets("lower-conv-svd", latency_target={"max_drop": 0.01})
+        preset_pipeline("lower-conv-svd", latency_target={"max_drop": 0.01})
     assert [s.name for s in Pipeline.parse("deeptwist-tucker").stages] == [
         "deeptwist", "train", "lower-conv-tucker", "lower-conv-svd", "lower-linear-svd", "fold", "cleanup"]
     names = [row[0] for row in pipeline.describe()]

@@ -24,7 +24,7 @@ from twistc.latency import Runtime, compare_models, model_timer
 from twistc.latency_cache import LatencyCache
 from twistc.modelfile import load_model_file
 from twistc.outdir import OutputDir, check_output
-from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, expand_presets, format_value, parse_item,
+from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, format_value, parse_item,
                              split_items, stage_class)
 from twistc.plan import Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
@@ -38,6 +38,57 @@ log = logging.getLogger(__name__)
 OUTPUTS = ("original.onnx", "model.onnx", "model.pt2", "report.json", "report.md")
 
 
+LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
+
+
+HANDOFF_PRESETS = ("deeptwist-tucker", "deeptwist-svd", "deeptwist-cp", "deeptwist-tiled-svd")
+
+
+def handoff_epochs(fraction: float, epochs: int | None) -> tuple[int, int]:
+    """A budget of `epochs` (None: the train stage's default) split at a hand-off: (epochs in the original
+    shape under DeepTwist, epochs of the factors after lowering), each at least one."""
+    total = epochs if epochs is not None else next(f.default for f in dataclasses.fields(stage_class("train"))
+                                                   if f.name == "epochs")
+    first = round(fraction * total)
+    if not 0 < fraction < 1 or first < 1 or first >= total:
+        raise SpecError(f"--handoff {fraction:g} of {total} epochs leaves {first} epochs for DeepTwist and "
+                        f"{total - first} for the factors; each needs at least 1 (a fraction in (0, 1), more --epochs)")
+    return first, total - first
+
+
+def preset_pipeline(spec: str, epochs: int | None = None, latency_target: dict | None = None,
+                    handoff: float | None = None) -> str:
+    """Presets replaced by their pipelines, as the CLI's flags shape them. `latency_target` ({"speedup": S} or {"max_drop": D}) puts
+    plan-latency with it in front of a Tucker preset and lowers the layers it gives an SVD pair (1x1 convs
+    and Linear layers among them) as well. `handoff` (a fraction of the epochs): a DeepTwist preset trains
+    that much in the original shape, lowers, and trains the factors for the rest on one schedule."""
+    items = []
+    for item in split_items(spec):
+        if item in PRESETS:
+            expansion = PRESETS[item][0]
+            if item == "tucker" and epochs:
+                expansion = expansion.replace(",fold", ",train,fold")
+            if handoff is not None and item in HANDOFF_PRESETS:
+                first, rest = handoff_epochs(handoff, epochs)
+                expansion = expansion.replace(",train,", f",train{{epochs={first}}},").replace(
+                    ",fold,", f",train{{epochs={rest},handoff=continue}},fold,")
+            if latency_target and item in LATENCY_PRESETS:
+                [(key, value)] = latency_target.items()
+                expansion = f"plan-latency{{{key}={format_value(value)}}}," + expansion
+            items.append(expansion)
+        else:
+            items.append(item)
+    if handoff is not None and not any(i in HANDOFF_PRESETS for i in split_items(spec)):
+        raise SpecError(f"--handoff applies to the presets {', '.join(HANDOFF_PRESETS)}; in a pipeline of your own, "
+                        "write train{epochs=E1},LOWERING,...,train{epochs=E2,handoff=continue}")
+    if latency_target and not any(i in LATENCY_PRESETS for i in split_items(spec)):
+        [key] = latency_target
+        flag = {"speedup": "--target-speedup", "max_drop": "--max-drop"}[key]
+        raise SpecError(f"{flag} applies to the presets {' and '.join(LATENCY_PRESETS)}; in a pipeline of your own, "
+                        f"write plan-latency{{{key}=...}} in front")
+    return ",".join(items)
+
+
 def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
     """The pipeline from --pass; the other flags fill options the spec does not write. Passes after one
     that writes the plan (deeptwist, plan-latency) take ranks, order and tiles from it, so those flags
@@ -47,7 +98,7 @@ def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
     extra = options(args.stage_options, "--option")
     target = ({"speedup": args.target_speedup} if args.target_speedup is not None else
               {"max_drop": args.max_drop} if args.max_drop is not None else None)
-    items = split_items(expand_presets(spec, args.epochs, target, args.handoff))
+    items = split_items(preset_pipeline(spec, args.epochs, target, args.handoff))
     names = [text.split("{")[0] for text in items]
     fits = {name for name in names if getattr(stage_class(name), "fits_data", False)}
     auto = args.fit is None and has_data and bool(fits) and "train" not in names and "fit=" not in spec

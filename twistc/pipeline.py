@@ -237,55 +237,10 @@ def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
     return stage
 
 
-LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
-
-
-HANDOFF_PRESETS = ("deeptwist-tucker", "deeptwist-svd", "deeptwist-cp", "deeptwist-tiled-svd")
-
-
-def handoff_epochs(fraction: float, epochs: int | None) -> tuple[int, int]:
-    """A budget of `epochs` (None: the train stage's default) split at a hand-off: (epochs in the original
-    shape under DeepTwist, epochs of the factors after lowering), each at least one."""
-    total = epochs if epochs is not None else next(f.default for f in dataclasses.fields(stage_class("train"))
-                                                   if f.name == "epochs")
-    first = round(fraction * total)
-    if not 0 < fraction < 1 or first < 1 or first >= total:
-        raise SpecError(f"--handoff {fraction:g} of {total} epochs leaves {first} epochs for DeepTwist and "
-                        f"{total - first} for the factors; each needs at least 1 (a fraction in (0, 1), more --epochs)")
-    return first, total - first
-
-
-def expand_presets(spec: str, epochs: int | None = None, latency_target: dict | None = None,
-                   handoff: float | None = None) -> str:
-    """Presets replaced by their pipelines. `latency_target` ({"speedup": S} or {"max_drop": D}) puts
-    plan-latency with it in front of a Tucker preset and lowers the layers it gives an SVD pair (1x1 convs
-    and Linear layers among them) as well. `handoff` (a fraction of the epochs): a DeepTwist preset trains
-    that much in the original shape, lowers, and trains the factors for the rest on one schedule."""
-    items = []
-    for item in split_items(spec):
-        if item in PRESETS:
-            expansion = PRESETS[item][0]
-            if item == "tucker" and epochs:
-                expansion = expansion.replace(",fold", ",train,fold")
-            if handoff is not None and item in HANDOFF_PRESETS:
-                first, rest = handoff_epochs(handoff, epochs)
-                expansion = expansion.replace(",train,", f",train{{epochs={first}}},").replace(
-                    ",fold,", f",train{{epochs={rest},handoff=continue}},fold,")
-            if latency_target and item in LATENCY_PRESETS:
-                [(key, value)] = latency_target.items()
-                expansion = f"plan-latency{{{key}={format_value(value)}}}," + expansion
-            items.append(expansion)
-        else:
-            items.append(item)
-    if handoff is not None and not any(i in HANDOFF_PRESETS for i in split_items(spec)):
-        raise SpecError(f"--handoff applies to the presets {', '.join(HANDOFF_PRESETS)}; in a pipeline of your own, "
-                        "write train{epochs=E1},LOWERING,...,train{epochs=E2,handoff=continue}")
-    if latency_target and not any(i in LATENCY_PRESETS for i in split_items(spec)):
-        [key] = latency_target
-        flag = {"speedup": "--target-speedup", "max_drop": "--max-drop"}[key]
-        raise SpecError(f"{flag} applies to the presets {' and '.join(LATENCY_PRESETS)}; in a pipeline of your own, "
-                        f"write plan-latency{{{key}=...}} in front")
-    return ",".join(items)
+def expand_presets(spec: str) -> str:
+    """Presets replaced by their pipelines, as written (the CLI's flags fill and extend them: see
+    twistc.commands.preset_pipeline)."""
+    return ",".join(PRESETS[item][0] if item in PRESETS else item for item in split_items(spec))
 
 
 class Pipeline:
