@@ -12,7 +12,7 @@ the Hugging Face hub or its cache). Needs timm, which works here without torchvi
 """
 import torch
 
-from twistc.models.timm_models import create_model, import_timm
+from twistc.models.timm_models import create_model, input_size
 
 
 def model(name: str = "resnet18", checkpoint: str = "", pretrained: bool = False, num_classes: int = 0) -> torch.nn.Module:
@@ -27,7 +27,4 @@ def model(name: str = "resnet18", checkpoint: str = "", pretrained: bool = False
 
 def example_inputs(name: str = "resnet18", batch: int = 1):
     """One batch at the architecture's default input size (timm's pretrained config)."""
-    timm = import_timm()
-    config = timm.get_pretrained_cfg(name)
-    size = config.input_size if config is not None else (3, 224, 224)
-    return (torch.randn(batch, *size),)
+    return (torch.randn(batch, *input_size(name)),)

@@ -30,7 +30,6 @@ FORMS = {"conv": "svd-conv", "im2col": "svd-im2col"}
 @dataclass(frozen=True)
 class LowerConvSvd(LowRankOptions):
     name = "lower-conv-svd"
-    fits_data = True
     summary = "rewrite each conv through a truncated SVD of its lowered matrix (conv pair or im2col + GEMM)"
     option_help = {**LowRankOptions.option_help, "form": "conv (a kxk conv, then a 1x1) or im2col",
                    "order": "column order of the lowered matrix, channel-major or tap-major",

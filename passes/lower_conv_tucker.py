@@ -24,7 +24,6 @@ from twistc.passes.lowrank import LowRankOptions
 @dataclass(frozen=True)
 class LowerConvTucker(LowRankOptions):
     name = "lower-conv-tucker"
-    fits_data = True
     summary = "rewrite each kh x kw conv as 1x1 -> kh x kw -> 1x1 (Tucker-2), exactly at the chosen ranks"
     kinds = ("Conv2d", "Conv1d")
 

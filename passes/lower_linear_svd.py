@@ -22,7 +22,6 @@ from twistc.passes.lowrank import LowRankOptions
 @dataclass(frozen=True)
 class LowerLinearSvd(LowRankOptions):
     name = "lower-linear-svd"
-    fits_data = True
     summary = "rewrite each Linear layer as Linear (in->r) then Linear (r->out), exactly at the chosen rank"
     kinds = ("Linear",)
 

@@ -62,9 +62,6 @@ def first_failure(site: ConvSite, decomp: str) -> str | None:
 class LowRankOptions(Pass):
     """Options of every pass that chooses ranks. `layers`: fnmatch patterns joined by '|'."""
 
-    # its layers' factors can be fitted to their inputs (fit=activation): a compile that does not train
-    # fits them so by default when MODEL.py has data to calibrate on
-    fits_data: ClassVar[bool] = False
     option_help = {"layers": "fnmatch patterns of the convs to touch, joined by |",
                    "ratio": "per-layer weight compression ratio (> 1)",
                    "ranks": "explicit ranks, e.g. 16x8 (Tucker r_out x r_in) or 16 (SVD)",

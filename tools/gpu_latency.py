@@ -51,10 +51,8 @@ SMOKE_CELLS = [("resnet18@64", 4, "float32"), ("resnet18@64", 4, "bfloat16")]
 def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...], bool]:
     """(model in eval mode, input shape of one sample, whether it is a convnet) for a cell's model name."""
     if name.startswith("timm:"):
-        from twistc.models.timm_models import create_model, import_timm
-        model = create_model(name[5:])
-        config = import_timm().get_pretrained_cfg(name[5:])
-        return model, tuple(config.input_size), "vit" not in name and "mixer" not in name
+        from twistc.models.timm_models import create_model, input_size
+        return create_model(name[5:]), input_size(name[5:]), "vit" not in name and "mixer" not in name
     base, _, size = name.partition("@")
     model = {"resnet18": resnet18, "resnet50": resnet50}[base]().eval()
     return model, (3, int(size or 224), int(size or 224)), True

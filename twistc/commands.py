@@ -17,7 +17,8 @@ import torch
 from twistc import checkpoint, distributed
 from twistc.bench import bench, session
 from twistc.cli import options
-from twistc.errors import SpecError, first_line
+from twistc.decomp import DECOMPOSITIONS
+from twistc.errors import SpecError, first_line, name_list
 from twistc.export import export_onnx, save_program
 from twistc.files import check_distinct, check_writable
 from twistc.latency import Runtime, compare_models, model_timer
@@ -28,7 +29,6 @@ from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, format_val
                              split_items, stage_class)
 from twistc.plan import Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
-from twistc.errors import name_list
 from twistc.state import state_of
 from twistc.trace import trace
 from twistc.train import accuracy
@@ -100,7 +100,8 @@ def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
               {"max_drop": args.max_drop} if args.max_drop is not None else None)
     items = split_items(preset_pipeline(spec, args.epochs, target, args.handoff))
     names = [text.split("{")[0] for text in items]
-    fits = {name for name in names if getattr(stage_class(name), "fits_data", False)}
+    fits = {name for name in names  # lowering passes of a decomposition that can fit its factors to data
+            if any(d.data_aware and name in d.lowering_passes.values() for d in DECOMPOSITIONS.values())}
     auto = args.fit is None and has_data and bool(fits) and "train" not in names and "fit=" not in spec
     if (args.fit == "activation" or auto) and "calibrate" not in names:
         items.insert(0, "calibrate")

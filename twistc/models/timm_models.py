@@ -107,3 +107,9 @@ def create_model(name: str, num_classes: int | None = None, pretrained: bool = F
                                                                   "; `timm.list_models()` lists them"))
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+
+
+def input_size(name: str) -> tuple[int, int, int]:
+    """(channels, height, width) of one sample at the architecture's default size (timm's pretrained config)."""
+    config = import_timm().get_pretrained_cfg(name)
+    return tuple(config.input_size) if config is not None else (3, 224, 224)
