@@ -22,7 +22,8 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from twistc import distributed
-from twistc.convs import ConvSite, conv_sites, im2col_for
+from twistc.convs import ConvSite, conv_sites
+from twistc.decomp.im2col import Im2Col
 from twistc.decomp.whiten import InputStats
 from twistc.errors import SpecError
 from twistc.pipeline import Pass, PassResult, RunContext
@@ -37,7 +38,7 @@ def columns(site: ConvSite, x: torch.Tensor) -> torch.Tensor:
     if site.kind == "Linear":
         return x.reshape(-1, x.shape[-1])
     image = x.unsqueeze(-1) if site.kind == "Conv1d" else x
-    patches = im2col_for(site, "channel-major", "unfold").to(x.device)(image)  # [B, n, L]
+    patches = Im2Col.of(site.geometry, "channel-major", "unfold").to(x.device)(image)  # [B, n, L]
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
@@ -87,7 +88,7 @@ class Calibrate(Pass):
         state = state_of(gm)
         check_layers_pattern(self.name, self.layers, list(state.layers))
         sites = {s.node: s for s in conv_sites(gm) if s.name in state.layers and selected(self.layers, s.name)
-                 and s.groups == 1 and s.projection is None}
+                 and s.geometry.groups == 1 and s.projection is None}
         stats = {s.name: InputStats(torch.zeros(n, n, dtype=torch.float64), 0)
                  for s in sites.values() for n in [s.geometry.in_channels * s.geometry.taps]}
         collector = _Collector(gm, sites, stats)

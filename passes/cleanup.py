@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch import nn
 
-from twistc.ops import LowRankProjection
+from twistc.projection import LowRankProjection
 from twistc.pipeline import Pass, PassResult
 
 

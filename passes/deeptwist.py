@@ -9,7 +9,7 @@
 columns in `order`), tiled-svd (one SVD per tile of that matrix, tiles given by `tile` or `grid`),
 cp, or natural: each layer's natural one (Tucker-2 for kh x kw convs, SVD for 1x1 convs and Linear
 layers).
-The model keeps its shape while it trains; the projection module (ops.LowRankProjection) holds the
+The model keeps its shape while it trains; the projection module (projection.LowRankProjection) holds the
 layer's plan entry, and lowering passes read it from there. An nn.Conv2d becomes F.conv2d on its
 own parameters (so the weight is visible as get_attr -> project -> conv); a padding mode other than
 zeros becomes an explicit F.pad in front.
@@ -25,7 +25,7 @@ from twistc.convs import ConvSite, erase_if_dead, insert_module, weight_groups
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.svd import ORDERS
 from twistc.errors import SpecError
-from twistc.ops import LowRankProjection
+from twistc.projection import LowRankProjection
 from twistc.pipeline import PassResult
 from twistc.plan import Layout
 from twistc.passes.lowrank import LowRankOptions, check_choice, check_pair, input_stats, natural_decomp, record_plan
@@ -134,15 +134,16 @@ def _route_weight(gm: fx.GraphModule, site: ConvSite, projection_path: str,
         if site.kind == "Linear":
             layer = graph.call_function(F.linear, (site.input, projected, bias))
         else:
-            args = site.conv_args()
+            g = site.geometry
+            args = g.conv_args()
             x, padding = site.input, args["padding"]
-            if site.padding_mode != "zeros":
+            if g.padding_mode != "zeros":
                 pads = gm.get_submodule(site.name)._reversed_padding_repeated_twice
-                x = graph.call_function(F.pad, (x, tuple(pads)), {"mode": site.padding_mode})
+                x = graph.call_function(F.pad, (x, tuple(pads)), {"mode": g.padding_mode})
                 padding = 0
             conv = F.conv1d if site.kind == "Conv1d" else F.conv2d
             layer = graph.call_function(conv, (x, projected, bias, args["stride"], padding, args["dilation"],
-                                               site.groups))
+                                               g.groups))
     layer.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(layer)
     graph.erase_node(site.node)

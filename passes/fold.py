@@ -23,9 +23,9 @@ from torch import nn
 from twistc.convs import insert_module
 from twistc.errors import SpecError
 from twistc.fold import fold_batchnorm, foldable_batchnorm, merge_convs, merged_macs_per_pixel, mergeable
-from twistc.ops import LowRankGemm
+from twistc.decomp.im2col import LowRankGemm
 from twistc.pipeline import Pass, PassResult
-from twistc.passes.lowrank import lowered_cost
+from twistc.passes.lower import lowered_cost
 from twistc.state import state_of
 from twistc.trace import shape_prop
 

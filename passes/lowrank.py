@@ -14,17 +14,14 @@ from typing import ClassVar
 
 import torch.fx as fx
 
-from twistc.convs import (ConvSite, conv_sites, feeds_output, finalize_projection, reads_input, reuse_lowered,
-                          samples_alike, tied_elsewhere, weight_groups)
+from twistc.convs import ConvSite, conv_sites, feeds_output, reads_input
 from twistc.decomp import DECOMPOSITIONS
-from twistc.decomp.cost import Cost, conv_cost
+from twistc.decomp.cost import conv_cost
 from twistc.decomp.svd import lowered
-from twistc.decomp.threads import on_free_cores
 from twistc.decomp.whiten import output_error, whitener
-from twistc.errors import PassError, RankError, SpecError, name_list
-from twistc.pipeline import Pass, PassResult
+from twistc.errors import RankError, SpecError, name_list
+from twistc.pipeline import Pass
 from twistc.plan import DATA_AWARE, FITS, LayerPlan, Layout, RankRequest, check_entry, choose
-from twistc.report import count_weights
 from twistc.state import PLANNED_DENSE, CompileState, Skip, state_of
 
 log = logging.getLogger(__name__)
@@ -197,59 +194,6 @@ class LowRankOptions(Pass):
             record.output_error = output_error(lowered(weight), lowered(factors.reconstruct()), known.covariance)
         return factors
 
-    def lowering_entry(self, gm: fx.GraphModule, site: ConvSite, state: CompileState, decomp: str,
-                       lowering: str) -> LayerPlan | Skip:
-        """For lowering passes: the entry from the layer's projection, its plan entry, or these options."""
-        projection = site.projection
-        if projection is None:
-            if site.name not in state.plan and not self.chooses_ranks:
-                return Skip("no ranks asked for: give ratio, ranks or energy, or a plan entry", weak=True)
-            entry = self.entry(gm, site, state, decomp, lowering)
-            return entry if isinstance(entry, Skip) else replace(entry, lowering=lowering)
-        trained = projection.plan
-        if trained.decomp != decomp:
-            return Skip(f"trained with decomp={trained.decomp}; lower it with the pass for {trained.decomp}")
-        if not self.selects(site.name):
-            return Skip(f"not selected by layers={self.layers}")
-        if self.chooses_ranks:
-            own = self.chosen(gm, site, decomp)
-            if isinstance(own, Skip) or own.ranks != trained.ranks:
-                raise PassError(
-                    f"layer {site.name}: {self.spec()} asks for ranks {None if isinstance(own, Skip) else own.ranks} "
-                    f"but deeptwist trained the layer with ranks {trained.ranks}; drop the rank options of {self.name}")
-        return replace(trained, lowering=lowering)
-
-    def lower_each(self, gm: fx.GraphModule, decomp: str, lowering: str, rewrite) -> PassResult:
-        """The loop of every lowering pass: for each layer with an entry, make a trained kernel exactly
-        low-rank, call `rewrite(site, entry)` to change the graph, and record the result. `rewrite` may
-        return the name of the form it chose (an im2col method or block form), which is recorded."""
-        state, sites = self.sites(gm)
-        rewrites = 0
-        with on_free_cores():
-            for group in weight_groups(gm, sites).values():
-                rewrites += self._lower_group(gm, state, group, decomp, lowering, rewrite)
-        return PassResult(gm, rewrites > 0, rewrites)
-
-    def _lower_group(self, gm, state, group, decomp, lowering, rewrite) -> int:  # one lowering per weight, reused by its other uses
-        site = group[0]
-        entry = self.lowering_entry(gm, site, state, decomp, lowering)
-        if not isinstance(entry, Skip) and not samples_alike(gm, group):
-            entry = Skip("shares its weight with convs that sample or add bias differently "
-                         f"({name_list([s.node.name for s in group])})")
-        tied = [] if isinstance(entry, Skip) else tied_elsewhere(gm, group)
-        if tied:
-            entry = Skip(f"its weight is tied to {name_list(tied)}, which would keep the dense weight: the model "
-                         "would store both; untie them to compress it")
-        if isinstance(entry, Skip):
-            state.skip(site.name, entry)
-            return 0
-        finalize_projection(gm, site)
-        form = rewrite(site, entry)
-        record_lowering(gm, state, site, entry, form)
-        for other in group[1:]:
-            reuse_lowered(gm, other, site.lowered_to)
-        return 1
-
 
 NATURAL = ("tucker", "svd")  # a layer's natural decomposition: the first of these that takes it
 
@@ -301,20 +245,3 @@ def record_plan(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
     record = state.layers[site.name]
     record.decomp, record.ranks, record.ratio_requested = entry.decomp, tuple(entry.ranks), entry.ratio
     record.skip_reason = None
-
-
-def lowered_cost(gm: fx.GraphModule, record, macs: int) -> Cost:
-    """A lowered layer's cost: the weights and constants its module stores, and `macs`."""
-    return Cost(count_weights(gm.get_submodule(record.module)), macs)
-
-
-def record_lowering(gm: fx.GraphModule, state: CompileState, site: ConvSite, entry: LayerPlan,
-                    form: str | None = None) -> None:
-    """Write a finished lowering into the plan and the layer's record."""
-    record_plan(state, site, entry)
-    record = state.layers[site.name]
-    record.lowering, record.form, record.module = entry.lowering, form, site.lowered_to
-    record.after = lowered_cost(gm, record, entry.cost(site.geometry).macs)
-    record.tiles = entry.tiling(site.geometry)
-    if site.projection is not None:
-        record.final_projection_change = float(site.projection.change)

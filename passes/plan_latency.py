@@ -46,14 +46,15 @@ from tqdm import tqdm
 
 from twistc import distributed, knapsack
 from twistc.convs import ConvSite, conv_sites
-from twistc.decomp import DECOMPOSITIONS
+from twistc.decomp import DECOMPOSITIONS, FORMS
 from twistc.decomp.cost import conv_cost
 from twistc.errors import RankError, SpecError, name_list
-from twistc.latency import BUILDERS, LayerShape, Runtime, measure_layer, model_key, model_timer, paired_medians
+from twistc.latency import Runtime, measure_layer, model_key, model_timer, paired_medians
 from twistc.latency_cache import LatencyCache
 from twistc.partial import Suffix
 from twistc.pipeline import Pass, PassResult, Pipeline, RunContext
 from twistc.plan import LayerPlan
+from twistc.passes.lower import Lowering
 from twistc.passes.lowrank import (check_choice, check_layers_pattern, first_failure, floor_reason, keeps_floor, rank_floor,
                               selected)
 from twistc.state import PLANNED_DENSE, Skip, state_of
@@ -62,8 +63,8 @@ from twistc.train import accuracy, class_scores, in_mode
 
 log = logging.getLogger(__name__)
 
-# the lowered forms whose latency can be measured, and the decomposition that owns each
-FORMS = {form: d.name for d in DECOMPOSITIONS.values() for form in d.lowerings if form in BUILDERS}
+# the forms it can choose (a tiled form needs tiles, which it does not choose) -> the decomposition of each
+PLANNABLE = {name: d.name for name, (d, _) in FORMS.items() if not d.tiled}
 DENSE = LayerPlan("none", (), "none")
 TARGETS = ("speedup", "ratio", "macs", "max_drop")
 BISECTIONS = 12  # max_drop: divergence budgets tried
@@ -98,7 +99,7 @@ class PlanLatency(Pass):
                    "device": "ort: execution provider cpu or cuda; torch and torch-compile: cpu or cuda",
                    "threads": "threads of the runtime", "batch": "batch size to measure at",
                    "channels_last": "torch runtimes: time with 4-D weights and inputs in channels-last order",
-                   "forms": f"candidate forms joined by |: {', '.join(FORMS)}",
+                   "forms": f"candidate forms joined by |: {', '.join(PLANNABLE)}",
                    "steps": "rank grid: k/steps of each mode's full rank, k = 1..steps-1",
                    "round_to": "round ranks to multiples of this (default 8 on device=cuda, else 1)",
                    "layers": "fnmatch patterns of the layers it may compress",
@@ -140,7 +141,7 @@ class PlanLatency(Pass):
             if value is not None and not 1 < value < float("inf"):
                 raise SpecError(f"plan-latency: {key} must be a finite number > 1, got {value:g}")
         for form in self.forms.split("|"):
-            check_choice(form, tuple(FORMS), "plan-latency forms")
+            check_choice(form, tuple(PLANNABLE), "plan-latency forms")
         check_choice(self.objective, ("kernel", "eval"), "plan-latency objective")
         for key, least in (("steps", 2), ("round_to", 1), ("reps", 1), ("eval_batches", 1)):
             if getattr(self, key) is not None and getattr(self, key) < least:
@@ -148,12 +149,11 @@ class PlanLatency(Pass):
         self.target()
 
     def check_complete(self, before, after) -> None:
-        later = {stage.name for stage in after}
+        lowered = {form for stage in after if isinstance(stage, Lowering) for form in stage.allowed()}
         for form in self.forms.split("|"):
-            lowering = DECOMPOSITIONS[FORMS[form]].lowering_passes[form]
-            if lowering not in later:
+            if form not in lowered:
                 rest = "|".join(f for f in self.forms.split("|") if f != form)
-                raise SpecError(f"plan-latency may choose {form}, which no later pass lowers: add {lowering} after "
+                raise SpecError(f"plan-latency may choose {form}, which no later pass lowers: add lower after "
                                 f"it{f', or give forms={rest}' if rest else ''}")
 
     def needs(self) -> tuple[str, ...]:
@@ -208,7 +208,7 @@ class PlanLatency(Pass):
         for site in tqdm(sites, desc="plan-latency: timing candidates", unit="layer", leave=False, disable=None):
             entries = [None] + (self.candidates(gm, site) if selected(self.layers, site.name) else [])
             errors = [0.0] + self.errors(gm, site, entries[1:])
-            ms = measure_layer(LayerShape.of(site, site.weight(gm).dtype), entries, runtime, cache, reps=self.reps)
+            ms = measure_layer(site.geometry, entries, runtime, cache, reps=self.reps, dtype=site.weight(gm).dtype)
             keep = [i for i in range(len(entries)) if i == 0 or ms[i] < ms[0]]  # never slower than dense
             costs = ([(0.0, 0.0)] + alone_costs(gm, site, [entries[i] for i in keep[1:]], batches, baseline)
                      if batches else [(None, None)] * len(keep))
@@ -275,8 +275,8 @@ class PlanLatency(Pass):
         g, out = site.geometry, []
         dense_params, floor = conv_cost(g).params, rank_floor(gm, site)
         for form in self.forms.split("|"):
-            decomp = FORMS[form]
-            if site.kind not in DECOMPOSITIONS[decomp].kinds_of(form) or first_failure(site, decomp):
+            decomp = PLANNABLE[form]
+            if site.kind not in FORMS[form][1].kinds or first_failure(site, decomp):
                 continue
             order = "channel-major" if DECOMPOSITIONS[decomp].matrix else None
             # where calibrate collected the layer's inputs, factors (and errors) fit the layer's output
@@ -322,7 +322,7 @@ class PlanLatency(Pass):
         more than 5% is planned again for a larger saving, in proportion to the shortfall, up to
         CHECK_ROUNDS times. Returns (picks, the measured ms of the plan, a record of the rounds), or None
         when the pipeline has no later lowering pass to lower a copy with."""
-        later = [s for s in (ctx.stages if ctx else []) if isinstance(s, Pass) and s.name.startswith("lower-")]
+        later = [s for s in (ctx.stages if ctx else []) if isinstance(s, Lowering)]
         if not later:
             return None
         speedup, rounds = self.speedup, []

@@ -98,8 +98,8 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted([".twistc-output.json", "original.onnx", "model.onnx",
                                                             "model.pt2", "report.json", "report.md"])
     report = json.loads((out / "report.json").read_text())
-    assert report["pipeline"] == ("deeptwist{decomp=natural,period=10,ratio=3},train{epochs=1},lower-conv-tucker,"
-                                  "lower-conv-svd,lower-linear-svd,fold,cleanup")
+    assert report["pipeline"] == ("deeptwist{decomp=natural,period=10,ratio=3},train{epochs=1},lower,fold,"
+                                  "cleanup")
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4", "fc"]
     assert report["layers"][-1]["skip_reason"].startswith("the model's head: it keeps a rank per output (10)")
     assert "save too little to matter" in report["layers"][0]["skip_reason"]  # conv1: 288 of 242k weights
@@ -169,7 +169,7 @@ def test_passes_lists_passes_and_presets(capsys):
     text = capsys.readouterr().out
     for name in ("deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"):
         assert name in text
-    assert "= deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup" in text
+    assert "= deeptwist{decomp=natural},train,lower,fold,cleanup" in text
 
 
 @pytest.mark.parametrize("body,message", [
@@ -249,7 +249,7 @@ def example_inputs''')
     (["--pass", "lower-conv-tucker{ranks=0x2}"], "ranks must be >= 1"),
     (["--pass", "lower-conv-tucker{ranks=8x9}"], "r_in=9 is outside 1..3"),
     (["--pass", "tucker", "--set", "colour=red"], "takes option(s) colour"),
-    (["--pass", "tucker", "--option", "colour=red"], "--option colour: no stage of the pipeline (lower-conv-tucker"),
+    (["--pass", "tucker", "--option", "colour=red"], "--option colour: no stage of the pipeline (lower, fold"),
     (["--pass", "deeptwist-tucker", "--option", "accumulate=0"], "accumulate must be >= 1"),
     (["--pass", "tucker", "--option", "accumulate"], "--option 'accumulate': write KEY=VALUE"),
 ])
@@ -436,7 +436,7 @@ def test_target_speedup_plans_by_measured_latency_and_a_missed_target_is_a_warni
     assert main(argv) == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["pipeline"].startswith("plan-latency{speedup=1.5,threads=1,cache=")
-    assert report["pipeline"].endswith("lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup")
+    assert report["pipeline"].endswith("lower,fold,cleanup")
     latency = report["latency"]
     assert latency["runtime"]["threads"] == 1 and latency["predicted_speedup"] >= 1.5
     lowered = [layer for layer in report["layers"] if layer["lowering"]]
@@ -533,7 +533,7 @@ def test_status_lines_go_to_a_terminal_only(tmp_path, capsys, monkeypatch):
     assert main(["compile", str(path), "--pass", "tucker", "-o", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err.splitlines()
     assert "twistc: running calibrate" in err  # no training, train_data(): factors fitted to the data
-    assert "twistc: running lower-conv-tucker{fit=activation,ratio=2}" in err
+    assert "twistc: running lower{fit=activation,ratio=2}" in err
     assert "twistc: exporting model.onnx and checking it in onnxruntime" in err
     assert "twistc: timing the original and the compiled model (ort cpu, 1 thread(s), batch 1)" in err
 
@@ -606,10 +606,10 @@ def test_compile_the_transformer_example_end_to_end(tmp_path):
 @pytest.mark.parametrize("spec, message", [
     ("deeptwist,lower-conv-tucker,cleanup", "deeptwist needs a train stage with epochs > 0 after it"),
     ("lower-conv-tucker,fold,train,cleanup", "fold freezes BatchNorm into the convs, so it goes after train"),
-    ("plan-latency{ratio=2,objective=eval},lower-conv-tucker,lower-conv-svd,lower-linear-svd",
+    ("plan-latency{ratio=2,objective=eval},lower",
      "uses eval_data(), which model.py does not define"),
     ("plan-latency{ratio=2},lower-conv-tucker,lower-conv-svd",
-     "may choose svd-linear, which no later pass lowers: add lower-linear-svd after it, or give "
+     "may choose svd-linear, which no later pass lowers: add lower after it, or give "
      "forms=tucker-chain|svd-conv"),
 ])
 def test_each_pass_checks_its_place_in_the_pipeline(tmp_path, capsys, spec, message):

@@ -91,9 +91,9 @@ def test_sigterm_in_the_second_stage_resumes_exactly(tmp_path):
 
 def test_handoff_preset_splits_the_epochs_and_refuses_an_empty_phase():
     assert preset_pipeline("deeptwist-tucker", 10, handoff=0.7) == (
-        "deeptwist{decomp=natural},train{epochs=7},lower-conv-tucker,lower-conv-svd,lower-linear-svd,"
+        "deeptwist{decomp=natural},train{epochs=7},lower,"
         "train{epochs=3,handoff=continue},fold,cleanup")
-    assert "lower-linear-svd,train{epochs=1,handoff=continue},fold" in preset_pipeline("deeptwist-svd", 3, handoff=0.6)
+    assert "lower,train{epochs=1,handoff=continue},fold" in preset_pipeline("deeptwist-svd", 3, handoff=0.6)
     assert handoff_epochs(0.67, None) == (2, 1)
     for fraction, epochs in ((0.9, 3), (0.0, 3), (1.0, 10), (0.5, 1)):
         with pytest.raises(SpecError, match="each needs at least 1"):

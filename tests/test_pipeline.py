@@ -33,17 +33,17 @@ def test_options_are_typed():
 
 
 def test_presets_expand():
-    assert preset_pipeline("deeptwist-tucker") == "deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
-    assert preset_pipeline("tucker") == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
-    assert preset_pipeline("tucker", epochs=2) == "lower-conv-tucker,lower-conv-svd,lower-linear-svd,train,fold,cleanup"
+    assert preset_pipeline("deeptwist-tucker") == "deeptwist{decomp=natural},train,lower,fold,cleanup"
+    assert preset_pipeline("tucker") == "lower,fold,cleanup"
+    assert preset_pipeline("tucker", epochs=2) == "lower,train,fold,cleanup"
     assert preset_pipeline("deeptwist-tucker", latency_target={"max_drop": 0.01}) == (
-        "plan-latency{max_drop=0.01},deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup")
+        "plan-latency{max_drop=0.01},deeptwist{decomp=natural},train,lower,fold,cleanup")
     with pytest.raises(SpecError, match=r"--max-drop applies to the presets.*write plan-latency\{max_drop=...\}"):
         preset_pipeline("lower-conv-svd", latency_target={"max_drop": 0.01})
     assert [s.name for s in Pipeline.parse("deeptwist-tucker").stages] == [
-        "deeptwist", "train", "lower-conv-tucker", "lower-conv-svd", "lower-linear-svd", "fold", "cleanup"]
+        "deeptwist", "train", "lower", "fold", "cleanup"]
     names = [row[0] for row in pipeline.describe()]
-    assert {"deeptwist", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"} <= set(names)
+    assert {"deeptwist", "lower", "lower-conv-tucker", "cleanup", "train", "tucker", "deeptwist-tucker"} <= set(names)
 
 
 @pytest.mark.parametrize("spec,message", [

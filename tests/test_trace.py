@@ -4,7 +4,7 @@ from torch import nn
 
 import twistc
 from twistc.errors import TraceError
-from twistc.ops import TuckerConv
+from twistc.decomp.tucker import TuckerConv
 from twistc.pipeline import Pipeline
 from models_for_tests import Net, UntraceableTop, WithUntraceableChild
 

@@ -39,7 +39,7 @@ from twistc.latency import Runtime, model_timer, paired_medians, paired_speedup
 from twistc.models import load_resnet32
 
 log = logging.getLogger("accuracy_target")
-LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
+LOWER = "lower,fold,cleanup"
 RUNTIME = Runtime("ort", "cpu", threads=1, batch=1)
 
 
@@ -68,7 +68,7 @@ def compile_plan(model: torch.nn.Module, target: str, plan_batches: list, cache:
 
 def finetuned(budget: expkit.Budget, plan: dict, held_out: np.ndarray) -> dict:
     """The plan lowered, fine-tuned the usual way, and its accuracy on the held-out test images."""
-    run = expkit.finetune_run(budget, ["lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup",
+    run = expkit.finetune_run(budget, ["lower,cleanup",
                                        budget.train_spec(0)], seed=0, plan=plan)
     correct = expkit.unpack_bools(run["test_correct"], run["test_n"])[held_out]
     return {"held_out_accuracy": float(correct.mean()), "held_out_correct": expkit.pack_bools(correct),

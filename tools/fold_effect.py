@@ -33,7 +33,7 @@ MODELS = {
 }
 COMPILES = {
     "tucker r=2": "lower-conv-tucker{ratio=2},cleanup",
-    "plan 1.5x": "plan-latency{speedup=1.5,cache=%s},lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup",
+    "plan 1.5x": "plan-latency{speedup=1.5,cache=%s},lower,cleanup",
 }
 
 

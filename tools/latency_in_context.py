@@ -26,7 +26,7 @@ from twistc.models import resnet50
 from twistc.plan import Plan
 
 log = logging.getLogger("latency_in_context")
-LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup"
+LOWER = "lower,cleanup"
 
 
 def lowered(model: torch.nn.Module, x: torch.Tensor, plan: Plan) -> torch.nn.Module:

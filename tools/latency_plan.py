@@ -52,7 +52,7 @@ MODELS = {
 SETTINGS = {"b1t1": Runtime("ort", "cpu", threads=1, batch=1), "b8t2": Runtime("ort", "cpu", threads=2, batch=8),
             "cuda-b1": Runtime("torch", "cuda", batch=1), "cuda-b32": Runtime("torch", "cuda", batch=32)}
 TARGETS = (1.25, 1.5, 2.0)
-LOWER = "lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup"
+LOWER = "lower,fold,cleanup"
 
 
 def variants(macs_of_r2: float, runtime: Runtime, cache: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """twistc: a compiler that makes trained CNNs smaller and faster by low-rank approximation.
 
     gm = twistc.trace(model, example_inputs)
-    gm = twistc.Pipeline.parse("deeptwist{ratio=4},train{epochs=3},lower-conv-tucker,cleanup").run(gm, ctx)
+    gm = twistc.Pipeline.parse("deeptwist{ratio=4},train{epochs=3},lower,cleanup").run(gm, ctx)
     twistc.export_onnx(gm, example_inputs, "model.onnx")
 
 The names below load their modules (and torch) on first use, so that the command line starts at once.

@@ -17,7 +17,7 @@ import torch
 from twistc import checkpoint, distributed
 from twistc.bench import bench, session
 from twistc.cli import options
-from twistc.decomp import DECOMPOSITIONS
+from twistc.decomp import FORMS
 from twistc.errors import SpecError, first_line, name_list
 from twistc.export import export_onnx, save_program
 from twistc.files import check_distinct, check_writable
@@ -27,6 +27,7 @@ from twistc.modelfile import load_model_file
 from twistc.outdir import OutputDir, check_output
 from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, format_value, parse_item,
                              split_items, stage_class)
+from twistc.passes.lower import Lowering
 from twistc.plan import Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
 from twistc.state import state_of
@@ -89,6 +90,12 @@ def preset_pipeline(spec: str, epochs: int | None = None, latency_target: dict |
     return ",".join(items)
 
 
+def fits_data(text: str) -> bool:
+    """Whether the pipeline item lowers layers whose decomposition can fit its factors to the data."""
+    return (issubclass(stage_class(text.split("{")[0]), Lowering)
+            and any(FORMS[f][0].data_aware for f in parse_item(text).allowed()))
+
+
 def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
     """The pipeline from --pass; the other flags fill options the spec does not write. Passes after one
     that writes the plan (deeptwist, plan-latency) take ranks, order and tiles from it, so those flags
@@ -100,13 +107,12 @@ def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
               {"max_drop": args.max_drop} if args.max_drop is not None else None)
     items = split_items(preset_pipeline(spec, args.epochs, target, args.handoff))
     names = [text.split("{")[0] for text in items]
-    fits = {name for name in names  # lowering passes of a decomposition that can fit its factors to data
-            if any(d.data_aware and name in d.lowering_passes.values() for d in DECOMPOSITIONS.values())}
+    fits = {text for text in items if fits_data(text)}
     auto = args.fit is None and has_data and bool(fits) and "train" not in names and "fit=" not in spec
     if (args.fit == "activation" or auto) and "calibrate" not in names:
         items.insert(0, "calibrate")
     for text in items:
-        fit = args.fit or ("activation" if auto and text.split("{")[0] in fits else None)
+        fit = args.fit or ("activation" if auto and text in fits else None)
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
                   "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, "fit": fit,
                   "batches": args.calib_batches, **extra}

@@ -15,8 +15,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from twistc.decomp.cost import ConvGeometry
-from twistc.ops import Im2Col, LowRankProjection, pair
+from twistc.decomp.cost import ConvGeometry, pair
+from twistc.projection import LowRankProjection
 
 _CONV_FUNCTIONS = (F.conv2d, torch.conv2d, F.conv1d, torch.conv1d)
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
@@ -33,12 +33,7 @@ class ConvSite:
     name: str                          # qualified parameter name without '.weight'
     weight_name: str                   # qualified name of the weight parameter
     bias_name: str | None
-    stride: tuple[int, int]
-    padding: tuple[int, int] | str
-    dilation: tuple[int, int]
-    groups: int
-    padding_mode: str
-    geometry: ConvGeometry
+    geometry: ConvGeometry             # its shape and sampling
     projection: LowRankProjection | None = None
     lowered_to: str | None = None  # set when a lowering replaced it: the path of the lowered module
     weight_reader: fx.Node | None = None  # the node that reads the weight, when not `node` (x @ W.T: the .T)
@@ -62,22 +57,6 @@ class ConvSite:
     def is_module(self) -> bool:
         return self.node.op == "call_module"
 
-    @property
-    def kernel(self) -> tuple[int, ...]:
-        """The kernel's spatial shape: (kh, kw), or (k,) for a Conv1d."""
-        return self.geometry.kernel[:1] if self.kind == "Conv1d" else self.geometry.kernel
-
-    def conv_args(self) -> dict:
-        """Keyword arguments of nn.Conv2d (nn.Conv1d for a Conv1d) that reproduce this conv's sampling."""
-        return conv_args(self.stride, self.padding, self.dilation, self.padding_mode, self.kind == "Conv1d")
-
-
-def conv_args(stride, padding, dilation, padding_mode: str, one_d: bool) -> dict:
-    """nn.Conv2d's sampling arguments from pairs, or nn.Conv1d's from the pairs of its (k, 1) form."""
-    if one_d:
-        padding = padding if isinstance(padding, str) else padding[:1]
-        return {"stride": stride[:1], "padding": padding, "dilation": dilation[:1], "padding_mode": padding_mode}
-    return {"stride": stride, "padding": padding, "dilation": dilation, "padding_mode": padding_mode}
 
 
 def _shape(node) -> tuple[int, ...] | None:
@@ -85,26 +64,26 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _geometry(weight: torch.Tensor, groups: int, site_in: fx.Node, node: fx.Node) -> ConvGeometry:
+def _geometry(weight: torch.Tensor, groups: int, site_in: fx.Node, node: fx.Node, sampling: tuple,
+              padding_mode: str = "zeros") -> ConvGeometry:
     """A Conv2d's geometry; a Conv1d's as the Conv2d with kernel (k, 1) over (length, 1) pixels."""
     t, s_per_group, *kernel = weight.shape
     in_shape, out_shape = _shape(site_in), _shape(node)
     pad = (1,) * (3 - len(kernel))  # (length,) -> (length, 1)
     in_hw = tuple(in_shape[2:]) + pad[1:] if in_shape else (1, 1)
     out_hw = tuple(out_shape[2:]) + pad[1:] if out_shape else (1, 1)
+    stride, padding, dilation = _sampling(*sampling, one_d=len(kernel) == 1)
     return ConvGeometry(t, s_per_group * groups, tuple(kernel) + pad[1:], groups, in_hw, out_hw,
-                        kind="Conv1d" if len(kernel) == 1 else "Conv2d")
+                        "Conv1d" if len(kernel) == 1 else "Conv2d", stride, padding, dilation, padding_mode)
 
 
 def _module_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     m = gm.get_submodule(node.target)
     if type(m) not in (nn.Conv2d, nn.Conv1d):
         return None
-    stride, padding, dilation = _sampling(m.stride, m.padding, m.dilation, type(m) is nn.Conv1d)
-    return ConvSite(
-        node, node.target, f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
-        stride, padding, dilation, m.groups, m.padding_mode, _geometry(m.weight, m.groups, node.args[0], node),
-    )
+    return ConvSite(node, node.target, f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+                    _geometry(m.weight, m.groups, node.args[0], node, (m.stride, m.padding, m.dilation),
+                              m.padding_mode))
 
 
 def _sampling(stride, padding, dilation, one_d: bool) -> tuple:
@@ -151,11 +130,9 @@ def _function_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     if operands is None or operands[0].dim() != (3 if one_d else 4):
         return None
     w, weight_name, bias_name, projection = operands
-    stride, padding, dilation = _sampling(args["stride"], args["padding"], args["dilation"], one_d)
-    return ConvSite(
-        node, _layer_name(weight_name), weight_name, bias_name, stride, padding, dilation,
-        args["groups"], "zeros", _geometry(w, args["groups"], args["input"], node), projection,
-    )
+    sampling = (args["stride"], args["padding"], args["dilation"])
+    return ConvSite(node, _layer_name(weight_name), weight_name, bias_name,
+                    _geometry(w, args["groups"], args["input"], node, sampling), projection)
 
 
 def _linear_geometry(weight: torch.Tensor, x: fx.Node) -> ConvGeometry:
@@ -195,8 +172,7 @@ def _linear_site(gm: fx.GraphModule, node: fx.Node) -> ConvSite | None:
     if w.dim() != 2:
         return None
     x = node.args[0] if node.args else node.kwargs["input"]
-    return ConvSite(node, name, weight_name, bias_name, (1, 1), (0, 0), (1, 1), 1, "zeros",
-                    _linear_geometry(w, x), projection, weight_reader=reader)
+    return ConvSite(node, name, weight_name, bias_name, _linear_geometry(w, x), projection, weight_reader=reader)
 
 
 def conv_sites(gm: fx.GraphModule) -> list[ConvSite]:
@@ -234,7 +210,8 @@ def samples_alike(gm: fx.GraphModule, sites: list[ConvSite]) -> bool:
     """Whether these convs sample their input alike and add the same bias, so that one lowered module can
     serve them all."""
     first = sites[0]
-    return all(s.conv_args() == first.conv_args() and s.groups == first.groups
+    call = lambda s: (s.geometry.conv_args(), s.geometry.groups)  # noqa: E731
+    return all(call(s) == call(first)
                and (s.bias(gm) is None) == (first.bias(gm) is None)
                and (s.bias(gm) is None or s.bias(gm) is first.bias(gm)) for s in sites)
 
@@ -246,12 +223,6 @@ def insert_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     if hasattr(owner, attr) and attr not in owner._modules:
         delattr(owner, attr)
     owner.add_module(attr, module)
-
-
-def im2col_for(site: ConvSite, order: str, method: str) -> Im2Col:
-    """The im2col of this conv's sampling (kernel, stride, padding and its mode, dilation)."""
-    return Im2Col(site.geometry.in_channels, site.geometry.kernel, site.stride, site.padding, site.dilation,
-                  site.padding_mode, order, method)
 
 
 def finalize_projection(gm: fx.GraphModule, site: ConvSite) -> None:

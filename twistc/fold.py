@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from twistc.ops import LowRankGemm
+from twistc.decomp.im2col import LowRankGemm
 
 
 def foldable_batchnorm(layer: nn.Module, bn: nn.Module, out_dims: int) -> bool:

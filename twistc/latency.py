@@ -1,7 +1,7 @@
 """Measured latency of layers and models in the runtime a user deploys to.
 
 A candidate is a layer's dense form (Conv2d, Conv1d or Linear) or one of its lowered forms (a
-LayerPlan), built with the real lowering modules (ops.TuckerConv, ops.SvdConv, ...) at the layer's
+LayerPlan), built by its form's row (twistc.decomp.FORMS) from random factors at the layer's
 real input shape. The candidates of one layer are timed together, round-robin (one run of each per
 repetition, after warm-up), so machine noise hits all of them alike; the median is kept. Medians go
 to a cache keyed by the runtime, its settings and the machine, the layer's shapes and conv
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from twistc.convs import conv_args
 from twistc.errors import SpecError, TwistcError, first_line
 from twistc.export import batched, for_onnxruntime, onnx_model
 from twistc.latency_cache import LatencyCache
-from twistc.ops import CpConv, SvdConv, SvdLinear, TuckerConv
+from twistc.decomp import FORMS
+from twistc.decomp.cost import ConvGeometry
 from twistc.plan import LayerPlan
 from twistc.report import cpu_model
 from twistc.timing import Sampling
@@ -213,64 +213,22 @@ def paired_medians(timers: list[Callable[[], float]], warmup: int = 5, reps: int
     return [statistics.median(t) for t in times]
 
 
-@dataclass(frozen=True)
-class LayerShape:
-    """What a layer's latency depends on: its kind, kernel shape, sampling and input shape. A Conv1d is
-    held as the Conv2d with kernel (k, 1) over (length, 1) pixels, a Linear layer as a 1x1 conv over
-    (tokens, 1), as ConvGeometry holds them."""
+def layer_key(g: ConvGeometry, dtype: torch.dtype) -> str:
+    """What a layer's latency depends on: its geometry (kind, kernel shape, sampling, input shape) and dtype."""
+    dtype = "" if dtype == torch.float32 else f",dtype={str(dtype).removeprefix('torch.')}"
+    if g.kind == "Linear":
+        return f"linear={g.out_channels}x{g.in_channels},tokens={g.in_hw[0]}{dtype}"
+    pad = g.padding if isinstance(g.padding, str) else "x".join(map(str, g.padding))
+    kind = "" if g.kind == "Conv2d" else f",kind={g.kind}"
+    return (f"conv={g.out_channels}x{g.in_channels // g.groups}x{g.kernel[0]}x{g.kernel[1]}"
+            f",in={g.in_channels}x{g.in_hw[0]}x{g.in_hw[1]},stride={'x'.join(map(str, g.stride))}"
+            f",pad={pad},dil={'x'.join(map(str, g.dilation))},groups={g.groups},mode={g.padding_mode}{kind}{dtype}")
 
-    out_channels: int
-    in_channels: int
-    kernel: tuple[int, int]
-    in_hw: tuple[int, int]
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] | str = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    padding_mode: str = "zeros"
-    kind: str = "Conv2d"
-    dtype: str = "float32"
 
-    @classmethod
-    def of(cls, site, dtype: torch.dtype = torch.float32) -> "LayerShape":
-        g = site.geometry
-        return cls(g.out_channels, g.in_channels, tuple(g.kernel), tuple(g.in_hw), tuple(site.stride),
-                   site.padding if isinstance(site.padding, str) else tuple(site.padding), tuple(site.dilation),
-                   site.groups, site.padding_mode, g.kind, str(dtype).removeprefix("torch."))
-
-    def key(self) -> str:
-        dtype = "" if self.dtype == "float32" else f",dtype={self.dtype}"
-        if self.kind == "Linear":
-            return f"linear={self.out_channels}x{self.in_channels},tokens={self.in_hw[0]}{dtype}"
-        pad = self.padding if isinstance(self.padding, str) else "x".join(map(str, self.padding))
-        kind = "" if self.kind == "Conv2d" else f",kind={self.kind}"
-        return (f"conv={self.out_channels}x{self.in_channels // self.groups}x{self.kernel[0]}x{self.kernel[1]}"
-                f",in={self.in_channels}x{self.in_hw[0]}x{self.in_hw[1]},stride={'x'.join(map(str, self.stride))}"
-                f",pad={pad},dil={'x'.join(map(str, self.dilation))},groups={self.groups},mode={self.padding_mode}"
-                f"{kind}{dtype}")
-
-    @property
-    def one_d(self) -> bool:
-        return self.kind == "Conv1d"
-
-    @property
-    def spatial_kernel(self) -> tuple[int, ...]:
-        return self.kernel[:1] if self.one_d else self.kernel
-
-    def conv_args(self) -> dict:
-        return conv_args(self.stride, self.padding, self.dilation, self.padding_mode, self.one_d)
-
-    def example(self, batch: int) -> torch.Tensor:
-        shape = {"Linear": (batch, self.in_hw[0], self.in_channels),
-                 "Conv1d": (batch, self.in_channels, self.in_hw[0])}.get(self.kind, (batch, self.in_channels,
-                                                                                    *self.in_hw))
-        return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(getattr(torch, self.dtype))
-
-    def dense(self) -> nn.Module:
-        if self.kind == "Linear":
-            return nn.Linear(self.in_channels, self.out_channels)
-        conv = nn.Conv1d if self.one_d else nn.Conv2d
-        return conv(self.in_channels, self.out_channels, self.spatial_kernel, groups=self.groups, **self.conv_args())
+def layer_input(g: ConvGeometry, batch: int, dtype: torch.dtype) -> torch.Tensor:
+    shape = {"Linear": (batch, g.in_hw[0], g.in_channels),
+             "Conv1d": (batch, g.in_channels, g.in_hw[0])}.get(g.kind, (batch, g.in_channels, *g.in_hw))
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
 
 
 def candidate_key(entry: LayerPlan | None) -> str:
@@ -279,51 +237,36 @@ def candidate_key(entry: LayerPlan | None) -> str:
     return f"{entry.lowering}:{'x'.join(map(str, entry.ranks))}" + (f":{entry.order}" if entry.order else "")
 
 
-# How each lowered form is built for timing: the lowering's own module, with random factors of the
-# plan entry's ranks. A new lowered form that plan-latency should consider adds one line here.
-BUILDERS: dict[str, Callable] = {
-    "tucker-chain": lambda shape, ranks, rand, bias: TuckerConv(
-        shape.conv_args(), rand(shape.out_channels, ranks[0]), rand(*ranks, *shape.spatial_kernel),
-        rand(shape.in_channels, ranks[1]), bias),
-    "svd-conv": lambda shape, ranks, rand, bias: SvdConv(
-        shape.conv_args(), shape.spatial_kernel, rand(shape.out_channels, ranks[0]),
-        rand(ranks[0], shape.in_channels * shape.kernel[0] * shape.kernel[1]), bias, "channel-major"),
-    "svd-linear": lambda shape, ranks, rand, bias: SvdLinear(
-        rand(shape.out_channels, ranks[0]), rand(ranks[0], shape.in_channels), bias),
-    "cp-chain": lambda shape, ranks, rand, bias: CpConv(
-        shape.conv_args(), rand(shape.out_channels, ranks[0]), rand(shape.in_channels, ranks[0]),
-        rand(shape.kernel[0], ranks[0]), rand(shape.kernel[1], ranks[0]), bias),
-}
-
-
-def build(shape: LayerShape, entry: LayerPlan | None) -> nn.Module:
+def build(g: ConvGeometry, entry: LayerPlan | None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The layer as it runs after lowering, in the model's dtype, with random weights (latency does not
     depend on values). Every form carries a bias, as a conv does once BatchNorm is folded into it."""
-    dtype = getattr(torch, shape.dtype)
     if entry is None:
-        return shape.dense().to(dtype)
-    if entry.lowering not in BUILDERS:
-        raise SpecError(f"latency of lowering {entry.lowering!r} cannot be measured; "
-                        f"choose forms from {', '.join(BUILDERS)}")
-    g = torch.Generator().manual_seed(0)
-    rand = lambda *s: torch.randn(*s, generator=g) * 0.1
-    return BUILDERS[entry.lowering](shape, tuple(entry.ranks), rand, rand(shape.out_channels)).to(dtype)
+        if g.kind == "Linear":
+            return nn.Linear(g.in_channels, g.out_channels).to(dtype)
+        conv = nn.Conv1d if g.one_d else nn.Conv2d
+        return conv(g.in_channels, g.out_channels, g.spatial_kernel, groups=g.groups, **g.conv_args()).to(dtype)
+    generator = torch.Generator().manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=generator) * 0.1  # noqa: E731
+    decomposition, form = FORMS[entry.lowering]
+    module, _ = form.build(g, decomposition.random_factors(g, entry, rand), rand(g.out_channels),
+                           next(iter(form.methods), None))
+    return module.to(dtype)
 
 
-def measure_layer(shape: LayerShape, entries: list[LayerPlan | None], runtime: Runtime, cache: LatencyCache,
-                  warmup: int = 5, reps: int = 25) -> list[float]:
+def measure_layer(g: ConvGeometry, entries: list[LayerPlan | None], runtime: Runtime, cache: LatencyCache,
+                  warmup: int = 5, reps: int = 25, dtype: torch.dtype = torch.float32) -> list[float]:
     """Latency (ms) of each candidate (None: the dense layer), from the cache or measured now.
 
     The dense layer is always timed with the candidates it is compared with, and so is an identity on
     the same input: its median (the runtime's per-call cost: feeding, launching, returning) is
     subtracted, so that a layer's number is closer to what it adds inside a whole model."""
-    keys = [f"{runtime.key()}|{shape.key()}|{candidate_key(e)}" for e in entries]
+    keys = [f"{runtime.key()}|{layer_key(g, dtype)}|{candidate_key(e)}" for e in entries]
     missing = [i for i, k in enumerate(keys) if cache.get(k) is None]
     if missing:
         dense = next((i for i, e in enumerate(entries) if e is None), None)
         timed = sorted(set(missing) | ({dense} if dense is not None else set()))
-        x = shape.example(runtime.batch)
-        timers = [runtime.timer(nn.Identity(), x)] + [runtime.timer(build(shape, entries[i]), x) for i in timed]
+        x = layer_input(g, runtime.batch, dtype)
+        timers = [runtime.timer(nn.Identity(), x)] + [runtime.timer(build(g, entries[i], dtype), x) for i in timed]
         samples: list[list[float]] = []
         null, *medians = paired_medians(timers, warmup, reps, samples)
         sampling = Sampling.of(samples[1:], runtime.threads)  # the candidates' ratios to the first of them

@@ -1,7 +1,7 @@
 """Pass infrastructure: passes, stages, the registry, and pipeline spec strings.
 
 A pipeline is written as a spec string, e.g.
-    deeptwist{decomp=tucker,ratio=4,period=200},train{epochs=3},lower-conv-tucker,cleanup
+    deeptwist{decomp=tucker,ratio=4,period=200},train{epochs=3},lower,cleanup
 Each item is a registered pass or stage with options in braces. Options are the fields of a
 frozen dataclass; a spec parses into those objects and prints back exactly as written. Passes map
 GraphModule -> PassResult and report honestly whether they changed anything; stages (`train`)
@@ -30,11 +30,12 @@ REGISTRY = {
     "calibrate": "twistc.passes.calibrate:Calibrate",
     "plan-latency": "twistc.passes.plan_latency:PlanLatency",
     "deeptwist": "twistc.passes.deeptwist:DeepTwist",
-    "lower-conv-tucker": "twistc.passes.lower_conv_tucker:LowerConvTucker",
-    "lower-conv-svd": "twistc.passes.lower_conv_svd:LowerConvSvd",
-    "lower-conv-tiled-lowrank": "twistc.passes.lower_conv_tiled:LowerConvTiledLowrank",
-    "lower-conv-cp": "twistc.passes.lower_conv_cp:LowerConvCp",
-    "lower-linear-svd": "twistc.passes.lower_linear_svd:LowerLinearSvd",
+    "lower": "twistc.passes.lower:Lower",
+    "lower-conv-tucker": "twistc.passes.lower_aliases:LowerConvTucker",
+    "lower-conv-svd": "twistc.passes.lower_aliases:LowerConvSvd",
+    "lower-conv-tiled-lowrank": "twistc.passes.lower_aliases:LowerConvTiledLowrank",
+    "lower-conv-cp": "twistc.passes.lower_aliases:LowerConvCp",
+    "lower-linear-svd": "twistc.passes.lower_aliases:LowerLinearSvd",
     "fold": "twistc.passes.fold:Fold",
     "cleanup": "twistc.passes.cleanup:Cleanup",
     "train": "twistc.train:Train",
@@ -43,19 +44,18 @@ REGISTRY = {
 # name -> (expansion, one-line summary). "tucker" gains ",train" when epochs > 0 (before `fold`, which
 # freezes BatchNorm into the convs).
 PRESETS = {
-    "tucker": ("lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,cleanup",
+    "tucker": ("lower,fold,cleanup",
                "conventional: Tucker-2 for kxk convs, SVD pairs for 1x1 convs, Linear layers and convs Tucker leaves, "
                "then fine-tune the decomposed model (adds train when --epochs > 0)"),
-    "deeptwist-tucker": ("deeptwist{decomp=natural},train,lower-conv-tucker,lower-conv-svd,lower-linear-svd,fold,"
-                         "cleanup",
+    "deeptwist-tucker": ("deeptwist{decomp=natural},train,lower,fold,cleanup",
                          "DeepTwist: train in the original shape with periodic projections (Tucker-2 for kxk convs, "
                          "SVD for 1x1 convs and Linear layers), then lower"),
-    "deeptwist-svd": ("deeptwist{decomp=svd},train,lower-conv-svd,lower-linear-svd,fold,cleanup",
+    "deeptwist-svd": ("deeptwist{decomp=svd},train,lower,fold,cleanup",
                       "DeepTwist with SVD of each conv's lowered (im2col) matrix and each Linear weight, lowered "
                       "to conv pairs and Linear pairs"),
-    "deeptwist-cp": ("deeptwist{decomp=cp},train,lower-conv-cp,fold,cleanup",
+    "deeptwist-cp": ("deeptwist{decomp=cp},train,lower,fold,cleanup",
                      "DeepTwist with CP projections (Lebedev et al. 2015), lowered to 1x1, kh x 1, 1 x kw and 1x1 convs"),
-    "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower-conv-tiled-lowrank,fold,cleanup",
+    "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower,fold,cleanup",
                             "DeepTwist with tiled SVD of each lowered matrix, lowered to tiled GEMMs or grouped convs"),
 }
 

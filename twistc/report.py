@@ -10,7 +10,7 @@ from torch import nn
 
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import ConvGeometry
-from twistc.state import CompileState
+from twistc.state import CompileState, Skip
 from twistc.trace import UNSUPPORTED_CONVS
 
 COLUMNS = ("layer", "shape", "lowering", "ranks", "params", "MACs", "ratio", "note")
@@ -238,27 +238,28 @@ def markdown(report: dict) -> str:
 
 
 def support_table() -> str:
-    """Layer kinds x decompositions as a markdown table, derived from twistc.decomp.DECOMPOSITIONS and the
-    layer kinds of the lowering passes."""
-    from twistc.pipeline import stage_class  # late: the passes import this module
+    """Layer kinds x decompositions as a markdown table of the forms each kind can take, and the one the `lower`
+    pass gives it when it chooses (derived from twistc.decomp.FORMS)."""
+    from twistc.passes.lower import Lower  # late: the passes import this module
 
     kinds = {"Conv2d, kh x kw > 1, groups=1": ConvGeometry(8, 8, (3, 3)), "Conv2d 1x1": ConvGeometry(8, 8, (1, 1)),
              "Conv2d grouped or depthwise": ConvGeometry(8, 8, (3, 3), groups=8),
              "Conv1d, k > 1, groups=1": ConvGeometry(8, 8, (3, 1), kind="Conv1d"),
              "Linear (nn.Linear, F.linear or x @ W.T on a parameter)": ConvGeometry(8, 8, (1, 1), kind="Linear")}
-    rows = []
+    lower, rows = Lower(), []
     for kind, g in kinds.items():
+        chosen = lower.decomp_for(g)
+        default = "dense" if isinstance(chosen, Skip) else f"`{lower.form_for(chosen, g.kind)}`"
         cells = []
         for d in DECOMPOSITIONS.values():
             reason = d.skip_reason(g)
-            passes = {f: p for f, p in d.lowering_passes.items()
-                      if g.kind in stage_class(p).kinds and g.kind in d.kinds_of(f)}
-            forms = ", ".join(f"`{f}` (`{p}`)" for f, p in passes.items())
+            forms = ", ".join(f"`{f.name}`" for f in d.forms if g.kind in f.kinds)
             cells.append(f"skipped: {reason}" if reason else forms)
-        rows.append(f"| {kind} | " + " | ".join(cells) + " |")
+        rows.append(f"| {kind} | {default} | " + " | ".join(cells) + " |")
     others = ", ".join(c.__name__ for c in UNSUPPORTED_CONVS)
-    rows.append(f"| {others} | " + " | ".join("skipped; the report names the layer kind" for _ in DECOMPOSITIONS) + " |")
-    rows.append("| Linear layers inside nn.MultiheadAttention | " + " | ".join(
+    rows.append(f"| {others} | dense | " + " | ".join("skipped; the report names the layer kind" for _ in DECOMPOSITIONS)
+                + " |")
+    rows.append("| Linear layers inside nn.MultiheadAttention | dense | " + " | ".join(
         "skipped: it runs as one fused call" for _ in DECOMPOSITIONS) + " |")
-    header = "| layer | " + " | ".join(f"`{name}`" for name in DECOMPOSITIONS) + " |"
-    return "\n".join([header, "|" + "---|" * (len(DECOMPOSITIONS) + 1), *rows])
+    header = "| layer | by default | " + " | ".join(f"`{name}`" for name in DECOMPOSITIONS) + " |"
+    return "\n".join([header, "|" + "---|" * (len(DECOMPOSITIONS) + 2), *rows])

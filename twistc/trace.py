@@ -22,7 +22,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from twistc.decomp.cost import ConvGeometry
 from twistc.errors import TraceError, first_line
-from twistc.ops import LowRankProjection, TuckerConv
+from twistc.decomp.tucker import TuckerConv
+from twistc.projection import LowRankProjection
 from twistc.state import META_KEY, CompileState, LayerRecord
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from twistc import checkpoint, distributed
 from twistc.checkpoint import rng_state, set_rng_state
 from twistc.errors import ModelFileError, NonFiniteError, SpecError, Stopped, first_line
-from twistc.ops import LowRankProjection
+from twistc.projection import LowRankProjection
 from twistc.pipeline import RunContext, Stage
 from twistc.report import cpu_model
 

@@ -1,4 +1,4 @@
-"""Every decomposition in the registry keeps the same promises."""
+"""Every decomposition and every form in the registry keeps the same promises."""
 from pathlib import Path
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import twistc
-from twistc.decomp import DECOMPOSITIONS
+from twistc.decomp import DECOMPOSITIONS, FORMS
 from twistc.decomp.cp import CpFactors
 from twistc.pipeline import Pipeline
 from twistc.report import count_weights, support_table
@@ -14,10 +14,8 @@ from twistc.state import state_of
 
 T, S = 8, 6
 X = torch.randn(2, S, 9, 9, dtype=torch.float64)
-# each decomposition at a rank where it is exact on KERNELS[name], lowered to its default form
-FULL = {"tucker": "lower-conv-tucker{ranks=8x6}", "svd": "lower-conv-svd{ranks=8}",
-        "tiled-svd": "lower-conv-tiled-lowrank{ranks=8,tile=8x18,im2col=channel-blocks}",
-        "cp": "lower-conv-cp{ranks=3}"}
+# each decomposition's options at a rank where it is exact on _kernel(name)
+FULL = {"tucker": "ranks=8x6", "svd": "ranks=8", "tiled-svd": "ranks=8,tile=8x18", "cp": "ranks=3"}
 
 
 def _kernel(name: str) -> torch.Tensor:
@@ -31,17 +29,34 @@ def test_every_decomposition_is_covered_here():
     assert set(FULL) == set(DECOMPOSITIONS)
 
 
-@pytest.mark.parametrize("name", list(DECOMPOSITIONS))
-def test_lowering_is_exact_and_costs_what_it_stores(name):
-    conv = nn.Conv2d(S, T, 3, padding=1).double().eval()
+def _layer(kind: str, name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A layer of `kind` whose weight the decomposition `name` represents exactly at FULL[name], and its input."""
+    if kind == "Linear":
+        layer, x = nn.Linear(S * 9, T), torch.randn(2, 5, S * 9, dtype=torch.float64)
+        weight = _kernel(name).reshape(T, S * 9)
+    elif kind == "Conv1d":
+        layer, x = nn.Conv1d(S, T, 3, padding=1), torch.randn(2, S, 9, dtype=torch.float64)
+        weight = torch.randn(T, S, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    else:
+        layer, x, weight = nn.Conv2d(S, T, 3, padding=1), X, _kernel(name)
+    layer = layer.double().eval()
     with torch.no_grad():
-        conv.weight.copy_(_kernel(name))
-    gm = Pipeline.parse(FULL[name]).run(twistc.trace(nn.Sequential(conv), (X,)))
-    torch.testing.assert_close(gm(X), conv(X), atol=1e-6, rtol=1e-5)
-    record = state_of(gm).layers["0"]
-    entry = state_of(gm).plan.get("0")
-    assert record.decomp == name and entry.decomp == name
-    assert entry.cost(record.geometry).params == count_weights(gm.get_submodule(record.module))
+        layer.weight.copy_(weight)
+    return layer, x
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_form_lowers_exactly_and_costs_what_it_stores(form):
+    decomposition, row = FORMS[form]
+    method = ",im2col=slices" if "slices" in row.methods else ""  # onehot im2col also stores its one-hot kernels
+    for kind in row.kinds:
+        layer, x = _layer(kind, decomposition.name)
+        spec = f"lower{{forms={form},{FULL[decomposition.name]}{method}}}"
+        gm = Pipeline.parse(spec).run(twistc.trace(nn.Sequential(layer), (x,)))
+        torch.testing.assert_close(gm(x), layer(x), atol=1e-6, rtol=1e-5)
+        record, entry = state_of(gm).layers["0"], state_of(gm).plan.get("0")
+        assert record.decomp == entry.decomp == decomposition.name and record.lowering == form
+        assert entry.cost(record.geometry).params == count_weights(gm.get_submodule(record.module))
 
 
 @pytest.mark.parametrize("name", list(DECOMPOSITIONS))
@@ -56,9 +71,7 @@ def test_a_deeptwist_trained_layer_lowers_exactly(name):
     spec = f"deeptwist{{decomp={name},ratio=2,period=2{layout}}},train{{epochs=1}}"
     gm = Pipeline.parse(spec).run(twistc.trace(net, (x,)), ctx)
     trained = gm.eval()(x)  # eval: a training-mode forward would count as a DeepTwist step
-    d = DECOMPOSITIONS[name]
-    lower = d.lowering_passes[d.lowerings[0]]
-    gm = Pipeline.parse(f"{lower},cleanup").run(gm)
+    gm = Pipeline.parse("lower,cleanup").run(gm)
     assert {r.decomp for r in state_of(gm).layers.values()} == {name}
     torch.testing.assert_close(gm(x), trained, atol=1e-4, rtol=1e-4)
 

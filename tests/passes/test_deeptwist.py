@@ -5,7 +5,7 @@ from torch import nn
 
 import twistc
 from twistc.errors import NonFiniteError
-from twistc.ops import LowRankProjection
+from twistc.projection import LowRankProjection
 from twistc.passes.deeptwist import DeepTwist
 from twistc.pipeline import Pipeline, RunContext
 from twistc.plan import LayerPlan

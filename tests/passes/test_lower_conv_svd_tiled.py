@@ -7,7 +7,8 @@ from torch import nn
 import twistc
 from twistc.decomp.svd import lowered, unlowered
 from twistc.decomp.tiling import TileGrid, tiled_svd
-from twistc.ops import ChannelBlockConv, LowRankGemm, SvdConv, TapBlockGemm
+from twistc.decomp.im2col import ChannelBlockConv, LowRankGemm, TapBlockGemm
+from twistc.decomp.tiled_svd import SvdConv
 from twistc.pipeline import Pipeline
 from twistc.report import layer_rows
 from models_for_tests import CONV_CASES, FunctionalConv, Net

@@ -4,8 +4,8 @@ from torch import nn
 
 import twistc
 from twistc.decomp.tucker import tucker2
-from twistc.ops import TuckerConv
-from twistc.passes.lower_conv_tucker import LowerConvTucker
+from twistc.decomp.tucker import TuckerConv
+from twistc.passes.lower_aliases import LowerConvTucker
 from twistc.pipeline import Pipeline
 from models_for_tests import CONV_CASES, FunctionalConv, Net
 

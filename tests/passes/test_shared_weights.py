@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from twistc import Pipeline, state_of, trace
-from twistc.ops import LowRankProjection, TuckerConv
+from twistc.decomp.tucker import TuckerConv
+from twistc.projection import LowRankProjection
 from twistc.report import build_report
 from twistc.train import train
 

@@ -1,18 +1,19 @@
-"""What a decomposition is to the rest of twistc.
+"""What a decomposition and a lowered form are to the rest of twistc.
 
 Each decomposition is one `Decomposition` object in its own file under twistc/decomp/, listed in
-`twistc.decomp.DECOMPOSITIONS`. The plan, the passes, DeepTwist's projection, plan-latency and the
-report ask it, and nothing else, for: which layers it applies to (and why not), how it chooses ranks,
-how it reconstructs a kernel at those ranks (the DeepTwist step), what its lowered forms cost, and the
-lowered forms themselves (the passes named in `lowerings`). Adding one means one file here and, for a
-new lowered form, one pass file and one module in `twistc.ops`.
+`twistc.decomp.DECOMPOSITIONS`, and each of its lowered forms one `Form` row in its `forms`. The plan,
+the `lower` pass, DeepTwist's projection, plan-latency and the report ask them, and nothing else, for:
+which layers a decomposition applies to (and why not), how it chooses ranks, how it fits factors and
+reconstructs a kernel at those ranks (the DeepTwist step), what its forms cost, and the module each
+form puts in a layer's place. Adding a decomposition, or a form, touches its own file only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
+from torch import nn
 
 from twistc.decomp.cost import ConvGeometry, Cost
 from twistc.defaults import DEFAULT_RATIO  # noqa: F401  (the decompositions' default, re-exported)
@@ -59,26 +60,57 @@ class Reconstructed:
         return self.kernel
 
 
+@dataclass(frozen=True)
+class Form:
+    """One lowered form: the module that replaces a layer, built from its decomposition's factors.
+
+    `build(g, factors, bias, method)` returns that module for a layer of geometry `g`, and the name of the
+    implementation it took (None when it has one only); its children run one after another in the graph
+    when `chain`, else the module is called whole. `methods`: the exact implementations it can choose
+    from (the lower pass's im2col=), the default first."""
+
+    name: str
+    kinds: tuple[str, ...]
+    build: Callable[..., tuple[nn.Module, str | None]]
+    summary: str
+    chain: bool = True
+    methods: tuple[str, ...] = ()
+
+
+def conv_class(spatial: int) -> type[nn.Module]:
+    """nn.Conv1d for a kernel of one spatial dim (a Conv1d's lowering), else nn.Conv2d."""
+    return nn.Conv1d if spatial == 1 else nn.Conv2d
+
+
+def pointwise(matrix: torch.Tensor, spatial: int) -> torch.Tensor:
+    """A [out, in] matrix as the weight of a 1x1 (or size-1) conv with `spatial` spatial dims."""
+    return matrix.reshape(*matrix.shape, *(1,) * spatial)
+
+
+@torch.no_grad()
+def copy_into(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value)
+
+
 class Decomposition:
     """One decomposition. `entry` arguments are LayerPlans with `decomp == self.name`."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
-    lowering_passes: ClassVar[dict[str, str]]  # its lowered forms (the default first) -> the pass that makes each
-    form_kinds: ClassVar[dict[str, tuple[str, ...]]] = {}  # forms that take only some of `kinds`
+    forms: ClassVar[tuple[Form, ...]]       # its lowered forms, the default first
     kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it takes
     matrix: ClassVar[bool] = False          # works on the lowered matrix K[T, S*kh*kw] (order matters)
     tiled: ClassVar[bool] = False           # ... split into tiles (tile= or grid=)
     data_aware: ClassVar[bool] = False      # fits factors to a layer's input statistics (fit=activation)
+    poor_fit: ClassVar[float | None] = None  # a lowering whose fit removes more of the kernel's norm is a warning
 
     @property
     def lowerings(self) -> tuple[str, ...]:
-        """Its lowered forms, the default first."""
-        return tuple(self.lowering_passes)
+        """Its lowered forms' names, the default first."""
+        return tuple(f.name for f in self.forms)
 
-    def kinds_of(self, form: str) -> tuple[str, ...]:
-        """The layer kinds a lowered form takes."""
-        return self.form_kinds.get(form, self.kinds)
+    def form(self, name: str) -> Form:
+        return next(f for f in self.forms if f.name == name)
 
     def skip_reason(self, g: ConvGeometry) -> str | None:
         """Why a layer of this geometry cannot take this decomposition, or None."""
@@ -114,6 +146,11 @@ class Decomposition:
     def tiling(self, g: ConvGeometry, entry) -> dict | None:
         """How it tiles the lowered matrix (2-D decompositions), for the report."""
         return None
+
+    def random_factors(self, g: ConvGeometry, entry, rand) -> object:
+        """Factors of the entry's shapes with values from `rand(*shape)`: what a latency measurement builds a
+        form from (its time does not depend on the values)."""
+        raise NotImplementedError
 
     def rank_grid(self, g: ConvGeometry, steps: int, rounded) -> list[tuple[int, ...]]:
         """Candidate ranks for plan-latency: k/steps of each mode's full rank, k = 1..steps-1, passed

@@ -1,4 +1,5 @@
-"""Cost model of a conv and of its lowered forms: weight parameters and MACs per sample.
+"""A layer's geometry (one type for every layer kind), and the cost model of a conv and of its lowered forms:
+weight parameters and MACs per sample.
 
 Parameters count weights only (no bias), which is how compression ratios are defined throughout.
 MACs are multiply-accumulates for one input sample; FLOPs, where reported, are 2 x MACs.
@@ -10,7 +11,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Shape facts of one 2-D convolution, or of a Linear layer seen as a 1x1 conv over its tokens."""
+    """What a layer's call is: its shape and sampling. A Conv1d is held as the Conv2d with kernel (k, 1) over
+    (length, 1) pixels, a Linear layer as a 1x1 conv over (tokens, 1)."""
 
     out_channels: int
     in_channels: int
@@ -18,11 +20,38 @@ class ConvGeometry:
     groups: int = 1
     in_hw: tuple[int, int] = (1, 1)
     out_hw: tuple[int, int] = (1, 1)
-    kind: str = "Conv2d"  # or "Linear": a 1x1 conv over (tokens, 1) "pixels"
+    kind: str = "Conv2d"  # or "Conv1d" (kernel (k, 1) over (length, 1)), "Linear" (1x1 over (tokens, 1))
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    padding_mode: str = "zeros"
 
     @property
     def taps(self) -> int:
         return self.kernel[0] * self.kernel[1]
+
+    @property
+    def one_d(self) -> bool:
+        return self.kind == "Conv1d"
+
+    @property
+    def spatial_kernel(self) -> tuple[int, ...]:
+        """The kernel's own shape: (kh, kw), or (k,) for a Conv1d."""
+        return self.kernel[:1] if self.one_d else self.kernel
+
+    def conv_args(self) -> dict:
+        """Keyword arguments of nn.Conv2d (nn.Conv1d for a Conv1d) that reproduce the layer's sampling."""
+        if self.one_d:
+            padding = self.padding if isinstance(self.padding, str) else self.padding[:1]
+            return {"stride": self.stride[:1], "padding": padding, "dilation": self.dilation[:1],
+                    "padding_mode": self.padding_mode}
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation,
+                "padding_mode": self.padding_mode}
+
+
+def pair(v) -> tuple[int, int] | str:
+    """A conv's stride, padding or dilation as a pair (a padding string as it is)."""
+    return v if isinstance(v, str) else ((v, v) if isinstance(v, int) else tuple(v))
 
 
 @dataclass(frozen=True)

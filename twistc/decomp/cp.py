@@ -6,6 +6,9 @@ lowered to 1x1 (S->R), a depthwise kh x 1 conv, a depthwise 1 x kw conv and 1x1 
 convs whose weights are the four factors. The fit is tensorly's `parafac` (ALS from an SVD start) in
 float64. CP's fit can be poor at low rank (ALS finds a local optimum), so the lowering records its
 relative error and warns when it removes more than half of the kernel's norm.
+
+Form `cp-chain`:
+    conv(x, W) + b  ->  conv1x1(dw_1xkw(dw_khx1(conv1x1(x, U_S^T), U_h), U_w), U_T) + b
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from dataclasses import dataclass
 import tensorly as tl
 import torch
 from tensorly.decomposition import parafac
+from torch import nn
 
-from twistc.decomp.base import DEFAULT_RATIO, Decomposition
-from twistc.decomp.cost import ConvGeometry, Cost, conv_cost
+from twistc.decomp.base import DEFAULT_RATIO, Decomposition, Form, copy_into
+from twistc.decomp.cost import ConvGeometry, Cost, conv_cost, pair
 from twistc.errors import RankError, SpecError
 
 Tensor = torch.Tensor
@@ -62,11 +66,45 @@ def cp_cost(g: ConvGeometry, rank: int) -> Cost:
     return Cost(rank * (g.in_channels + kh + kw + g.out_channels), macs)
 
 
+class CpConv(nn.Sequential):
+    """The CP chain: 1x1 (S->R), depthwise kh x 1 and 1 x kw (each R channels), 1x1 (R->T, with the bias).
+
+    The depthwise convs split the original sampling by axis: the kh x 1 conv takes the row stride,
+    padding and dilation, the 1 x kw conv the column ones. Padding columns commutes with a conv along
+    the rows, so this equals the 2-D padding in every padding mode.
+    """
+
+    def __init__(self, conv_args: dict, out: Tensor, inp: Tensor, rows: Tensor, cols: Tensor, bias: Tensor | None):
+        (t, r), s, kh, kw = out.shape, inp.shape[0], rows.shape[0], cols.shape[0]
+        like = {"dtype": out.dtype, "device": out.device}
+        stride, padding, dilation = (pair(conv_args[k]) for k in ("stride", "padding", "dilation"))
+        mode = conv_args.get("padding_mode", "zeros")
+        pad_rows, pad_cols = (padding, padding) if padding == "same" else ((padding[0], 0), (0, padding[1]))
+        super().__init__()
+        self.add_module("reduce", nn.Conv2d(s, r, 1, bias=False, **like))
+        self.add_module("rows", nn.Conv2d(r, r, (kh, 1), stride=(stride[0], 1), padding=pad_rows,
+                                          dilation=(dilation[0], 1), groups=r, bias=False, padding_mode=mode, **like))
+        self.add_module("cols", nn.Conv2d(r, r, (1, kw), stride=(1, stride[1]), padding=pad_cols,
+                                          dilation=(1, dilation[1]), groups=r, bias=False, padding_mode=mode, **like))
+        self.add_module("expand", nn.Conv2d(r, t, 1, bias=bias is not None, **like))
+        copy_into(self.reduce.weight, inp.T[:, :, None, None])
+        copy_into(self.rows.weight, rows.T[:, None, :, None])
+        copy_into(self.cols.weight, cols.T[:, None, None, :])
+        copy_into(self.expand.weight, out[:, :, None, None])
+        if bias is not None:
+            copy_into(self.expand.bias, bias)
+
+
+def _cp_chain(g, f: CpFactors, bias, method=None):
+    return CpConv(g.conv_args(), f.out, f.inp, f.rows, f.cols, bias), None
+
+
 class Cp(Decomposition):
     name = "cp"
     summary = ("CP (Lebedev et al. 2015), lowered to 1x1 (S->R) -> depthwise kh x 1 -> depthwise 1 x kw -> "
                "1x1 (R->T)")
-    lowering_passes = {"cp-chain": "lower-conv-cp"}
+    forms = (Form("cp-chain", ("Conv2d",), _cp_chain, "1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1 convs"),)
+    poor_fit = 0.5  # ALS at low rank can stop far from the kernel
 
     def skip_reason(self, g):
         if g.taps == 1 and g.kind == "Conv2d":
@@ -97,6 +135,10 @@ class Cp(Decomposition):
 
     def cost(self, g, entry):
         return cp_cost(g, entry.ranks[0])
+
+    def random_factors(self, g, entry, rand):
+        r, (kh, kw) = entry.ranks[0], g.kernel
+        return CpFactors(rand(g.out_channels, r), rand(g.in_channels, r), rand(kh, r), rand(kw, r))
 
     def rank_grid(self, g, steps, rounded):
         top = min(cp_max_rank(g), conv_cost(g).params // cp_cost(g, 1).params)  # as many weights as the conv

@@ -5,13 +5,18 @@ kh x kw conv and a 1x1 conv, or im2col and two matrix products).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from twistc.decomp.base import DEFAULT_RATIO, Decomposition
+import torch
+from torch import nn
+
+from twistc.decomp.base import DEFAULT_RATIO, Decomposition, Form, conv_class, copy_into, pointwise
+from twistc.decomp.im2col import ChannelBlockConv, Im2Col, LowRankGemm, TapBlockGemm
 from twistc.decomp.cost import lowrank_cost
 from twistc.decomp.rank import rank_for_energy, vbmf_weakened
 from twistc.decomp.svd import LowRank, lowered, singular_energies, truncated_svd, truncation_errors, unlowered
-from twistc.decomp.tiling import TileGrid, rank_for_ratio, tiled_svd
+from twistc.decomp.tiling import TileGrid, TiledLowRank, rank_for_ratio, tiled_svd
 from twistc.decomp.whiten import whitened_svd, whitened_truncation_errors
 from twistc.errors import RankError, SpecError
 
@@ -24,10 +29,89 @@ def check_matrix_rank(grid: TileGrid, ranks: tuple[int, ...]) -> int:
     return int(ranks[0])
 
 
+@dataclass(frozen=True)
+class LoweredLowRank:
+    """Factors of a kernel's lowered matrix (whole, or per tile); `reconstruct()` gives the kernel."""
+
+    low_rank: LowRank | TiledLowRank
+    shape: tuple[int, ...]
+    order: str
+
+    def reconstruct(self):
+        return unlowered(self.low_rank.reconstruct(), self.shape, self.order)
+
+    def tiled(self) -> TiledLowRank:
+        """The factors as tiles (one tile when they are whole)."""
+        if isinstance(self.low_rank, TiledLowRank):
+            return self.low_rank
+        shape = (self.low_rank.u.shape[0], self.low_rank.v.shape[1])
+        return TiledLowRank(TileGrid.of(shape, None, None), {(0, 0): self.low_rank}, shape)
+
+
+class SvdConv(nn.Sequential):
+    """K ~= U V as two convs: kh x kw (S->r, the rows of V as kernels), then 1x1 (r->T, U, the bias)."""
+
+    def __init__(self, conv_args: dict, kernel: tuple[int, ...], u: torch.Tensor, v: torch.Tensor,
+                 bias: torch.Tensor | None, order: str):
+        r, s = v.shape[0], v.shape[1] // math.prod(kernel)
+        like = {"dtype": v.dtype, "device": v.device}
+        conv = conv_class(len(kernel))
+        super().__init__()
+        self.add_module("reduce", conv(s, r, tuple(kernel), bias=False, **conv_args, **like))
+        self.add_module("expand", conv(r, u.shape[0], 1, bias=bias is not None, **like))
+        copy_into(self.reduce.weight, unlowered(v, (r, s, *kernel), order))
+        copy_into(self.expand.weight, pointwise(u, len(kernel)))
+        if bias is not None:
+            copy_into(self.expand.bias, bias)
+
+
+class SvdLinear(nn.Sequential):
+    """W ~= U V as two Linear layers: in -> r (V), then r -> out (U, the bias)."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+        like = {"dtype": u.dtype, "device": u.device}
+        super().__init__()
+        self.add_module("reduce", nn.Linear(v.shape[1], v.shape[0], bias=False, **like))
+        self.add_module("expand", nn.Linear(u.shape[1], u.shape[0], bias=bias is not None, **like))
+        copy_into(self.reduce.weight, v)
+        copy_into(self.expand.weight, u)
+        if bias is not None:
+            copy_into(self.expand.bias, bias)
+
+
+IM2COL = Im2Col.METHODS
+BLOCKS = {"channel-blocks": ChannelBlockConv, "tap-blocks": TapBlockGemm}
+
+
+def _svd_conv(g, f: LoweredLowRank, bias, method=None):
+    return SvdConv(g.conv_args(), g.spatial_kernel, f.low_rank.u, f.low_rank.v, bias, f.order), None
+
+
+def _svd_linear(g, f: LoweredLowRank, bias, method=None):
+    return SvdLinear(f.low_rank.u, f.low_rank.v, bias), None
+
+
+def _svd_im2col(g, f: LoweredLowRank, bias, method=IM2COL[0]):
+    return LowRankGemm(Im2Col.of(g, f.order, method), f.tiled(), bias), method
+
+
+def _tiled_lowrank(g, f: LoweredLowRank, bias, method="auto"):
+    tiles = f.tiled()
+    if method == "auto":
+        method = "channel-blocks" if ChannelBlockConv.fits(f.order, g.kernel, tiles.grid) else IM2COL[0]
+    if method not in BLOCKS:
+        return LowRankGemm(Im2Col.of(g, f.order, method), tiles, bias), method
+    try:
+        return BLOCKS[method](Im2Col.of(g, f.order, "slices"), tiles, bias), method
+    except ValueError as e:
+        raise ValueError(f"{e}; use im2col=onehot for it") from None
+
+
 class TiledSvd(Decomposition):
     name = "tiled-svd"
     summary = "truncated SVD of each tile of the lowered matrix, lowered to im2col and tiled GEMMs or grouped convs"
-    lowering_passes = {"tiled-lowrank": "lower-conv-tiled-lowrank"}
+    forms = (Form("tiled-lowrank", ("Conv2d",), _tiled_lowrank, "im2col and tiled GEMMs, or grouped convs",
+                  chain=False, methods=("auto", *IM2COL, *BLOCKS)),)
     matrix = True
     tiled = True
 
@@ -52,10 +136,20 @@ class TiledSvd(Decomposition):
     def check_ranks(self, g, entry):
         return (check_matrix_rank(self.grid(g, entry), tuple(entry.ranks)),)
 
-    def reconstruct(self, weight, entry, stats=None):
+    def fit(self, weight, entry, stats=None):
         k = lowered(weight, entry.order)
-        factors = tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0])
-        return unlowered(factors.reconstruct(), tuple(weight.shape), entry.order)
+        return LoweredLowRank(tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0]), tuple(weight.shape),
+                              entry.order)
+
+    def random_factors(self, g, entry, rand):
+        grid, r = self.grid(g, entry), entry.ranks[0]
+        tiles = {}
+        for i, j, rows, cols in grid.tiles():
+            h, w = rows.stop - rows.start, cols.stop - cols.start
+            tiles[i, j] = LowRank(rand(h, min(r, h, w)), rand(min(r, h, w), w))
+        shape = (g.out_channels, g.in_channels * g.taps)
+        return LoweredLowRank(TiledLowRank(grid, tiles, shape), (g.out_channels, g.in_channels, *g.spatial_kernel),
+                              entry.order or "channel-major")
 
     def cost(self, g, entry):
         return lowrank_cost(g, self.grid(g, entry).factor_params(entry.ranks[0]))
@@ -69,9 +163,11 @@ class TiledSvd(Decomposition):
 class Svd(TiledSvd):
     name = "svd"
     summary = "truncated SVD of the lowered matrix, lowered to a kh x kw conv and a 1x1 conv (or im2col and GEMMs)"
-    lowering_passes = {"svd-conv": "lower-conv-svd", "svd-im2col": "lower-conv-svd", "svd-linear": "lower-linear-svd"}
     kinds = ("Conv2d", "Conv1d", "Linear")
-    form_kinds = {"svd-conv": ("Conv2d", "Conv1d"), "svd-im2col": ("Conv2d",), "svd-linear": ("Linear",)}
+    forms = (Form("svd-conv", ("Conv2d", "Conv1d"), _svd_conv, "kh x kw conv -> 1x1 conv"),
+             Form("svd-im2col", ("Conv2d",), _svd_im2col, "im2col -> two matrix products", chain=False,
+                  methods=IM2COL),
+             Form("svd-linear", ("Linear",), _svd_linear, "Linear (in->r) -> Linear (r->out)"))
     tiled = False
     data_aware = True
 
@@ -98,8 +194,10 @@ class Svd(TiledSvd):
             low = whitened_svd(k, stats.in_order(tuple(weight.shape), entry.order), entry.ranks[0])
         return LoweredLowRank(low or truncated_svd(k, entry.ranks[0]), tuple(weight.shape), entry.order)
 
-    def reconstruct(self, weight, entry, stats=None):
-        return Decomposition.reconstruct(self, weight, entry, stats)
+    def random_factors(self, g, entry, rand):
+        r = entry.ranks[0]
+        return LoweredLowRank(LowRank(rand(g.out_channels, r), rand(r, g.in_channels * g.taps)),
+                              (g.out_channels, g.in_channels, *g.spatial_kernel), entry.order or "channel-major")
 
     def errors(self, weight, entries, stats=None):
         """Each entry's relative error, from one spectrum per column order and fit among the entries."""
@@ -113,15 +211,3 @@ class Svd(TiledSvd):
             for i, error in zip(mine, errors):
                 out[i] = error
         return out
-
-
-@dataclass(frozen=True)
-class LoweredLowRank:
-    """Factors of a kernel's lowered matrix; `reconstruct()` gives the kernel."""
-
-    low_rank: LowRank
-    shape: tuple[int, ...]
-    order: str
-
-    def reconstruct(self):
-        return unlowered(self.low_rank.reconstruct(), self.shape, self.order)

@@ -1,4 +1,4 @@
-"""Tucker-2 of a conv kernel over its output- and input-channel modes.
+"""Tucker-2 of a conv kernel over its output- and input-channel modes, and its lowered form.
 
     W[T,S,kh,kw] ~= G[r_out,r_in,kh,kw] x_0 U_out[T,r_out] x_1 U_in[S,r_in]
 
@@ -7,6 +7,10 @@ computed as eigenvectors of the unfolding's Gram matrix (T x T or S x S), which 
 an SVD of the wide unfolding (tools/bench_tucker.py measures both against tensorly's
 partial_tucker). HOOI then alternates: each factor is re-fitted with the other fixed, which never
 increases the error. Work happens in float64; results come back in the weight's dtype.
+
+Form `tucker-chain` (Kim et al. 2016):
+    conv(x, W) + b  ->  conv1x1(conv_khxkw(conv1x1(x, U_in^T), G), U_out) + b
+The core keeps the original stride, padding (mode included) and dilation; the bias moves to the last 1x1.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from dataclasses import dataclass
 import tensorly as tl
 import torch
 from tensorly.tenalg import multi_mode_dot
+from torch import nn
 
-from twistc.decomp.base import DEFAULT_RATIO, Decomposition
+from twistc.decomp.base import DEFAULT_RATIO, Decomposition, Form, conv_class, copy_into, pointwise
 from twistc.decomp.cost import tucker_chain_cost
 from twistc.decomp.svd import lowered
 from twistc.decomp.whiten import output_error, tucker2_whitened
@@ -129,12 +134,38 @@ def tucker_ranks_for_energy(weight: Tensor, energy: float) -> tuple[int, int]:
     return tuple(rank_for_energy(mode_energies(weight, mode), energy) for mode in (0, 1))
 
 
+class TuckerConv(nn.Sequential):
+    """The Tucker-2 chain: 1x1 (S->r_in), kh x kw (r_in->r_out), 1x1 (r_out->T, with the bias).
+
+    The reducing 1x1 runs before padding and stride; it commutes with every padding mode because
+    it mixes channels pixel by pixel and padding copies or zeroes pixels channel by channel.
+    """
+
+    def __init__(self, conv_args: dict, u_out: Tensor, core: Tensor, u_in: Tensor, bias: Tensor | None):
+        r_out, r_in, *kernel = core.shape
+        like = {"dtype": core.dtype, "device": core.device}  # the model's own dtype and device
+        conv = conv_class(len(kernel))
+        super().__init__()
+        self.add_module("reduce", conv(u_in.shape[0], r_in, 1, bias=False, **like))
+        self.add_module("core", conv(r_in, r_out, tuple(kernel), bias=False, **conv_args, **like))
+        self.add_module("expand", conv(r_out, u_out.shape[0], 1, bias=bias is not None, **like))
+        copy_into(self.reduce.weight, pointwise(u_in.T, len(kernel)))
+        copy_into(self.core.weight, core)
+        copy_into(self.expand.weight, pointwise(u_out, len(kernel)))
+        if bias is not None:
+            copy_into(self.expand.bias, bias)
+
+
+def _tucker_chain(g, f: Tucker2, bias, method=None):
+    return TuckerConv(g.conv_args(), f.u_out, f.core, f.u_in, bias), None
+
+
 class Tucker(Decomposition):
     name = "tucker"
     summary = ("Tucker-2 over the channel modes, lowered to 1x1 (S->r_in) -> kh x kw (r_in->r_out) -> 1x1 (r_out->T); "
                "for a Conv1d, the same chain of Conv1d layers")
-    lowering_passes = {"tucker-chain": "lower-conv-tucker"}
     kinds = ("Conv2d", "Conv1d")
+    forms = (Form("tucker-chain", kinds, _tucker_chain, "1x1 -> kh x kw -> 1x1 convs"),)
 
     def skip_reason(self, g):
         if g.taps == 1 and g.kind in self.kinds:
@@ -169,6 +200,10 @@ class Tucker(Decomposition):
 
     def cost(self, g, entry):
         return tucker_chain_cost(g, tuple(entry.ranks))
+
+    def random_factors(self, g, entry, rand):
+        (r_out, r_in) = entry.ranks
+        return Tucker2(rand(r_out, r_in, *g.spatial_kernel), rand(g.out_channels, r_out), rand(g.in_channels, r_in))
 
     def rank_grid(self, g, steps, rounded):
         top_out, top_in = tucker_max_ranks(g)
