@@ -105,6 +105,7 @@ class DeepTwist(LowRankOptions):
                 state.skip(site.name, entry)
                 continue
             record_plan(state, site, entry)
+            state.layers[site.name].projected = True
             projection = LowRankProjection(site.name, site.weight_name, state.plan, self.period, self.late_period,
                                            self.late_after, self.target_change,
                                            input_stats(state, site.name, entry, self.name))

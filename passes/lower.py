@@ -126,15 +126,14 @@ class Lowering(LowRankOptions):
         """Put the entry's form in the layer's place and record what happened."""
         decomposition, form = FORMS[entry.lowering]
         projection, weight = site.projection, site.weight(gm)
-        if projection is not None and projection.holds(weight):
-            factors = projection.fitted  # the kernel is their reconstruction: reused, exact, and no refit
-        else:
-            factors = self.factors(gm, site, entry)
+        # a trained kernel is its projection's reconstruction: those factors are reused, exact, with no refit
+        reused = projection.fitted if projection is not None and projection.holds(weight) else None
+        factors = self.factors(gm, site, entry, reused)
         record = state.layers[site.name]
-        if projection is None:
+        if decomposition.poor_fit is not None:  # a fit that can be poor records its kernel error, and warns
             record.approx_error = float(torch.linalg.vector_norm(weight - factors.reconstruct())
                                         / torch.linalg.vector_norm(weight).clamp_min(1e-30))
-            if decomposition.poor_fit is not None and record.approx_error > decomposition.poor_fit:
+            if record.approx_error > decomposition.poor_fit:
                 log.warning("warning: layer %s: %s at ranks %s fits poorly (it removes %.0f%% of the kernel's norm); "
                             "raise the ranks or use another decomposition", site.name, entry.decomp,
                             "x".join(map(str, entry.ranks)), 100 * record.approx_error)
@@ -143,7 +142,7 @@ class Lowering(LowRankOptions):
             module, method = form.build(site.geometry, factors, site.bias(gm), method)
         except ValueError as e:
             raise PassError(f"layer {site.name}: {e}") from None
-        path = lowered_path(gm, site, entry.decomp.replace("-", "_"))
+        path = lowered_path(gm, site, entry.decomp.split("-")[0])  # conv_tucker, conv_tiled, ...
         (replace_with_chain if form.chain else replace_with_module)(gm, site, path, module)
         record_plan(state, site, entry)
         record.lowering, record.form, record.module = entry.lowering, method, site.lowered_to

@@ -180,13 +180,14 @@ class LowRankOptions(Pass):
             entry = replace(entry, fit="activation")
         return entry
 
-    def factors(self, gm: fx.GraphModule, site: ConvSite, entry: LayerPlan):
+    def factors(self, gm: fx.GraphModule, site: ConvSite, entry: LayerPlan, fitted=None):
         """The layer's factors under its entry: fitted to its input statistics when the entry says
-        fit=activation (calibrate must have collected them), else to its kernel. The layer's record gets the
-        fit it got and, where there are statistics and the lowering approximates, its relative output error."""
+        fit=activation (calibrate must have collected them), else to its kernel; `fitted`, factors already
+        fitted under the entry (a DeepTwist projection's), are reused. The layer's record gets the fit it got
+        and, where there are statistics and the lowering approximates, its relative output error."""
         state, weight = state_of(gm), site.weight(gm)
         stats = input_stats(state, site.name, entry, self.name)
-        factors = entry.factors(weight, stats)
+        factors = fitted if fitted is not None else entry.factors(weight, stats)
         record, known = state.layers[site.name], state.calibration.get(site.name)
         record.fit = "activation" if stats is not None else (
             "weight" if entry.fit != "activation" else f"weight ({DEGENERATE})")
@@ -240,8 +241,6 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
 
 
 def record_plan(state: CompileState, site: ConvSite, entry: LayerPlan) -> None:
-    """Write the layer's decision into the plan and its record."""
+    """Write the layer's decision into the plan; a layer acted on has no skip reason."""
     state.plan.set(site.name, entry)
-    record = state.layers[site.name]
-    record.decomp, record.ranks, record.ratio_requested = entry.decomp, tuple(entry.ranks), entry.ratio
-    record.skip_reason = None
+    state.layers[site.name].skip_reason = None

@@ -63,8 +63,9 @@ from twistc.train import accuracy, class_scores, in_mode
 
 log = logging.getLogger(__name__)
 
-# the forms it can choose (a tiled form needs tiles, which it does not choose) -> the decomposition of each
-PLANNABLE = {name: d.name for name, (d, _) in FORMS.items() if not d.tiled}
+# the forms it can choose -> the decomposition of each: those built one way only (it chooses no im2col
+# method or tiling, which change what a form stores and how fast it runs)
+PLANNABLE = {name: d.name for name, (d, form) in FORMS.items() if not form.methods}
 DENSE = LayerPlan("none", (), "none")
 TARGETS = ("speedup", "ratio", "macs", "max_drop")
 BISECTIONS = 12  # max_drop: divergence budgets tried

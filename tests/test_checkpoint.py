@@ -80,7 +80,7 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, stop_at
     reference, ref_result = _run(None, optimizer=optimizer, amp=amp)
     with pytest.raises(Stopped) as stopped:
         _run(tmp_path, stop_at=stop_at, optimizer=optimizer, amp=amp)
-    assert stopped.value.signum == signal.SIGTERM and "--resume" in stopped.value.message
+    assert stopped.value.signum == signal.SIGTERM and "continue with resume=True" in stopped.value.message
     assert (tmp_path / checkpoint.FILE).is_file()
     if amp == "fp16":
         assert 1 < torch.load(tmp_path / checkpoint.FILE, weights_only=True)["scaler"]["scale"] < 2.0 ** 24
@@ -167,7 +167,7 @@ def test_the_best_weights_of_keep_best_survive_a_stop(tmp_path, monkeypatch):
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     _run(tmp_path, epochs=1)
-    with pytest.raises(CheckpointError, match="pass --resume"):
+    with pytest.raises(CheckpointError, match=r"pass resume=True to continue it, or choose another folder \(checkpoint=DIR\)"):
         _run(tmp_path)
     gm = trace(_model(), (torch.randn(1, 3, 8, 8),))  # no deeptwist: another structure
     cp = Checkpointing(tmp_path, checkpoint.identity("deeptwist,train", gm), resume=True)
@@ -242,7 +242,7 @@ def test_cli_stops_with_a_checkpoint_and_resumes(tmp_path):
     assert first.returncode == 130, first.stderr
     assert "stopped by SIGINT; checkpoint saved in" in first.stderr and not (tmp_path / "out").exists()
     again = subprocess.run(common + ["-o", str(tmp_path / "out")], capture_output=True, text=True, env=env)
-    assert again.returncode == 2 and "pass --resume" in again.stderr
+    assert again.returncode == 2 and "pass --resume" in again.stderr and "(--checkpoint DIR)" in again.stderr
     resumed = subprocess.run(common + ["-o", str(tmp_path / "out"), "--resume"], capture_output=True, text=True,
                              env=env)
     assert resumed.returncode == 0, resumed.stderr

@@ -87,7 +87,7 @@ def bench(paths: list[str], batch: int = 1, threads: int = 1, provider: str = "c
     if runtime != "ort":
         device = provider if provider != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
-            raise TwistcError("this torch sees no CUDA device; bench on --provider cpu")
+            raise TwistcError("this torch sees no CUDA device; bench on <option:provider>")
         target = Runtime(runtime, device, threads, batch)
         timers = [_program_timer(p, target) for p in paths]
         provider, machine = target.device, target.machine()

@@ -92,7 +92,7 @@ def load(directory: Path, name: str = FILE) -> dict | None:
         payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({first_line(e)}); it is damaged or not a twistc "
-                              "checkpoint: remove it or choose another --checkpoint") from None
+                              "checkpoint: remove it or choose another folder (<option:checkpoint>)") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a twistc checkpoint of format {FORMAT}")
     return payload
@@ -104,4 +104,4 @@ def check_belongs(payload: dict, expected: dict, where: Path) -> None:
         if payload["identity"][key] != expected[key]:
             raise CheckpointError(f"checkpoint {where} was written by another {what} "
                                   f"({payload['identity'][key]!r}, this run: {expected[key]!r}); "
-                                  "resume with the same settings or choose another --checkpoint")
+                                  "resume with the same settings or choose another folder (<option:checkpoint>)")

@@ -15,8 +15,12 @@ import threading
 import traceback
 
 from twistc.defaults import DEFAULT_RATIO
-from twistc.errors import SpecError, Stopped, TwistcError
+from twistc.errors import SpecError, Stopped, TwistcError, spell_options
 from twistc.files import WRITE_ERRNOS
+
+# the flag that sets each option an error message names (twistc.errors.spell_options)
+FLAGS = {"resume": "--resume", "checkpoint": "--checkpoint DIR", "lr": "--lr", "atol": "--atol", "rtol": "--rtol",
+         "cache": "--latency-cache PATH", "provider": "--provider cpu"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return getattr(commands, f"{args.command}_command")(args)
     except KeyboardInterrupt as e:
-        return _stopped(getattr(e, "signum", signal.SIGINT), getattr(e, "message", ""))
+        return _stopped(getattr(e, "signum", signal.SIGINT), spell_options(getattr(e, "marked", ""), FLAGS))
     except TwistcError as e:
         if _signals_received:  # a library turned the stop into an error of its own
             return _stopped(_signals_received[-1])
-        print(f"twistc: error: {e}", file=sys.stderr)
+        print(f"twistc: error: {spell_options(e.marked, FLAGS)}", file=sys.stderr)
         return 2
     except Exception as e:
         if _signals_received:

@@ -1,8 +1,28 @@
-"""Errors that twistc reports to the user as one line (the CLI prints them without a traceback)."""
+"""Errors that twistc reports to the user as one line (the CLI prints them without a traceback).
+
+A message that tells the user to set an option marks it `<option:NAME>`; the message reads it as the
+Python API spells it (API_SPELLING), and the CLI swaps in its own flag (`cli.FLAGS`)."""
+from __future__ import annotations
+
+import re
+
+API_SPELLING = {"resume": "resume=True", "checkpoint": "checkpoint=DIR", "lr": "lr", "atol": "atol", "rtol": "rtol",
+                "cache": "plan-latency{cache=PATH}", "provider": "provider='cpu'"}
+_OPTION = re.compile(r"<option:(\w+)>")
+
+
+def spell_options(text: str, spelling: dict[str, str] | None = None) -> str:
+    """`text` with each <option:NAME> as `spelling` writes it (default: the Python API's)."""
+    names = {**API_SPELLING, **(spelling or {})}
+    return _OPTION.sub(lambda m: names.get(m.group(1), m.group(1)), text)
 
 
 class TwistcError(Exception):
-    """Base class: the message is complete and meant for the user."""
+    """Base class: the message is complete and meant for the user; `marked` keeps its option marks."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(spell_options(message))
+        self.marked = message
 
 
 class SpecError(TwistcError):
@@ -37,9 +57,9 @@ class Stopped(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; `signum` says which (the exit status is 128 + signum)."""
 
     def __init__(self, signum: int, message: str = ""):
-        super().__init__(message)
+        super().__init__(spell_options(message))
         self.signum = signum
-        self.message = message
+        self.message, self.marked = spell_options(message), message
 
 
 def first_line(e: BaseException) -> str:

@@ -223,7 +223,7 @@ def check_onnx(module: nn.Module, example_inputs: tuple, path: str | Path, atol:
                 raise ExportCheckError(
                     f"{path}: onnxruntime differs from PyTorch by up to {diff:.3g} at batch {batch}, where the "
                     f"outputs reach {float(np.max(np.abs(e), initial=0.0)):.3g} (atol={atol:g} of that, "
-                    f"rtol={rtol:g}); raise the tolerance with --atol/--rtol if this is expected")
+                    f"rtol={rtol:g}); raise the tolerance with <option:atol>/<option:rtol> if this is expected")
             if e.size and np.ptp(e) == 0:
                 notes.append(f"the model's output is constant ({float(e.flat[0]):.3g} everywhere), so the check "
                              "cannot tell a right export from a wrong one")

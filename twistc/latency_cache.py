@@ -41,7 +41,7 @@ def _read(path: Path) -> dict[str, dict]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"latency cache {path} cannot be read ({getattr(e, 'strerror', None) or e}); "
-                        "choose another --latency-cache") from None
+                        "choose another (<option:cache>)") from None
     if not text.strip():
         return {}
     try:
@@ -50,7 +50,7 @@ def _read(path: Path) -> dict[str, dict]:
         data = None
     if not (isinstance(data, dict) and data.get("format") in (1, FORMAT) and isinstance(data.get("entries"), dict)):
         raise SpecError(f"{path} is not a twistc latency cache; twistc will not write over it: choose another "
-                        "--latency-cache path")
+                        "path (<option:cache>)")
     entries = {}
     for key, value in data["entries"].items():
         entry = value if isinstance(value, dict) else {"ms": value}  # format 1: medians without a record
@@ -85,7 +85,7 @@ class LatencyCache:
         self.distrusted = 0  # entries measured again because their record was not trustworthy
 
     @staticmethod
-    def check(path: str | Path | None, flag: str = "--latency-cache") -> None:
+    def check(path: str | Path | None, flag: str = "latency cache") -> None:
         """Refuse, before any work, a cache path that cannot be written or holds something else; `flag`
         names the option that gave the path in the message."""
         _read(check_writable(path or default_cache_path(), flag, folder=False))

@@ -46,7 +46,7 @@ REGISTRY = {
 PRESETS = {
     "tucker": ("lower,fold,cleanup",
                "conventional: Tucker-2 for kxk convs, SVD pairs for 1x1 convs, Linear layers and convs Tucker leaves, "
-               "then fine-tune the decomposed model (adds train when --epochs > 0)"),
+               "then fine-tune the decomposed model (adds train when epochs > 0)"),
     "deeptwist-tucker": ("deeptwist{decomp=natural},train,lower,fold,cleanup",
                          "DeepTwist: train in the original shape with periodic projections (Tucker-2 for kxk convs, "
                          "SVD for 1x1 convs and Linear layers), then lower"),

@@ -48,7 +48,7 @@ def versions() -> dict:
 def build_report(state: CompileState, *, pipeline: str, original: nn.Module, compiled: nn.Module,
                  **sections) -> dict:
     """Layers, totals, plan and versions; `sections` (onnx, training, accuracy, ...) are added as given."""
-    layers = [record.to_json() for record in state.layers.values()]
+    layers = [record.to_json(state.plan.get(name)) for name, record in state.layers.items()]
     owned = [layer for layer in layers if not layer["shared_with"]]  # a shared weight counts once
     totals = {key: sum(layer[key] for layer in owned) for key in
               ("params_before", "params_after", "macs_before", "macs_after", "flops_before", "flops_after")}

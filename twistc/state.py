@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from twistc.decomp.cost import ConvGeometry, Cost, conv_cost
-from twistc.plan import Plan
+from twistc.plan import LayerPlan, Plan
 
 META_KEY = "twistc"
 PLANNED_DENSE = "left dense by the plan"
@@ -26,15 +26,14 @@ class Skip:
 
 @dataclass
 class LayerRecord:
-    """One conv of the original model and what the passes did to it."""
+    """One conv of the original model and what the passes did to it; what was decided for it (its
+    decomposition, ranks, layout) is its plan entry, `CompileState.plan`."""
 
     name: str
     geometry: ConvGeometry
-    lowering: str | None = None
+    lowering: str | None = None  # the form it was lowered to
+    projected: bool = False  # trained under a DeepTwist projection
     skip_reason: str | None = None
-    decomp: str | None = None
-    ranks: tuple[int, ...] | None = None
-    ratio_requested: float | None = None
     after: Cost | None = None
     form: str | None = None   # the im2col method or block form a 2-D lowering used
     tiles: dict | None = None  # 2-D lowerings: LayerPlan.tiling()
@@ -56,8 +55,11 @@ class LayerRecord:
     def current(self) -> Cost:
         return self.after if self.after is not None else self.before
 
-    def to_json(self) -> dict:
+    def to_json(self, entry: LayerPlan | None = None) -> dict:
+        """The layer in report.json; `entry` (its plan entry) gives its decomposition and ranks where a pass
+        acted on it."""
         g, before, now = self.geometry, self.before, self.current
+        acted = entry if (self.lowering or self.projected) and entry is not None else None
         return {
             "name": self.name,
             "kind": g.kind,
@@ -65,13 +67,13 @@ class LayerRecord:
             "groups": g.groups,
             "in_hw": list(g.in_hw),
             "out_hw": list(g.out_hw),
-            "decomp": self.decomp,
+            "decomp": acted and acted.decomp,
             "lowering": self.lowering,
             "form": self.form,
             "skip_reason": None if self.lowering else (
                 f"shares its weight with {self.shared_with}" if self.shared_with else self.skip_reason),
-            "ranks": list(self.ranks) if self.ranks else None,
-            "ratio_requested": self.ratio_requested,
+            "ranks": list(acted.ranks) if acted and acted.ranks else None,
+            "ratio_requested": acted and acted.ratio,
             "ratio_achieved": before.params / now.params,
             "params_before": before.params,
             "params_after": now.params,

@@ -240,7 +240,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                 bar.close()
                 _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
                 raise Stopped(stop[0] if stop else signal.SIGTERM,
-                              f"checkpoint saved in {checkpointing.directory}; continue with --resume")
+                              f"checkpoint saved in {checkpointing.directory}; continue with <option:resume>")
             if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
                     and at["batch"] != per_epoch:  # the epoch's end saves anyway
                 _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
@@ -443,7 +443,7 @@ def _forward_backward(module, net, projected: list[LowRankProjection], optimizer
         where = _first_nonfinite_parameter(module)
         raise NonFiniteError(f"training stopped at step {step}: loss is {loss.item()}"
                              + (f", parameter {where} is not finite" if where else "")
-                             + "; lower --lr or raise the ranks")
+                             + "; lower <option:lr> or raise the ranks")
     scaler.scale(loss).backward()
     return loss.item(), distorted
 
@@ -496,8 +496,8 @@ def _resume(cp: Checkpointing, module, optimizer, scaler) -> dict | None:
             log.warning("no checkpoint %s in %s yet; training from the start", cp.name, cp.directory)
         return None
     if not cp.resume:
-        raise checkpoint.CheckpointError(f"{cp.directory} already holds a checkpoint; pass --resume to continue "
-                                         "it, or choose another --checkpoint folder")
+        raise checkpoint.CheckpointError(f"{cp.directory} already holds a checkpoint; pass <option:resume> to "
+                                         "continue it, or choose another folder (<option:checkpoint>)")
     checkpoint.check_belongs(payload, cp.identity, cp.directory)
     module.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
@@ -679,9 +679,9 @@ class Train(Stage):
                    "after each distortion", "recalibrate_bn": "batches for re-estimating BatchNorm statistics "
                    "after the final projection", "rectify_bn": "batches for re-estimating BatchNorm statistics "
                    "after every distortion (BN rectification)",
-                   "checkpoint": "folder for checkpoints (else --checkpoint)",
-                   "checkpoint_every": "also save a checkpoint every that many optimizer steps (else "
-                   "--checkpoint-every; 0: at epoch ends only)",
+                   "checkpoint": "folder for checkpoints (else the run's)",
+                   "checkpoint_every": "also save a checkpoint every that many optimizer steps (else the run's "
+                   "setting; 0: at epoch ends only)",
                    "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
                    "amp": "none, bf16 (the forward under bfloat16 autocast), or fp16 (float16 autocast with "
                    "gradient scaling)",
@@ -790,7 +790,8 @@ class Train(Stage):
         folder = self.checkpoint or ctx.checkpoint
         every = self.checkpoint_every or ctx.checkpoint_every
         if every and not folder:
-            raise SpecError("train: checkpoint_every needs a folder to save into: checkpoint=DIR or --checkpoint DIR")
+            raise SpecError("train: checkpoint_every needs a folder to save into: train{checkpoint=DIR} or "
+                            "<option:checkpoint>")
         previous = ctx.results.get("train")
         if self.handoff != "none" and previous is None:
             raise SpecError(f"train{{handoff={self.handoff}}} continues an earlier train stage; none ran before it")

@@ -1,4 +1,5 @@
 """Every decomposition and every form in the registry keeps the same promises."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,9 @@ from torch import nn
 import twistc
 from twistc.decomp import DECOMPOSITIONS, FORMS
 from twistc.decomp.cp import CpFactors
+from twistc.convs import conv_sites
+from twistc.latency import build, layer_input
+from twistc.passes.plan_latency import PLANNABLE, PlanLatency
 from twistc.pipeline import Pipeline
 from twistc.report import count_weights, support_table
 from twistc.state import state_of
@@ -55,8 +59,30 @@ def test_every_form_lowers_exactly_and_costs_what_it_stores(form):
         gm = Pipeline.parse(spec).run(twistc.trace(nn.Sequential(layer), (x,)))
         torch.testing.assert_close(gm(x), layer(x), atol=1e-6, rtol=1e-5)
         record, entry = state_of(gm).layers["0"], state_of(gm).plan.get("0")
-        assert record.decomp == entry.decomp == decomposition.name and record.lowering == form
+        assert entry.decomp == decomposition.name and record.lowering == entry.lowering == form
         assert entry.cost(record.geometry).params == count_weights(gm.get_submodule(record.module))
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_plan_latency_offers_every_untiled_form_and_times_what_it_builds(form):
+    """plan-latency's candidates come from the table: every form built one way only (no im2col method or tiling
+    to choose) is offered for each of its kinds, and the module it times stores what the candidate's cost says."""
+    decomposition, row = FORMS[form]
+    assert (form in PLANNABLE) == (not row.methods)
+    if row.methods:
+        return
+    for kind in row.kinds:  # 64 channels: large enough that every form saves weights; a layer after it: no head
+        layer, x = {"Linear": (nn.Linear(64, 64), torch.randn(1, 5, 64)),
+                    "Conv1d": (nn.Conv1d(64, 64, 3, padding=1), torch.randn(1, 64, 9)),
+                    "Conv2d": (nn.Conv2d(64, 64, 3, padding=1), torch.randn(1, 64, 9, 9))}[kind]
+        gm = twistc.trace(nn.Sequential(layer, nn.ReLU(), copy.deepcopy(layer)), (x,))
+        site = conv_sites(gm)[0]
+        offered = PlanLatency(speedup=2, forms=form).candidates(gm, site)
+        assert offered and {e.lowering for e in offered} == {form}
+        for entry in offered:
+            module = build(site.geometry, entry)
+            module(layer_input(site.geometry, 1, torch.float32))
+            assert count_weights(module) == entry.cost(site.geometry).params
 
 
 @pytest.mark.parametrize("name", list(DECOMPOSITIONS))
@@ -72,7 +98,7 @@ def test_a_deeptwist_trained_layer_lowers_exactly(name):
     gm = Pipeline.parse(spec).run(twistc.trace(net, (x,)), ctx)
     trained = gm.eval()(x)  # eval: a training-mode forward would count as a DeepTwist step
     gm = Pipeline.parse("lower,cleanup").run(gm)
-    assert {r.decomp for r in state_of(gm).layers.values()} == {name}
+    assert {e.decomp for e in state_of(gm).plan.layers.values()} == {name}
     torch.testing.assert_close(gm(x), trained, atol=1e-4, rtol=1e-4)
 
 

@@ -38,9 +38,9 @@ def test_rank_vbmf_chooses_each_layers_ranks():
                           + 0.01 * torch.randn(32, 16, 3, 3))
     gm = twistc.trace(nn.Sequential(conv), (torch.randn(1, 16, 8, 8),))
     gm = Pipeline.parse("lower-conv-tucker{rank=vbmf}").run(gm)
-    assert state_of(gm).layers["0"].ranks == (6, 4)
+    assert state_of(gm).plan.get("0").ranks == (6, 4)
     gm = Pipeline.parse("lower-conv-svd{rank=vbmf}").run(twistc.trace(nn.Sequential(conv), (torch.randn(1, 16, 8, 8),)))
-    assert state_of(gm).layers["0"].ranks == (6,)  # the lowered matrix's rank is the output mode's
+    assert state_of(gm).plan.get("0").ranks == (6,)  # the lowered matrix's rank is the output mode's
 
 
 @pytest.mark.parametrize("spec, message", [

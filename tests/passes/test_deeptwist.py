@@ -96,8 +96,9 @@ def test_lowered_model_equals_projected_model(functional):
     gm = Pipeline.parse("lower-conv-tucker,cleanup").run(gm)
     assert not any(isinstance(m, LowRankProjection) for m in gm.modules())
     torch.testing.assert_close(gm(X), projected, atol=1e-5, rtol=1e-5)
-    layers = twistc.state_of(gm).layers
-    assert all(layers[name].ranks == r and layers[name].lowering == "tucker-chain" for name, r in ranks.items())
+    state = twistc.state_of(gm)
+    assert all(state.plan.get(name).ranks == r and state.layers[name].lowering == "tucker-chain"
+               for name, r in ranks.items())
 
 
 def test_train_stage_counts_steps_and_distortions_and_calls_train_data_each_epoch():

@@ -43,15 +43,15 @@ def test_a_head_with_few_classes_is_never_cut_below_its_output_count(spec):
 def test_an_rgb_stem_keeps_its_three_input_channels():
     state = _run("lower-conv-tucker{ratio=2}")
     stem, body = state.layers["stem"], state.layers["body"]
-    assert stem.lowering is None or stem.ranks[1] == 3, (stem.ranks, stem.skip_reason)
-    assert body.lowering == "tucker-chain" and body.ranks[1] < 32
+    assert stem.lowering is None or state.plan.get("stem").ranks[1] == 3, stem.skip_reason
+    assert body.lowering == "tucker-chain" and state.plan.get("body").ranks[1] < 32
     if stem.lowering is None:
         assert stem.skip_reason.startswith("the model's stem: it keeps its 3 input channels")
 
 
 def test_explicit_ranks_are_taken_as_given():
     state = _run("lower-linear-svd{ranks=2,layers=head}")
-    assert state.layers["head"].ranks == (2,)
+    assert state.plan.get("head").ranks == (2,)
 
 
 def test_an_overshooting_ratio_is_a_warning(caplog):

@@ -98,7 +98,7 @@ def test_x_matmul_w_transposed_is_a_linear_layer():
     assert [layers[n].lowering for n in ("w", "v")] == ["svd-linear", "svd-linear"]  # v, the head: explicit ranks
     assert not any(n.op == "get_attr" for n in gm.graph.nodes)  # the weights and their .T are gone
     full = Pipeline.parse("lower-linear-svd{ranks=4},cleanup").run(twistc.trace(model, (X,)))
-    assert state_of(full).layers["v"].ranks == (4,)
+    assert state_of(full).plan.get("v").ranks == (4,)
 
     class Mean(nn.Module):  # scores per sequence, for the train stage
         def __init__(self, inner):

@@ -102,7 +102,7 @@ def test_meets_a_reachable_target_with_the_least_error(table, tmp_path):
     for speedup in (1.2, 1.5, 2.0):
         other, _ = _run(f"plan-latency{{speedup={speedup},cache={tmp_path / 'c.json'}}}")
         errs = sum(r.approx_error ** 2 for r in state_of(other).layers.values() if r.approx_error is not None)
-        assert (errs <= total * (1 + 1e-6)) == (speedup <= 1.5)  # the lowering re-measures in float32
+        assert (errs <= total + 1e-12) == (speedup <= 1.5)
 
 
 def test_prediction_subtracts_savings_when_layers_alone_cost_more_than_in_the_model(table, tmp_path, monkeypatch):
@@ -142,9 +142,8 @@ def test_the_plan_is_consumed_unchanged_by_deeptwist_and_the_lowerings(table, tm
     gm = Pipeline.parse("lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup").run(gm)
     torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
     for name, entry in planned.items():
-        record = state.layers[name]
-        assert (record.lowering, record.ranks) == ((entry.lowering, entry.ranks) if entry.decomp != "none"
-                                                   else (None, None))
+        assert state.layers[name].lowering == (entry.lowering if entry.decomp != "none" else None)
+        assert state.plan.get(name) == entry
 
 
 def test_ranks_are_multiples_of_8_on_cuda_unless_told_otherwise():
@@ -437,7 +436,7 @@ def test_conv1d_and_linear_layers_are_timed_planned_and_lowered_as_planned(table
     assert {e.lowering for e in planned.values()} >= {"svd-linear"} and "conv" in planned
     gm = Pipeline.parse("lower,cleanup").run(gm)
     for name, entry in planned.items():
-        assert (state.layers[name].lowering, state.layers[name].ranks) == (entry.lowering, entry.ranks)
+        assert state.layers[name].lowering == entry.lowering and state.plan.get(name) == entry
 
 
 def test_cp_chains_are_timed_and_planned_when_asked_for(table, tmp_path):
