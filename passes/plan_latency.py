@@ -59,7 +59,7 @@ from twistc.passes.lowrank import (check_choice, check_layers_pattern, first_fai
                               selected)
 from twistc.state import PLANNED_DENSE, Skip, state_of
 from twistc.timing import Sampling
-from twistc.train import accuracy, class_scores, in_mode
+from twistc.evaluation import accuracy, class_scores, in_mode
 
 log = logging.getLogger(__name__)
 

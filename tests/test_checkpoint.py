@@ -18,7 +18,8 @@ from twistc import checkpoint
 from twistc.checkpoint import CheckpointError
 from twistc.errors import ModelFileError, Stopped
 from twistc.report import cpu_model
-from twistc.train import Checkpointing, projections, train
+from twistc.resume import Checkpointing
+from twistc.train import projections, train
 
 
 def _model():

@@ -7,7 +7,8 @@ import torch
 from test_checkpoint import Data, _deeptwist_model, _run
 from twistc import checkpoint
 from twistc.errors import Stopped
-from twistc.train import Checkpointing, projections, train
+from twistc.resume import Checkpointing
+from twistc.train import projections, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU here")
 

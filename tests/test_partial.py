@@ -7,7 +7,7 @@ from twistc import trace
 from twistc.convs import conv_sites
 from twistc.models.resnet_cifar import resnet_cifar
 from twistc.partial import Suffix, readers
-from twistc.train import in_mode
+from twistc.evaluation import in_mode
 
 from tests.passes.test_shared_weights import Tied, Twice
 

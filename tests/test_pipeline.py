@@ -8,7 +8,7 @@ from twistc.errors import PassError, SpecError
 from twistc.commands import preset_pipeline
 from twistc.pipeline import Pass, PassResult, Pipeline
 from twistc.passes.deeptwist import DeepTwist
-from twistc.train import Train
+from twistc.passes.train import Train
 from models_for_tests import Net
 
 

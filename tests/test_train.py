@@ -9,7 +9,8 @@ from torch import nn
 from models_for_tests import tiny_deeptwist_cnn
 from twistc import Pipeline, RunContext, trace
 from twistc.errors import SpecError
-from twistc.train import _pace, accuracy, final_projection, projections, train
+from twistc.evaluation import accuracy
+from twistc.train import _pace, final_projection, projections, train
 
 train_module = importlib.import_module("twistc.train")  # twistc.train is also the function
 

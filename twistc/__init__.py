@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _HOMES = {"TwistcError": "twistc.errors", "export_onnx": "twistc.export", "Pass": "twistc.pipeline",
           "PassResult": "twistc.pipeline", "Pipeline": "twistc.pipeline", "RunContext": "twistc.pipeline",
           "LayerPlan": "twistc.plan", "Plan": "twistc.plan", "state_of": "twistc.state", "trace": "twistc.trace",
-          "accuracy": "twistc.train", "final_projection": "twistc.train", "train": "twistc.train"}
+          "accuracy": "twistc.evaluation", "final_projection": "twistc.train", "train": "twistc.train"}
 __all__ = list(_HOMES)
 
 

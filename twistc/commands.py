@@ -32,7 +32,7 @@ from twistc.plan import Plan
 from twistc.report import build_report, layer_rows, markdown, summary_lines, text_table
 from twistc.state import state_of
 from twistc.trace import trace
-from twistc.train import accuracy
+from twistc.evaluation import accuracy
 
 log = logging.getLogger(__name__)
 

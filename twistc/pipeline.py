@@ -38,7 +38,7 @@ REGISTRY = {
     "lower-linear-svd": "twistc.passes.lower_aliases:LowerLinearSvd",
     "fold": "twistc.passes.fold:Fold",
     "cleanup": "twistc.passes.cleanup:Cleanup",
-    "train": "twistc.train:Train",
+    "train": "twistc.passes.train:Train",
 }
 
 # name -> (expansion, one-line summary). "tucker" gains ",train" when epochs > 0 (before `fold`, which

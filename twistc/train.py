@@ -1,37 +1,36 @@
-"""Training: the `train` pipeline stage, accuracy, and DeepTwist's final projection.
+"""Training: the loop the `train` stage runs (passes/train.py), its hyperparameters (TrainConfig), and
+DeepTwist's final projection.
 
 Any training loop drives DeepTwist (the projections act inside forward); this one is what the
 CLI uses: SGD with Nesterov momentum, cosine learning-rate decay, a tqdm bar with loss and the
 distortion count. A non-finite loss or weight stops it with a message naming the step and layer.
+Stopping and resuming live in twistc/resume.py, accuracy in twistc/evaluation.py.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import random
 import signal
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from twistc import checkpoint, distributed
+from twistc import distributed, resume
 from twistc.checkpoint import rng_state, set_rng_state
 from twistc.errors import ModelFileError, NonFiniteError, SpecError, Stopped, first_line
+from twistc.evaluation import check_targets, class_scores, correct_and_seen, in_mode
 from twistc.projection import LowRankProjection
-from twistc.pipeline import RunContext, Stage
 from twistc.report import cpu_model
+from twistc.resume import Checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,98 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the learning rate's factor when a fraction `done` of the run is behind
 SCHEDULES = {"cosine": lambda done: 0.5 * (1 + math.cos(math.pi * done)), "linear": lambda done: 1 - done,
              "constant": lambda done: 1.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The hyperparameters of a training run, shared by train() and the `train` stage (whose options they are).
+
+    `reset_momentum`: after a step that projected weights, clear those weights' momentum, so the velocity
+    gathered before the distortion does not push them off the projection. `optimizer`: "sgd" (Nesterov
+    momentum) or "adamw" (decoupled weight decay; `momentum` is beta1). `amp="bf16"`: the forward runs under
+    bfloat16 autocast; weights, optimizer state and DeepTwist's projections stay float32. `amp="fp16"`:
+    float16 autocast, and a gradient scaler (checkpointed) keeps small gradients from flushing to zero; a
+    step whose gradients overflow is skipped and the scale halved. `rectify_bn`: after each step that
+    projected weights, re-estimate BatchNorm statistics on that many batches of train_data() (BN
+    rectification, as LRPET does after pruning, arXiv 2204.05566), leaving the random streams as they were,
+    so a resumed run stays exact. `warmup`: the learning rate rises linearly over the first that many steps
+    (times the schedule). `accumulate`: each optimizer step averages the gradients of that many batches
+    (fewer at an epoch's end); DeepTwist's step counter, the schedule, checkpoints and stops go by optimizer
+    steps. `keep_best`: training ends with the weights of the best evaluation (see BestWeights).
+    `distill`, `temperature`: knowledge distillation: the loss is (1 - distill) times the labels'
+    cross-entropy plus distill * temperature^2 times the KL divergence from the teacher's softened outputs
+    (Hinton et al. 2015)."""
+
+    option_help: ClassVar[dict[str, str]] = {
+        "epochs": "passes over train_data()", "lr": "peak learning rate",
+        "schedule": "the learning rate's decay: cosine (to 0), linear (to 0) or constant",
+        "momentum": "SGD's Nesterov momentum, or AdamW's beta1", "weight_decay": "weight decay",
+        "seed": "seeds torch, numpy and random",
+        "reset_momentum": "clear projected weights' momentum after each distortion",
+        "recalibrate_bn": "batches for re-estimating BatchNorm statistics after the final projection",
+        "rectify_bn": "batches for re-estimating BatchNorm statistics after every distortion (BN rectification)",
+        "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
+        "amp": "none, bf16 (the forward under bfloat16 autocast), or fp16 (float16 autocast with gradient scaling)",
+        "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)",
+        "warmup": "optimizer steps over which the learning rate rises linearly from 0",
+        "clip_grad": "largest global L2 norm of the gradients (0: no clipping)",
+        "accumulate": "batches whose mean gradient makes one optimizer step (DeepTwist's S_D counts optimizer "
+                      "steps)",
+        "eval_every": "epochs between evaluations on eval_data() during training, as trained and low-rank (0: none)",
+        "keep_best": "end with the weights of the best evaluation (low-rank accuracy under DeepTwist); needs "
+                     "eval_every",
+        "distill": "weight of knowledge distillation from the original model, in [0, 1] (0: labels only)",
+        "temperature": "distillation's softening temperature"}
+
+    epochs: int = 3
+    lr: float = 0.01
+    schedule: str = "cosine"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    reset_momentum: bool = False
+    recalibrate_bn: int = 0
+    rectify_bn: int = 0
+    optimizer: str = "sgd"
+    device: str = "cpu"
+    amp: str = "none"
+    channels_last: bool = False
+    warmup: int = 0
+    clip_grad: float = 0.0
+    accumulate: int = 1
+    eval_every: int = 0
+    keep_best: bool = False
+    distill: float = 0.0
+    temperature: float = 4.0
+
+    def __post_init__(self):
+        if self.epochs < 0:
+            raise SpecError(f"epochs must be >= 0, got {self.epochs}")
+        if self.amp not in ("none", *AMP_DTYPES):
+            raise SpecError(f"train: amp must be none, bf16 or fp16, got {self.amp!r}")
+        if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
+            raise SpecError(f"train: device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "cpu" and not torch.cuda.is_available():
+            raise SpecError(f"train: device={self.device}, but this torch sees no CUDA device; use device=cpu")
+        if self.keep_best and not self.eval_every:
+            raise SpecError("train: keep_best chooses among the evaluations of eval_every=N; give eval_every too")
+        if self.accumulate < 1:
+            raise SpecError(f"train: accumulate must be >= 1 (batches per optimizer step), got {self.accumulate}")
+        if self.schedule not in SCHEDULES:
+            raise SpecError(f"train: schedule must be {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if not 0 <= self.distill <= 1:
+            raise SpecError(f"train: distill is a weight in [0, 1], got {self.distill}")
+        if not 0 < self.temperature < float("inf"):
+            raise SpecError(f"train: temperature must be a finite number > 0, got {self.temperature}")
+        if self.optimizer == "adamw" and not self.momentum < 1:
+            raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
+        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn", "warmup", "clip_grad",
+                    "eval_every"):
+            value = getattr(self, key)
+            if not 0 <= value < float("inf"):
+                raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
 
 
 def projections(module: nn.Module) -> list[LowRankProjection]:
@@ -96,18 +187,6 @@ def _first_nonfinite_parameter(module: nn.Module) -> str | None:
 
 
 @dataclass
-class Checkpointing:
-    """Where the train loop saves (every epoch end, every `every` optimizer steps when > 0, and on
-    SIGINT/SIGTERM), and whether it resumes."""
-
-    directory: Path
-    identity: dict  # checkpoint.identity(): the pipeline, model structure and world size
-    resume: bool = False
-    every: int = 0
-    name: str = checkpoint.FILE  # a pipeline's later train stages each keep their own file
-
-
-@dataclass
 class BestWeights:
     """keep_best: the weights of the evaluation that scored best so far, by low-rank accuracy under
     DeepTwist (what stopping there would deploy), else accuracy; on the CPU, and in the checkpoint."""
@@ -123,98 +202,59 @@ class BestWeights:
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-@contextmanager
-def _deferred_stop():
-    """SIGINT and SIGTERM set a flag instead of raising, so the loop can stop between steps; a second
-    signal raises at once. Yields the list of signals received."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum, frame):
-        if received:
-            raise Stopped(signum)
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr: float = 0.01,
-          momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0, progress: bool = True,
-          loss_fn=F.cross_entropy, finalize: bool = True, reset_momentum: bool = False,
-          checkpointing: Checkpointing | None = None, optimizer: str = "sgd", shard: bool = True,
-          device: str = "cpu", amp: str = "none", channels_last: bool = False, rectify_bn: int = 0,
-          warmup: int = 0, clip_grad: float = 0.0, accumulate: int = 1,
-          eval_data: Callable[[], Iterable] | None = None, eval_every: int = 0,
-          schedule: str = "cosine", keep_best: bool = False, teacher: nn.Module | None = None,
-          distill: float = 0.0, temperature: float = 4.0, span: tuple[int, int] | None = None,
-          carried: dict | None = None) -> TrainResult:
+def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int | None = None, *,
+          config: TrainConfig | None = None, progress: bool = True, loss_fn=F.cross_entropy, finalize: bool = True,
+          checkpointing: Checkpointing | None = None, shard: bool = True,
+          eval_data: Callable[[], Iterable] | None = None, teacher: nn.Module | None = None,
+          span: tuple[int, int] | None = None, carried: dict | None = None, **options) -> TrainResult:
     """Train `module` in place; `train_data()` is called once per epoch and yields (input, target).
     An object with `set_epoch(epoch)` (as DistributedSampler and CifarBatches have) is told its epoch.
 
-    `reset_momentum`: after a step that projected weights, clear those weights' momentum, so the
-    velocity gathered before the distortion does not push them off the projection.
+    The hyperparameters are `config`, or TrainConfig's fields given here (`epochs`, `lr=`, ...); what each
+    does is said there. Besides them:
     `checkpointing`: save at each epoch end, every `checkpointing.every` steps and on SIGINT/SIGTERM (then
     raise Stopped); resume exactly.
-    `optimizer`: "sgd" (Nesterov momentum) or "adamw" (decoupled weight decay; `momentum` is beta1).
     Under torchrun the module trains as DistributedDataParallel, each rank on every world-size-th batch
     (`shard=False`: train_data() already gives each rank its own); rank 0 alone saves checkpoints.
-    `device`: where it trains (the module returns to the CPU afterwards). `amp="bf16"`: the forward runs
-    under bfloat16 autocast; weights, optimizer state and DeepTwist's projections stay float32.
-    `amp="fp16"`: float16 autocast, and a gradient scaler (checkpointed) keeps small gradients from
-    flushing to zero; a step whose gradients overflow is skipped and the scale halved.
-    `channels_last`: 4-D weights and inputs in channels-last memory order (faster convs on many CPUs).
-    `rectify_bn`: after each step that projected weights, re-estimate BatchNorm statistics on that many
-    batches of train_data() (BN rectification, as LRPET does after pruning, arXiv 2204.05566). It
-    leaves the random streams as they were, so a resumed run stays exact.
-    `schedule`: how the learning rate falls from `lr` over the run: "cosine" (to 0), "linear" (to 0) or
-    "constant". `warmup`: it rises linearly over the first that many steps (times the schedule).
-    `clip_grad`: when > 0, gradients are scaled so that their global L2 norm is at most this.
-    `accumulate`: each optimizer step averages the gradients of that many batches (fewer at an epoch's
-    end); DeepTwist's step counter, the schedule, checkpoints and stops go by optimizer steps.
-    `eval_data`, `eval_every`: after every `eval_every`-th epoch and the last, `evaluate()` on eval_data()
-    (under torchrun every rank must have eval_data: each takes its share of the batches).
-    `keep_best`: training ends with the weights of the best of those evaluations (see BestWeights).
-    `teacher`, `distill`, `temperature`: knowledge distillation: the loss is (1 - distill) times the
-    labels' cross-entropy plus distill * temperature^2 times the KL divergence from the teacher's softened
-    outputs (Hinton et al. 2015); the teacher runs in eval mode without gradients and never changes.
+    The module trains on `config.device` and returns to the CPU afterwards.
+    `eval_data`: evaluated with `evaluate()` after every `eval_every`-th epoch and the last (under torchrun
+    every rank must have eval_data: each takes its share of the batches).
+    `teacher`: the model distillation learns from (`distill` > 0); it runs in eval mode without gradients
+    and never changes.
     `span` (first epoch, total epochs): this run is epochs [first, first + epochs) of a longer schedule
     (a hand-off between train stages), so the learning rate goes on where the previous phase left it.
     `carried`: optimizer state by parameter name from the previous phase (`carried_state`); parameters
     of the same name and shape start with it.
     """
-    if keep_best and not (eval_data and eval_every):
+    c = config or TrainConfig(**options, **({} if epochs is None else {"epochs": epochs}))
+    if config is not None and (options or epochs is not None):
+        raise TypeError("train(): give the hyperparameters in config or as keyword arguments, not both")
+    if c.keep_best and not (eval_data and c.eval_every):
         raise SpecError("train: keep_best needs evaluations during training: eval_every=N and eval_data() in "
                         "MODEL.py")
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    device = distributed.local_device(device)
-    module.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    layout = _to_channels_last if channels_last else (lambda t: t)
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed)
+    random.seed(c.seed)
+    device = distributed.local_device(c.device)
+    module.to(device, memory_format=torch.channels_last if c.channels_last else torch.preserve_format)
+    layout = _to_channels_last if c.channels_last else (lambda t: t)
     prepare = lambda t: layout(t.to(device))  # noqa: E731  (an input batch on this device, in its memory order)
     device_type = torch.device(device).type
-    autocast = ((lambda: torch.autocast(device_type, dtype=AMP_DTYPES[amp])) if amp != "none" else nullcontext)
-    scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
-    optimizer = _optimizer(optimizer, [p for p in module.parameters() if p.requires_grad], lr, momentum,
-                           weight_decay)
+    autocast = ((lambda: torch.autocast(device_type, dtype=AMP_DTYPES[c.amp])) if c.amp != "none" else nullcontext)
+    scaler = torch.amp.GradScaler(device_type, enabled=c.amp == "fp16")
+    optimizer = _optimizer(c.optimizer, [p for p in module.parameters() if p.requires_grad], c.lr, c.momentum,
+                           c.weight_decay)
     if carried:
         _carry_over(module, optimizer, carried)
-    if distill and teacher is None:
+    if c.distill and teacher is None:
         raise SpecError("train: distill needs a teacher (the original model); the pipeline gives it as "
                         "RunContext.teacher")
-    distillation = (Distillation(copy.deepcopy(teacher).to(device).eval().requires_grad_(False), distill,
-                                 temperature) if distill else None)
-    first, total = span or (0, epochs)
-    result = TrainResult(epochs, lr=lr)
+    distillation = (Distillation(copy.deepcopy(teacher).to(device).eval().requires_grad_(False), c.distill,
+                                 c.temperature) if c.distill else None)
+    first, total = span or (0, c.epochs)
+    result = TrainResult(c.epochs, lr=c.lr)
     at = {"epoch": 0, "batch": 0, "step": 0, "distortion_steps": 0, "loss_total": 0.0}
-    saved = _resume(checkpointing, module, optimizer, scaler) if checkpointing else None
+    saved = resume.resume(checkpointing, module, optimizer, scaler) if checkpointing else None
     best = BestWeights()
     if saved:
         result, at = TrainResult(**saved["result"]), saved["position"]
@@ -226,45 +266,45 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     module.train()
     net = distributed.wrap(module)
     projected = projections(module)
-    with _deferred_stop() if checkpointing else nullcontext([]) as stop:
+    with resume.deferred_stop() if checkpointing else nullcontext([]) as stop:
         step_distorted = False
 
         def end_step(batches: int) -> None:
             """The optimizer step over the last `batches` batches' gradients, then what follows a step."""
-            _optimizer_step(optimizer, scaler, batches, clip_grad)
-            if step_distorted and rectify_bn:
+            _optimizer_step(optimizer, scaler, batches, c.clip_grad)
+            if step_distorted and c.rectify_bn:
                 rng = rng_state()
-                recalibrate_batchnorm(module, train_data, rectify_bn, prepare)
+                recalibrate_batchnorm(module, train_data, c.rectify_bn, prepare)
                 set_rng_state(rng)
             if distributed.any_rank(bool(stop)):  # every rank stops after the same step
                 bar.close()
-                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
+                resume.save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
                 raise Stopped(stop[0] if stop else signal.SIGTERM,
                               f"checkpoint saved in {checkpointing.directory}; continue with <option:resume>")
             if checkpointing and checkpointing.every and at["step"] % checkpointing.every == 0 \
                     and at["batch"] != per_epoch:  # the epoch's end saves anyway
-                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
+                resume.save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
 
-        for epoch in range(at["epoch"], epochs):
+        for epoch in range(at["epoch"], c.epochs):
             epoch_rng = rng_state()
             clock, resumed_at, samples = time.perf_counter(), at["batch"], 0
             iterator, per_epoch = _epoch_batches(train_data, epoch, at["batch"], saved, shard)
-            steps_per_epoch = -(-per_epoch // accumulate) if per_epoch else None
-            bar = tqdm(iterator, total=per_epoch, initial=at["batch"], desc=f"epoch {epoch + 1}/{epochs}",
+            steps_per_epoch = -(-per_epoch // c.accumulate) if per_epoch else None
+            bar = tqdm(iterator, total=per_epoch, initial=at["batch"], desc=f"epoch {epoch + 1}/{c.epochs}",
                        disable=None if progress else True, leave=False, dynamic_ncols=True)
             for x, y in bar:
-                micro = at["batch"] % accumulate
+                micro = at["batch"] % c.accumulate
                 if micro == 0:
-                    done = (first + epoch + (at["batch"] // accumulate / steps_per_epoch if per_epoch else 0)) / total
+                    done = (first + epoch + (at["batch"] // c.accumulate / steps_per_epoch if per_epoch else 0)) / total
                     at["step"] += 1
                     for group in optimizer.param_groups:
-                        group["lr"] = lr * SCHEDULES[schedule](done) * min(1.0, at["step"] / (warmup or 1))
+                        group["lr"] = c.lr * SCHEDULES[c.schedule](done) * min(1.0, at["step"] / (c.warmup or 1))
                     optimizer.zero_grad(set_to_none=True)
-                ends = micro == accumulate - 1 or at["batch"] + 1 == per_epoch
+                ends = micro == c.accumulate - 1 or at["batch"] + 1 == per_epoch
                 with autocast(), _counting(projected, micro == 0), \
                         (nullcontext() if ends or net is module else net.no_sync()):
                     loss, distorted = _forward_backward(module, net, projected, optimizer, scaler, loss_fn,
-                                                        prepare(x), y.to(device), at["step"], result, reset_momentum,
+                                                        prepare(x), y.to(device), at["step"], result, c.reset_momentum,
                                                         distillation)
                 if micro == 0:
                     step_distorted = distorted
@@ -277,28 +317,28 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
                                                   if at["distortion_steps"] else {}))
                 if ends:
                     end_step(micro + 1)
-            if at["batch"] % accumulate and per_epoch is None:  # the last step of an epoch of unknown length
+            if at["batch"] % c.accumulate and per_epoch is None:  # the last step of an epoch of unknown length
                 if net is not module:
                     distributed.average_gradients_(optimizer)
-                end_step(at["batch"] % accumulate)
+                end_step(at["batch"] % c.accumulate)
             bar.close()
             pace = _pace(time.perf_counter() - clock, distributed.total(samples)[0],
-                         (at["batch"] - resumed_at) / max(at["batch"], 1), epochs - epoch - 1)
+                         (at["batch"] - resumed_at) / max(at["batch"], 1), c.epochs - epoch - 1)
             if at["batch"] == 0:
                 raise SpecError(f"train_data() yielded no batches in epoch {epoch + 1}; it must yield "
                                 "(input, target) pairs every time it is called")
             result.losses.append(distributed.mean(at["loss_total"] / max(at["batch"], 1)))  # over all ranks' batches
             evaluated = ""
-            if eval_data is not None and eval_every and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            if eval_data is not None and c.eval_every and ((epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs):
                 result.evaluations.append({"epoch": epoch + 1, "loss": result.losses[-1],
                                            **evaluate(module, eval_data, prepare)})
                 evaluated = _evaluation_text(result.evaluations[-1])
-                if keep_best:
+                if c.keep_best:
                     best.offer(module, result.evaluations[-1])
-            log.info("epoch %d/%d: loss %.4f, %s%s", epoch + 1, epochs, result.losses[-1], pace, evaluated)
+            log.info("epoch %d/%d: loss %.4f, %s%s", epoch + 1, c.epochs, result.losses[-1], pace, evaluated)
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
-                _save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
+                resume.save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
     where = _first_nonfinite_parameter(module)
     if where:
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
@@ -306,15 +346,15 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int, lr
     result.distortions = at["distortion_steps"]
     result.adaptive_periods = [int(p.current_period) for p in projected if p.target_change]
     result.final_loss = result.losses[-1] if result.losses else float("nan")
-    if keep_best and best.state is not None:
+    if c.keep_best and best.state is not None:
         result.kept_epoch = best.epoch
-        if best.epoch != epochs:
+        if best.epoch != c.epochs:
             module.load_state_dict(best.state)
             log.info("kept the weights of epoch %d, the best evaluation (%.2f%%)", best.epoch, 100 * best.score)
-    module.to("cpu", memory_format=torch.contiguous_format if channels_last else torch.preserve_format)
+    module.to("cpu", memory_format=torch.contiguous_format if c.channels_last else torch.preserve_format)
     if finalize:
         result.final_projections = final_projection(module)
-    _clock(result, start, at["step"])
+    resume.clock(result, start, at["step"])
     result.carried = carried_state(module, optimizer)
     module.eval()
     return result
@@ -462,51 +502,8 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
     scaler.update()
 
 
-def _save(cp: Checkpointing, module, optimizer, scaler, result: TrainResult, at: dict, epoch_rng: dict,
-          started: float, best: BestWeights) -> None:
-    """Checkpoint the run as it stands (training time so far counted from `started`); rank 0 only."""
-    _clock(result, started, at["step"])
-    if not distributed.is_main():
-        return
-    checkpoint.save(cp.directory, {
-        "identity": cp.identity, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "position": dict(at), "result": {**dataclasses.asdict(result), "carried": None}, "rng": rng_state(),
-        "rng_epoch_start": epoch_rng,
-        "best": dataclasses.asdict(best) if best.state is not None else None}, cp.name)
-
-
-def _clock(result: TrainResult, started: float, step: int) -> None:
-    """Bring the run's and this session's time and last step up to now."""
-    before = result.seconds
-    result.seconds = time.perf_counter() - started
-    session = result.sessions[-1]
-    session["steps"][1] = step
-    session["seconds"] += result.seconds - before
-
-
 def _hardware(device: str) -> str:
     return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_model()
-
-
-def _resume(cp: Checkpointing, module, optimizer, scaler) -> dict | None:
-    payload = checkpoint.load(cp.directory, cp.name)
-    if payload is None:
-        if cp.resume:
-            log.warning("no checkpoint %s in %s yet; training from the start", cp.name, cp.directory)
-        return None
-    if not cp.resume:
-        raise checkpoint.CheckpointError(f"{cp.directory} already holds a checkpoint; pass <option:resume> to "
-                                         "continue it, or choose another folder (<option:checkpoint>)")
-    checkpoint.check_belongs(payload, cp.identity, cp.directory)
-    module.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    if payload.get("scaler"):
-        scaler.load_state_dict(payload["scaler"])
-    at = payload["position"]
-    log.warning("resuming from %s: epoch %d, batch %d, step %d", cp.directory, at["epoch"] + 1, at["batch"],
-                at["step"])
-    return payload
 
 
 @torch.no_grad()
@@ -544,7 +541,7 @@ def evaluate(module: nn.Module, eval_data: Callable[[], Iterable],
     evaluates every world-size-th batch and the counts are summed. The weights and the random streams
     are left as they were, so training goes on as it would have without the evaluation."""
     def shared_accuracy() -> float:
-        correct, seen = distributed.total(*_correct_and_seen(module, distributed.my_share(eval_data()), prepare))
+        correct, seen = distributed.total(*correct_and_seen(module, distributed.my_share(eval_data()), prepare))
         return correct / max(seen, 1)
 
     rng = rng_state()
@@ -601,237 +598,9 @@ def _clear_momentum(module: nn.Module, optimizer: torch.optim.Optimizer) -> None
                 state[key].zero_()
 
 
-def accuracy(module: nn.Module, data: Iterable, prepare: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> float:
-    """Top-1 accuracy (a fraction) in eval mode, of the inputs after `prepare` (device, memory order);
-    training flags are restored."""
-    correct, seen = _correct_and_seen(module, data, prepare)
-    return correct / max(seen, 1)
-
-
-@torch.no_grad()
-def _correct_and_seen(module: nn.Module, data: Iterable,
-                      prepare: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
-    correct = seen = 0
-    with in_mode(module, training=False):
-        for x, y in data:
-            try:
-                out = module(prepare(x))
-            except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                raise ModelFileError(f"running the model on a batch of eval_data() failed: {type(e).__name__}: "
-                                     f"{first}; eval_data() must yield (input, target) batches that the model "
-                                     "takes, like example_inputs()") from None
-            logits = class_scores(out)
-            check_targets(y, logits.shape[1], "eval_data()")
-            correct += int((logits.argmax(1).cpu() == y).sum())
-            seen += len(y)
-    return correct, seen
-
-
 def _scores(out) -> torch.Tensor:
     """What the training loss takes from a model's output: a tensor as it is (any loss_fn), the class
     scores of a dict or tuple."""
     return out if torch.is_tensor(out) else class_scores(out, "train_data()")
 
-
-def check_targets(y: torch.Tensor, classes: int, where: str) -> None:
-    """Refuse targets that are not class indices of a model with `classes` outputs."""
-    if y.dim() == 1 and not y.is_floating_point() and y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise ModelFileError(f"{where} gives targets {int(y.min())}..{int(y.max())}, but the model has {classes} "
-                             f"outputs: targets must be class indices in [0, {classes})")
-
-
-@contextmanager
-def in_mode(module: nn.Module, training: bool):
-    """The module in training or eval mode for the duration; each submodule's own flag restored after."""
-    modes = {m: m.training for m in module.modules()}
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
-def class_scores(out, where: str = "eval_data()") -> torch.Tensor:
-    """The class scores in a model's output: the tensor itself, a dict's 'logits', or a tuple's first tensor.
-    `where`: the data the model ran on, named in the error when there are none."""
-    if isinstance(out, dict) and torch.is_tensor(out.get("logits")):
-        out = out["logits"]
-    elif isinstance(out, (tuple, list)) and out and torch.is_tensor(out[0]):
-        out = out[0]
-    if not torch.is_tensor(out) or out.dim() != 2:
-        what = f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
-        raise ModelFileError(f"{where} needs the model to return class scores [batch, classes] (a tensor, a "
-                             f"dict with 'logits', or a tuple whose first item they are); it returns {what}")
-    return out
-
-
-@dataclass(frozen=True)
-class Train(Stage):
-    name = "train"
-    summary = ("stage: SGD (Nesterov momentum) or AdamW with a cosine, linear or constant lr on train_data(), then "
-               "DeepTwist's final projection")
-    option_help = {"epochs": "passes over train_data()", "lr": "peak learning rate",
-                   "schedule": "the learning rate's decay: cosine (to 0), linear (to 0) or constant",
-                   "momentum": "SGD's Nesterov momentum, or AdamW's beta1", "weight_decay": "weight decay",
-                   "seed": "seeds torch, numpy and random", "reset_momentum": "clear projected weights' momentum "
-                   "after each distortion", "recalibrate_bn": "batches for re-estimating BatchNorm statistics "
-                   "after the final projection", "rectify_bn": "batches for re-estimating BatchNorm statistics "
-                   "after every distortion (BN rectification)",
-                   "checkpoint": "folder for checkpoints (else the run's)",
-                   "checkpoint_every": "also save a checkpoint every that many optimizer steps (else the run's "
-                   "setting; 0: at epoch ends only)",
-                   "optimizer": "sgd (Nesterov momentum) or adamw", "device": "cpu, cuda or cuda:N",
-                   "amp": "none, bf16 (the forward under bfloat16 autocast), or fp16 (float16 autocast with "
-                   "gradient scaling)",
-                   "channels_last": "weights and inputs in channels-last order (faster convs on many CPUs)",
-                   "warmup": "optimizer steps over which the learning rate rises linearly from 0",
-                   "clip_grad": "largest global L2 norm of the gradients (0: no clipping)",
-                   "accumulate": "batches whose mean gradient makes one optimizer step (DeepTwist's S_D counts "
-                   "optimizer steps)",
-                   "eval_every": "epochs between evaluations on eval_data() during training, as trained and "
-                   "low-rank (0: none)",
-                   "keep_best": "end with the weights of the best evaluation (low-rank accuracy under DeepTwist); "
-                   "needs eval_every",
-                   "distill": "weight of knowledge distillation from the original model, in [0, 1] (0: labels only)",
-                   "temperature": "distillation's softening temperature",
-                   "handoff": "none (a training of its own), continue (go on with the previous train stage's "
-                   "learning-rate schedule and optimizer state, e.g. after lowering) or rewind (its optimizer state, "
-                   "the schedule from its peak again)"}
-    HANDOFFS = ("none", "continue", "rewind")
-
-    epochs: int = 3
-    lr: float = 0.01
-    schedule: str = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    reset_momentum: bool = False
-    recalibrate_bn: int = 0
-    rectify_bn: int = 0
-    checkpoint: str = ""
-    checkpoint_every: int = 0
-    optimizer: str = "sgd"
-    device: str = "cpu"
-    amp: str = "none"
-    channels_last: bool = False
-    warmup: int = 0
-    clip_grad: float = 0.0
-    accumulate: int = 1
-    eval_every: int = 0
-    keep_best: bool = False
-    distill: float = 0.0
-    temperature: float = 4.0
-    handoff: str = "none"
-
-    def __post_init__(self):
-        if self.epochs < 0:
-            raise SpecError(f"epochs must be >= 0, got {self.epochs}")
-        if self.amp not in ("none", *AMP_DTYPES):
-            raise SpecError(f"train: amp must be none, bf16 or fp16, got {self.amp!r}")
-        if not (self.device == "cpu" or self.device.split(":")[0] == "cuda"):
-            raise SpecError(f"train: device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if self.device != "cpu" and not torch.cuda.is_available():
-            raise SpecError(f"train: device={self.device}, but this torch sees no CUDA device; use device=cpu")
-        if self.keep_best and not self.eval_every:
-            raise SpecError("train: keep_best chooses among the evaluations of eval_every=N; give eval_every too")
-        if self.accumulate < 1:
-            raise SpecError(f"train: accumulate must be >= 1 (batches per optimizer step), got {self.accumulate}")
-        if self.schedule not in SCHEDULES:
-            raise SpecError(f"train: schedule must be {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise SpecError(f"train: optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if not 0 <= self.distill <= 1:
-            raise SpecError(f"train: distill is a weight in [0, 1], got {self.distill}")
-        if not 0 < self.temperature < float("inf"):
-            raise SpecError(f"train: temperature must be a finite number > 0, got {self.temperature}")
-        if self.handoff not in self.HANDOFFS:
-            raise SpecError(f"train: handoff must be {', '.join(self.HANDOFFS)}, got {self.handoff!r}")
-        if self.optimizer == "adamw" and not self.momentum < 1:
-            raise SpecError(f"train: with adamw, momentum is beta1 and must be < 1, got {self.momentum}")
-        for key in ("lr", "momentum", "weight_decay", "recalibrate_bn", "rectify_bn", "checkpoint_every", "warmup",
-                    "clip_grad", "eval_every"):
-            value = getattr(self, key)
-            if not 0 <= value < float("inf"):
-                raise SpecError(f"train: {key} must be a finite number >= 0, got {value}")
-
-    def needs(self) -> tuple[str, ...]:
-        return ("train_data",) if self.epochs > 0 else ()
-
-    @property
-    def needs_teacher(self) -> bool:
-        return self.distill > 0
-
-    def check_order(self, before, after) -> None:
-        if self.handoff != "none" and not any(s.name == "train" for s in before):
-            raise SpecError(f"train{{handoff={self.handoff}}} continues an earlier train stage; the pipeline has "
-                            "none before it")
-
-    def span(self, ctx: RunContext) -> tuple[int, int]:
-        """(epochs before this stage, all epochs) of the learning-rate schedule this stage is part of: a
-        train stage and the later ones that continue it (handoff=continue) share one schedule."""
-        trains = [s for s in ctx.stages if s.name == "train"]
-        i = next((j for j, s in enumerate(trains) if s is self), None)
-        if i is None:  # run on its own, outside a pipeline
-            return 0, self.epochs
-        start = i
-        while start > 0 and trains[start].handoff == "continue":
-            start -= 1
-        end = i + 1
-        while end < len(trains) and trains[end].handoff == "continue":
-            end += 1
-        return sum(s.epochs for s in trains[start:i]), sum(s.epochs for s in trains[start:end])
-
-    def run(self, gm: fx.GraphModule, ctx: RunContext) -> TrainResult:
-        if ctx.train_data is None:
-            if self.epochs > 0:
-                raise SpecError("the train stage needs train_data(); define it in MODEL.py")
-        folder = self.checkpoint or ctx.checkpoint
-        every = self.checkpoint_every or ctx.checkpoint_every
-        if every and not folder:
-            raise SpecError("train: checkpoint_every needs a folder to save into: train{checkpoint=DIR} or "
-                            "<option:checkpoint>")
-        previous = ctx.results.get("train")
-        if self.handoff != "none" and previous is None:
-            raise SpecError(f"train{{handoff={self.handoff}}} continues an earlier train stage; none ran before it")
-        identity = checkpoint.identity(ctx.pipeline, gm, distributed.world()[1])
-        number = next((sum(t.name == "train" for t in ctx.stages[:i]) for i, s in enumerate(ctx.stages)
-                       if s is self), 0)  # train stages before this one
-        name = checkpoint.FILE if number == 0 else f"checkpoint-train{number + 1}.pt"
-        checkpointing = Checkpointing(Path(folder), identity, ctx.resume, every, name) if folder else None
-        if self.needs_teacher and ctx.teacher is None:
-            raise SpecError("train: distill needs the original model as teacher; run it in a Pipeline, which keeps "
-                            "one, or set RunContext.teacher")
-        result = train(gm, ctx.train_data, self.epochs, self.lr, self.momentum, self.weight_decay, self.seed,
-                       ctx.progress, finalize=False, reset_momentum=self.reset_momentum,
-                       checkpointing=checkpointing, optimizer=self.optimizer,
-                       shard=not ctx.train_data_sharded, device=self.device, amp=self.amp,
-                       channels_last=self.channels_last, rectify_bn=self.rectify_bn, warmup=self.warmup,
-                       clip_grad=self.clip_grad, accumulate=self.accumulate, eval_data=ctx.eval_data,
-                       eval_every=self.eval_every, schedule=self.schedule, keep_best=self.keep_best,
-                       teacher=ctx.teacher, distill=self.distill, temperature=self.temperature,
-                       span=self.span(ctx) if self.handoff != "rewind" else None,
-                       carried=previous.carried if self.handoff != "none" else None) if self.epochs else TrainResult(0)
-        result.phases = [{"stage": self.spec(), "epochs": self.epochs, "steps": result.steps,
-                          "seconds": result.seconds, "teacher_seconds": result.teacher_seconds,
-                          "handoff": self.handoff}]
-        if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
-            result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
-        result.final_projections = final_projection(gm)
-        if self.recalibrate_bn and result.final_projections:
-            recalibrate_batchnorm(gm, ctx.train_data, self.recalibrate_bn)
-        ctx.results["train"] = result if previous is None else _merge(previous, result)
-        return result
-
-
-def _merge(a: TrainResult, b: TrainResult) -> TrainResult:
-    return TrainResult(a.epochs + b.epochs, a.steps + b.steps, a.distortions + b.distortions,
-                       a.final_projections + b.final_projections, b.final_loss, a.seconds + b.seconds,
-                       b.lr, a.losses + b.losses, a.distortion_changes + b.distortion_changes,
-                       b.accuracy_before_final_projection or a.accuracy_before_final_projection,
-                       b.adaptive_periods or a.adaptive_periods,
-                       a.evaluations + [{**e, "epoch": a.epochs + e["epoch"]} for e in b.evaluations],
-                       a.epochs + b.kept_epoch if b.kept_epoch else a.kept_epoch, a.sessions + b.sessions,
-                       a.teacher_seconds + b.teacher_seconds, a.phases + b.phases, b.carried)
 

@@ -16,7 +16,8 @@ from twistc.latency import Runtime, measure_layer
 from twistc.latency_cache import LatencyCache
 from twistc.passes.plan_latency import Option, PlanLatency
 from twistc.plan import LayerPlan
-from twistc.train import accuracy, train
+from twistc.evaluation import accuracy
+from twistc.train import train
 
 
 def _net():
