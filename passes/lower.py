@@ -30,7 +30,7 @@ from twistc.errors import PassError, SpecError, name_list
 from twistc.pipeline import PassResult
 from twistc.plan import LayerPlan, Layout
 from twistc.passes.lowrank import LowRankOptions, check_choice, check_pair, record_plan
-from twistc.report import count_weights
+from twistc.counting import count_weights
 from twistc.state import PLANNED_DENSE, CompileState, Skip
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from twistc import Pipeline, trace
 from twistc import checkpoint
 from twistc.checkpoint import CheckpointError
 from twistc.errors import ModelFileError, Stopped
-from twistc.report import cpu_model
+from twistc.machine import cpu_model
 from twistc.resume import Checkpointing
 from twistc.train import projections, train
 

@@ -28,7 +28,9 @@ from twistc.errors import Stopped
 from twistc.files import atomic_write
 from twistc.models import load_resnet32
 from twistc.plan import Plan
-from twistc.report import count_parameters, cpu_model, markdown_table, versions  # noqa: F401 (the tools' table writer)
+from twistc.counting import count_parameters  # noqa: F401 (for the tools)
+from twistc.machine import cpu_model, versions  # noqa: F401
+from twistc.report import markdown_table  # noqa: F401 (the tools' table writer)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

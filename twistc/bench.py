@@ -17,7 +17,7 @@ import torch
 from twistc.errors import TwistcError, first_line
 from twistc.export import batched
 from twistc.latency import ORT_PROVIDERS, Runtime, compare_models, ort_session, session_timer
-from twistc.report import cpu_model, versions
+from twistc.machine import cpu_model, versions
 
 # an ONNX input's type -> the numpy dtype twistc bench feeds it
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,

@@ -33,7 +33,7 @@ from twistc.latency_cache import LatencyCache
 from twistc.decomp import FORMS
 from twistc.decomp.cost import ConvGeometry
 from twistc.plan import LayerPlan
-from twistc.report import cpu_model
+from twistc.machine import cpu_model
 from twistc.timing import Sampling
 
 log = logging.getLogger(__name__)

@@ -1,48 +1,18 @@
 """The compile report: report.json for tools, report.md and a terminal table for people."""
 from __future__ import annotations
 
-import platform
-
-import onnx
-import onnxruntime
 import torch
 from torch import nn
 
+from twistc.counting import count_parameters
 from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.cost import ConvGeometry
+from twistc.machine import cpu_model, versions
+from twistc.passes.lower import Lower
 from twistc.state import CompileState, Skip
 from twistc.trace import UNSUPPORTED_CONVS
 
 COLUMNS = ("layer", "shape", "lowering", "ranks", "params", "MACs", "ratio", "note")
-
-
-def count_parameters(module: nn.Module) -> int:
-    """The numbers a model stores for inference: parameters and floating-point buffers (BatchNorm
-    statistics, one-hot im2col kernels). For a model whose BatchNorms are folded this is the element
-    count of its ONNX file's initializers."""
-    return sum(t.numel() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
-
-
-def count_weights(module: nn.Module) -> int:
-    """The numbers a lowered layer stores besides its bias: weights and constants (one-hot kernels, the
-    zero padding of ragged tiles), as a layer's compression ratio counts them."""
-    return sum(t.numel() for name, t in (*module.named_parameters(), *module.named_buffers())
-               if t.is_floating_point() and name.rpartition(".")[2] != "bias")
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version()}
 
 
 def build_report(state: CompileState, *, pipeline: str, original: nn.Module, compiled: nn.Module,
@@ -240,8 +210,6 @@ def markdown(report: dict) -> str:
 def support_table() -> str:
     """Layer kinds x decompositions as a markdown table of the forms each kind can take, and the one the `lower`
     pass gives it when it chooses (derived from twistc.decomp.FORMS)."""
-    from twistc.passes.lower import Lower  # late: the passes import this module
-
     kinds = {"Conv2d, kh x kw > 1, groups=1": ConvGeometry(8, 8, (3, 3)), "Conv2d 1x1": ConvGeometry(8, 8, (1, 1)),
              "Conv2d grouped or depthwise": ConvGeometry(8, 8, (3, 3), groups=8),
              "Conv1d, k > 1, groups=1": ConvGeometry(8, 8, (3, 1), kind="Conv1d"),

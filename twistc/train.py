@@ -29,7 +29,7 @@ from twistc.checkpoint import rng_state, set_rng_state
 from twistc.errors import ModelFileError, NonFiniteError, SpecError, Stopped, first_line
 from twistc.evaluation import check_targets, class_scores, correct_and_seen, in_mode
 from twistc.projection import LowRankProjection
-from twistc.report import cpu_model
+from twistc.machine import cpu_model
 from twistc.resume import Checkpointing
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from twistc.convs import conv_sites
 from twistc.latency import build, layer_input
 from twistc.passes.plan_latency import PLANNABLE, PlanLatency
 from twistc.pipeline import Pipeline
-from twistc.report import count_weights, support_table
+from twistc.counting import count_weights
+from twistc.report import support_table
 from twistc.state import state_of
 
 T, S = 8, 6
