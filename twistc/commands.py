@@ -65,20 +65,20 @@ def preset_pipeline(spec: str, epochs: int | None = None, latency_target: dict |
     that much in the original shape, lowers, and trains the factors for the rest on one schedule."""
     items = []
     for item in split_items(spec):
-        if item in PRESETS:
-            expansion = PRESETS[item][0]
-            if item == "tucker" and epochs:
-                expansion = expansion.replace(",fold", ",train,fold")
-            if handoff is not None and item in HANDOFF_PRESETS:
-                first, rest = handoff_epochs(handoff, epochs)
-                expansion = expansion.replace(",train,", f",train{{epochs={first}}},").replace(
-                    ",fold,", f",train{{epochs={rest},handoff=continue}},fold,")
-            if latency_target and item in LATENCY_PRESETS:
-                [(key, value)] = latency_target.items()
-                expansion = f"plan-latency{{{key}={format_value(value)}}}," + expansion
-            items.append(expansion)
-        else:
+        if item not in PRESETS:
             items.append(item)
+            continue
+        stages = split_items(PRESETS[item][0])
+        if item == "tucker" and epochs:
+            stages.insert(stages.index("fold"), "train")  # fold freezes BatchNorm: after training
+        if handoff is not None and item in HANDOFF_PRESETS:
+            first, rest = handoff_epochs(handoff, epochs)
+            stages[stages.index("train")] = f"train{{epochs={first}}}"
+            stages.insert(stages.index("fold"), f"train{{epochs={rest},handoff=continue}}")
+        if latency_target and item in LATENCY_PRESETS:
+            [(key, value)] = latency_target.items()
+            stages.insert(0, f"plan-latency{{{key}={format_value(value)}}}")
+        items += stages
     if handoff is not None and not any(i in HANDOFF_PRESETS for i in split_items(spec)):
         raise SpecError(f"--handoff applies to the presets {', '.join(HANDOFF_PRESETS)}; in a pipeline of your own, "
                         "write train{epochs=E1},LOWERING,...,train{epochs=E2,handoff=continue}")
