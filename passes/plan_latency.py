@@ -84,6 +84,18 @@ class Option(NamedTuple):
     kl: float | None      # ... and the divergence of the model's output
 
 
+class Decision(NamedTuple):
+    """What the plan chose for one layer: the entry (DENSE keeps it), the dense form's and the chosen form's
+    measured latency, the chosen form's error and accuracy cost, and why a layer stays dense."""
+
+    entry: LayerPlan
+    ms_before: float
+    ms_after: float
+    error: float
+    drop: float | None
+    why: str | None
+
+
 @dataclass(frozen=True)
 class PlanLatency(Pass):
     name = "plan-latency"
@@ -182,23 +194,22 @@ class PlanLatency(Pass):
         if isinstance(decided, str):
             raise RankError(decided)
         layers, state.latency = decided
-        for name, (entry, before, after, error, drop, why) in layers.items():
-            state.plan.set(name, entry)
+        for name, d in layers.items():
+            state.plan.set(name, d.entry)
             record = state.layers[name]
-            record.latency_before, record.latency_after, record.approx_error = before, after, error
-            record.accuracy_drop = drop
-            if entry.decomp == "none" and why:
-                state.skip(name, Skip(f"{PLANNED_DENSE}: {why}"))
-        rewrites = sum(entry.decomp != "none" for entry, *_ in layers.values())
+            record.latency_before, record.latency_after, record.approx_error = d.ms_before, d.ms_after, d.error
+            record.accuracy_drop = d.drop
+            if d.entry.decomp == "none" and d.why:
+                state.skip(name, Skip(f"{PLANNED_DENSE}: {d.why}"))
+        rewrites = sum(d.entry.decomp != "none" for d in layers.values())
         log.info("plan-latency: %d of %d layers compressed, predicted %.3f -> %.3f ms (%.2fx)", rewrites, len(layers),
                  state.latency["model_ms_before"], state.latency["predicted_ms_after"],
                  state.latency["predicted_speedup"])
         return PassResult(gm, rewrites > 0, rewrites)
 
     def decide(self, gm: fx.GraphModule, batches: list | None = None,
-               ctx: RunContext | None = None) -> tuple[dict, dict] | str:
-        """Per layer (plan entry, dense ms, chosen ms, kernel error, accuracy drop or None, why it would stay
-        dense), and the latency summary; or why the target is out of reach. `batches`: eval batches for
+               ctx: RunContext | None = None) -> tuple[dict[str, Decision], dict] | str:
+        """Each layer's Decision, and the latency summary; or why the target is out of reach. `batches`: eval batches for
         objective=eval and max_drop. With the rest of the pipeline in `ctx`, the plan is also lowered and
         timed whole, and a speedup target re-planned where the model saves less than its layers did alone."""
         state = state_of(gm)
@@ -242,7 +253,7 @@ class PlanLatency(Pass):
                         f"the best plan, lowered and timed whole ({len(checked)} round{'s' * (len(checked) > 1)}), gives "
                         f"{model_ms / predicted:.2f}x; {self.cap(sites, options, model_ms)}; ask for at most "
                         f"{model_ms / predicted:.2f}x")
-        layers = {site.name: (opts[i].entry or DENSE, opts[0].ms, opts[i].ms, opts[i].error, opts[i].drop, why)
+        layers = {site.name: Decision(opts[i].entry or DENSE, opts[0].ms, opts[i].ms, opts[i].error, opts[i].drop, why)
                   for site, opts, i, why in zip(sites, options, picks, whys)}
         summary = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
                    "model_ms_before": model_ms, "predicted_ms_after": predicted,
