@@ -235,3 +235,18 @@ def test_epoch_pace_extrapolates_from_the_part_of_the_epoch_this_process_ran():
     assert _pace(30.0, 3000, 0.5, 2) == "30 s, 100 samples/s, 2.0 min left"  # resumed halfway through
     assert _pace(3000.0, 1_500_000, 1.0, 4) == "50.0 min, 500 samples/s, 3.3 h left"
     assert _pace(0.4, 100, 1.0, 0) == "0.4 s, 250 samples/s"  # the last epoch
+
+
+@pytest.mark.parametrize("batches", [0, 3])
+def test_recalibrate_bn_reestimates_batchnorm_after_the_final_projection(batches):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    gm = Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 6, 6),)))
+    data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 8, (4,))) for _ in range(3)]
+    result = train(gm, lambda: data, epochs=1, progress=False, recalibrate_bn=batches)
+    assert result.final_projections == 2
+    bn = next(m for m in gm.modules() if isinstance(m, nn.BatchNorm2d))
+    trained = bn.running_mean.clone()
+    train_module.recalibrate_batchnorm(gm, lambda: data, 3)  # the statistics of the final weights
+    assert torch.allclose(bn.running_mean, trained, atol=1e-6) == (batches > 0)

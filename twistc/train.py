@@ -354,6 +354,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int | N
     module.to("cpu", memory_format=torch.contiguous_format if c.channels_last else torch.preserve_format)
     if finalize:
         result.final_projections = final_projection(module)
+        if c.recalibrate_bn and result.final_projections:
+            recalibrate_batchnorm(module, train_data, c.recalibrate_bn)
     resume.clock(result, start, at["step"])
     result.carried = carried_state(module, optimizer)
     module.eval()
