@@ -12,7 +12,7 @@ import torch.fx as fx
 from twistc import checkpoint, distributed
 from twistc.errors import SpecError
 from twistc.evaluation import accuracy
-from twistc.pipeline import RunContext, Stage
+from twistc.pipeline import PassResult, RunContext, Stage
 from twistc.resume import Checkpointing
 from twistc.train import TrainConfig, TrainResult, final_projection, projections, recalibrate_batchnorm, train
 
@@ -69,7 +69,7 @@ class Train(TrainConfig, Stage):
             end += 1
         return sum(s.epochs for s in trains[start:i]), sum(s.epochs for s in trains[start:end])
 
-    def run(self, gm: fx.GraphModule, ctx: RunContext) -> TrainResult:
+    def run(self, gm: fx.GraphModule, ctx: RunContext) -> PassResult:
         if ctx.train_data is None:
             if self.epochs > 0:
                 raise SpecError("the train stage needs train_data(); define it in MODEL.py")
@@ -102,7 +102,7 @@ class Train(TrainConfig, Stage):
         if self.recalibrate_bn and result.final_projections:
             recalibrate_batchnorm(gm, ctx.train_data, self.recalibrate_bn)
         ctx.results["train"] = result if previous is None else _merge(previous, result)
-        return result
+        return PassResult(gm, self.epochs > 0 or result.final_projections > 0)
 
 
 def _merge(a: TrainResult, b: TrainResult) -> TrainResult:

@@ -135,6 +135,10 @@ class Stage:
         """Raise SpecError when a whole compilation (the CLI's) lacks what this item needs around it; a pipeline
         run from Python may leave such steps to the caller (its own training loop, its own lowering)."""
 
+    def run(self, gm: fx.GraphModule, ctx: RunContext) -> PassResult:
+        """The one protocol Pipeline.run speaks: the stage's work on the graph module, with the run's context."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Pass(Stage):
@@ -145,6 +149,9 @@ class Pass(Stage):
 
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         raise NotImplementedError
+
+    def run(self, gm: fx.GraphModule, ctx: RunContext) -> PassResult:
+        return self(gm, ctx) if self.takes_context else self(gm)
 
 
 def _strip_optional(tp):
@@ -289,14 +296,10 @@ class Pipeline:
         for stage in self.stages:
             ctx.status(f"running {stage.spec()}")
             start = time.perf_counter()
-            if isinstance(stage, Pass):
-                result = stage(gm, ctx) if stage.takes_context else stage(gm)
-                gm = result.module
-                gm.recompile()
-                outcome = f"{result.rewrites} rewrites" if result.modified else "no change"
-            else:
-                stage.run(gm, ctx)
-                outcome = "done"
+            result = stage.run(gm, ctx)
+            gm = result.module
+            gm.recompile()
+            outcome = f"{result.rewrites} rewrites" if result.rewrites else "done" if result.modified else "no change"
             before = ", ".join(done) or "nothing"
             verify(gm, f"pass '{stage.spec()}' (after: {before})")
             seconds = time.perf_counter() - start
