@@ -10,7 +10,9 @@ total); patches are folded in chunks, so a batch never holds more than CHUNK col
 at once. Under torchrun each rank takes its
 share of the batches and the sums are added over the ranks, so every rank holds the same statistics.
 The statistics land in the compile state (by layer name), where the lowering passes, DeepTwist and
-plan-latency read them; the graph is not changed.
+plan-latency read them; the graph is not changed. Run again after DeepTwist training, it refreshes the
+statistics of the projections that fit to the data (fit=activation), so that their final projection fits
+the inputs the trained network gives the layer (a hand-off: train{finalize=false},calibrate,lower,...).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from twistc.decomp.im2col import Im2Col
 from twistc.decomp.whiten import InputStats
 from twistc.errors import SpecError
 from twistc.pipeline import Pass, PassResult, RunContext
-from twistc.passes.lowrank import check_layers_pattern, selected
+from twistc.passes.lowrank import check_layers_pattern, input_stats, selected
 from twistc.state import state_of
 
 CHUNK = 1 << 16  # patch columns folded into a moment at a time
@@ -88,7 +90,7 @@ class Calibrate(Pass):
         state = state_of(gm)
         check_layers_pattern(self.name, self.layers, list(state.layers))
         sites = {s.node: s for s in conv_sites(gm) if s.name in state.layers and selected(self.layers, s.name)
-                 and s.geometry.groups == 1 and s.projection is None}
+                 and s.geometry.groups == 1}
         stats = {s.name: InputStats(torch.zeros(n, n, dtype=torch.float64), 0)
                  for s in sites.values() for n in [s.geometry.in_channels * s.geometry.taps]}
         collector = _Collector(gm, sites, stats)
@@ -107,6 +109,10 @@ class Calibrate(Pass):
         if not any(s.count for s in stats.values()):
             raise SpecError("calibrate: the data yielded no batches")
         state.calibration.update(stats)
+        projected = [s for s in sites.values() if s.projection is not None and s.projection.plan.fit == "activation"]
+        for s in projected:  # their next projection fits these inputs
+            s.projection.stats = input_stats(state, s.name, s.projection.plan, self.name)
         ctx.status(f"calibrate: input statistics of {len(stats)} layers, "
-                   f"{sum(s.moment.numel() * 8 for s in stats.values()) / 2**20:.1f} MiB")
+                   f"{sum(s.moment.numel() * 8 for s in stats.values()) / 2**20:.1f} MiB"
+                   + (f"; {len(projected)} DeepTwist projections refreshed" if projected else ""))
         return PassResult(gm, False, 0)

@@ -26,6 +26,8 @@ class Train(TrainConfig, Stage):
                    "checkpoint": "folder for checkpoints (else the run's)",
                    "checkpoint_every": "also save a checkpoint every that many optimizer steps (else the run's "
                    "setting; 0: at epoch ends only)",
+                   "finalize": "end with DeepTwist's final projection (false: the lowering makes it, after a "
+                   "calibrate that refreshes the projections' statistics, say)",
                    "handoff": "none (a training of its own), continue (go on with the previous train stage's "
                    "learning-rate schedule and optimizer state, e.g. after lowering) or rewind (its optimizer state, "
                    "the schedule from its peak again)"}
@@ -33,6 +35,7 @@ class Train(TrainConfig, Stage):
 
     checkpoint: str = ""
     checkpoint_every: int = 0
+    finalize: bool = True
     handoff: str = "none"
 
     def __post_init__(self):
@@ -98,7 +101,7 @@ class Train(TrainConfig, Stage):
                           "handoff": self.handoff}]
         if ctx.eval_data is not None and distributed.is_main() and any(not p.finalized for p in projections(gm)):
             result.accuracy_before_final_projection = accuracy(gm, ctx.eval_data())
-        result.final_projections = final_projection(gm)
+        result.final_projections = final_projection(gm) if self.finalize else 0
         if self.recalibrate_bn and result.final_projections:
             recalibrate_batchnorm(gm, ctx.train_data, self.recalibrate_bn)
         ctx.results["train"] = result if previous is None else _merge(previous, result)

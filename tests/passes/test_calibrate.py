@@ -115,6 +115,33 @@ def test_deeptwist_and_plan_latency_use_the_statistics(monkeypatch):
     assert {e.fit for e in state_of(gm).plan.layers.values() if e.decomp != "none"} == {"activation"}
 
 
+
+def test_calibrate_after_training_refreshes_the_projections_and_the_lowering_fits_the_new_inputs():
+    """A hand-off that recalibrates: train without the final projection, calibrate on the trained network,
+    lower; the final projection fits the new statistics, and the lowering is exact."""
+    import copy
+
+    from twistc.train import final_projection
+
+    spec = ("calibrate{batches=2},deeptwist{decomp=natural,ratio=2,period=1000,fit=activation,layers=point},"
+            "train{epochs=2,lr=0.1,finalize=false}")
+    _, gm, data = _run(spec)
+    projection = next(m for n, m in gm.named_modules() if n.endswith("_projection"))
+    before = projection.stats
+    assert projection.final_projections == 0 and before is state_of(gm).calibration["point"]
+    gm = Pipeline.parse("calibrate{batches=2}").run(gm, RunContext(train_data=lambda: data, progress=False))
+    assert projection.stats is state_of(gm).calibration["point"] and projection.stats is not before
+    assert not torch.allclose(projection.stats.moment, before.moment)  # the trained conv feeds it other inputs
+    x = data[0][0]
+    refreshed, stale = copy.deepcopy(gm), copy.deepcopy(gm)
+    next(m for n, m in stale.named_modules() if n.endswith("_projection")).stats = before
+    final_projection(refreshed), final_projection(stale)
+    expected = refreshed.eval()(x)
+    assert not torch.allclose(stale.eval()(x), expected, atol=1e-4)
+    lowered = Pipeline.parse("lower,cleanup").run(gm)
+    torch.testing.assert_close(lowered.eval()(x), expected, atol=1e-4, rtol=1e-4)
+
+
 def _calibrate_worker(rank, world, init, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
