@@ -3,9 +3,10 @@
 A pipeline is written as a spec string, e.g.
     deeptwist{decomp=tucker,ratio=4,period=200},train{epochs=3},lower,cleanup
 Each item is a registered pass or stage with options in braces. Options are the fields of a
-frozen dataclass; a spec parses into those objects and prints back exactly as written. Passes map
-GraphModule -> PassResult and report honestly whether they changed anything; stages (`train`)
-also see the run context (data). After every item the pipeline verifies the graph.
+frozen dataclass; a spec parses into those objects and prints back exactly as written. Every item runs
+as `run(gm, ctx) -> PassResult` and reports honestly whether it changed anything; a Pass is the common
+kind, a graph rewrite `pass(gm)` (given the run's context, its data, when it takes one). After every
+item the pipeline verifies the graph.
 """
 from __future__ import annotations
 
