@@ -109,7 +109,7 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
                              f"{100 * r['teacher_seconds'] / r['train_seconds']:.0f}%"
                              if r.get("teacher_seconds") else "-"])
                 if after:
-                    lines.setdefault(ratio, []).append((label, seed, r))
+                    lines.setdefault((ratio, epochs), []).append((label, seed, r))
     md = ["# Accuracy recipes: hand-off and distillation, CIFAR-10 ResNet-32 (Tucker-2 of the 30 residual 3x3 convs)\n",
           f"Baseline (pre-trained): **{100 * budget.baseline_acc:.2f}%**. Reference arms (conventional, DeepTwist at "
           "S_D = 200 and 50) are the runs of results/deeptwist_vs_tucker at the same budget and seed. "
@@ -131,7 +131,7 @@ def plot_training(lines: dict, path: Path) -> None:
     """Test accuracy after each epoch, per arm: DeepTwist phases as trained (solid) and projected to low rank
     (dashed), the factors' phase after the hand-off as trained."""
     fig, axes = expkit.figure((5.5 * len(lines), 4.6), ncols=len(lines))
-    for ax, (ratio, runs) in zip(np.atleast_1d(axes), sorted(lines.items())):
+    for ax, ((ratio, epochs), runs) in zip(np.atleast_1d(axes), sorted(lines.items())):
         for label, seed, r in runs:
             e = r["evaluations"]
             line, = ax.plot([x["epoch"] for x in e], [100 * x["accuracy"] for x in e], "o-", ms=3,
@@ -139,7 +139,7 @@ def plot_training(lines: dict, path: Path) -> None:
             low = [(x["epoch"], 100 * x["low_rank_accuracy"]) for x in e if x.get("low_rank_accuracy") is not None]
             if low:
                 ax.plot(*zip(*low), "--", color=line.get_color())
-        ax.set_title(f"{ratio:g}x")
+        ax.set_title(f"{ratio:g}x, {epochs} epochs")
         ax.set_xlabel("epoch")
     np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
     fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning\n(dashed: DeepTwist's network at low rank)",
