@@ -16,6 +16,7 @@ from twistc.models.timm_models import create_model, input_size
 
 
 def model(name: str = "resnet18", checkpoint: str = "", pretrained: bool = False, num_classes: int = 0) -> torch.nn.Module:
+    torch.manual_seed(0)  # random weights, where no others are given, are the same in every compile
     net = create_model(name, num_classes=num_classes or None, pretrained=pretrained)
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -3,7 +3,7 @@ user gets: each report.json field by field, and each model.onnx's outputs and st
 reshapes the code must leave them alone; the differences it means to make are listed, every other one fails.
 
 The earlier revision runs from a temporary git worktree (twistc/passes linked to its passes/ folder, as
-the install maps it); this tree runs as installed. Timings, versions, the machine and paths are not
+the install maps it); this tree runs as installed. Both compile this tree's MODEL.py files. Timings, versions, the machine and paths are not
 compared; every compile runs with --no-timing on the same seed.
 
     python tools/same_outputs.py --before 10b0713
@@ -84,9 +84,10 @@ def onnx_diff(before: Path, after: Path) -> dict:
             "stored_after": stored[1]}
 
 
-def compile_in(root: Path, env: dict, model: str, flags: list[str], out: Path) -> float:
+def compile_in(root: Path, env: dict, model: Path, flags: list[str], out: Path) -> float:
+    """Compile `model` with the twistc of `root` (its folder is the working directory); returns seconds."""
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "twistc", "compile", str(root / model), *flags, "--no-timing", "--quiet",
+    cmd = [sys.executable, "-m", "twistc", "compile", str(model), *flags, "--no-timing", "--quiet",
            "-o", str(out)]
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
     if done.returncode:
@@ -120,8 +121,8 @@ def main(argv=None) -> int:
             old_env = {**os.environ, "PYTHONPATH": str(tree)}
             for name, (model, flags) in cases.items():
                 dirs = [Path(tmp) / name.replace(" ", "_") / side for side in ("before", "after")]
-                seconds = [compile_in(tree, old_env, model, flags, dirs[0]),
-                           compile_in(REPO, dict(os.environ), model, flags, dirs[1])]
+                seconds = [compile_in(tree, old_env, REPO / model, flags, dirs[0]),
+                           compile_in(REPO, dict(os.environ), REPO / model, flags, dirs[1])]
                 reports = [json.loads((d / "report.json").read_text()) for d in dirs]
                 diffs = report_diffs(*reports)
                 unexpected = [d for d in diffs if not expected(d[0], args.expect)]
