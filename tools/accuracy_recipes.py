@@ -43,6 +43,7 @@ REFERENCE = expkit.REPO / "results" / "deeptwist_vs_tucker" / "runs"
 GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
         for arm, f, sd in (("handoff", 0.67, 50), ("conventional-distill", None, None), ("handoff-distill", 0.67, 50),
                            ("conventional-fit-distill", None, None), ("handoff-fit-distill", 0.67, 50),
+                           ("handoff-fit-recal-distill", 0.67, 50),
                            ("handoff", 0.33, 50), ("conventional-fit", None, None),
                            ("handoff-distill", 0.5, 50))]
 
@@ -66,8 +67,10 @@ def pipelines(budget: expkit.Budget, arm: str, ratio: float, fraction: float | N
         return [f"{calibrate}lower-conv-tucker{{layers={LAYERS},ratio={ratio:g}{fit}}},cleanup",
                 train_item(budget, seed, budget.epochs, distill)]
     first = max(1, min(budget.epochs - 1, round(fraction * budget.epochs)))
+    recal = "-recal" in arm  # the final projection waits for statistics collected again on the trained network
     return [f"{calibrate}deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}{fit}}},"
-            f"{train_item(budget, seed, first, distill)},lower-conv-tucker,"
+            f"{train_item(budget, seed, first, distill, ',finalize=false' if recal else '')},"
+            f"{calibrate if recal else ''}lower-conv-tucker,"
             f"{train_item(budget, seed, budget.epochs - first, distill, ',handoff=continue')},cleanup"]
 
 
