@@ -137,9 +137,8 @@ class Lowering(LowRankOptions):
                 log.warning("warning: layer %s: %s at ranks %s fits poorly (it removes %.0f%% of the kernel's norm); "
                             "raise the ranks or use another decomposition", site.name, entry.decomp,
                             "x".join(map(str, entry.ranks)), 100 * record.approx_error)
-        method = self.method() if self.method() in form.methods else next(iter(form.methods), None)
         try:
-            module, method = form.build(site.geometry, factors, site.bias(gm), method)
+            module, method = form.build(site.geometry, factors, site.bias(gm), form.method_for(self.method()))
         except ValueError as e:
             raise PassError(f"layer {site.name}: {e}") from None
         path = lowered_path(gm, site, entry.decomp.split("-")[0])  # conv_tucker, conv_tiled, ...

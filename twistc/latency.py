@@ -248,8 +248,7 @@ def build(g: ConvGeometry, entry: LayerPlan | None, dtype: torch.dtype = torch.f
     generator = torch.Generator().manual_seed(0)
     rand = lambda *s: torch.randn(*s, generator=generator) * 0.1  # noqa: E731
     decomposition, form = FORMS[entry.lowering]
-    module, _ = form.build(g, decomposition.random_factors(g, entry, rand), rand(g.out_channels),
-                           next(iter(form.methods), None))
+    module, _ = form.build(g, decomposition.random_factors(g, entry, rand), rand(g.out_channels), form.method_for(None))
     return module.to(dtype)
 
 

@@ -76,6 +76,10 @@ class Form:
     chain: bool = True
     methods: tuple[str, ...] = ()
 
+    def method_for(self, asked: str | None) -> str | None:
+        """The implementation to build: `asked` where the form has it, else its default (None: it has one only)."""
+        return asked if asked in self.methods else next(iter(self.methods), None)
+
 
 def conv_class(spatial: int) -> type[nn.Module]:
     """nn.Conv1d for a kernel of one spatial dim (a Conv1d's lowering), else nn.Conv2d."""
