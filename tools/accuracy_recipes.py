@@ -45,7 +45,7 @@ GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
                            ("conventional-fit-distill", None, None), ("handoff-fit-distill", 0.67, 50),
                            ("handoff-fit-recal-distill", 0.67, 50),
                            ("handoff", 0.33, 50), ("conventional-fit", None, None),
-                           ("handoff-distill", 0.5, 50))]
+                           ("handoff-distill", 0.5, 50), ("handoff-distill", 0.33, 50))]
 
 
 def run_id(arm: str, ratio: float, fraction: float | None, period: int | None, seed: int, epochs: int) -> str:
