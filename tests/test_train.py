@@ -250,3 +250,27 @@ def test_recalibrate_bn_reestimates_batchnorm_after_the_final_projection(batches
     trained = bn.running_mean.clone()
     train_module.recalibrate_batchnorm(gm, lambda: data, 3)  # the statistics of the final weights
     assert torch.allclose(bn.running_mean, trained, atol=1e-6) == (batches > 0)
+
+
+@pytest.mark.parametrize("spec", ["deeptwist{ratio=2,period=7}", "deeptwist{ratio=2,period=7,late_period=3,late_after=15}",
+                                  "deeptwist{ratio=2,period=5,target_change=0.05}"])
+def test_next_distortion_is_the_first_step_that_projects(spec):
+    for p in projections(_deeptwist_model(spec)):
+        for step in range(int(p.next_at) if p.target_change else 40):  # adaptive: known up to the next one
+            assert p.next_distortion(step) == next(s for s in range(step + 1, 100) if p.distorts_at(s))
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_a_training_too_short_to_project_warns_with_a_period_that_fits(caplog, sized):
+    data = _data()  # 4 batches: 8 steps in 2 epochs
+    batches = (lambda: data) if sized else (lambda: Unsized(data))
+    with caplog.at_level("WARNING", logger="twistc.train"):
+        result = train(_deeptwist_model("deeptwist{ratio=2,period=9}"), batches, 2, lr=0.01, progress=False)
+    assert result.distortions == 0
+    told = [r.getMessage() for r in caplog.records if "DeepTwist" in r.getMessage()]
+    assert len(told) == 1 and "(S_D = 9)" in told[0] and "period to 2 or less" in told[0]
+    assert ("trains 8 steps and its first projection comes after 9" if sized else "made no projection in 8") in told[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twistc.train"):
+        result = train(_deeptwist_model("deeptwist{ratio=2,period=8}"), batches, 2, lr=0.01, progress=False)
+    assert result.distortions == 1 and not [r for r in caplog.records if "DeepTwist" in r.getMessage()]

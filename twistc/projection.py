@@ -86,6 +86,15 @@ class LowRankProjection(nn.Module):
             return (step - self.late_after) % self.late_period == 0
         return step % self.period == 0
 
+    def next_distortion(self, step: int) -> int:
+        """The first training step after `step` whose forward projects the weight."""
+        if self.target_change:
+            return int(self.next_at)
+        early = (step // self.period + 1) * self.period
+        if self.late_after is None or early <= self.late_after:
+            return early
+        return self.late_after + (max(step - self.late_after, 0) // self.late_period + 1) * self.late_period
+
     def _adapt(self) -> None:
         """The next period from the change of the projection just made (rank 0's, under DDP)."""
         change = self.change.clone()

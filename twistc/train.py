@@ -268,6 +268,7 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int | N
     projected = projections(module)
     with resume.deferred_stop() if checkpointing else nullcontext([]) as stop:
         step_distorted = False
+        first_epoch, warned = at["epoch"], False
 
         def end_step(batches: int) -> None:
             """The optimizer step over the last `batches` batches' gradients, then what follows a step."""
@@ -290,6 +291,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int | N
             clock, resumed_at, samples = time.perf_counter(), at["batch"], 0
             iterator, per_epoch = _epoch_batches(train_data, epoch, at["batch"], saved, shard)
             steps_per_epoch = -(-per_epoch // c.accumulate) if per_epoch else None
+            if epoch == first_epoch and per_epoch:
+                warned = _warn_unprojected(projected, (c.epochs - epoch) * steps_per_epoch - at["batch"] // c.accumulate)
             bar = tqdm(iterator, total=per_epoch, initial=at["batch"], desc=f"epoch {epoch + 1}/{c.epochs}",
                        disable=None if progress else True, leave=False, dynamic_ncols=True)
             for x, y in bar:
@@ -339,6 +342,8 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int | N
             at = {**at, "epoch": epoch + 1, "batch": 0, "loss_total": 0.0}
             if checkpointing:
                 resume.save(checkpointing, module, optimizer, scaler, result, at, epoch_rng, start, best)
+    if not warned:  # batches of unknown count: say it afterwards
+        _warn_unprojected(projected, None)
     where = _first_nonfinite_parameter(module)
     if where:
         raise NonFiniteError(f"training ended with non-finite parameter {where} after step {at['step']}")
@@ -360,6 +365,24 @@ def train(module: nn.Module, train_data: Callable[[], Iterable], epochs: int | N
     result.carried = carried_state(module, optimizer)
     module.eval()
     return result
+
+
+def _warn_unprojected(projected: list[LowRankProjection], steps: int | None) -> bool:
+    """Warn when DeepTwist makes no projection in the `steps` training steps ahead (None: it made none in
+    the training just ended): its weights never settle at low rank, and the final projection then makes
+    the whole cut untrained. Returns whether it warned."""
+    if not projected or any(int(p.distortions) for p in projected) or not distributed.is_main():
+        return False
+    wait = min(p.next_distortion(int(p.step)) - int(p.step) for p in projected)
+    if steps is not None and wait <= steps:
+        return False
+    period = projected[0].period
+    told = (f"trains {steps} steps and its first projection comes after {wait}" if steps is not None
+            else f"made no projection in {int(projected[0].step)} training steps")
+    log.warning("warning: DeepTwist %s (S_D = %d): the weights never settle at low rank, and the final projection "
+                "cuts them untrained; set its period to %d or less (about 4 projections), or train longer", told,
+                period, max(1, (steps if steps is not None else int(projected[0].step)) // 4))
+    return True
 
 
 def _epoch_batches(train_data, epoch: int, done: int, saved: dict | None, shard: bool) -> tuple[Iterable, int | None]:
