@@ -1,2 +1,2 @@
-"""twistc's graph passes, one per file. Import a pass from its module, or look it up by name in
-twistc.pipeline.REGISTRY (lazy)."""
+"""twistc's graph passes, one per file, and the presets (presets.py). Each pass registers itself
+(twistc.pipeline.register); twistc.pipeline.registry() imports these modules and looks a pass up by name."""

@@ -28,7 +28,7 @@ from twistc.convs import ConvSite, conv_sites
 from twistc.decomp.im2col import Im2Col
 from twistc.decomp.whiten import InputStats
 from twistc.errors import SpecError
-from twistc.pipeline import Pass, PassResult, RunContext
+from twistc.pipeline import Pass, PassResult, RunContext, register
 from twistc.passes.lowrank import check_layers_pattern, input_stats, selected
 from twistc.state import state_of
 
@@ -64,9 +64,11 @@ class _Collector(fx.Interpreter):
         return super().run_node(node)
 
 
+@register
 @dataclass(frozen=True)
 class Calibrate(Pass):
     name = "calibrate"
+    run_defaults = ("batches",)
     summary = ("collect each layer's input statistics on batches of train_data() (else eval_data()), for data-aware "
                "factors (fit=activation)")
     option_help = {"batches": "batches of data to collect on", "layers": "fnmatch patterns of the layers, '|'-joined"}

@@ -12,9 +12,10 @@ import torch.fx as fx
 from torch import nn
 
 from twistc.projection import LowRankProjection
-from twistc.pipeline import Pass, PassResult
+from twistc.pipeline import Pass, PassResult, register
 
 
+@register
 @dataclass(frozen=True)
 class Cleanup(Pass):
     name = "cleanup"

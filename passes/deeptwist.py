@@ -26,16 +26,18 @@ from twistc.decomp import DECOMPOSITIONS
 from twistc.decomp.svd import ORDERS
 from twistc.errors import SpecError
 from twistc.projection import LowRankProjection
-from twistc.pipeline import PassResult
+from twistc.pipeline import PassResult, register
 from twistc.plan import Layout
 from twistc.passes.lowrank import LowRankOptions, check_choice, check_pair, input_stats, natural_decomp, record_plan
 from twistc.state import Skip
 
 
 
+@register
 @dataclass(frozen=True)
 class DeepTwist(LowRankOptions):
     name = "deeptwist"
+    run_defaults = ("ratio", "fit", "order", "tile", "grid", "period")
     writes_plan = True
     summary = "training-time: project each selected conv's weight to low rank every `period` steps"
     option_help = {**LowRankOptions.option_help, "decomp": " or ".join((*DECOMPOSITIONS, "natural (tucker for kxk "

@@ -24,12 +24,13 @@ from twistc.convs import insert_module
 from twistc.errors import SpecError
 from twistc.fold import fold_batchnorm, foldable_batchnorm, merge_convs, merged_macs_per_pixel, mergeable
 from twistc.decomp.im2col import LowRankGemm
-from twistc.pipeline import Pass, PassResult
+from twistc.pipeline import Pass, PassResult, register
 from twistc.passes.lower import lowered_cost
 from twistc.state import state_of
 from twistc.trace import shape_prop
 
 
+@register
 @dataclass(frozen=True)
 class Fold(Pass):
     name = "fold"

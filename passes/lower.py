@@ -27,7 +27,7 @@ from twistc.decomp.cost import ConvGeometry, Cost
 from twistc.decomp.svd import ORDERS
 from twistc.decomp.threads import on_free_cores
 from twistc.errors import PassError, SpecError, name_list
-from twistc.pipeline import PassResult
+from twistc.pipeline import PassResult, register
 from twistc.plan import LayerPlan, Layout
 from twistc.passes.lowrank import LowRankOptions, check_choice, check_pair, record_plan
 from twistc.counting import count_weights
@@ -151,9 +151,11 @@ class Lowering(LowRankOptions):
             record.final_projection_change = float(projection.change)
 
 
+@register
 @dataclass(frozen=True)
 class Lower(Lowering):
     name = "lower"
+    run_defaults = ("ratio", "fit", "order", "tile", "grid")
     summary = "rewrite each layer into its lowered form (Tucker-2 chains for kxk convs, SVD pairs for 1x1 convs and " \
               "Linear layers, or as the plan says), exactly at the chosen ranks"
     option_help = {**LowRankOptions.option_help, "forms": f"allowed forms joined by |: {', '.join(FORMS)} (default: all)",

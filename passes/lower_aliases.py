@@ -14,11 +14,13 @@ from twistc.decomp import FORMS
 from twistc.decomp.svd import ORDERS
 from twistc.passes.lower import Lowering, check_layout
 from twistc.passes.lowrank import LowRankOptions, check_choice
+from twistc.pipeline import register
 from twistc.plan import Layout
 
 SVD_IM2COL, TILED = FORMS["svd-im2col"][1].methods, FORMS["tiled-lowrank"][1].methods
 
 
+@register
 @dataclass(frozen=True)
 class LowerConvTucker(Lowering):
     name = "lower-conv-tucker"
@@ -28,27 +30,11 @@ class LowerConvTucker(Lowering):
         return ("tucker-chain",)
 
 
-@dataclass(frozen=True)
-class LowerConvCp(Lowering):
-    name = "lower-conv-cp"
-    summary = "rewrite each kh x kw conv as 1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1 (CP)"
-
-    def allowed(self):
-        return ("cp-chain",)
-
-
-@dataclass(frozen=True)
-class LowerLinearSvd(Lowering):
-    name = "lower-linear-svd"
-    summary = "rewrite each Linear layer as Linear (in->r) then Linear (r->out), exactly at the chosen rank"
-
-    def allowed(self):
-        return ("svd-linear",)
-
-
+@register
 @dataclass(frozen=True)
 class LowerConvSvd(Lowering):
     name = "lower-conv-svd"
+    run_defaults = ("ratio", "fit", "order")
     summary = "rewrite each conv through a truncated SVD of its lowered matrix (conv pair or im2col + GEMM)"
     option_help = {**LowRankOptions.option_help, "form": "conv (a kxk conv, then a 1x1) or im2col",
                    "order": "column order of the lowered matrix, channel-major or tap-major",
@@ -79,9 +65,11 @@ class LowerConvSvd(Lowering):
         return Layout(self.order)
 
 
+@register
 @dataclass(frozen=True)
 class LowerConvTiledLowrank(Lowering):
     name = "lower-conv-tiled-lowrank"
+    run_defaults = ("ratio", "fit", "order", "tile", "grid")
     summary = "rewrite each conv as per-tile low-rank products (tiled SVD of its lowered matrix)"
     option_help = {**LowRankOptions.option_help, "tile": "tile shape HxW (ragged edges allowed)",
                    "grid": "tile grid RxC", "order": "column order, channel-major or tap-major",
@@ -105,3 +93,23 @@ class LowerConvTiledLowrank(Lowering):
 
     def layout(self):
         return Layout(self.order, self.tile, self.grid if self.tile is None else None)
+
+
+@register
+@dataclass(frozen=True)
+class LowerConvCp(Lowering):
+    name = "lower-conv-cp"
+    summary = "rewrite each kh x kw conv as 1x1 -> depthwise kh x 1 -> depthwise 1 x kw -> 1x1 (CP)"
+
+    def allowed(self):
+        return ("cp-chain",)
+
+
+@register
+@dataclass(frozen=True)
+class LowerLinearSvd(Lowering):
+    name = "lower-linear-svd"
+    summary = "rewrite each Linear layer as Linear (in->r) then Linear (r->out), exactly at the chosen rank"
+
+    def allowed(self):
+        return ("svd-linear",)

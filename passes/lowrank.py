@@ -71,6 +71,7 @@ class LowRankOptions(Pass):
 
     kinds: ClassVar[tuple[str, ...]] = ("Conv2d",)  # the layer kinds it rewrites
     exclusive = (("ratio", "ranks", "energy", "rank"),)
+    run_defaults = ("ratio", "fit")
 
     layers: str | None = None
     ratio: float | None = None

@@ -52,7 +52,7 @@ from twistc.errors import RankError, SpecError, name_list
 from twistc.latency import Runtime, measure_layer, model_key, model_timer, paired_medians
 from twistc.latency_cache import LatencyCache
 from twistc.partial import Suffix
-from twistc.pipeline import Pass, PassResult, Pipeline, RunContext
+from twistc.pipeline import Pass, PassResult, Pipeline, RunContext, register
 from twistc.plan import LayerPlan
 from twistc.passes.lower import Lowering
 from twistc.passes.lowrank import (check_choice, check_layers_pattern, first_failure, floor_reason, keeps_floor, rank_floor,
@@ -96,9 +96,11 @@ class Decision(NamedTuple):
     why: str | None
 
 
+@register
 @dataclass(frozen=True)
 class PlanLatency(Pass):
     name = "plan-latency"
+    run_defaults = ("ratio", "cache", "threads")  # it measures where its device= says
     writes_plan = True
     takes_context = True
     exclusive = (TARGETS,)

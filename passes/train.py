@@ -12,14 +12,16 @@ import torch.fx as fx
 from twistc import checkpoint, distributed
 from twistc.errors import SpecError
 from twistc.evaluation import accuracy
-from twistc.pipeline import PassResult, RunContext, Stage
+from twistc.pipeline import PassResult, RunContext, Stage, register
 from twistc.resume import Checkpointing
 from twistc.train import TrainConfig, TrainResult, final_projection, projections, recalibrate_batchnorm, train
 
 
+@register
 @dataclass(frozen=True)
 class Train(TrainConfig, Stage):
     name = "train"
+    run_defaults = ("epochs", "lr", "seed", "distill", "device")
     summary = ("stage: SGD (Nesterov momentum) or AdamW with a cosine, linear or constant lr on train_data(), then "
                "DeepTwist's final projection")
     option_help = {**TrainConfig.option_help,

@@ -515,10 +515,9 @@ def test_passes_name_lists_the_options(capsys):
 def test_every_option_of_every_pass_says_what_it_means():
     import dataclasses
 
-    from twistc.pipeline import REGISTRY, stage_class
+    from twistc.pipeline import registry
 
-    for name in REGISTRY:
-        cls = stage_class(name)
+    for name, cls in registry().items():
         missing = [f.name for f in dataclasses.fields(cls) if not cls.option_help.get(f.name)]
         assert not missing, f"{name}: {missing}"
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_checkpoint import Data, _model
 from twistc import Pipeline, RunContext, trace
 from twistc.errors import SpecError, Stopped
-from twistc.commands import handoff_epochs, preset_pipeline
+from twistc.commands import handoff_epochs, preset_items
 from twistc.train import Distillation, train
 
 train_module = importlib.import_module("twistc.train")  # the module: twistc.train is also the function
@@ -90,6 +90,9 @@ def test_sigterm_in_the_second_stage_resumes_exactly(tmp_path):
 
 
 def test_handoff_preset_splits_the_epochs_and_refuses_an_empty_phase():
+    def preset_pipeline(*args, **kwargs):
+        return ",".join(item.spec() for item in preset_items(*args, **kwargs))
+
     assert preset_pipeline("deeptwist-tucker", 10, handoff=0.7) == (
         "deeptwist{decomp=natural},train{epochs=7},lower,"
         "train{epochs=3,handoff=continue},fold,cleanup")

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import twistc
 from twistc import pipeline
 from twistc.errors import PassError, SpecError
-from twistc.commands import preset_pipeline
+from twistc.commands import preset_items
 from twistc.pipeline import Pass, PassResult, Pipeline
 from twistc.passes.deeptwist import DeepTwist
 from twistc.passes.train import Train
@@ -30,6 +30,10 @@ def test_options_are_typed():
     assert isinstance(dt, DeepTwist) and dt.ratio == 4.0 and dt.period == 200
     assert isinstance(tr, Train) and tr.epochs == 3 and tr.lr == 0.05
     assert low.ranks == (8, 4)
+
+
+def preset_pipeline(*args, **kwargs) -> str:
+    return ",".join(item.spec() for item in preset_items(*args, **kwargs))
 
 
 def test_presets_expand():
@@ -60,9 +64,36 @@ def test_bad_specs_say_what_is_wrong(spec, message):
         Pipeline.parse(spec)
 
 
-def test_defaults_fill_only_unwritten_options():
-    stage = pipeline.parse_item("deeptwist{ratio=4}", {"ratio": 2.0, "period": 50, "epochs": 9, "tile": None})
+def test_defaults_fill_only_unwritten_options_the_stage_takes():
+    values = {"ratio": 2.0, "period": 50, "epochs": 9, "tile": None, "layers": "conv1"}
+    stage = pipeline.parse_item("deeptwist{ratio=4}").with_defaults(values).stage()
     assert stage.ratio == 4.0 and stage.period == 50 and stage.spec() == "deeptwist{ratio=4,period=50}"
+    assert pipeline.parse_item("deeptwist{ranks=3x2}").with_defaults(values).stage().ratio is None  # exclusive
+    assert pipeline.parse_item("deeptwist").with_defaults(values, also=["layers"]).stage().layers == "conv1"
+    assert pipeline.parse_item("fold").with_defaults(values).spec() == "fold"
+    # an item is checked as a stage once filled: plan-latency's target may come from the run's ratio
+    assert pipeline.parse_item("plan-latency").with_defaults(values).stage().ratio == 2.0
+
+
+def test_every_stage_registers_itself_and_declares_the_run_settings_it_takes():
+    import dataclasses
+
+    registry = pipeline.registry()
+    assert {"calibrate", "plan-latency", "deeptwist", "lower", "lower-conv-tucker", "fold", "cleanup",
+            "train"} <= set(registry)
+    for name, cls in registry.items():
+        assert cls.name == name and set(cls.run_defaults) <= {f.name for f in dataclasses.fields(cls)}, name
+    assert "device" not in registry["plan-latency"].run_defaults  # it measures where its own device= says
+    with pytest.raises(TypeError, match="two stages are named 'fold'"):
+        pipeline.register(type("Fold2", (Pass,), {"name": "fold", "summary": ""}))
+
+
+def test_presets_are_typed_items_and_each_pipeline_gets_its_own_stages():
+    presets = pipeline.presets()
+    assert all(issubclass(item.cls, pipeline.Stage) for preset in presets.values() for item in preset.items)
+    assert str(presets["tucker"]) == "lower[,train],fold,cleanup"
+    first, second = Pipeline.parse("deeptwist-tucker"), Pipeline.parse("deeptwist-tucker")
+    assert all(a is not b for a, b in zip(first.stages, second.stages))
 
 
 @dataclass(frozen=True)
@@ -79,7 +110,7 @@ class BreakShapes(Pass):
 
 
 def test_verification_names_the_failing_pass_and_those_before(monkeypatch):
-    monkeypatch.setitem(pipeline.REGISTRY, "break-shapes", f"{__name__}:BreakShapes")
+    monkeypatch.setitem(pipeline.REGISTRY, "break-shapes", BreakShapes)
     gm = twistc.trace(Net().eval(), (torch.randn(1, 3, 8, 8),))
     with pytest.raises(PassError, match=r"after pass 'break-shapes' \(after: lower-conv-tucker\{ratio=2\}\).*shapes"):
         Pipeline.parse("lower-conv-tucker{ratio=2},break-shapes").run(gm)

@@ -25,7 +25,7 @@ from twistc.latency import Runtime, compare_models, model_timer
 from twistc.latency_cache import LatencyCache
 from twistc.modelfile import load_model_file
 from twistc.outdir import OutputDir, check_output
-from twistc.pipeline import (PRESETS, Pipeline, RunContext, describe, format_value, parse_item,
+from twistc.pipeline import (Item, Pipeline, RunContext, describe, format_value, parse_item, presets,
                              split_items, stage_class)
 from twistc.passes.lower import Lowering
 from twistc.plan import Plan
@@ -37,12 +37,6 @@ from twistc.evaluation import accuracy
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("original.onnx", "model.onnx", "model.pt2", "report.json", "report.md")
-
-
-LATENCY_PRESETS = ("tucker", "deeptwist-tucker")
-
-
-HANDOFF_PRESETS = ("deeptwist-tucker", "deeptwist-svd", "deeptwist-cp", "deeptwist-tiled-svd")
 
 
 def handoff_epochs(fraction: float, epochs: int | None) -> tuple[int, int]:
@@ -57,71 +51,72 @@ def handoff_epochs(fraction: float, epochs: int | None) -> tuple[int, int]:
     return first, total - first
 
 
-def preset_pipeline(spec: str, epochs: int | None = None, latency_target: dict | None = None,
-                    handoff: float | None = None) -> str:
-    """Presets replaced by their pipelines, as the CLI's flags shape them. `latency_target` ({"speedup": S} or {"max_drop": D}) puts
-    plan-latency with it in front of a Tucker preset and lowers the layers it gives an SVD pair (1x1 convs
-    and Linear layers among them) as well. `handoff` (a fraction of the epochs): a DeepTwist preset trains
-    that much in the original shape, lowers, and trains the factors for the rest on one schedule."""
-    items = []
-    for item in split_items(spec):
-        if item not in PRESETS:
-            items.append(item)
+def preset_items(spec: str, epochs: int | None = None, latency_target: dict | None = None,
+                 handoff: float | None = None) -> list[Item]:
+    """The items of a spec, its presets as the CLI's flags extend them. `latency_target` ({"speedup": S} or
+    {"max_drop": D}) puts plan-latency with it in front of a preset that `plans`; `handoff` (a fraction of
+    the epochs): a preset that `hands_off` trains that much in the original shape, lowers, and trains the
+    factors for the rest on one schedule."""
+    known, items, used = presets(), [], []
+    train = stage_class("train")
+    for text in split_items(spec):
+        preset = known.get(text)
+        if preset is None:
+            items.append(parse_item(text))
             continue
-        stages = split_items(PRESETS[item][0])
-        if item == "tucker" and epochs:
-            stages.insert(stages.index("fold"), "train")  # fold freezes BatchNorm: after training
-        if handoff is not None and item in HANDOFF_PRESETS:
+        used.append(preset)
+        own = list(preset.items)
+        fold = next(i for i, item in enumerate(own) if item.name == "fold")
+        if preset.fine_tunes and epochs:
+            own.insert(fold, Item(train))  # fold freezes BatchNorm: after training
+        if handoff is not None and preset.hands_off:
             first, rest = handoff_epochs(handoff, epochs)
-            stages[stages.index("train")] = f"train{{epochs={first}}}"
-            stages.insert(stages.index("fold"), f"train{{epochs={rest},handoff=continue}}")
-        if latency_target and item in LATENCY_PRESETS:
-            [(key, value)] = latency_target.items()
-            stages.insert(0, f"plan-latency{{{key}={format_value(value)}}}")
-        items += stages
-    if handoff is not None and not any(i in HANDOFF_PRESETS for i in split_items(spec)):
-        raise SpecError(f"--handoff applies to the presets {', '.join(HANDOFF_PRESETS)}; in a pipeline of your own, "
-                        "write train{epochs=E1},LOWERING,...,train{epochs=E2,handoff=continue}")
-    if latency_target and not any(i in LATENCY_PRESETS for i in split_items(spec)):
+            own[next(i for i, item in enumerate(own) if item.name == "train")] = Item.of(train, epochs=first)
+            own.insert(fold, Item.of(train, epochs=rest, handoff="continue"))
+        if latency_target and preset.plans:
+            own.insert(0, Item.of(stage_class("plan-latency"), **latency_target))
+        items += own
+    if handoff is not None and not any(p.hands_off for p in used):
+        raise SpecError(f"--handoff applies to the presets {', '.join(n for n, p in known.items() if p.hands_off)}; "
+                        "in a pipeline of your own, write train{epochs=E1},LOWERING,...,train{epochs=E2,handoff=continue}")
+    if latency_target and not any(p.plans for p in used):
         [key] = latency_target
         flag = {"speedup": "--target-speedup", "max_drop": "--max-drop"}[key]
-        raise SpecError(f"{flag} applies to the presets {' and '.join(LATENCY_PRESETS)}; in a pipeline of your own, "
-                        f"write plan-latency{{{key}=...}} in front")
-    return ",".join(items)
+        raise SpecError(f"{flag} applies to the presets {' and '.join(n for n, p in known.items() if p.plans)}; "
+                        f"in a pipeline of your own, write plan-latency{{{key}=...}} in front")
+    return items
 
 
-def fits_data(text: str) -> bool:
-    """Whether the pipeline item lowers layers whose decomposition can fit its factors to the data."""
-    return (issubclass(stage_class(text.split("{")[0]), Lowering)
-            and any(FORMS[f][0].data_aware for f in parse_item(text).allowed()))
+def fits_data(item: Item) -> bool:
+    """Whether the item lowers layers whose decomposition can fit its factors to the data."""
+    return issubclass(item.cls, Lowering) and any(FORMS[f][0].data_aware for f in item.stage().allowed())
 
 
 def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
-    """The pipeline from --pass; the other flags fill options the spec does not write. Passes after one
-    that writes the plan (deeptwist, plan-latency) take ranks, order and tiles from it, so those flags
-    skip them. Without --fit, a pipeline that does not train fits its factors to the data where MODEL.py
-    has some (`has_data`): its factors are all the accuracy it keeps (results/post_training_fit)."""
-    stages, planned = [], False
+    """The pipeline from --pass; the other flags fill the options each stage takes from them (its
+    `run_defaults`) where the spec does not write them, and --option KEY=VALUE those of every stage that
+    has KEY. Passes after one that writes the plan (deeptwist, plan-latency) take ranks, order and tiles
+    from it, so those flags skip them. Without --fit, a pipeline that does not train fits its factors to
+    the data where MODEL.py has some (`has_data`): its factors are all the accuracy it keeps
+    (results/post_training_fit)."""
     extra = options(args.stage_options, "--option")
     target = ({"speedup": args.target_speedup} if args.target_speedup is not None else
               {"max_drop": args.max_drop} if args.max_drop is not None else None)
-    items = split_items(preset_pipeline(spec, args.epochs, target, args.handoff))
-    names = [text.split("{")[0] for text in items]
-    fits = {text for text in items if fits_data(text)}
-    auto = args.fit is None and has_data and bool(fits) and "train" not in names and "fit=" not in spec
-    if (args.fit == "activation" or auto) and "calibrate" not in names:
-        items.insert(0, "calibrate")
-    for text in items:
-        fit = args.fit or ("activation" if auto and text in fits else None)
+    items = preset_items(spec, args.epochs, target, args.handoff)
+    auto = (args.fit is None and has_data and any(map(fits_data, items))
+            and not any(item.name == "train" or "fit" in item.given for item in items))
+    if (args.fit == "activation" or auto) and not any(item.name == "calibrate" for item in items):
+        items.insert(0, Item(stage_class("calibrate")))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    stages, planned = [], False
+    for item in items:
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
-                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill, "fit": fit,
-                  "batches": args.calib_batches, **extra}
+                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill,
+                  "fit": args.fit or ("activation" if auto and fits_data(item) else None),
+                  "batches": args.calib_batches, "device": device if device != "cpu" else None}
         if not planned:
             values.update(order=args.order, tile=args.tile, grid=args.grid, ratio=args.ratio)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        if device != "cpu" and not text.startswith("plan-latency"):  # plan-latency's device is where it measures
-            values["device"] = device
-        stage = parse_item(text, values)
+        stage = item.with_defaults({**values, **extra}, also=extra).stage()
         stages.append(stage)
         planned |= stage.writes_plan
     unused = [k for k in extra if not any(k in {f.name for f in dataclasses.fields(s)} for s in stages)]
@@ -333,9 +328,9 @@ def _measure_speedup(state, original, compiled, example, folder: Path, status, t
 
 
 def passes_command(args) -> int:
-    if args.name in PRESETS:
-        expansion, summary = PRESETS[args.name]
-        _say(f"{args.name}: {summary}\n  = {expansion}\n`twistc passes NAME` lists the options of each item; "
+    if args.name in presets():
+        preset = presets()[args.name]
+        _say(f"{args.name}: {preset.summary}\n  = {preset}\n`twistc passes NAME` lists the options of each item; "
              "--ratio, --epochs, --lr, --period and --option fill the ones the preset does not write")
         return 0
     if args.name:

@@ -14,12 +14,13 @@ import copy
 import dataclasses
 import importlib
 import logging
+import pkgutil
 import re
 import time
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch.fx as fx
 
@@ -27,38 +28,25 @@ from twistc.errors import SpecError, TwistcError
 
 log = logging.getLogger(__name__)
 
-REGISTRY = {
-    "calibrate": "twistc.passes.calibrate:Calibrate",
-    "plan-latency": "twistc.passes.plan_latency:PlanLatency",
-    "deeptwist": "twistc.passes.deeptwist:DeepTwist",
-    "lower": "twistc.passes.lower:Lower",
-    "lower-conv-tucker": "twistc.passes.lower_aliases:LowerConvTucker",
-    "lower-conv-svd": "twistc.passes.lower_aliases:LowerConvSvd",
-    "lower-conv-tiled-lowrank": "twistc.passes.lower_aliases:LowerConvTiledLowrank",
-    "lower-conv-cp": "twistc.passes.lower_aliases:LowerConvCp",
-    "lower-linear-svd": "twistc.passes.lower_aliases:LowerLinearSvd",
-    "fold": "twistc.passes.fold:Fold",
-    "cleanup": "twistc.passes.cleanup:Cleanup",
-    "train": "twistc.passes.train:Train",
-}
+REGISTRY: dict[str, type["Stage"]] = {}  # name -> class: each pass and stage registers itself (@register)
+PRESETS: dict[str, "Preset"] = {}  # name -> preset (twistc/passes/presets.py registers them)
 
-# name -> (expansion, one-line summary). "tucker" gains ",train" when epochs > 0 (before `fold`, which
-# freezes BatchNorm into the convs).
-PRESETS = {
-    "tucker": ("lower,fold,cleanup",
-               "conventional: Tucker-2 for kxk convs, SVD pairs for 1x1 convs, Linear layers and convs Tucker leaves, "
-               "then fine-tune the decomposed model (adds train when epochs > 0)"),
-    "deeptwist-tucker": ("deeptwist{decomp=natural},train,lower,fold,cleanup",
-                         "DeepTwist: train in the original shape with periodic projections (Tucker-2 for kxk convs, "
-                         "SVD for 1x1 convs and Linear layers), then lower"),
-    "deeptwist-svd": ("deeptwist{decomp=svd},train,lower,fold,cleanup",
-                      "DeepTwist with SVD of each conv's lowered (im2col) matrix and each Linear weight, lowered "
-                      "to conv pairs and Linear pairs"),
-    "deeptwist-cp": ("deeptwist{decomp=cp},train,lower,fold,cleanup",
-                     "DeepTwist with CP projections (Lebedev et al. 2015), lowered to 1x1, kh x 1, 1 x kw and 1x1 convs"),
-    "deeptwist-tiled-svd": ("deeptwist{decomp=tiled-svd},train,lower,fold,cleanup",
-                            "DeepTwist with tiled SVD of each lowered matrix, lowered to tiled GEMMs or grouped convs"),
-}
+
+def register(cls):
+    """Class decorator of a pass or stage: specs may name it by its `name`."""
+    known = REGISTRY.setdefault(cls.name, cls)
+    if known is not cls:
+        raise TypeError(f"two stages are named {cls.name!r}: {known.__qualname__} and {cls.__qualname__}")
+    return cls
+
+
+def registry() -> dict[str, type["Stage"]]:
+    """Every pass and stage by name, in alphabetical order (importing the modules of twistc.passes
+    registers theirs, and the presets)."""
+    package = importlib.import_module("twistc.passes")
+    for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        importlib.import_module(module.name)
+    return dict(sorted(REGISTRY.items()))
 
 
 @dataclass(frozen=True)
@@ -95,6 +83,7 @@ class Stage:
     writes_plan: ClassVar[bool] = False  # later passes take ranks and layout from the plan it writes
     option_help: ClassVar[dict[str, str]] = {}  # option -> what it means, for `twistc passes NAME`
     exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()  # groups of options of which one at most is given
+    run_defaults: ClassVar[tuple[str, ...]] = ()  # options a run's settings (the CLI's flags) fill when unwritten
 
     @classmethod
     def from_options(cls, options: dict[str, str]) -> "Stage":
@@ -213,16 +202,52 @@ def split_items(spec: str) -> list[str]:
 
 
 def stage_class(name: str) -> type[Stage]:
-    if name not in REGISTRY:
-        known = ", ".join(list(REGISTRY) + list(PRESETS))
+    if name not in registry():
+        known = ", ".join(list(registry()) + list(PRESETS))
         raise SpecError(f"unknown pass '{name}' (known: {known}; `twistc passes` describes them)")
-    module, _, cls = REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return REGISTRY[name]
 
 
-def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
-    """One spec item; `defaults` fill options that the item has and does not write, unless it writes
-    another option of the same `exclusive` group."""
+@dataclass(frozen=True)
+class Item:
+    """A pipeline item as written: its stage class and the options written (as text). A run's settings
+    fill the options the stage declares in `run_defaults` (with_defaults); `stage()` then makes the stage,
+    which checks the options together (plan-latency's target, say, may come from --ratio)."""
+
+    cls: type[Stage]
+    options: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def of(cls: type[Stage], **options) -> "Item":
+        return Item(cls, tuple((key, format_value(value)) for key, value in options.items()))
+
+    @property
+    def name(self) -> str:
+        return self.cls.name
+
+    @property
+    def given(self) -> dict[str, str]:
+        return dict(self.options)
+
+    def spec(self) -> str:
+        return f"{self.name}{{{','.join(f'{k}={v}' for k, v in self.options)}}}" if self.options else self.name
+
+    def with_defaults(self, values: dict[str, Any], also: Iterable[str] = ()) -> "Item":
+        """The item with `values` for the options its stage declares in `run_defaults` (and those named in
+        `also`) that it does not write, unless it writes another option of the same `exclusive` group."""
+        given = self.given
+        names = (set(self.cls.run_defaults) | set(also)) & {f.name for f in dataclasses.fields(self.cls)}
+        taken = {k for group in self.cls.exclusive if set(group) & set(given) for k in group}
+        extra = tuple((k, format_value(v)) for k, v in values.items()
+                      if k in names and v is not None and k not in given and k not in taken)
+        return Item(self.cls, self.options + extra)
+
+    def stage(self) -> Stage:
+        return self.cls.from_options(self.given)
+
+
+def parse_item(text: str) -> Item:
+    """One spec item (not a preset)."""
     match = _ITEM.match(text)
     if not match:
         raise SpecError(f"cannot read pipeline item {text!r}; write name or name{{key=value,...}}")
@@ -235,20 +260,44 @@ def parse_item(text: str, defaults: dict[str, Any] | None = None) -> Stage:
         if key.strip() in options:
             raise SpecError(f"option '{key.strip()}' of {name} is given twice; keep one")
         options[key.strip()] = value.strip()
-    cls = stage_class(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    taken = {k for group in cls.exclusive if set(group) & set(options) for k in group}
-    extra = {k: format_value(v) for k, v in (defaults or {}).items()
-             if k in fields and v is not None and k not in taken}
-    stage = cls.from_options({**extra, **options})
-    object.__setattr__(stage, "_given", {**options, **{k: v for k, v in extra.items() if k not in options}})
-    return stage
+    return Item(stage_class(name), tuple(options.items()))
 
 
-def expand_presets(spec: str) -> str:
-    """Presets replaced by their pipelines, as written (the CLI's flags fill and extend them: see
-    twistc.commands.preset_pipeline)."""
-    return ",".join(PRESETS[item][0] if item in PRESETS else item for item in split_items(spec))
+@dataclass(frozen=True)
+class Preset:
+    """A named pipeline: its stages as written, before a run's settings fill them; the flags say how the
+    CLI's --epochs, --handoff and --target-speedup / --max-drop extend it (twistc.commands.preset_stages)."""
+
+    name: str
+    items: tuple[Item, ...]
+    summary: str
+    fine_tunes: bool = False  # with epochs, a train stage goes in before `fold` (which freezes BatchNorm)
+    hands_off: bool = False  # its training in the original shape may hand off to the factors' training
+    plans: bool = False  # a latency or accuracy target puts plan-latency in front
+
+    def __str__(self) -> str:
+        items = [item.spec() for item in self.items]
+        if self.fine_tunes:
+            at = next(i for i, item in enumerate(self.items) if item.name == "fold")
+            return ",".join(items[:at]) + "[,train]," + ",".join(items[at:])
+        return ",".join(items)
+
+
+def register_preset(preset: Preset) -> None:
+    known = PRESETS.setdefault(preset.name, preset)
+    if known is not preset:
+        raise TypeError(f"two presets are named {preset.name!r}")
+
+
+def presets() -> dict[str, Preset]:
+    registry()
+    return PRESETS
+
+
+def items_of(spec: str) -> list[Item]:
+    """The items of a spec, each preset as its items."""
+    known = presets()
+    return [item for text in split_items(spec) for item in (known[text].items if text in known else [parse_item(text)])]
 
 
 class Pipeline:
@@ -275,7 +324,7 @@ class Pipeline:
     def parse(cls, spec: str) -> "Pipeline":
         if not spec.strip():
             raise SpecError("empty pipeline spec")
-        return cls([parse_item(item) for item in split_items(expand_presets(spec))])
+        return cls([item.stage() for item in items_of(spec)])
 
     def __str__(self) -> str:
         return ",".join(stage.spec() for stage in self.stages)
@@ -312,8 +361,5 @@ class Pipeline:
 
 def describe() -> list[tuple[str, str, str]]:
     """(name, summary, expansion) of every pass, stage and preset, for `twistc passes`."""
-    rows = [(name, stage_class(name).summary, "") for name in REGISTRY]
-    rows += [(name, summary, expansion.replace(",fold", "[,train],fold") if name == "tucker" else expansion)
-             for name, (expansion, summary) in PRESETS.items()]
-    return rows
-
+    return ([(name, cls.summary, "") for name, cls in registry().items()]
+            + [(name, preset.summary, str(preset)) for name, preset in PRESETS.items()])
