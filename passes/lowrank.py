@@ -33,21 +33,27 @@ MIN_SHARE = 0.005  # a layer with less of the layers' weights than this stays de
 
 def rank_floor(gm: fx.GraphModule, site: ConvSite) -> tuple[int, int]:
     """The least (output, input) ranks that keep the layer what it is: a head (a Linear or 1x1 conv giving the
-    model's scores) keeps a rank per output, a direction per class; an RGB stem keeps its input channels."""
+    model's scores) keeps a rank per output, a direction per class; a stem (an RGB or grey input) keeps every
+    value it reads, its channels times its taps (Tucker keeps the channels; a matrix form its whole input)."""
     g = site.geometry
     head = g.taps == 1 and feeds_output(gm, site)
     return (g.out_channels if head else 1,
-            g.in_channels if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)
+            g.in_channels * g.taps if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)
 
 
 def floor_reason(g, floor: tuple[int, int]) -> str:
-    return (f"the model's head: it keeps a rank per output ({g.out_channels})" if floor[0] > 1 else
-            f"the model's stem: it keeps its {g.in_channels} input channels")
+    if floor[0] > 1:
+        return f"the model's head: it keeps a rank per output ({g.out_channels})"
+    taps = f" ({floor[1]} values with its {'x'.join(map(str, g.spatial_kernel))} taps)" if g.taps > 1 else ""
+    return f"the model's stem: it keeps its {g.in_channels} input channel{'s' if g.in_channels > 1 else ''}{taps}"
 
 
-def keeps_floor(ranks, floor: tuple[int, int]) -> bool:
-    """Ranks at or above the floor: (r_out, r_in) pairwise for Tucker, a matrix form's one rank against the output's."""
-    return all(r >= f for r, f in zip(ranks, floor))
+def keeps_floor(ranks, floor: tuple[int, int], g) -> bool:
+    """Ranks at or above the floor: (r_out, r_in) for Tucker, each capped at its mode's size; a matrix form's
+    one rank against both sides, capped at its full rank."""
+    if len(ranks) == 2:
+        return ranks[0] >= min(floor[0], g.out_channels) and ranks[1] >= min(floor[1], g.in_channels)
+    return ranks[0] >= min(max(floor), g.out_channels, g.in_channels * g.taps)
 
 
 def first_failure(site: ConvSite, decomp: str) -> str | None:

@@ -298,7 +298,7 @@ class PlanLatency(Pass):
                 else None
             for ranks in DECOMPOSITIONS[decomp].rank_grid(g, self.steps, self._rank):
                 entry = LayerPlan(decomp, ranks, form, order=order, fit=fit)
-                if entry.cost(g).params < dense_params and keeps_floor(ranks, floor) and entry not in out:
+                if entry.cost(g).params < dense_params and keeps_floor(ranks, floor, g) and entry not in out:
                     out.append(entry)
         return out
 

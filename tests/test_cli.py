@@ -325,10 +325,10 @@ def test_bench_command_writes_results(tmp_path, capsys):
     _fails(capsys, ["bench", str(out / "model.onnx"), "--provider", "cuda"], "CUDAExecutionProvider")
 
 
-@pytest.mark.parametrize("args,lowering", [  # the last is the Linear head's: it keeps a rank per class, so dense
-    (["--pass", "deeptwist-svd", "--order", "tap-major"], ["svd-conv", "svd-conv", None]),
-    (["--pass", "deeptwist-tiled-svd", "--tile", "4x8"], ["tiled-lowrank", "tiled-lowrank", None]),
-    (["--pass", "deeptwist-tiled-svd", "--grid", "2x3"], ["tiled-lowrank", "tiled-lowrank", None]),
+@pytest.mark.parametrize("args,lowering", [  # the RGB stem keeps all 27 values it reads and the Linear head a
+    (["--pass", "deeptwist-svd", "--order", "tap-major"], [None, "svd-conv", None]),  # rank per class: both dense
+    (["--pass", "deeptwist-tiled-svd", "--tile", "4x8"], [None, "tiled-lowrank", None]),
+    (["--pass", "deeptwist-tiled-svd", "--grid", "2x3"], [None, "tiled-lowrank", None]),
 ])
 def test_2d_presets(tmp_path, capsys, args, lowering):
     out = tmp_path / "out"
@@ -337,7 +337,7 @@ def test_2d_presets(tmp_path, capsys, args, lowering):
     report = json.loads((out / "report.json").read_text())
     assert [layer["lowering"] for layer in report["layers"]] == lowering
     assert report["training"]["distortions"] == 3
-    plan = report["plan"]["0"]
+    plan = report["plan"]["2"]
     assert plan["order"] == ("tap-major" if "tap-major" in args else "channel-major")
     assert plan.get("tile") == ([4, 8] if "4x8" in args else None)
 
@@ -595,9 +595,10 @@ def test_compile_the_transformer_example_end_to_end(tmp_path):
     report = json.loads((out / "report.json").read_text())
     lowered = {layer["name"]: layer["lowering"] for layer in report["layers"]}
     assert lowered["blocks.0.attention.q"] == lowered["blocks.1.mlp.2"] == "svd-linear"
-    assert lowered["patches"] == "svd-conv" and lowered["head"] is None  # the 10-class head keeps its 10 ranks
-    head = next(layer for layer in report["layers"] if layer["name"] == "head")
-    assert head["skip_reason"].startswith("the model's head: it keeps a rank per output (10)")
+    assert lowered["patches"] is None and lowered["head"] is None  # the 10-class head keeps its 10 ranks, and
+    reasons = {layer["name"]: layer.get("skip_reason") for layer in report["layers"]}  # the stem its 4 pixels
+    assert reasons["head"].startswith("the model's head: it keeps a rank per output (10)")
+    assert reasons["patches"].startswith("the model's stem: it keeps its 1 input channel (4 values with its 2x2 taps)")
     assert all(layer["ratio_achieved"] >= 2 for layer in report["layers"] if layer["lowering"])
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["training"]["distortions"] >= 1
 

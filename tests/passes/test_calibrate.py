@@ -18,7 +18,7 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.conv = nn.Conv2d(4, 12, 3, padding=1, stride=2)
+        self.conv = nn.Conv2d(5, 12, 3, padding=1, stride=2)  # 5 channels: not a stem, whose input stays whole
         self.point = nn.Conv2d(12, 10, 1)
         self.hidden = nn.Linear(10 * 16, 24)
         self.fc = nn.Linear(24, 8)
@@ -31,7 +31,7 @@ def _data(n=4, seed=0, scale=None):
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n):
-        x = torch.randn(8, 4, 8, 8, generator=g) * (torch.tensor([3.0, 1.0, 0.2, 0.05]) if scale is None else scale
+        x = torch.randn(8, 5, 8, 8, generator=g) * (torch.tensor([3.0, 1.0, 0.2, 0.05, 0.5]) if scale is None else scale
                                                    )[None, :, None, None]
         batches.append((x + 0.8 * x.roll(1, 1), torch.randint(0, 8, (8,), generator=g)))
     return batches
@@ -49,7 +49,7 @@ def test_calibrate_collects_each_layers_input_second_moment():
     net, gm, data = _run("calibrate{batches=3}")
     stats = state_of(gm).calibration
     x = torch.cat([b[0] for b in data[:3]])
-    patches = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 36).double()
+    patches = F.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 45).double()
     assert stats["conv"].count == patches.shape[0]
     torch.testing.assert_close(stats["conv"].moment, patches.T @ patches, rtol=1e-5, atol=1e-4)  # float32 products
     h = F.relu(net.conv(x))
@@ -58,7 +58,7 @@ def test_calibrate_collects_each_layers_input_second_moment():
     assert stats["hidden"].moment.shape == (160, 160) and stats["hidden"].count == 24
 
 
-@pytest.mark.parametrize("spec", ["lower-conv-tucker{ranks=12x4,fit=activation,layers=conv}",
+@pytest.mark.parametrize("spec", ["lower-conv-tucker{ranks=12x5,fit=activation,layers=conv}",
                                   "lower-conv-svd{ranks=12,fit=activation,layers=conv},lower-conv-svd{ranks=10,fit=activation,layers=point}",
                                   "lower-conv-svd{ranks=12,fit=activation,form=im2col,layers=conv}",
                                   "lower-linear-svd{ranks=24,fit=activation,layers=hidden},"
@@ -90,11 +90,11 @@ def test_fit_activation_without_calibrate_is_an_error_and_tiled_svd_has_no_data_
     with pytest.raises(SpecError, match="put calibrate before lower-conv-tucker"):
         _run("lower-conv-tucker{ratio=2,fit=activation,layers=conv}")
     with pytest.raises(SpecError, match="fit=activation applies to tucker and svd, not tiled-svd"):
-        _run("calibrate,lower-conv-tiled-lowrank{ratio=2,tile=4x4,fit=activation,layers=conv}")
+        _run("calibrate,lower-conv-tiled-lowrank{ratio=2,tile=6x15,fit=activation,layers=conv}")
 
 
 def test_inputs_that_are_all_zero_fall_back_to_the_kernel_fit_with_a_warning(caplog):
-    zeros = [(torch.zeros(8, 4, 8, 8), torch.zeros(8, dtype=torch.long))]
+    zeros = [(torch.zeros(8, 5, 8, 8), torch.zeros(8, dtype=torch.long))]
     with caplog.at_level(logging.WARNING):
         _, gm, _ = _run("calibrate{batches=1},lower-conv-tucker{ratio=2,fit=activation,layers=conv}", zeros)
     record = state_of(gm).layers["conv"]

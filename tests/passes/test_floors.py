@@ -92,5 +92,31 @@ def test_plan_latency_offers_no_candidate_below_a_floor():
     planner = PlanLatency.from_options({"speedup": "1.5", "forms": "tucker-chain|svd-conv|svd-linear"})
     candidates = {site.name: planner.candidates(gm, site) for site in conv_sites(gm)}
     assert candidates["head"] == []  # rank 4 of a 64x4 head is the dense layer's size: it stays dense
-    assert candidates["stem"] and all(e.ranks[1] == 3 for e in candidates["stem"] if e.decomp == "tucker")
+    assert candidates["stem"] == []  # it keeps its 3 channels (Tucker) or all 27 values it reads (SVD): none is smaller
     assert any(e.ranks[0] < 32 for e in candidates["mid"])  # not a head: the whole grid
+
+
+class Patches(nn.Module):
+    """A transformer-like stem: a grey image cut into 2x2 patches, each embedded by one conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches = nn.Conv2d(1, 48, 2, stride=2)
+        self.mix = nn.Linear(48, 48)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x):
+        tokens = self.patches(x).flatten(2).transpose(1, 2)
+        return self.head(F.relu(self.mix(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("spec", ["lower-conv-svd{ratio=2},lower-linear-svd{ratio=2}",
+                                  "deeptwist{decomp=svd,ratio=2},lower-conv-svd,lower-linear-svd"])
+def test_a_patch_embedding_keeps_every_pixel_it_reads(spec):
+    gm = trace(Patches().eval(), (torch.randn(1, 1, 8, 8),))
+    state = state_of(Pipeline.parse(spec).run(gm))
+    patches = state.layers["patches"]  # rank 1 of its 48x4 matrix would fold 4 pixels into one direction
+    assert patches.lowering is None
+    assert patches.skip_reason.startswith("the model's stem: it keeps its 1 input channel (4 values with its 2x2 taps)")
+    assert state.layers["mix"].lowering == "svd-linear"

@@ -49,10 +49,10 @@ def test_full_rank_is_exact_and_truncated_rank_is_the_svd(kind, bias, tmp_path):
 
 def test_deeptwist_svd_trains_convs_and_linears_and_lowers_both(tmp_path):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
-    x = torch.randn(1, 3, 8, 8)
-    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))) for _ in range(3)]
+    net = nn.Sequential(nn.Conv2d(5, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # 5 channels: not a stem, which stays whole
+    x = torch.randn(1, 5, 8, 8)
+    data = [(torch.randn(4, 5, 8, 8), torch.randint(0, 4, (4,))) for _ in range(3)]
     ctx = twistc.RunContext(train_data=lambda: data, progress=False)
     gm = Pipeline.parse("deeptwist{decomp=svd,ratio=1.5,period=2},train{epochs=1}").run(twistc.trace(net, (x,)), ctx)
     trained = gm.eval()(x)

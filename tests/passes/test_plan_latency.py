@@ -22,12 +22,13 @@ from twistc.train import train
 
 def _net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+    # 5 input channels: the first conv is no stem (a stem keeps all it reads), so it has candidates
+    return nn.Sequential(nn.Conv2d(5, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
                          nn.Conv2d(32, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4))
 
 
 def _traced():
-    return trace(_net(), (torch.randn(1, 3, 8, 8),))
+    return trace(_net(), (torch.randn(1, 5, 8, 8),))
 
 
 @pytest.fixture
@@ -57,7 +58,7 @@ def _run(spec, gm=None):
 
 
 def test_layers_whose_candidates_are_all_slower_stay_dense(table, tmp_path):
-    table["lowered"] = lambda e, shape: 1.5 if shape.in_channels == 3 else 0.1
+    table["lowered"] = lambda e, shape: 1.5 if shape.in_channels == 5 else 0.1
     gm, _ = _run(f"plan-latency{{speedup=1.3,cache={tmp_path / 'c.json'}}}")
     plan = state_of(gm).plan
     assert plan.get("0").decomp == "none" and plan.get("2").decomp != "none"
@@ -136,9 +137,9 @@ def test_the_plan_is_consumed_unchanged_by_deeptwist_and_the_lowerings(table, tm
     projections = {p.layer: p.plan for p in gm.modules() if type(p).__name__ == "LowRankProjection"}
     assert projections == {n: e for n, e in planned.items() if e.decomp != "none"}
     g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
+    data = [(torch.randn(4, 5, 8, 8, generator=g), torch.randint(0, 4, (4,), generator=g)) for _ in range(3)]
     train(gm, lambda: data, 1, progress=False)
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 5, 8, 8)
     expected = gm(x)
     gm = Pipeline.parse("lower-conv-tucker,lower-conv-svd,lower-linear-svd,cleanup").run(gm)
     torch.testing.assert_close(gm(x), expected, atol=1e-5, rtol=1e-5)
@@ -204,7 +205,8 @@ class _TwoPaths(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 16, 3, padding=1)
+        # 5 input channels: neither is a stem, whose input stays whole
+        self.a, self.b = nn.Conv2d(5, 16, 3, padding=1), nn.Conv2d(5, 16, 3, padding=1)
         self.head = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -215,7 +217,7 @@ def test_objective_eval_spends_the_budget_where_the_output_does_not_move(table, 
     table["dense"] = lambda e, shape: 1.0
     table["lowered"] = lambda e, shape: 0.5
     net = _TwoPaths().eval()
-    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(64, 5, 8, 8, generator=torch.Generator().manual_seed(2))
     data = [(x[:32], net(x[:32]).argmax(1)), (x[32:], net(x[32:]).argmax(1))]  # 100% accurate before
     gm = trace(net, (x[:1],))
     ctx = RunContext(eval_data=lambda: data)
@@ -231,7 +233,7 @@ def test_objective_eval_spends_the_budget_where_the_output_does_not_move(table, 
 
 def _two_paths_and_data(seed=0):
     net = _TwoPaths().eval()
-    x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(256, 5, 8, 8, generator=torch.Generator().manual_seed(seed))
     data = [(x[i:i + 64], net(x[i:i + 64]).argmax(1)) for i in range(0, 256, 64)]  # 100% accurate before
     return net, data
 
@@ -332,16 +334,16 @@ def test_the_whole_model_time_is_cached_so_the_same_command_plans_the_same(tmp_p
     runtime = Runtime("ort", "cpu", 1, 1)
     pass_ = PlanLatency(speedup=1.2)
     assert pass_.model_ms(_traced(), runtime, cache) == pass_.model_ms(_traced(), runtime, cache) == 3.0
-    wider = trace(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1)),
-                  (torch.randn(1, 3, 8, 8),))
+    wider = trace(nn.Sequential(nn.Conv2d(5, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1)),
+                  (torch.randn(1, 5, 8, 8),))
     assert pass_.model_ms(wider, runtime, cache) == 5.0  # another structure is timed anew
-    assert pass_.model_ms(trace(_net(), (torch.randn(1, 3, 16, 16),)), runtime, cache) == 7.0  # another input
+    assert pass_.model_ms(trace(_net(), (torch.randn(1, 5, 16, 16),)), runtime, cache) == 7.0  # another input
 
 
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.a, self.b = nn.Conv2d(5, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
 
     def forward(self, x, scale):
         return self.b(torch.relu(self.a(x))) * scale
@@ -351,7 +353,7 @@ def test_a_model_with_several_inputs_is_timed_whole_on_all_of_them(tmp_path, mon
     # the layers' times are injected (lowered forms faster); the whole model is timed for real
     monkeypatch.setattr(plan_latency, "measure_layer", lambda shape, entries, *a, **k: [
         1.0 if e is None else 0.1 for e in entries])
-    gm = trace(TwoInputs().eval(), (torch.randn(1, 3, 8, 8), torch.ones(1, 1, 1, 1)))
+    gm = trace(TwoInputs().eval(), (torch.randn(1, 5, 8, 8), torch.ones(1, 1, 1, 1)))
     gm = Pipeline.parse(f"plan-latency{{macs=1.2,reps=3,cache={tmp_path / 'c.json'}}},lower-conv-tucker,"
                         "lower-conv-svd").run(gm)
     assert state_of(gm).latency["model_ms_before"] > 0 and any(r.lowering for r in state_of(gm).layers.values())
@@ -359,11 +361,11 @@ def test_a_model_with_several_inputs_is_timed_whole_on_all_of_them(tmp_path, mon
 
 def test_runtime_torch_measures_in_pytorch_and_leaves_threads_alone(tmp_path):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+    net = nn.Sequential(nn.Conv2d(5, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4)).eval()
     threads = torch.get_num_threads()
     gm = Pipeline.parse(f"plan-latency{{ratio=1.5,runtime=torch,steps=4,reps=3,cache={tmp_path / 'c.json'}}}").run(
-        trace(net, (torch.randn(1, 3, 24, 24),)))
+        trace(net, (torch.randn(1, 5, 24, 24),)))
     state = state_of(gm)
     assert state.latency["runtime"]["runtime"] == "torch" and torch.get_num_threads() == threads
     keys = json.loads((tmp_path / "c.json").read_text())["entries"]
@@ -466,7 +468,7 @@ def test_candidates_are_timed_in_the_model_dtype(table, tmp_path, monkeypatch):
 
     table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
     monkeypatch.setattr(PlanLatency, "model_ms", lambda self, gm, runtime, cache: 4.0)
-    gm = trace(_net().to(torch.float16), (torch.randn(1, 3, 8, 8, dtype=torch.float16),))
+    gm = trace(_net().to(torch.float16), (torch.randn(1, 5, 8, 8, dtype=torch.float16),))
     Pipeline.parse(f"plan-latency{{speedup=1.5,cache={tmp_path / 'c.json'}}}").run(gm)
     assert table["dtypes"] and set(table["dtypes"]) == {torch.float16}
 

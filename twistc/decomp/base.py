@@ -31,10 +31,14 @@ class RankRequest:
     energy: float | None = None
     round_to: int = 1
     vbmf: float | None = None
-    # the least ranks that keep the layer working, on its output and input side (a classifier head keeps a
-    # direction per class, an RGB stem's input channel mode its channels: Tucker's r_in; a matrix
-    # decomposition has no input mode and takes the output side's); explicit `ranks` are taken as given
+    # the least ranks that keep the layer working, on its output and input side: a classifier head keeps a
+    # direction per class, a stem every value it reads (its channels times its taps; Tucker's r_in keeps
+    # the channels); explicit `ranks` are taken as given
     floor: tuple[int, int] = (1, 1)
+
+    def matrix_floor(self, top: int) -> int:
+        """The least rank of a matrix decomposition whose full rank is `top`: its one rank keeps both sides."""
+        return min(max(self.floor), top)
 
     def __post_init__(self):
         given = [k for k in ("ratio", "ranks", "energy", "vbmf") if getattr(self, k) is not None]

@@ -122,7 +122,7 @@ class Cp(Decomposition):
         if rank < 1:
             raise RankError(f"ratio {ratio:g} is out of reach: CP rank 1 compresses this conv only "
                             f"{conv_cost(g).params / cp_cost(g, 1).params:.2f}x")
-        return (max(min(rank, cp_max_rank(g)), min(request.floor[0], cp_max_rank(g))),), {"ratio": ratio}
+        return (max(min(rank, cp_max_rank(g)), request.matrix_floor(cp_max_rank(g))),), {"ratio": ratio}
 
     def check_ranks(self, g, entry):
         ranks, top = tuple(entry.ranks), cp_max_rank(g)

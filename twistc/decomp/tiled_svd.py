@@ -127,7 +127,7 @@ class TiledSvd(Decomposition):
             raise SpecError("energy= and rank=vbmf choose ranks for tucker and svd only; give ratio or ranks "
                             f"for {self.name}")
         ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
-        rank, least = rank_for_ratio(grid, ratio), min(request.floor[0], min(grid.tile))
+        rank, least = rank_for_ratio(grid, ratio), request.matrix_floor(min(grid.tile))
         if rank < least:
             raise RankError(f"ratio {ratio:g} is out of reach keeping rank {least}: rank {least} compresses it "
                             f"only {grid.rows[-1][1] * grid.cols[-1][1] / grid.factor_params(least):.2f}x")
@@ -175,7 +175,7 @@ class Svd(TiledSvd):
         return TileGrid.of((g.out_channels, g.in_channels * g.taps), None, None)
 
     def choose_ranks(self, weight, g, request, layout):
-        least = min(request.floor[0], g.out_channels, g.in_channels * g.taps)
+        least = request.matrix_floor(min(g.out_channels, g.in_channels * g.taps))
         if request.energy is not None:
             spectrum = singular_energies(lowered(weight, layout.order))
             return (max(least, rank_for_energy(spectrum, request.energy)),), {"energy": request.energy}
