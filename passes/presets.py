@@ -1,5 +1,6 @@
 """The presets: named pipelines that `--pass NAME` runs. A run's settings fill the options their stages
-leave out (each stage's `run_defaults`: twistc.pipeline.Item), and the CLI's flags extend them (twistc.commands.preset_stages)."""
+leave out (each stage's `run_defaults`: twistc.pipeline.Item), and the CLI's flags extend them
+(twistc.commands.preset_items)."""
 from __future__ import annotations
 
 from twistc.passes.cleanup import Cleanup

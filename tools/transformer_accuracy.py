@@ -1,8 +1,8 @@
 """Accuracy recipes on the digits transformer: data-aware factors, distillation and the DeepTwist hand-off.
 
 The model is examples/digits_transformer.py (trained from scratch, evaluated on its 360 held-out
-images). Its compressible layers (patch conv, attention and MLP Linears; the classifier head stays
-dense by default, as it keeps a rank per class) are cut 2x in weights by SVD, then fine-tuned with
+images). Its attention and MLP Linears are cut 2x in weights by SVD (the 2x2 patch embedding, a
+stem, keeps all it reads, and the classifier head a rank per class: both stay dense), then fine-tuned with
 AdamW for 15 epochs (675 steps), cosine decay from lr 0.01 with warmup over the first 67 steps and
 gradient clipping at 1 (the best conventional setting of results/transformer_recipe), seeds 0-2:
 

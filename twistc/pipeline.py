@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib
 import logging
 import pkgutil
@@ -40,12 +41,17 @@ def register(cls):
     return cls
 
 
-def registry() -> dict[str, type["Stage"]]:
-    """Every pass and stage by name, in alphabetical order (importing the modules of twistc.passes
-    registers theirs, and the presets)."""
+@functools.cache
+def _import_passes() -> None:
     package = importlib.import_module("twistc.passes")
     for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
         importlib.import_module(module.name)
+
+
+def registry() -> dict[str, type["Stage"]]:
+    """Every pass and stage by name, in alphabetical order (importing the modules of twistc.passes
+    registers theirs, and the presets)."""
+    _import_passes()
     return dict(sorted(REGISTRY.items()))
 
 
@@ -265,8 +271,8 @@ def parse_item(text: str) -> Item:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named pipeline: its stages as written, before a run's settings fill them; the flags say how the
-    CLI's --epochs, --handoff and --target-speedup / --max-drop extend it (twistc.commands.preset_stages)."""
+    """A named pipeline: its items as written, before a run's settings fill them; the flags say how the
+    CLI's --epochs, --handoff and --target-speedup / --max-drop extend it (twistc.commands.preset_items)."""
 
     name: str
     items: tuple[Item, ...]
