@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from test_checkpoint import Data, _model
 from twistc import Pipeline, RunContext, trace
 from twistc.errors import SpecError, Stopped
-from twistc.commands import handoff_epochs, preset_items
+from twistc.cli import _parser
+from twistc.commands import build_pipeline, handoff_epochs, preset_items
+from twistc.defaults import DEFAULT_DISTILL
 from twistc.train import Distillation, train
 
 train_module = importlib.import_module("twistc.train")  # the module: twistc.train is also the function
@@ -103,6 +105,18 @@ def test_handoff_preset_splits_the_epochs_and_refuses_an_empty_phase():
             handoff_epochs(fraction, epochs)
     with pytest.raises(SpecError, match="--handoff applies to the presets"):
         preset_pipeline("tucker", 3, handoff=0.5)
+
+
+def test_the_command_line_distils_unless_told_not_to():
+    def trains(*flags, spec="tucker"):
+        args = _parser().parse_args(["compile", "model.py", "--pass", spec, "--epochs", "2", *flags])
+        return [s for s in build_pipeline(args.pipeline, args).stages if s.name == "train"]
+
+    [default] = trains()
+    assert default.distill == DEFAULT_DISTILL == 0.5
+    assert [s.distill for s in trains("--distill", "0")] == [0.0]
+    assert [s.distill for s in trains("--handoff", "0.5", spec="deeptwist-tucker")] == [0.5, 0.5]
+    assert [s.distill for s in trains(spec="lower-conv-tucker,train{epochs=2,distill=0.2}")] == [0.2]  # as written
 
 
 def test_distillation_at_weight_zero_is_no_distillation_and_the_teacher_never_changes():

@@ -18,6 +18,7 @@ from twistc import checkpoint, distributed
 from twistc.bench import bench, session
 from twistc.cli import options
 from twistc.decomp import FORMS
+from twistc.defaults import DEFAULT_DISTILL
 from twistc.errors import SpecError, first_line, name_list
 from twistc.export import export_onnx, save_program
 from twistc.files import check_distinct, check_writable
@@ -111,7 +112,8 @@ def build_pipeline(spec: str, args, has_data: bool = False) -> Pipeline:
     stages, planned = [], False
     for item in items:
         values = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "period": args.period,
-                  "threads": args.threads, "cache": args.latency_cache, "distill": args.distill,
+                  "threads": args.threads, "cache": args.latency_cache,
+                  "distill": DEFAULT_DISTILL if args.distill is None else args.distill,
                   "fit": args.fit or ("activation" if auto and fits_data(item) else None),
                   "batches": args.calib_batches, "device": device if device != "cpu" else None}
         if not planned:
