@@ -84,7 +84,7 @@ def test_option_fills_the_train_stage_of_a_preset(tmp_path, capsys):
     line = re.escape(f"twistc: epoch 1/1: loss {evaluation['loss']:.4f}, ") + r"[\d.]+ s, [\d,]+ samples/s" + \
         re.escape(f"; eval accuracy {evaluation['accuracy']:.2%}")
     assert re.search(line, capsys.readouterr().err)
-    assert "train{epochs=1,accumulate=2,eval_every=1}" in report["pipeline"]
+    assert "train{epochs=1,distill=0.5,accumulate=2,eval_every=1}" in report["pipeline"]
     assert report["training"]["steps"] == 23  # 45 batches, 2 to a step
 
 
@@ -98,7 +98,7 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted([".twistc-output.json", "original.onnx", "model.onnx",
                                                             "model.pt2", "report.json", "report.md"])
     report = json.loads((out / "report.json").read_text())
-    assert report["pipeline"] == ("deeptwist{decomp=natural,period=10,ratio=3},train{epochs=1},lower,fold,"
+    assert report["pipeline"] == ("deeptwist{decomp=natural,period=10,ratio=3},train{epochs=1,distill=0.5},lower,fold,"
                                   "cleanup")
     assert [layer["name"] for layer in report["layers"]] == ["conv1", "conv2", "conv3", "conv4", "fc"]
     assert report["layers"][-1]["skip_reason"].startswith("the model's head: it keeps a rank per output (10)")
