@@ -35,8 +35,6 @@ import expkit
 log = logging.getLogger("accuracy_recipes")
 
 LAYERS = "layer*"
-DISTILL = 0.5
-TEMPERATURE = 4.0
 REFERENCE = expkit.REPO / "results" / "deeptwist_vs_tucker" / "runs"
 
 # (arm, ratio, hand-off fraction, period) in the order they run: 6.7x first, where DeepTwist lost
@@ -55,8 +53,7 @@ def run_id(arm: str, ratio: float, fraction: float | None, period: int | None, s
 
 
 def train_item(budget: expkit.Budget, seed: int, epochs: int, distill: bool, extra: str = "") -> str:
-    base = budget.train_spec(seed)[:-1].replace(f"epochs={budget.epochs}", f"epochs={epochs}")
-    return base + (f",distill={DISTILL:g},temperature={TEMPERATURE:g}" if distill else "") + extra + "}"
+    return budget.train_spec(seed, epochs, (expkit.DISTILLATION if distill else "") + extra)
 
 
 def pipelines(budget: expkit.Budget, arm: str, ratio: float, fraction: float | None, period: int | None,
@@ -117,8 +114,8 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
           f"Baseline (pre-trained): **{100 * budget.baseline_acc:.2f}%**. Reference arms (conventional, DeepTwist at "
           "S_D = 200 and 50) are the runs of results/deeptwist_vs_tucker at the same budget and seed. "
           "vs conventional: paired bootstrap over the 10,000 test images (10,000 resamples). "
-          f"Distillation: weight {DISTILL:g}, temperature {TEMPERATURE:g}, teacher = the pre-trained model; its "
-          "share of training time is the teacher's forwards.\n",
+          f"Distillation: weight {expkit.DISTILL:g}, temperature {expkit.TEMPERATURE:g}, teacher = the pre-trained "
+          "model; its share of training time is the teacher's forwards.\n",
           expkit.markdown_table(["ratio", "epochs", "seed", "arm", "test acc %", "vs conventional [95% CI]",
                                  "vs conventional-distill", "layers ratio", "train min", "teacher share"], rows),
           "\nCommands that produced these runs (each run's JSON has its own):\n",

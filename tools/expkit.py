@@ -34,6 +34,9 @@ from twistc.report import markdown_table  # noqa: F401 (the tools' table writer)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# the distillation of the experiments' distilled arms: weight and temperature, as train options
+DISTILL, TEMPERATURE = 0.5, 4.0
+DISTILLATION = f",distill={DISTILL:g},temperature={TEMPERATURE:g}"
 CHECKPOINTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twistc" / "experiments"
 
 
@@ -176,11 +179,13 @@ class Budget:
     def test_batches(self):
         return cifar10_batches(self.data, "test", batch_size=500, subset=self.test_subset)
 
-    def train_spec(self, seed: int) -> str:
-        extra = ((f",eval_every={self.eval_every}" if self.eval_every else "")
-                 + (",channels_last=true" if self.channels_last else "")
-                 + (f",device={self.device}" if self.device != "cpu" else ""))
-        return f"train{{epochs={self.epochs},lr={self.lr:g},seed={seed}{extra}}}"
+    def train_spec(self, seed: int, epochs: int | None = None, extra: str = "") -> str:
+        """The train stage of this budget (`epochs` of them: a phase of it), with `extra` options
+        (",distill=..." say) appended."""
+        own = ((f",eval_every={self.eval_every}" if self.eval_every else "")
+               + (",channels_last=true" if self.channels_last else "")
+               + (f",device={self.device}" if self.device != "cpu" else ""))
+        return f"train{{epochs={self.epochs if epochs is None else epochs},lr={self.lr:g},seed={seed}{own}{extra}}}"
 
     @property
     def baseline_acc(self) -> float:

@@ -119,12 +119,19 @@ def run(model_name: str, setting: str, checkpoint: str, reps: int, cache: str) -
 
 
 FINETUNE = ("uniform r=2", "plan macs=", "plan 1.5x")  # the ResNet-32 b1t1 variants fine-tuned
+# (arm, the arm it is compared with under the same plan): DeepTwist and distillation against conventional
+# fine-tuning, the hand-off with distillation against conventional fine-tuning with the same distillation
+REFERENCES = (("-deeptwist-", "-conventional-"), ("-handoff-distill-", "-conventional-distill-"),
+              ("-conventional-distill-", "-conventional-"))
 
 
-def finetune_specs(store: expkit.RunStore) -> dict[str, tuple[list[str], dict | None]]:
+def finetune_specs(store: expkit.RunStore, budget: expkit.Budget, seed: int) -> dict[str, tuple[list[str], dict | None]]:
     """run id -> (pipelines, plan) for the ResNet-32 b1t1 variants: conventional, and DeepTwist under each
-    plan. Plans are the ones benchmarked, fed back as they are (re-planning would re-time the model)."""
+    plan; under the 1.5x plan also the recipes of results/accuracy_recipes, each with distillation:
+    conventional, and the hand-off after two thirds of the epochs. Plans are the ones benchmarked, fed back
+    as they are (re-planning would re-time the model)."""
     timed = json.loads(store.path("resnet32-b1t1").read_text())
+    train = budget.train_spec(seed)
     out = {}
     unfolded = lambda spec: spec.replace(",fold", "")  # BatchNorm trains; folding it (exact) waits for the end
     for label, v in timed["variants"].items():
@@ -132,18 +139,25 @@ def finetune_specs(store: expkit.RunStore) -> dict[str, tuple[list[str], dict | 
             continue
         key = label.replace(" ", "").replace("=", "")
         if label.startswith("plan"):
-            out[f"finetune-conventional-{key}"] = ([unfolded(LOWER), "TRAIN"], v["plan"])
-            out[f"finetune-deeptwist-{key}"] = ([f"deeptwist{{period=50}},TRAIN,{LOWER}"], v["plan"])
+            out[f"finetune-conventional-{key}"] = ([unfolded(LOWER), train], v["plan"])
+            out[f"finetune-deeptwist-{key}"] = ([f"deeptwist{{period=50}},{train},{LOWER}"], v["plan"])
         else:
-            out[f"finetune-conventional-{key}"] = ([unfolded(v["spec"]), "TRAIN"], None)
+            out[f"finetune-conventional-{key}"] = ([unfolded(v["spec"]), train], None)
+        if label == "plan 1.5x":
+            first = round(2 * budget.epochs / 3)
+            out[f"finetune-conventional-distill-{key}"] = (
+                [unfolded(LOWER), budget.train_spec(seed, extra=expkit.DISTILLATION)], v["plan"])
+            out[f"finetune-handoff-distill-{key}"] = (
+                [f"deeptwist{{period=50}},{budget.train_spec(seed, first, expkit.DISTILLATION)},lower,"
+                 f"{budget.train_spec(seed, budget.epochs - first, expkit.DISTILLATION + ',handoff=continue')},cleanup"],
+                v["plan"])
     return dict(sorted(out.items(), key=lambda kv: "deeptwist" in kv[0]))  # the conventional runs first
 
 
 def finetune(budget: expkit.Budget, store: expkit.RunStore, seed: int = 0) -> None:
-    for rid, (pipelines, plan) in finetune_specs(store).items():
+    for rid, (specs, plan) in finetune_specs(store, budget, seed).items():
         if store.done(rid):
             continue
-        specs = [p.replace("TRAIN", budget.train_spec(seed)) for p in pipelines]
         log.info("%s: %s", rid, " then ".join(specs))
         result = expkit.finetune_run(budget, specs, seed, run_id=rid, plan=plan)
         store.save(rid, {"run": rid, **result}, budget.checkpoints)
@@ -155,12 +169,16 @@ def finetune_rows(runs: list[dict]) -> list[list]:
     by_id = {r["run"]: r for r in tuned}
     uniform = by_id.get("finetune-conventional-uniformr2")
 
-    def conventional(r):  # the conventional run under the same plan as a DeepTwist run
-        return by_id.get(r["run"].replace("-deeptwist-", "-conventional-")) if "-deeptwist-" in r["run"] else None
+    def reference(r):  # the run under the same plan that `r` is compared with
+        for arm, other in REFERENCES:
+            if arm in r["run"]:
+                return by_id.get(r["run"].replace(arm, other))
+        return None
 
     return [[r["run"].removeprefix("finetune-"), f"{100 * r['test_acc']:.2f}",
              expkit.paired_difference([(r, uniform)]) if uniform and r is not uniform else "-",
-             expkit.paired_difference([(r, conventional(r))]) if conventional(r) else "-",
+             f"{reference(r)['run'].removeprefix('finetune-')}: {expkit.paired_difference([(r, reference(r))])}"
+             if reference(r) else "-",
              f"{r['layers_ratio']:.2f}x", r["steps"], r["distortions"], f"{r['seconds'] / 60:.0f}"] for r in tuned]
 
 
@@ -193,9 +211,11 @@ def report(store: expkit.RunStore) -> None:
           expkit.markdown_table(header, rows), "",
           *(["## ResNet-32 after fine-tuning (plans for batch 1, 1 thread)\n",
              "3 epochs on CIFAR-10 from the checkpoint (88.83%), SGD Nesterov from lr 0.01, cosine, seed 0; test "
-             "accuracy on all 10,000 test images. DeepTwist: S_D = 50 under the same plan.\n",
+             "accuracy on all 10,000 test images. DeepTwist: S_D = 50 under the same plan; the hand-off: "
+             "DeepTwist for two thirds of the epochs, then the factors on the same schedule; distillation from "
+             f"the pre-trained model (weight {expkit.DISTILL:g}, temperature {expkit.TEMPERATURE:g}).\n",
              expkit.markdown_table(["run", "test acc %", "vs uniform r=2 [95% CI]",
-                                    "DeepTwist vs conventional, same plan [95% CI]", "weights cut (compressed convs)",
+                                    "vs the same plan's reference [95% CI]", "weights cut (compressed convs)",
                                     "steps", "distortions", "minutes"], tuned), ""] if tuned else []),
           "Machines and commands:", ""]
     md += sorted({f"- `{r['command']}` on {r.get('runtime', {}).get('machine') or r['machine']['cpu']}"

@@ -40,7 +40,6 @@ from twistc.modelfile import load_model_file
 MODEL_FILE = expkit.REPO / "examples" / "digits_transformer.py"
 EPOCHS, HANDOFF_EPOCHS, STEPS = 15, 10, 675
 TRAIN = f"optimizer=adamw,lr=0.01,warmup={STEPS // 10},clip_grad=1"
-DISTILL = "distill=0.5,temperature=4"
 LOWER = "lower-conv-svd{ratio=2%s},lower-linear-svd{ratio=2%s}"
 SEEDS = (0, 1, 2)
 ARMS = [f"{base}{fit}{distill}" for base in ("conventional", "deeptwist", "handoff") for fit in ("", "+fit")
@@ -49,7 +48,7 @@ ARMS = [f"{base}{fit}{distill}" for base in ("conventional", "deeptwist", "hando
 
 def pipeline(arm: str, seed: int) -> str:
     fit = ",fit=activation" if "+fit" in arm else ""
-    extra = f",{DISTILL}" if "+distill" in arm else ""
+    extra = expkit.DISTILLATION if "+distill" in arm else ""
     train = lambda epochs, more="": f"train{{epochs={epochs},{TRAIN},seed={seed}{extra}{more}}}"  # noqa: E731
     calibrate = "calibrate{batches=16}," if fit else ""
     if arm == "dense":  # the same fine-tuning without compression: what the extra epochs alone give
@@ -98,9 +97,9 @@ def report(store: expkit.RunStore, baseline: float) -> None:
     md = ["# Accuracy recipes on the digits transformer at 2x (SVD of its attention and MLP Linears)\n",
           f"Dense model: **{100 * baseline:.2f}%** on its 360 held-out images. Fine-tuning: AdamW, 15 epochs, lr 0.01, "
           "warmup 67 steps, clipping at 1, seeds 0 / 1 / 2 (mean, each seed in brackets). `+fit`: factors fitted "
-          "to the layers' inputs (calibrate, 16 batches); `+distill`: distillation from the dense model (0.5, "
-          "temperature 4). vs conventional: paired bootstrap over the held-out images, seeds pooled. Teacher share: "
-          "the teacher's forwards over all training time.\n",
+          "to the layers' inputs (calibrate, 16 batches); `+distill`: distillation from the dense model "
+          f"({expkit.DISTILL:g}, temperature {expkit.TEMPERATURE:g}). vs conventional: paired bootstrap over the "
+          "held-out images, seeds pooled. Teacher share: the teacher's forwards over all training time.\n",
           expkit.markdown_table(["arm", "held-out acc %", "vs dense", "vs conventional [95% CI]", "teacher share"],
                                 rows),
           "\nCommands:\n", *[f"- `{c}`" for c in sorted({r["command"] for r in runs})], ""]
