@@ -115,6 +115,9 @@ def test_compile_digits_end_to_end(tmp_path, capsys):
     assert report["accuracy"]["before"] > 0.9 and 0 < report["accuracy"]["after"] <= 1
     assert report["onnx"]["max_abs_diff"] < 1e-4 and report["onnx"]["atol"] == 1e-4
     assert set(report["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    phases = report["phase_seconds"]  # where the compile's time went; the training is in the passes
+    assert set(phases) == {"evaluation", "trace", "original.onnx", "passes", "model.onnx", "model.pt2", "latency"}
+    assert report["training"]["seconds"] <= phases["passes"] and sum(phases.values()) <= report["seconds"]
     assert "conv4" in text and "tucker-chain" in text and "ONNX check" in text
     # without plan-latency, the two models are timed in onnxruntime on the CPU at batch 1, 1 thread
     latency = report["latency"]

@@ -8,6 +8,8 @@ HOOI decompositions) from report.json. With `--load N`, N pure-Python busy loops
 threads decompositions get (twistc/decomp/threads.py), has seen them; with no load, timing waits until
 the load average is below 0.5 before each compile. Under each load it also times the HOOI of the model's kernels at the
 compile's ratio in this process, on 1 thread and on every core, which is what the thread policy rests on.
+report.json's phase_seconds say where twistc's own seconds went: tracing, the original's export and
+onnxruntime check, the passes, the compiled model's export and check, and model.pt2.
 
     python tools/compile_time.py --load 0 --load 2
 """
@@ -47,6 +49,8 @@ def example_inputs():
     return (torch.randn(1, 3, {size}, {size}, generator=torch.Generator().manual_seed(0)),)
 '''
 BUSY = "while True:\n    pass\n"
+# the phases of report.json's phase_seconds in the table (the others take no time with --epochs 0 --no-timing)
+PHASES = ("trace", "original.onnx", "passes", "model.onnx", "model.pt2")
 
 
 def compile_once(model_file: Path, out: Path, threads: int | None) -> dict:
@@ -59,7 +63,8 @@ def compile_once(model_file: Path, out: Path, threads: int | None) -> dict:
     wall = time.perf_counter() - start
     report = json.loads((out / "report.json").read_text())
     lowering = sum(s for name, s in report["stage_seconds"].items() if name.startswith("lower"))  # lower{...} or an alias
-    return {"wall_s": wall, "twistc_s": report["seconds"], "lowering_s": lowering}
+    return {"wall_s": wall, "twistc_s": report["seconds"], "lowering_s": lowering,
+            **{f"{phase}_s": seconds for phase, seconds in report["phase_seconds"].items() if phase in PHASES}}
 
 
 def hooi_seconds(name: str, size: int) -> dict:
@@ -124,10 +129,11 @@ def main() -> int:
     (out / f"{args.model}.json").write_text(json.dumps({**expkit.metadata(), "results": results}, indent=2) + "\n")
     cores = os.cpu_count() or 1
     table = expkit.markdown_table(
-        ["model", "busy processes", "load avg", "wall s (median)", "twistc s", "lowering s", "runs",
-         "HOOI s, 1 thread", f"HOOI s, {cores} threads"],
+        ["model", "busy processes", "load avg", "wall s (median)", "twistc s", *(f"{p} s" for p in PHASES),
+         "of which lowering s", "runs", "HOOI s, 1 thread", f"HOOI s, {cores} threads"],
         [[r["model"], r["busy_processes"], f"{r['median_load_average']:.1f}", f"{r['median_wall_s']:.1f}",
-          f"{r['median_twistc_s']:.1f}", f"{r['median_lowering_s']:.1f}", len(r["runs"]),
+          f"{r['median_twistc_s']:.1f}", *(f"{r[f'median_{p}_s']:.1f}" for p in PHASES),
+          f"{r['median_lowering_s']:.1f}", len(r["runs"]),
           f"{r['hooi_s_1_threads']:.1f}", f"{r[f'hooi_s_{cores}_threads']:.1f}"] for r in results])
     (out / f"{args.model}.md").write_text(f"`{expkit.metadata()['command']}`\n\n{table}\n")
     print(table)

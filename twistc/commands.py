@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
 import json
@@ -179,11 +180,14 @@ def compile_command(args) -> int:
     example = mf.example_inputs()
     eval_data = mf.data("eval_data")  # the ranks share evaluations during training; rank 0 alone does the rest
     start = time.perf_counter()
+    phases: dict[str, float] = {}  # where the compile's time went, for the report
     if eval_data:
         status("evaluating the original model on eval_data()")
-    acc_before = accuracy(original, eval_data()) if eval_data and main_rank else None
+    with _timed(phases, "evaluation"):
+        acc_before = accuracy(original, eval_data()) if eval_data and main_rank else None
     status("tracing")
-    gm = trace(copy.deepcopy(original), example)
+    with _timed(phases, "trace"):
+        gm = trace(copy.deepcopy(original), example)
     state = state_of(gm)
     if plan is not None:
         unknown = sorted(set(plan.layers) - set(state.layers))
@@ -201,25 +205,32 @@ def compile_command(args) -> int:
     writer = OutputDir(out, model_path, args.force)
     with writer as tmp:
         status("exporting original.onnx and checking it in onnxruntime")
-        export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
-        gm = pipeline.run(gm, ctx)
+        with _timed(phases, "original.onnx"):
+            export_onnx(original, example, tmp / "original.onnx", args.atol, args.rtol)
+        with _timed(phases, "passes"):
+            gm = pipeline.run(gm, ctx)
         _check_some_layer_compressed(pipeline, state)
         gm.eval()
         status("exporting model.onnx and checking it in onnxruntime")
-        check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
-        save_program(gm, example, tmp / "model.pt2")
-        latency = _measure_speedup(state, original, gm, example, tmp, status, args.threads or 1,
-                                   timing=not args.no_timing)
+        with _timed(phases, "model.onnx"):
+            check = export_onnx(gm, example, tmp / "model.onnx", args.atol, args.rtol)
+        with _timed(phases, "model.pt2"):
+            save_program(gm, example, tmp / "model.pt2")
+        with _timed(phases, "latency"):
+            latency = _measure_speedup(state, original, gm, example, tmp, status, args.threads or 1,
+                                       timing=not args.no_timing)
         if eval_data:
             status("evaluating the compiled model on eval_data()")
-        acc_after = accuracy(gm, eval_data()) if eval_data else None
+        with _timed(phases, "evaluation"):
+            acc_after = accuracy(gm, eval_data()) if eval_data else None
         training = ctx.results.get("train")
         report = build_report(
             state, pipeline=str(pipeline), original=original, compiled=gm,
             onnx={**check.to_json(), "path": str(Path(os.path.abspath(out)) / "model.onnx")},
             training=training.to_json() if training else None,
             accuracy={"before": acc_before, "after": acc_after} if eval_data else None, latency=latency,
-            model_file=str(model_path), seconds=time.perf_counter() - start, stage_seconds=ctx.results.get("seconds"))
+            model_file=str(model_path), seconds=time.perf_counter() - start, phase_seconds=phases,
+            stage_seconds=ctx.results.get("seconds"))
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown(report))
         writer.commit()
@@ -230,6 +241,16 @@ def compile_command(args) -> int:
         _say(line)
     _say(f"wrote {', '.join(OUTPUTS)} to {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str):
+    """Add the seconds the block takes to phases[name]."""
+    begin = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - begin
 
 
 def _check_some_layer_compressed(pipeline: Pipeline, state) -> None:
