@@ -125,7 +125,8 @@ REFERENCES = (("-deeptwist-", "-conventional-"), ("-handoff-distill-", "-convent
               ("-conventional-distill-", "-conventional-"))
 
 
-def finetune_specs(store: expkit.RunStore, budget: expkit.Budget, seed: int) -> dict[str, tuple[list[str], dict | None]]:
+def finetune_specs(store: expkit.RunStore, budget: expkit.Budget,
+                   seed: int) -> dict[str, tuple[list[str], dict | None]]:
     """run id -> (pipelines, plan) for the ResNet-32 b1t1 variants: conventional, and DeepTwist under each
     plan; under the 1.5x plan also the recipes of results/accuracy_recipes, each with distillation:
     conventional, and the hand-off after two thirds of the epochs. Plans are the ones benchmarked, fed back

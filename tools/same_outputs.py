@@ -45,8 +45,8 @@ CASES = {  # name -> MODEL.py and the flags of its compile
                                           "--set", "pretrain_epochs=2"]),
     "timm resnet18 tucker": ("examples/timm_model.py", ["--pass", "tucker", "--ratio", "2", "--set", "name=resnet18"]),
 }
-IGNORED = {"stage_seconds", "phase_seconds", "latency", "versions", "machine", "seconds", "sessions", "created", "output", "path",
-           "command", "model_file"}
+IGNORED = {"stage_seconds", "phase_seconds", "latency", "versions", "machine", "seconds", "sessions", "created",
+           "output", "path", "command", "model_file"}
 
 
 def flatten(value, prefix="") -> dict:
