@@ -52,7 +52,7 @@ class Train(TrainConfig, Stage):
 
     @property
     def needs_teacher(self) -> bool:
-        return self.distill > 0
+        return self.distill > 0 and self.epochs > 0
 
     def check_order(self, before, after) -> None:
         if self.handoff != "none" and not any(s.name == "train" for s in before):

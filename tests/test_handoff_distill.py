@@ -132,6 +132,9 @@ def test_distillation_at_weight_zero_is_no_distillation_and_the_teacher_never_ch
     assert any(not torch.equal(distilled.state_dict()[k], v) for k, v in plain.state_dict().items())
     result = ctx.results["train"]
     assert 0 < result.teacher_seconds < result.seconds
+    _, kept = _pipeline_run("lower-conv-tucker{ratio=2},train{epochs=1,distill=0.5}", Data())
+    _, idle = _pipeline_run("lower-conv-tucker{ratio=2},train{epochs=0,distill=0.5}", Data())
+    assert kept.teacher is not None and idle.teacher is None  # no copy of the model for a stage that does not train
 
 
 def test_pipeline_keeps_the_incoming_model_as_teacher():
