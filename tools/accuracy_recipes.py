@@ -9,10 +9,12 @@ conventional and DeepTwist runs are the reference arms here (read from its runs/
   handoff F                deeptwist{period=S_D},train{epochs=F*E},lower-conv-tucker,
                            train{epochs=(1-F)*E,handoff=continue},cleanup
   handoff F + distill      the same with train{distill=W} in both phases
+  handoff F -rewind        the factors' phase starts its learning-rate schedule again from the peak
+                           (train{handoff=rewind}, learning-rate rewinding) instead of going on with it
   ... -fit                 factors (and DeepTwist's projections) fitted to each layer's inputs: calibrate on
                            16 training batches first, fit=activation
 
-The teacher of distillation is the pre-trained model (W = 0.5, temperature 4, fixed beforehand).
+The teacher of distillation is the pre-trained model (W = 0.5, temperature 4, fixed beforehand: expkit).
 Each (arm, ratio, budget, seed) is a resumable run in results/accuracy_recipes/runs/.
 
     python tools/accuracy_recipes.py --threads 2 --channels-last --eval-every 1   # the grid
@@ -43,7 +45,8 @@ GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
                            ("conventional-fit-distill", None, None), ("handoff-fit-distill", 0.67, 50),
                            ("handoff-fit-recal-distill", 0.67, 50),
                            ("handoff", 0.33, 50), ("conventional-fit", None, None),
-                           ("handoff-distill", 0.5, 50), ("handoff-distill", 0.33, 50))]
+                           ("handoff-distill", 0.5, 50), ("handoff-distill", 0.33, 50),
+                           ("handoff-rewind-distill", 0.33, 50))]
 
 
 def run_id(arm: str, ratio: float, fraction: float | None, period: int | None, seed: int, epochs: int) -> str:
@@ -65,10 +68,11 @@ def pipelines(budget: expkit.Budget, arm: str, ratio: float, fraction: float | N
                 train_item(budget, seed, budget.epochs, distill)]
     first = max(1, min(budget.epochs - 1, round(fraction * budget.epochs)))
     recal = "-recal" in arm  # the final projection waits for statistics collected again on the trained network
+    handoff = "rewind" if "-rewind" in arm else "continue"  # rewind: the factors' schedule starts at its peak again
     return [f"{calibrate}deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}{fit}}},"
             f"{train_item(budget, seed, first, distill, ',finalize=false' if recal else '')},"
             f"{calibrate if recal else ''}lower-conv-tucker,"
-            f"{train_item(budget, seed, budget.epochs - first, distill, ',handoff=continue')},cleanup"]
+            f"{train_item(budget, seed, budget.epochs - first, distill, f',handoff={handoff}')},cleanup"]
 
 
 def reference_runs(epochs: int) -> dict[tuple[str, float, int], dict]:

@@ -19,6 +19,9 @@ def test_arms_build_the_pipelines_they_name():
     lower, train = exp.pipelines(budget, "conventional-distill", 4.3, None, None, 1)
     assert lower == "lower-conv-tucker{layers=layer*,ratio=4.3},cleanup" and "seed=1,distill=0.5" in train
     assert exp.run_id("handoff-distill", 6.7, 0.67, 50, 0, 3) == "handoff0.67-distill-r6.7-sd50-e3-s0"
+    [rewind] = exp.pipelines(budget, "handoff-rewind-distill", 6.7, 0.33, 50, 0)
+    assert "train{epochs=1," in rewind and rewind.endswith("temperature=4,handoff=rewind},cleanup")
+    assert exp.run_id("handoff-rewind-distill", 6.7, 0.33, 50, 0, 30) == "handoff0.33-rewind-distill-r6.7-sd50-e30-s0"
 
 
 @needs_data
