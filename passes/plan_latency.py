@@ -68,6 +68,19 @@ log = logging.getLogger(__name__)
 PLANNABLE = {name: d.name for name, (d, form) in FORMS.items() if not form.methods}
 DENSE = LayerPlan("none", (), "none")
 TARGETS = ("speedup", "ratio", "macs", "max_drop")
+
+
+def short_of(reached: float, target: float) -> str:
+    """A speedup that falls short of `target`, with the digits that show it does: 1.497x, not 1.50x."""
+    digits = 2
+    while digits < 6 and round(reached, digits) >= target:
+        digits += 1
+    return f"{reached:.{digits}f}x"
+
+
+def at_most(reached: float) -> str:
+    """A speedup to ask for instead, rounded down so that it stays within reach."""
+    return f"{math.floor(reached * 100) / 100:.2f}x"
 BISECTIONS = 12  # max_drop: divergence budgets tried
 CHECK_ROUNDS = 3  # times a speedup plan is lowered, timed whole and, if short, planned again
 SHORT = 0.95  # a timed plan below this share of the asked speedup is short: planned again, then refused
@@ -253,8 +266,8 @@ class PlanLatency(Pass):
             if self.speedup and model_ms / predicted < SHORT * self.speedup:
                 return (f"plan-latency: speedup {self.speedup:g} is out of reach in {runtime.runtime}/{runtime.device}: "
                         f"the best plan, lowered and timed whole ({len(checked)} round{'s' * (len(checked) > 1)}), gives "
-                        f"{model_ms / predicted:.2f}x; {self.cap(sites, options, model_ms)}; ask for at most "
-                        f"{model_ms / predicted:.2f}x")
+                        f"{short_of(model_ms / predicted, self.speedup)}; {self.cap(sites, options, model_ms)}; ask for "
+                        f"at most {at_most(model_ms / predicted)}")
         layers = {site.name: Decision(opts[i].entry or DENSE, opts[0].ms, opts[i].ms, opts[i].error, opts[i].drop, why)
                   for site, opts, i, why in zip(sites, options, picks, whys)}
         summary = {"runtime": runtime.to_json(), "target": {k: getattr(self, k) for k in TARGETS},
@@ -408,7 +421,7 @@ class PlanLatency(Pass):
                 saved = dense - e.least
                 best = model_ms / (model_ms - saved) if saved < model_ms else float("inf")
                 raise RankError(f"plan-latency: {what} is out of reach in {self.runtime}/{self.device}: the fastest "
-                                f"candidates give {best:.2f}x (they save {saved:.3f} of the model's {model_ms:.3f} "
+                                f"candidates give {short_of(best, self.speedup)} (they save {saved:.3f} of the model's {model_ms:.3f} "
                                 f"ms); {self.cap(sites, options, model_ms)}; ask for less, or add forms or a finer "
                                 "rank grid (steps=)") from None
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "

@@ -493,6 +493,11 @@ def test_a_plan_still_short_when_timed_whole_is_refused_with_what_it_reached(tab
                                         r"whole \(\d rounds?\), gives 1\.\d\dx; .*% of the model's time is outside"):
         _run(spec)
 
+def test_a_refused_speedup_shows_the_digits_that_make_it_short():
+    assert plan_latency.short_of(1.4968, 1.5) == "1.497x" and plan_latency.short_of(1.36, 1.5) == "1.36x"
+    assert plan_latency.short_of(1.49996, 1.5) == "1.49996x" and plan_latency.at_most(1.4968) == "1.49x"
+
+
 def test_a_plan_that_times_slower_than_dense_whole_is_refused(table, tmp_path):
     table["lowered"] = lambda e, shape: 0.1 * sum(e.ranks) / 8
     table["realised"] = -0.2  # inside the model, the lowered layers cost more than the dense ones
