@@ -35,6 +35,11 @@ def test_unreachable_names_the_least_total():
     assert e.value.least == 7.0
 
 
+def test_a_budget_only_the_lightest_choices_fit_takes_them_although_rounding_overshoots():
+    groups = [[(1.0, 0.0), (0.5, 1.0)], [(1.0, 0.0), (0.4, 1.0)]]  # 0.9 fits 1.0; on a grid of thirds, 4/3
+    assert choose(groups, budget=1.0, resolution=3) == [1, 1]
+
+
 def test_equal_weights_take_the_lower_cost():
     assert choose([[(4.0, 0.0), (2.0, 0.5), (2.0, 0.2)]], budget=3.0) == [2]
 

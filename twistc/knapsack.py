@@ -44,8 +44,8 @@ def choose(groups: list[list[tuple[float, float]]], budget: float, resolution: i
             new[better], pick[better] = shifted[better], i
         best = new
         picks.append(pick)
-    if not np.isfinite(best[-1]):  # rounding up made the tightest choices overshoot
-        raise Unreachable(least, budget)
+    if not np.isfinite(best[-1]):  # rounding up made the tightest choices overshoot: the lightest ones fit
+        return [min(range(len(g)), key=lambda i: g[i][0]) for g in groups]
     chosen, b = [], resolution
     for group, pick in zip(reversed(groups), reversed(picks)):
         i = int(pick[b])
