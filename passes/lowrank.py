@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 DEGENERATE = "its calibration inputs were all zero or not finite"
 STEM_CHANNELS = 4  # a layer reading the model's input with at most this many channels (RGB, RGBA) keeps them all
 OVERSHOOT = 1.25  # an achieved ratio above the asked one times this is a warning
-# a layer with less than these shares of the layers' weights and of their MACs stays dense unless layers= names it
-MIN_SHARE, MIN_MAC_SHARE = 0.005, 0.02
+MIN_SHARE = 0.005  # a layer with less of the layers' weights than this stays dense unless layers= names it
 
 
 def rank_floor(gm: fx.GraphModule, site: ConvSite) -> tuple[int, int]:
@@ -162,13 +161,10 @@ class LowRankOptions(Pass):
         rank per output (a direction per class) and an RGB stem its input channels, or the layer stays dense."""
         g = site.geometry
         if self.layers is None and self.ranks is None:  # layers named by the user are theirs to judge
-            layers, cost = state_of(gm).layers.values(), conv_cost(g)
-            share = cost.params / max(sum(r.before.params for r in layers), 1)
-            mac_share = cost.macs / max(sum(r.before.macs for r in layers), 1)
-            if share < MIN_SHARE and mac_share < MIN_MAC_SHARE:
-                return Skip(f"it holds {share:.2%} of the layers' weights and {mac_share:.2%} of their MACs: "
-                            "compressing it would save too little to matter (name it in layers= to compress it "
-                            "all the same)")
+            share = conv_cost(g).params / max(sum(r.before.params for r in state_of(gm).layers.values()), 1)
+            if share < MIN_SHARE:
+                return Skip(f"it holds {share:.2%} of the layers' weights: compressing it would save too little "
+                            "to matter (name it in layers= to compress it all the same)")
         floor = rank_floor(gm, site)
         why = f"{floor_reason(g, floor)}, and " if floor != (1, 1) else ""
         try:
