@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)
 PLANNABLE = {name: d.name for name, (d, form) in FORMS.items() if not form.methods}
 DENSE = LayerPlan("none", (), "none")
 TARGETS = ("speedup", "ratio", "macs", "max_drop")
+BISECTIONS = 12  # max_drop: divergence budgets tried
+CHECK_ROUNDS = 3  # times a speedup plan is lowered, timed whole and, if short, planned again
+SHORT = 0.95  # a timed plan below this share of the asked speedup is short: planned again, then refused
+FEW_SAMPLES = 1000  # fewer planning samples than this get a warning (results/accuracy_target)
 
 
 def short_of(reached: float, target: float) -> str:
@@ -81,10 +85,6 @@ def short_of(reached: float, target: float) -> str:
 def at_most(reached: float) -> str:
     """A speedup to ask for instead, rounded down so that it stays within reach."""
     return f"{math.floor(reached * 100) / 100:.2f}x"
-BISECTIONS = 12  # max_drop: divergence budgets tried
-CHECK_ROUNDS = 3  # times a speedup plan is lowered, timed whole and, if short, planned again
-SHORT = 0.95  # a timed plan below this share of the asked speedup is short: planned again, then refused
-FEW_SAMPLES = 1000  # fewer planning samples than this get a warning (results/accuracy_target)
 
 
 class Option(NamedTuple):
@@ -421,8 +421,8 @@ class PlanLatency(Pass):
                 saved = dense - e.least
                 best = model_ms / (model_ms - saved) if saved < model_ms else float("inf")
                 raise RankError(f"plan-latency: {what} is out of reach in {self.runtime}/{self.device}: the fastest "
-                                f"candidates give {short_of(best, self.speedup)} (they save {saved:.3f} of the model's {model_ms:.3f} "
-                                f"ms); {self.cap(sites, options, model_ms)}; ask for less, or add forms or a finer "
+                                f"candidates give {short_of(best, self.speedup)} (they save {saved:.3f} of the model's "
+                                f"{model_ms:.3f} ms); {self.cap(sites, options, model_ms)}; ask for less, or add forms or a finer "
                                 "rank grid (steps=)") from None
             raise RankError(f"plan-latency: {what} is out of reach with candidates that are not slower than "
                             f"dense (at most {dense / e.least:.2f}x)") from None
