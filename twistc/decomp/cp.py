@@ -15,9 +15,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import tensorly as tl
 import torch
-from tensorly.decomposition import parafac
 from torch import nn
 
 from twistc.decomp.base import DEFAULT_RATIO, Decomposition, Form, copy_into
@@ -44,6 +42,9 @@ class CpFactors:
 
 def cp(weight: Tensor, rank: int, n_iter: int = 200, tol: float = 1e-10) -> CpFactors:
     """Rank-`rank` CP factors of a 4-way kernel, in the kernel's dtype."""
+    import tensorly as tl  # here, not at the top: its import takes a third of a second, which only CP needs
+    from tensorly.decomposition import parafac
+
     w = weight.detach().double()
     with tl.backend_context("pytorch"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # tensorly notes a rank above a mode's size: expected here

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tensorly as tl
 import torch
-from tensorly.tenalg import multi_mode_dot
 from torch import nn
 
 from twistc.decomp.base import DEFAULT_RATIO, Decomposition, Form, conv_class, copy_into, pointwise
 from twistc.decomp.cost import tucker_chain_cost
+from twistc.decomp.modes import mode_dot, unfold
 from twistc.decomp.svd import lowered
 from twistc.decomp.whiten import output_error, tucker2_whitened
 from twistc.decomp.rank import (check_tucker_ranks, rank_for_energy, tucker_max_ranks, tucker_ranks_for_ratio,
@@ -42,70 +41,69 @@ class Tucker2:
         return self.u_out.shape[1], self.u_in.shape[1]
 
     def reconstruct(self) -> Tensor:
-        with tl.backend_context("pytorch"):
-            return multi_mode_dot(self.core, [self.u_out, self.u_in], modes=[0, 1])
+        return mode_dot(mode_dot(self.core, self.u_out, 0), self.u_in, 1)
 
 
 def leading_subspace(unfolding: Tensor, rank: int) -> Tensor:
     """Orthonormal basis [rows, rank] of the leading left singular subspace, via the Gram matrix."""
-    gram = unfolding @ unfolding.T
-    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    return vectors[:, -rank:].flip(1)
+    return _leading(unfolding, rank)[0]
+
+
+def _leading(unfolding: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """The leading subspace and the squared norm the unfolding keeps when projected on it (the sum of
+    the Gram matrix's `rank` largest eigenvalues)."""
+    values, vectors = torch.linalg.eigh(unfolding @ unfolding.T)  # ascending eigenvalues
+    return vectors[:, -rank:].flip(1), values[-rank:].clamp_min(0).sum()
 
 
 def mode_energies(weight: Tensor, mode: int) -> Tensor:
     """Squared singular values of the mode-`mode` unfolding, descending."""
-    with tl.backend_context("pytorch"):
-        unfolding = tl.unfold(weight.detach().double(), mode)
+    unfolding = unfold(weight.detach().double(), mode)
     return torch.linalg.eigvalsh(unfolding @ unfolding.T).flip(0).clamp_min(0)
 
 
 def _project_core(w: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
-    return multi_mode_dot(w, [u_out.T, u_in.T], modes=[0, 1])
+    return mode_dot(mode_dot(w, u_out.T, 0), u_in.T, 1)
 
 
 def hosvd(weight: Tensor, ranks: tuple[int, int]) -> Tucker2:
     r_out, r_in = ranks
     w = weight.detach().double()
-    with tl.backend_context("pytorch"):
-        u_out = leading_subspace(tl.unfold(w, 0), r_out)
-        u_in = leading_subspace(tl.unfold(w, 1), r_in)
-        core = _project_core(w, u_out, u_in)
-    return _cast(Tucker2(core, u_out, u_in), weight.dtype)
+    u_out = leading_subspace(unfold(w, 0), r_out)
+    u_in = leading_subspace(unfold(w, 1), r_in)
+    return _cast(Tucker2(_project_core(w, u_out, u_in), u_out, u_in), weight.dtype)
 
 
 def hooi(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10, rtol: float = 1e-3) -> Tucker2:
-    """HOSVD start, then alternating refits until an iteration improves the error by less than `rtol` of
-    itself. Almost all of HOOI's gain comes in the first two or three refits; the later ones cost as much
-    and change the error in its fourth digit."""
+    """HOOI from HOSVD's input factor: alternating refits of the output and input factors, each optimal
+    with the other fixed, until an iteration improves the error by less than `rtol` of itself. Almost
+    all of HOOI's gain comes in the first two or three refits; the later ones cost as much and change
+    the error in its fourth digit.
+
+    Each refit's eigenvalues give the error it leaves (||W||^2 - ||G||^2 for orthonormal factors), so
+    the core is formed once, at the end."""
     r_out, r_in = ranks
     w = weight.detach().double()
-    norm = w.norm().clamp_min(1e-300)
-    start = hosvd(w, ranks)
-    u_out, u_in = start.u_out, start.u_in
-    with tl.backend_context("pytorch"):
-        core = _project_core(w, u_out, u_in)
-        error = _relative_error(w, core, norm)
-        for _ in range(n_iter):
-            u_out = leading_subspace(tl.unfold(multi_mode_dot(w, [u_in.T], modes=[1]), 0), r_out)
-            u_in = leading_subspace(tl.unfold(multi_mode_dot(w, [u_out.T], modes=[0]), 1), r_in)
-            core = _project_core(w, u_out, u_in)
-            new_error = _relative_error(w, core, norm)
-            done = error - new_error < rtol * error
-            error = new_error
-            if done:
-                break
-    return _cast(Tucker2(core, u_out, u_in), weight.dtype)
+    norm2 = w.square().sum()
+    error = lambda kept: float((norm2 - kept).clamp_min(0).sqrt() / norm2.sqrt().clamp_min(1e-300))
+    u_in = leading_subspace(unfold(w, 1), r_in)  # HOSVD's input factor
+    reduced = mode_dot(w, u_in.T, 1)  # W x_1 U_in^T
+    u_out, kept = _leading(unfold(reduced, 0), r_out)  # the best output factor for it
+    before = error(kept)
+    for _ in range(n_iter):
+        u_in, _ = _leading(unfold(mode_dot(w, u_out.T, 0), 1), r_in)
+        reduced = mode_dot(w, u_in.T, 1)
+        u_out, kept = _leading(unfold(reduced, 0), r_out)
+        after = error(kept)
+        if before - after < rtol * before:
+            break
+        before = after
+    return _cast(Tucker2(mode_dot(reduced, u_out.T, 0), u_out, u_in), weight.dtype)
 
 
 def tucker2(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10) -> Tucker2:
     """The Tucker-2 used by passes and projections: HOOI from an HOSVD start."""
     return hooi(weight, ranks, n_iter=n_iter)
-
-
-def _relative_error(w: Tensor, core: Tensor, norm: Tensor) -> float:
-    # For orthonormal factors, ||W - G x U||^2 = ||W||^2 - ||G||^2.
-    return float((norm**2 - core.norm() ** 2).clamp_min(0).sqrt() / norm)
 
 
 def _cast(t: Tucker2, dtype: torch.dtype) -> Tucker2:
@@ -120,12 +118,11 @@ def hosvd_errors(weight: Tensor, rank_pairs: list[tuple[int, int]]) -> list[floa
     w = weight.detach().double()
     norm = torch.linalg.vector_norm(w).clamp_min(1e-300)
     errors = []
-    with tl.backend_context("pytorch"):
-        bases = [leading_subspace(tl.unfold(w, mode), w.shape[mode]) for mode in (0, 1)]
-        for r_out, r_in in rank_pairs:
-            core = _project_core(w, bases[0][:, :r_out], bases[1][:, :r_in])  # orthonormal: kept norm = ||core||
-            kept = torch.linalg.vector_norm(core) ** 2
-            errors.append(float((norm ** 2 - kept).clamp_min(0).sqrt() / norm))
+    bases = [leading_subspace(unfold(w, mode), w.shape[mode]) for mode in (0, 1)]
+    for r_out, r_in in rank_pairs:
+        core = _project_core(w, bases[0][:, :r_out], bases[1][:, :r_in])  # orthonormal: kept norm = ||core||
+        kept = torch.linalg.vector_norm(core) ** 2
+        errors.append(float((norm ** 2 - kept).clamp_min(0).sqrt() / norm))
     return errors
 
 
@@ -180,9 +177,8 @@ class Tucker(Decomposition):
         if request.energy is not None:
             return raised(tucker_ranks_for_energy(weight, request.energy)), {"energy": request.energy}
         if request.vbmf is not None:  # each channel mode's unfolding
-            with tl.backend_context("pytorch"):
-                return raised(tuple(vbmf_weakened(tl.unfold(weight.detach().double(), mode), request.vbmf)
-                                    for mode in (0, 1))), {}
+            return raised(tuple(vbmf_weakened(unfold(weight.detach().double(), mode), request.vbmf)
+                                for mode in (0, 1))), {}
         ratio = request.ratio if request.ratio is not None else DEFAULT_RATIO
         return tucker_ranks_for_ratio(g, ratio, request.round_to, request.floor), {"ratio": ratio}
 

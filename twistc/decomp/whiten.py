@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import tensorly as tl
 import torch
-from tensorly.tenalg import multi_mode_dot
 
+from twistc.decomp.modes import mode_dot
 from twistc.decomp.svd import LowRank, balanced, lowered, singular_energies, unlowered
 
 Tensor = torch.Tensor
@@ -110,9 +109,8 @@ def tucker2_whitened(weight: Tensor, stats: InputStats, ranks: tuple[int, int], 
         return None
     r_c, r_c_inv = channel
     w = weight.detach().double()
-    with tl.backend_context("pytorch"):
-        whitened = multi_mode_dot(w, [r_c.T], modes=[1])
-        u_in = r_c_inv.T @ fit(whitened, ranks).u_in.double()  # back to the unwhitened input channels
+    whitened = mode_dot(w, r_c.T, 1)
+    u_in = r_c_inv.T @ fit(whitened, ranks).u_in.double()  # back to the unwhitened input channels
     taps = w[0, 0].numel()
     p = torch.kron(u_in, torch.eye(taps, dtype=torch.float64))  # [S*taps, r_in*taps]: channel-major columns
     cov = stats.covariance.double()
@@ -126,6 +124,5 @@ def tucker2_whitened(weight: Tensor, stats: InputStats, ranks: tuple[int, int], 
     q, upper = torch.linalg.qr(low.u.double())
     core = unlowered(upper @ low.v.double(), (ranks[0], u_in.shape[1], *shape[2:]))
     q_in, upper_in = torch.linalg.qr(u_in)  # orthonormal input factor, as HOOI's: the whitening's inverse
-    with tl.backend_context("pytorch"):      # goes into the core (see svd.balanced)
-        core = multi_mode_dot(core, [upper_in], modes=[1])
+    core = mode_dot(core, upper_in, 1)       # goes into the core (see svd.balanced)
     return core, q, q_in
