@@ -3,7 +3,8 @@
     conv(x, W)  ->  conv(x, project(W))      project: every `period` training steps (every `late_period`
                                                after step `late_after`; or adapted so that each
                                                projection removes about `target_change`),
-                                               W <- reconstruct(decompose(W, ranks)) in place
+                                               W <- reconstruct(decompose(W, ranks)) in place,
+                                               the ranks falling from full over the first `ramp` steps
 
 `decomp` is tucker (Tucker-2 over the channel modes), svd (SVD of the lowered T x S*kh*kw matrix,
 columns in `order`), tiled-svd (one SVD per tile of that matrix, tiles given by `tile` or `grid`),
@@ -47,6 +48,8 @@ class DeepTwist(LowRankOptions):
                    "late_after": "the training step after which late_period applies",
                    "target_change": "adapt S_D per layer (starting at period) so that a projection removes about "
                    "this fraction of the kernel's norm, e.g. 0.01",
+                   "ramp": "steps over which each layer's projection ranks fall from full rank to its target, on a "
+                   "cubic schedule (gradual compression); 0: the target from the first projection",
                    "order": "svd, tiled-svd: column order of the lowered matrix, channel-major or tap-major",
                    "tile": "tiled-svd: tile shape HxW", "grid": "tiled-svd: tile grid RxC"}
 
@@ -57,6 +60,7 @@ class DeepTwist(LowRankOptions):
     late_period: int | None = None
     late_after: int | None = None
     target_change: float | None = None
+    ramp: int = 0
     order: str = "channel-major"
     tile: tuple[int, ...] | None = None
     grid: tuple[int, ...] | None = None
@@ -77,6 +81,8 @@ class DeepTwist(LowRankOptions):
             raise SpecError(f"deeptwist: target_change must be in (0, 1), e.g. 0.01, got {self.target_change}")
         if self.target_change is not None and self.late_period is not None:
             raise SpecError("deeptwist: target_change adapts S_D itself; leave out late_period and late_after")
+        if self.ramp < 0:
+            raise SpecError(f"deeptwist: ramp must be >= 0 training steps, got {self.ramp}")
         check_pair(self.tile, "tile")
         check_pair(self.grid, "grid")
         tiled = [name for name, d in DECOMPOSITIONS.items() if d.tiled]
@@ -106,11 +112,15 @@ class DeepTwist(LowRankOptions):
             if isinstance(entry, Skip):
                 state.skip(site.name, entry)
                 continue
+            full = DECOMPOSITIONS[entry.decomp].full_ranks(site.geometry, entry)
+            if self.ramp and full is None:
+                raise SpecError(f"deeptwist: layer {site.name}: ramp needs a decomposition with a full-rank form "
+                                f"(tucker, svd, tiled-svd), not {entry.decomp}")
             record_plan(state, site, entry)
             state.layers[site.name].projected = True
             projection = LowRankProjection(site.name, site.weight_name, state.plan, self.period, self.late_period,
                                            self.late_after, self.target_change,
-                                           input_stats(state, site.name, entry, self.name))
+                                           input_stats(state, site.name, entry, self.name), self.ramp, full)
             insert_module(gm, f"{site.weight_name}_projection", projection)
             projected = None
             for use in group:

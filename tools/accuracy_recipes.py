@@ -11,6 +11,8 @@ conventional and DeepTwist runs are the reference arms here (read from its runs/
   handoff F + distill      the same with train{distill=W} in both phases
   handoff F -rewind        the factors' phase starts its learning-rate schedule again from the peak
                            (train{handoff=rewind}, learning-rate rewinding) instead of going on with it
+  handoff F -ramp          DeepTwist cuts gradually: its ranks fall from full to the target over the first
+                           half of its phase (deeptwist{ramp=N}, a cubic schedule as in gradual pruning)
   ... -fit                 factors (and DeepTwist's projections) fitted to each layer's inputs: calibrate on
                            16 training batches first, fit=activation
 
@@ -46,7 +48,8 @@ GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
                            ("handoff-fit-recal-distill", 0.67, 50),
                            ("handoff", 0.33, 50), ("conventional-fit", None, None),
                            ("handoff-distill", 0.5, 50), ("handoff-distill", 0.33, 50),
-                           ("handoff-rewind-distill", 0.33, 50))]
+                           ("handoff-rewind-distill", 0.33, 50), ("handoff-ramp-distill", 0.33, 50))]
+RAMP = 0.5  # -ramp: the share of the DeepTwist phase over which the ranks fall from full to the target
 
 
 def run_id(arm: str, ratio: float, fraction: float | None, period: int | None, seed: int, epochs: int) -> str:
@@ -69,7 +72,8 @@ def pipelines(budget: expkit.Budget, arm: str, ratio: float, fraction: float | N
     first = max(1, min(budget.epochs - 1, round(fraction * budget.epochs)))
     recal = "-recal" in arm  # the final projection waits for statistics collected again on the trained network
     handoff = "rewind" if "-rewind" in arm else "continue"  # rewind: the factors' schedule starts at its peak again
-    return [f"{calibrate}deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}{fit}}},"
+    ramp = f",ramp={round(RAMP * first * budget.steps_per_epoch)}" if "-ramp" in arm else ""
+    return [f"{calibrate}deeptwist{{layers={LAYERS},ratio={ratio:g},period={period}{fit}{ramp}}},"
             f"{train_item(budget, seed, first, distill, ',finalize=false' if recal else '')},"
             f"{calibrate if recal else ''}lower-conv-tucker,"
             f"{train_item(budget, seed, budget.epochs - first, distill, f',handoff={handoff}')},cleanup"]

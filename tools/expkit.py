@@ -38,6 +38,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DISTILL, TEMPERATURE = 0.5, 4.0
 DISTILLATION = f",distill={DISTILL:g},temperature={TEMPERATURE:g}"
 CHECKPOINTS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twistc" / "experiments"
+CIFAR10_TRAIN_IMAGES = 50_000  # the training split every experiment here trains on
 
 
 def resumable(main) -> int:
@@ -175,6 +176,12 @@ class Budget:
         if self.smoke:
             self.epochs, self.batch = 1, 32
         self._baseline = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in an epoch of the training set (the last batch may be partial)."""
+        images = len(self.train_subset) if self.train_subset is not None else CIFAR10_TRAIN_IMAGES
+        return -(-images // self.batch)
 
     def test_batches(self):
         return cifar10_batches(self.data, "test", batch_size=500, subset=self.test_subset)

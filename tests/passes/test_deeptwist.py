@@ -248,3 +248,40 @@ def test_the_plan_is_the_one_home_of_a_projections_ranks():
     assert projection.ranks == (4, 2) and twistc.state_of(gm).plan.get("0") is projection.plan
     twistc.state_of(gm).plan.set("0", LayerPlan("tucker", (2, 2), "tucker-chain"))
     assert projection.ranks == (2, 2)
+
+
+def test_a_ramp_lowers_the_ranks_gradually_from_full_to_the_plans():
+    torch.manual_seed(0)
+    gm = _projected("deeptwist{ranks=3x2,period=2,ramp=8,layers=conv2}")
+    projection = gm.conv2.weight_projection
+    assert projection.full_ranks == (16, 8)
+    schedule = [projection.ranks_at(step) for step in range(0, 11)]
+    assert schedule[0] == (16, 8) and all(r == (3, 2) for r in schedule[8:])
+    assert all(a >= b for before, after in zip(schedule, schedule[1:]) for a, b in zip(before, after))
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05)
+    weight, kept = gm.get_parameter("conv2.weight"), {}
+    gm.train()
+    for step in range(1, 11):
+        loss = gm(X).square().mean()
+        if projection.distorted:  # the forward projected: the kernel is at this step's ranks
+            kept[step] = _multilinear_rank(weight.detach())
+            assert projection.fitted is None or step >= 8  # a ramp's factors are never reused by a lowering
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert kept == {step: projection.ranks_at(step) for step in (2, 4, 6, 8, 10)}
+    assert kept[2] > kept[4] > kept[6] > kept[8] == (3, 2)
+    projection.finalize_(weight)  # as the train stage ends
+    assert _multilinear_rank(weight.detach()) == (3, 2) and projection.fitted is not None
+    gm.eval()
+    projected = gm(X)
+    lowered = Pipeline.parse("lower-conv-tucker,cleanup").run(gm)
+    torch.testing.assert_close(lowered(X), projected, atol=1e-5, rtol=1e-5)  # at the plan's ranks after the ramp
+    assert twistc.state_of(lowered).plan.get("conv2").ranks == (3, 2)
+
+
+def test_a_ramp_needs_a_decomposition_with_a_full_rank_form():
+    with pytest.raises(twistc.TwistcError, match="ramp must be >= 0"):
+        Pipeline.parse("deeptwist{ramp=-1}")
+    with pytest.raises(twistc.TwistcError, match="ramp needs a decomposition with a full-rank form"):
+        _projected("deeptwist{decomp=cp,ranks=4,ramp=10,layers=conv2}")

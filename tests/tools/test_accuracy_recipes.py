@@ -22,6 +22,8 @@ def test_arms_build_the_pipelines_they_name():
     [rewind] = exp.pipelines(budget, "handoff-rewind-distill", 6.7, 0.33, 50, 0)
     assert "train{epochs=1," in rewind and rewind.endswith("temperature=4,handoff=rewind},cleanup")
     assert exp.run_id("handoff-rewind-distill", 6.7, 0.33, 50, 0, 30) == "handoff0.33-rewind-distill-r6.7-sd50-e30-s0"
+    [ramp] = exp.pipelines(expkit.Budget("data", "checkpoint", epochs=30), "handoff-ramp-distill", 6.7, 0.33, 50, 0)
+    assert ramp.startswith("deeptwist{layers=layer*,ratio=6.7,period=50,ramp=1955},train{epochs=10,")  # 5 of 391-step epochs
 
 
 @needs_data

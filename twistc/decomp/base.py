@@ -147,6 +147,11 @@ class Decomposition:
         the last ones, so that a lowering whose fit is not unique (CP) can reuse them and stay exact."""
         return Reconstructed(self.reconstruct(weight, entry, stats))
 
+    def full_ranks(self, g: ConvGeometry, entry) -> tuple[int, ...] | None:
+        """The smallest ranks at which the approximation reproduces any kernel of this geometry, or None
+        where no such ranks are practical (CP)."""
+        return None
+
     def cost(self, g: ConvGeometry, entry) -> Cost:
         """Weights and MACs per sample of the lowered form, every constant it stores included."""
         raise NotImplementedError

@@ -136,6 +136,9 @@ class TiledSvd(Decomposition):
     def check_ranks(self, g, entry):
         return (check_matrix_rank(self.grid(g, entry), tuple(entry.ranks)),)
 
+    def full_ranks(self, g, entry):
+        return (min(self.grid(g, entry).tile),)
+
     def fit(self, weight, entry, stats=None):
         k = lowered(weight, entry.order)
         return LoweredLowRank(tiled_svd(k, entry.tile_grid(tuple(k.shape)), entry.ranks[0]), tuple(weight.shape),

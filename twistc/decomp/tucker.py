@@ -201,6 +201,9 @@ class Tucker(Decomposition):
         (r_out, r_in) = entry.ranks
         return Tucker2(rand(r_out, r_in, *g.spatial_kernel), rand(g.out_channels, r_out), rand(g.in_channels, r_in))
 
+    def full_ranks(self, g, entry):
+        return tucker_max_ranks(g)
+
     def rank_grid(self, g, steps, rounded):
         top_out, top_in = tucker_max_ranks(g)
         return [(rounded(top_out * k / steps, top_out), rounded(top_in * k / steps, top_in)) for k in range(1, steps)]
