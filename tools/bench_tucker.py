@@ -36,7 +36,7 @@ def _tensorly(w, ranks):
 METHODS = {
     "tensorly partial_tucker (truncated_svd, HOOI)": _tensorly,
     "twistc hosvd (Gram eigh)": lambda w, r: hosvd(w, r).reconstruct(),
-    "twistc hooi (Gram eigh, HOSVD start, stops at <0.1% gain)": lambda w, r: hooi(w, r).reconstruct(),
+    "twistc hooi (Gram eigh, from HOSVD's input factor, stops at <0.1% gain)": lambda w, r: hooi(w, r).reconstruct(),
     "twistc hooi, 10 refits": lambda w, r: hooi(w, r, rtol=0).reconstruct(),
 }
 

@@ -102,7 +102,7 @@ def hooi(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10, rtol: float =
 
 
 def tucker2(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10) -> Tucker2:
-    """The Tucker-2 used by passes and projections: HOOI from an HOSVD start."""
+    """The Tucker-2 used by passes and projections: HOOI from HOSVD's input factor."""
     return hooi(weight, ranks, n_iter=n_iter)
 
 
