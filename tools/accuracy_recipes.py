@@ -48,7 +48,8 @@ GRID = [(arm, ratio, f, sd) for ratio in (6.7, 4.3)
                            ("handoff-fit-recal-distill", 0.67, 50),
                            ("handoff", 0.33, 50), ("conventional-fit", None, None),
                            ("handoff-distill", 0.5, 50), ("handoff-distill", 0.33, 50),
-                           ("handoff-rewind-distill", 0.33, 50), ("handoff-ramp-distill", 0.33, 50))]
+                           ("handoff-rewind-distill", 0.33, 50), ("handoff-ramp-distill", 0.67, 50),
+                           ("handoff-ramp-distill", 0.33, 50))]
 RAMP = 0.5  # -ramp: the share of the DeepTwist phase over which the ranks fall from full to the target
 
 
