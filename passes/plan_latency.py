@@ -530,6 +530,6 @@ def alone_costs(gm: fx.GraphModule, site: ConvSite, entries: list[LayerPlan], ba
 
 
 def scores(gm: fx.GraphModule, batches: list) -> list[torch.Tensor]:
-    """The model's class scores on each batch, in eval mode and float32."""
-    with in_mode(gm, training=False):
+    """The model's class scores on each batch, in eval mode and float32 (no autograd graph kept)."""
+    with in_mode(gm, training=False), torch.no_grad():
         return [class_scores(gm(x)).float() for x, _ in batches]
