@@ -98,7 +98,7 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
     runs = store.load_all()
     if not runs:
         return
-    rows, lines = [], {}
+    rows, lines, pooled = [], {}, {}
     for epochs in sorted({r["epochs"] for r in runs}):
         refs = reference_runs(epochs)
         mine = [r for r in runs if r["epochs"] == epochs]
@@ -112,6 +112,8 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
                 distilled = arms.get(("conventional-distill", seed))  # the same distillation, conventionally
                 diff_distilled = (expkit.paired_difference([(r, distilled)])
                                   if distilled and r is not distilled and label.endswith("distill") else "-")
+                if distilled and r is not distilled and label.endswith("distill"):
+                    pooled.setdefault((ratio, epochs, label), []).append((r, distilled))
                 after = r.get("evaluations") or []
                 rows.append([f"{ratio:g}x", epochs, seed, label, f"{100 * r['test_acc']:.2f}", diff, diff_distilled,
                              f"{r['layers_ratio']:.2f}x", f"{r.get('train_seconds', r['seconds']) / 60:.0f}",
@@ -127,6 +129,9 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
           "model; its share of training time is the teacher's forwards.\n",
           expkit.markdown_table(["ratio", "epochs", "seed", "arm", "test acc %", "vs conventional [95% CI]",
                                  "vs conventional-distill", "layers ratio", "train min", "teacher share"], rows),
+          "\nSeeds pooled (paired bootstrap over the test images of every seed), against conventional-distill:\n",
+          *[f"- {ratio:g}x, {epochs} epochs, {label}: {expkit.paired_difference(pairs)} over {len(pairs)} seeds"
+            for (ratio, epochs, label), pairs in sorted(pooled.items()) if len(pairs) > 1],
           "\nCommands that produced these runs (each run's JSON has its own):\n",
           *[f"- `{c}`" for c in sorted({r["command"] for r in runs})], ""]
     (store.root / "results.md").write_text("\n".join(md) + "\n")
