@@ -110,9 +110,9 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
                 diff = (expkit.paired_difference([(r, conventional)]) if conventional and r is not conventional
                         else "-")
                 distilled = arms.get(("conventional-distill", seed))  # the same distillation, conventionally
-                diff_distilled = (expkit.paired_difference([(r, distilled)])
-                                  if distilled and r is not distilled and label.endswith("distill") else "-")
-                if distilled and r is not distilled and label.endswith("distill"):
+                paired = distilled and r is not distilled and label.endswith("distill")
+                diff_distilled = expkit.paired_difference([(r, distilled)]) if paired else "-"
+                if paired:
                     pooled.setdefault((ratio, epochs, label), []).append((r, distilled))
                 after = r.get("evaluations") or []
                 rows.append([f"{ratio:g}x", epochs, seed, label, f"{100 * r['test_acc']:.2f}", diff, diff_distilled,
