@@ -34,18 +34,20 @@ MIN_SHARE = 0.005  # a layer with less of the layers' weights than this stays de
 def rank_floor(gm: fx.GraphModule, site: ConvSite) -> tuple[int, int]:
     """The least (output, input) ranks that keep the layer what it is: a head (a Linear or 1x1 conv giving the
     model's scores) keeps a rank per output, a direction per class; a stem (an RGB or grey input) keeps every
-    value it reads, its channels times its taps (Tucker keeps the channels; a matrix form its whole input)."""
+    value it reads, its channels times its taps, on both sides (each capped at its side's full rank: Tucker
+    keeps the input channels; a matrix form its whole input)."""
     g = site.geometry
-    head = g.taps == 1 and feeds_output(gm, site)
-    return (g.out_channels if head else 1,
-            g.in_channels * g.taps if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1)
+    head = g.out_channels if g.taps == 1 and feeds_output(gm, site) else 1
+    values = g.in_channels * g.taps if g.in_channels <= STEM_CHANNELS and reads_input(gm, site) else 1
+    return max(head, values), values
 
 
 def floor_reason(g, floor: tuple[int, int]) -> str:
-    if floor[0] > 1:
+    if floor[1] == 1:
         return f"the model's head: it keeps a rank per output ({g.out_channels})"
-    taps = f" ({floor[1]} values with its {'x'.join(map(str, g.spatial_kernel))} taps)" if g.taps > 1 else ""
-    return f"the model's stem: it keeps its {g.in_channels} input channel{'s' if g.in_channels > 1 else ''}{taps}"
+    taps = f" ({floor[1]} with its {'x'.join(map(str, g.spatial_kernel))} taps)" if g.taps > 1 else ""
+    return (f"the model's stem: it keeps its {g.in_channels} input channel{'s' if g.in_channels > 1 else ''} "
+            f"and every value it reads{taps}")
 
 
 def keeps_floor(ranks, floor: tuple[int, int], g) -> bool:

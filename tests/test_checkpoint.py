@@ -22,14 +22,17 @@ from twistc.resume import Checkpointing
 from twistc.train import projections, train
 
 
+IN = 5  # input channels: more than a stem's (RGB), so DeepTwist projects the first conv too
+
+
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    return nn.Sequential(nn.Conv2d(IN, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 
 def _deeptwist_model(spec="deeptwist{ratio=2,period=3}"):
-    gm = trace(_model(), (torch.randn(1, 3, 8, 8),))
+    gm = trace(_model(), (torch.randn(1, IN, 8, 8),))
     return Pipeline.parse(spec).run(gm)
 
 
@@ -41,7 +44,7 @@ class Data:
     def __init__(self, stop_at=None, crash_at=None):
         self.stop_at, self.crash_at, self.made = stop_at, crash_at, 0
         g = torch.Generator().manual_seed(1)
-        self.x, self.y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
+        self.x, self.y = torch.randn(40, IN, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
 
     def __call__(self):
         order = torch.randperm(40)
@@ -170,7 +173,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     _run(tmp_path, epochs=1)
     with pytest.raises(CheckpointError, match=r"pass resume=True to continue it, or choose another folder \(checkpoint=DIR\)"):
         _run(tmp_path)
-    gm = trace(_model(), (torch.randn(1, 3, 8, 8),))  # no deeptwist: another structure
+    gm = trace(_model(), (torch.randn(1, IN, 8, 8),))  # no deeptwist: another structure
     cp = Checkpointing(tmp_path, checkpoint.identity("deeptwist,train", gm), resume=True)
     with pytest.raises(CheckpointError, match="another model structure"):
         train(gm, Data(), 1, progress=False, checkpointing=cp)

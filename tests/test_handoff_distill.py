@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_checkpoint import Data, _model
+from test_checkpoint import IN, Data, _model
 from twistc import Pipeline, RunContext, trace
 from twistc.errors import SpecError, Stopped
 from twistc.cli import _parser
@@ -22,7 +22,7 @@ HANDOFF = ("deeptwist{ratio=2,period=3},train{epochs=2,lr=0.05,seed=3},lower-con
 
 
 def _pipeline_run(spec, data, folder=None, resume=False, teacher=None):
-    gm = trace(_model(), (torch.randn(1, 3, 8, 8),))
+    gm = trace(_model(), (torch.randn(1, IN, 8, 8),))
     ctx = RunContext(train_data=lambda: list(data()), progress=False, checkpoint=str(folder) if folder else None,
                      resume=resume, teacher=teacher)
     return Pipeline.parse(spec).run(gm, ctx), ctx
@@ -162,7 +162,7 @@ def test_bad_distillation_and_handoff_options(spec, message):
 
 
 def test_training_targets_out_of_range_and_dict_outputs_are_named():
-    model = trace(_model(), (torch.randn(1, 3, 8, 8),))
-    bad = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 9]))]
+    model = trace(_model(), (torch.randn(1, IN, 8, 8),))
+    bad = [(torch.randn(4, IN, 8, 8), torch.tensor([0, 1, 2, 9]))]
     with pytest.raises(Exception, match=r"train_data\(\) gives targets 0..9, but the model has 4 outputs"):
         train(model, lambda: bad, 1, progress=False)

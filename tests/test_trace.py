@@ -56,7 +56,7 @@ def test_conv_kinds_without_a_decomposition_are_recorded_with_a_reason():
     class Mixed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c1 = nn.Conv1d(4, 6, 3)
+            self.c1 = nn.Conv1d(5, 6, 3)
             self.c3 = nn.Conv3d(1, 2, (3, 3, 3))
             self.up = nn.ConvTranspose2d(2, 3, 2, stride=2)
             self.c2 = nn.Conv2d(3, 8, 3, padding=1)
@@ -65,11 +65,11 @@ def test_conv_kinds_without_a_decomposition_are_recorded_with_a_reason():
             img = self.c3(vol).mean(2)
             return self.c2(self.up(img)).mean() + self.c1(seq).mean()
 
-    gm = twistc.trace(Mixed(), (torch.randn(1, 4, 10), torch.randn(1, 1, 5, 6, 6)))
+    gm = twistc.trace(Mixed(), (torch.randn(1, 5, 10), torch.randn(1, 1, 5, 6, 6)))
     gm = Pipeline.parse("lower-conv-tucker{ratio=1.5},cleanup").run(gm)
     layers = twistc.state_of(gm).layers
     assert layers["c2"].lowering == layers["c1"].lowering == "tucker-chain"
     for name, kind in (("c3", "Conv3d"), ("up", "ConvTranspose2d")):
         assert layers[name].lowering is None and layers[name].skip_reason.startswith(f"{kind}: no decomposition")
-    assert layers["c1"].before.params == 6 * 4 * 3 and layers["c3"].before.params == 2 * 1 * 27
+    assert layers["c1"].before.params == 6 * 5 * 3 and layers["c3"].before.params == 2 * 1 * 27
     assert layers["c1"].geometry.kind == "Conv1d" and layers["c1"].geometry.out_hw == (8, 1)

@@ -165,7 +165,7 @@ def test_accumulated_steps_equal_steps_over_the_concatenated_batches(sized):
     for (name, a), b in zip(plain.state_dict().items(), accumulated.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=name)
     assert result.steps == reference.steps == 6 and result.distortions == reference.distortions == 3
-    assert [int(p.step) for p in projections(accumulated)] == [6, 6]
+    assert [int(p.step) for p in projections(accumulated)] == [6]  # the second conv's: the stem stays dense
     with pytest.raises(SpecError, match="accumulate must be >= 1"):
         Pipeline.parse("train{accumulate=0}")
 
@@ -213,13 +213,13 @@ def test_keep_best_ends_with_the_weights_of_the_best_evaluation(monkeypatch):
 def test_keep_best_deploys_what_the_best_low_rank_evaluation_measured():
     torch.set_num_threads(1)
     data = _data()
-    gm = _deeptwist_model("deeptwist{ratio=4,period=3}")
+    gm = _deeptwist_model("deeptwist{ratio=2,period=3}")
     ctx = RunContext(train_data=lambda: data, eval_data=lambda: data, progress=False)
-    # a learning rate high enough that the low-rank accuracy goes up and down (here it peaks at epoch 3)
-    Pipeline.parse("train{epochs=6,lr=0.5,schedule=constant,eval_every=1,keep_best=true}").run(gm, ctx)
+    # a learning rate high enough that the low-rank accuracy goes up and down (here it peaks at epoch 4 of 6)
+    Pipeline.parse("train{epochs=6,lr=0.25,schedule=constant,eval_every=1,keep_best=true}").run(gm, ctx)
     result = ctx.results["train"]
     best = max(result.evaluations, key=lambda e: e["low_rank_accuracy"])  # the first of equals
-    assert result.kept_epoch == best["epoch"] and result.final_projections == 2
+    assert result.kept_epoch == best["epoch"] < 6 and result.final_projections == 1  # the stem stays dense
     assert accuracy(gm, data) == best["low_rank_accuracy"]
 
 
@@ -245,7 +245,7 @@ def test_recalibrate_bn_reestimates_batchnorm_after_the_final_projection(batches
     gm = Pipeline.parse("deeptwist{ratio=2,period=2}").run(trace(net, (torch.randn(1, 3, 6, 6),)))
     data = [(torch.randn(4, 3, 6, 6), torch.randint(0, 8, (4,))) for _ in range(3)]
     result = train(gm, lambda: data, epochs=1, progress=False, recalibrate_bn=batches)
-    assert result.final_projections == 2
+    assert result.final_projections == 1  # the second conv's: the stem stays dense
     bn = next(m for m in gm.modules() if isinstance(m, nn.BatchNorm2d))
     trained = bn.running_mean.clone()
     train_module.recalibrate_batchnorm(gm, lambda: data, 3)  # the statistics of the final weights

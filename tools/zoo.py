@@ -117,6 +117,8 @@ def report(store: expkit.RunStore) -> None:
         return
     order = {m: i for i, m in enumerate([*MODELS, *SMOKE_MODELS])}
     rows = []
+    cpus = Counter(r["machine"]["cpu"] for r in runs)
+    cpu = cpus.most_common(1)[0][0]  # the machine most runs were timed on; the others are named in their rows
     for r in sorted(runs, key=lambda r: (order.get(r["model"], 99), list(SETTINGS).index(r["setting"]))):
         if r["rc"] != 0:
             rows.append([r["model"], r["setting"], "-", "-", "-", "-", "-", f"{r['seconds']:.0f}", cap(r)])
@@ -125,7 +127,8 @@ def report(store: expkit.RunStore) -> None:
         before, after = r["compressed_weights"]
         ci = r["measured_ci95"]
         measured = (f"{r['measured_speedup']:.2f}x [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-") + \
-                   ("" if r["trustworthy"] in (True, None) else " (unsteady)")
+                   ("" if r["trustworthy"] in (True, None) else " (unsteady)") + \
+                   ("" if r["machine"]["cpu"] == cpu else f" on {r['machine']['cpu']}")
         rows.append([r["model"], r["setting"], lowered, f"{before / after:.2f}x" if after else "-",
                      f"{r['macs'][0] / r['macs'][1]:.2f}x",
                      f"{r['predicted_speedup']:.2f}x" if r["predicted_speedup"] else "-", measured,
@@ -133,7 +136,7 @@ def report(store: expkit.RunStore) -> None:
                                              if r["plan_seconds"] else ""), cap(r)])
     md = ["# The model zoo: timm networks compiled by twistc\n",
           "Random weights, the architecture's default input size, batch 1; `--pass tucker --epochs 0`, timed in "
-          f"onnxruntime on {runs[0]['machine']['cpu']} with the stated threads (paired medians, 95% bootstrap CI). "
+          f"onnxruntime on {cpu}{' unless a row names another' if len(cpus) > 1 else ''} with the stated threads (paired medians, 95% bootstrap CI). "
           "Lowered: layers lowered / layers of that kind. Weights: the cut of the compressed layers' weights. "
           "MACs: of all conv and Linear layers.\n",
           expkit.markdown_table(["model", "setting", "lowered (by kind)", "weights", "MACs", "predicted", "measured",

@@ -35,13 +35,14 @@ def test_removes_dead_nodes_and_unused_modules_without_changing_outputs():
 
 
 def test_drops_finished_projections_and_lowered_functional_parameters():
-    gm = twistc.trace(nn.Sequential(FunctionalConv(nn.Conv2d(3, 8, 3, padding=1))).eval(), (X,))
+    x = torch.randn(2, 5, 12, 12)  # more channels than a stem's: the conv is projected
+    gm = twistc.trace(nn.Sequential(FunctionalConv(nn.Conv2d(5, 8, 3, padding=1))).eval(), (x,))
     gm = Pipeline.parse("deeptwist{ratio=2,period=5}").run(gm)
     twistc.final_projection(gm)
-    expected = gm(X)
+    expected = gm(x)
     gm = Pipeline.parse("cleanup").run(gm)
     assert not [n for n in gm.graph.nodes if n.op == "call_module"]  # projection gone, conv stays dense
-    torch.testing.assert_close(gm(X), expected, atol=0, rtol=0)
+    torch.testing.assert_close(gm(x), expected, atol=0, rtol=0)
     gm = Pipeline.parse("lower-conv-tucker{ratio=2},cleanup").run(gm)
     names = dict(gm.named_parameters())
     assert "0.w" not in names and "0.w_tucker.core.weight" in names

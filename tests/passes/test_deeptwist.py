@@ -80,7 +80,8 @@ def test_weights_move_between_distortions_with_a_real_optimizer():
 
 @pytest.mark.parametrize("functional", [False, True])
 def test_lowered_model_equals_projected_model(functional):
-    model = nn.Sequential(FunctionalConv(nn.Conv2d(3, 8, 3, padding=1))) if functional else Net()
+    # the functional conv reads a 1x1 conv's output: a stem keeps every value it reads
+    model = nn.Sequential(nn.Conv2d(3, 5, 1), FunctionalConv(nn.Conv2d(5, 8, 3, padding=1))) if functional else Net()
     gm = _projected("deeptwist{ratio=2,period=3}", model.eval())
     ctx = RunContext(train_data=lambda: [(X, torch.zeros(4, dtype=torch.long))] * 4, progress=False)
     loss = lambda out, y: out.square().mean()
@@ -114,7 +115,8 @@ def test_train_stage_counts_steps_and_distortions_and_calls_train_data_each_epoc
     Pipeline.parse("train{epochs=3,lr=0.01}").run(gm, ctx)
     result = ctx.results["train"]
     assert len(calls) == 3 and result.steps == 15 and result.distortions == 3  # steps 4, 8, 12
-    assert result.final_projections == 2  # conv1 and conv2; 1x1 and grouped convs are skipped
+    assert result.final_projections == 1  # conv2; the stem conv1 keeps every value it reads, 1x1 and grouped
+    # convs are skipped
     assert len(result.distortion_changes) == 3 and 0 < result.distortion_changes[0] < 1
     assert result.distortion_changes[1] < result.distortion_changes[0]  # 4 small steps after a projection
     Pipeline.parse("train{epochs=1,lr=0.01}").run(gm, ctx)  # steps 16 and 20; appended to the first

@@ -32,8 +32,8 @@ class RankRequest:
     round_to: int = 1
     vbmf: float | None = None
     # the least ranks that keep the layer working, on its output and input side: a classifier head keeps a
-    # direction per class, a stem every value it reads (its channels times its taps; Tucker's r_in keeps
-    # the channels); explicit `ranks` are taken as given
+    # direction per class, a stem every value it reads (its channels times its taps) on both sides, each
+    # capped at that side's full rank; explicit `ranks` are taken as given
     floor: tuple[int, int] = (1, 1)
 
     def matrix_floor(self, top: int) -> int:
