@@ -136,7 +136,8 @@ def report(store: expkit.RunStore) -> None:
                                              if r["plan_seconds"] else ""), cap(r)])
     md = ["# The model zoo: timm networks compiled by twistc\n",
           "Random weights, the architecture's default input size, batch 1; `--pass tucker --epochs 0`, timed in "
-          f"onnxruntime on {cpu}{' unless a row names another' if len(cpus) > 1 else ''} with the stated threads (paired medians, 95% bootstrap CI). "
+          f"onnxruntime on {cpu}{' (a row that names another machine ran there)' if len(cpus) > 1 else ''} with "
+          "the stated threads (paired medians, 95% bootstrap CI). "
           "Lowered: layers lowered / layers of that kind. Weights: the cut of the compressed layers' weights. "
           "MACs: of all conv and Linear layers.\n",
           expkit.markdown_table(["model", "setting", "lowered (by kind)", "weights", "MACs", "predicted", "measured",
