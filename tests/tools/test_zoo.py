@@ -30,3 +30,23 @@ def test_a_refusal_is_read_back_as_what_capped_it():
     missed = {"rc": 0, "setting": "speedup1.25", "measured_speedup": 1.15, "warnings": []}
     assert zoo.cap(missed) == "missed: 1.15x measured for 1.25x"
     assert zoo.cap({**missed, "measured_speedup": 1.21}) == "-"  # within 5%
+
+
+def _run(model, cpu, speedup):
+    return {"model": model, "setting": "ratio2", "rc": 0, "seconds": 10.0, "kinds": {"1x1 conv": {"lowered": 2}},
+            "compressed_weights": [200, 100], "macs": [300, 200], "measured_speedup": speedup,
+            "measured_ci95": [speedup - 0.01, speedup + 0.01], "trustworthy": True, "predicted_speedup": None,
+            "plan_seconds": None, "cold_cache": False, "machine": {"cpu": cpu}, "warnings": [],
+            "command": "python tools/zoo.py", "compile": f"twistc compile {model}"}
+
+
+def test_rows_timed_on_another_machine_name_it(tmp_path):
+    store = zoo.expkit.RunStore(tmp_path)
+    runs = [("ResNet-18", "Intel Xeon"), ("ResNet-50", "Intel Xeon"), ("ViT-Tiny", "AMD EPYC")]
+    for i, (model, cpu) in enumerate(runs):
+        store.save(f"run{i}", _run(model, cpu, 1.2 + i / 10))
+    zoo.report(store)
+    text = (tmp_path / "results.md").read_text()
+    assert "timed in onnxruntime on Intel Xeon (a row that names another machine ran there)" in text
+    assert "| ViT-Tiny | ratio2 | 1x1 conv 2/2 | 2.00x | 1.50x | - | 1.40x [1.39, 1.41] on AMD EPYC |" in text
+    assert "| ResNet-18 | ratio2 | 1x1 conv 2/2 | 2.00x | 1.50x | - | 1.20x [1.19, 1.21] |" in text
