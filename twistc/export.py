@@ -132,7 +132,7 @@ def onnx_model(module: nn.Module, example_inputs: tuple, dynamic_batch: bool = T
     """`module` in eval mode as an ONNX model (bytes), its batch axis dynamic unless asked otherwise."""
     inputs = batched(example_inputs, 2) if dynamic_batch else example_inputs
     with _quiet(), torch.no_grad():
-        outputs = len(_tensors(module(*inputs)))
+        outputs = len(_tensors(module(*example_inputs)))
         names = [f"input{i}" for i in range(len(inputs))], [f"output{i}" for i in range(outputs)]
         axes = {n: {0: "batch"} for n, x in zip(names[0], inputs) if torch.is_tensor(x) and x.dim()}
         axes.update({n: {0: "batch"} for n in names[1]})

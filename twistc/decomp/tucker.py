@@ -6,7 +6,9 @@ HOSVD takes each factor as the leading left singular vectors of the mode's unfol
 computed as eigenvectors of the unfolding's Gram matrix (T x T or S x S), which is far cheaper than
 an SVD of the wide unfolding (tools/bench_tucker.py measures both against tensorly's
 partial_tucker). HOOI then alternates: each factor is re-fitted with the other fixed, which never
-increases the error. Work happens in float64; results come back in the weight's dtype.
+increases the error. A float64 kernel is decomposed in float64, any other in float32 (the products
+and eigendecompositions take about half as long, and the factors come back in the weight's dtype,
+which keeps no more than float32 does); the errors that decide when HOOI stops are summed in float64.
 
 Form `tucker-chain` (Kim et al. 2016):
     conv(x, W) + b  ->  conv1x1(conv_khxkw(conv1x1(x, U_in^T), G), U_out) + b
@@ -53,7 +55,12 @@ def _leading(unfolding: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """The leading subspace and the squared norm the unfolding keeps when projected on it (the sum of
     the Gram matrix's `rank` largest eigenvalues)."""
     values, vectors = torch.linalg.eigh(unfolding @ unfolding.T)  # ascending eigenvalues
-    return vectors[:, -rank:].flip(1), values[-rank:].clamp_min(0).sum()
+    return vectors[:, -rank:].flip(1), values[-rank:].clamp_min(0).double().sum()
+
+
+def _working(weight: Tensor) -> Tensor:
+    """The kernel in the precision its decomposition runs in: float64 stays, all else is float32."""
+    return weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
 
 
 def mode_energies(weight: Tensor, mode: int) -> Tensor:
@@ -68,7 +75,7 @@ def _project_core(w: Tensor, u_out: Tensor, u_in: Tensor) -> Tensor:
 
 def hosvd(weight: Tensor, ranks: tuple[int, int]) -> Tucker2:
     r_out, r_in = ranks
-    w = weight.detach().double()
+    w = _working(weight)
     u_out = leading_subspace(unfold(w, 0), r_out)
     u_in = leading_subspace(unfold(w, 1), r_in)
     return _cast(Tucker2(_project_core(w, u_out, u_in), u_out, u_in), weight.dtype)
@@ -83,8 +90,8 @@ def hooi(weight: Tensor, ranks: tuple[int, int], n_iter: int = 10, rtol: float =
     Each refit's eigenvalues give the error it leaves (||W||^2 - ||G||^2 for orthonormal factors), so
     the core is formed once, at the end."""
     r_out, r_in = ranks
-    w = weight.detach().double()
-    norm2 = w.square().sum()
+    w = _working(weight)
+    norm2 = w.double().square().sum()
     error = lambda kept: float((norm2 - kept).clamp_min(0).sqrt() / norm2.sqrt().clamp_min(1e-300))
     u_in = leading_subspace(unfold(w, 1), r_in)  # HOSVD's input factor
     reduced = mode_dot(w, u_in.T, 1)  # W x_1 U_in^T
