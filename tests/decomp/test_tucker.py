@@ -57,3 +57,17 @@ def test_mode_energies_are_squared_singular_values():
     w = torch.randn(7, 5, 3, 3)
     s = torch.linalg.svdvals(w.reshape(7, -1).double()) ** 2
     torch.testing.assert_close(mode_energies(w, 0), s, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_hooi_runs_in_float32_or_float64_and_returns_the_weights_dtype(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(64, 48, 3, 3)
+    f = hooi(w.to(dtype), (20, 16))
+    assert {f.core.dtype, f.u_out.dtype, f.u_in.dtype} == {dtype}
+    # a float32 (or narrower) kernel is decomposed in float32: the same error as in float64 to ~1e-6
+    err = lambda f: float((f.reconstruct().double() - w.to(dtype).double()).norm() / w.to(dtype).double().norm())
+    reference = err(hooi(w.to(dtype).double(), (20, 16)))
+    assert err(f) == pytest.approx(reference, rel=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    if dtype == torch.float64:  # float64 stays float64: orthonormal to its own precision
+        torch.testing.assert_close(f.u_in.T @ f.u_in, torch.eye(16, dtype=dtype), atol=1e-12, rtol=0)
