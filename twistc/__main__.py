@@ -1,6 +1,6 @@
 """`python -m twistc ...`, which is how torchrun starts it: `torchrun --nproc-per-node N -m twistc compile ...`."""
 import sys
 
-from twistc.cli import main
+from twistc.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -8,6 +8,7 @@ errors answer at once.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -165,6 +166,15 @@ def options(pairs: list[str], flag: str = "--set") -> dict[str, str]:
             raise SpecError(f"{flag} {pair!r}: write KEY=VALUE")
         out[key] = value
     return out
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The `twistc` command and `python -m twistc`: main(), after which the process ends. Freezing the heap
+    first spares the interpreter's final garbage collections, which would walk every object torch and the
+    compiled model left behind (0.4-0.9 s of each exit); the memory is freed at exit all the same."""
+    code = main(argv)
+    gc.freeze()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
