@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models_for_tests import TINY_MODEL_PY, tiny_deeptwist_cnn
+from twistc.distributed import leave
 from twistc.train import projections, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available here")
@@ -50,7 +51,7 @@ def _worker(rank: int, world: int, init: str, out: str, accumulate: int, own_sha
         torch.save({"state": gm.state_dict(), "steps": result.steps, "evaluations": result.evaluations,
                     "losses": result.losses}, f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        leave()
 
 
 # with accumulate=2 each rank's 3 batches make steps of 2 and 1: global steps over batches 0-3 and 4-5
@@ -130,6 +131,28 @@ def test_two_nodes_meet_through_torchruns_rendezvous_and_only_global_rank_0_writ
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["training"]["steps"] == 3  # 6 batches over 2 ranks on 2 nodes
     assert sum(stdout.count("wrote ") for stdout, _ in outputs) == 1
+
+
+def test_leaving_collects_what_holds_the_group_and_destroys_it(tmp_path):
+    import gc
+    import weakref
+
+    from twistc import distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        gc.disable()  # the cycle below stays until someone collects it
+        wrapper = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        wrapper.cycle = [wrapper]
+        held = weakref.ref(wrapper)
+        del wrapper
+        assert held() is not None and distributed.world() == (0, 1) and dist.is_initialized()
+        leave()
+        assert held() is None and not dist.is_initialized()
+        leave()  # and once out, leaving again does nothing
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_each_rank_takes_its_own_gpu_and_nccl_only_where_there_are_gpus(monkeypatch):

@@ -141,6 +141,12 @@ def _status(msg: str) -> None:
 
 def compile_command(args) -> int:
     distributed.init_from_env()  # under torchrun: join the other ranks
+    code = _compile(args)
+    distributed.leave()
+    return code
+
+
+def _compile(args) -> int:
     model_path = Path(args.model).resolve()
     out = Path(args.output)
     if args.threads is not None:

@@ -10,6 +10,7 @@ before and after, exports and writes.
 from __future__ import annotations
 
 import datetime
+import gc
 import itertools
 import logging
 import os
@@ -54,6 +55,15 @@ def init_from_env() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_device("cuda"))
         dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout()))
+
+
+def leave() -> None:
+    """Leave the process group once this rank's last collective is done (nothing to do without one). What
+    still holds the group, such as a DDP wrapper in a reference cycle, is collected first, so the group's
+    threads are joined here rather than in the interpreter's teardown, where gloo can abort the process."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def _end_with_parent() -> None:
