@@ -143,9 +143,14 @@ def report(store: expkit.RunStore, budget: expkit.Budget) -> None:
 
 def plot_training(lines: dict, path: Path) -> None:
     """Test accuracy after each epoch, per arm: DeepTwist phases as trained (solid) and projected to low rank
-    (dashed), the factors' phase after the hand-off as trained."""
-    fig, axes = expkit.figure((5.5 * len(lines), 4.6), ncols=len(lines))
+    (dashed), the factors' phase after the hand-off as trained. Each panel's scale fits the points after
+    the first third of its budget, where the arms part; earlier points further down are off the scale."""
+    fig, axes = expkit.figure((5.5 * len(lines), 4.6), ncols=len(lines), sharey=False)
     for ax, ((ratio, epochs), runs) in zip(np.atleast_1d(axes), sorted(lines.items())):
+        later = [100 * min(x["accuracy"], x.get("low_rank_accuracy") or 1.0)
+                 for _, _, r in runs for x in r["evaluations"] if x["epoch"] > epochs / 3]
+        top = max(100 * x["accuracy"] for _, _, r in runs for x in r["evaluations"])
+        ax.set_ylim(min(later, default=top - 10) - 1.5, top + 1)
         for label, seed, r in runs:
             e = r["evaluations"]
             line, = ax.plot([x["epoch"] for x in e], [100 * x["accuracy"] for x in e], "o-", ms=3,
@@ -156,8 +161,8 @@ def plot_training(lines: dict, path: Path) -> None:
         ax.set_title(f"{ratio:g}x, {epochs} epochs")
         ax.set_xlabel("epoch")
     np.atleast_1d(axes)[0].set_ylabel("test accuracy (%)")
-    fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning\n(dashed: DeepTwist's network at low rank)",
-                 fontsize=10)
+    fig.suptitle("ResNet-32 on CIFAR-10: accuracy during fine-tuning\n(dashed: DeepTwist's network at low rank; "
+                 "earlier points below a panel's scale are in runs/*.json)", fontsize=10)
     expkit.save_figure(fig, axes, path)
 
 

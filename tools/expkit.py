@@ -133,13 +133,14 @@ def machines(run: dict) -> str:
     return " -> ".join(names) if len(names) > 1 else run["machine"].get("gpu", run["machine"]["cpu"])
 
 
-def figure(size=(6, 4.2), ncols: int = 1):
-    """A matplotlib figure and its axes (an array of `ncols` panels sharing y when ncols > 1), drawn off-screen."""
+def figure(size=(6, 4.2), ncols: int = 1, sharey: bool = True):
+    """A matplotlib figure and its axes (an array of `ncols` panels, sharing y unless told not to), drawn
+    off-screen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(1, ncols, figsize=size, sharey=True)
+    return plt.subplots(1, ncols, figsize=size, sharey=sharey)
 
 
 def save_figure(fig, ax, path: Path, dpi: int = 120) -> None:
