@@ -1,10 +1,12 @@
 """DDP with gloo: 2 processes over shards of the batches end where 1 process over the same global batches ends."""
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -134,10 +136,6 @@ def test_two_nodes_meet_through_torchruns_rendezvous_and_only_global_rank_0_writ
 
 
 def test_leaving_collects_what_holds_the_group_and_destroys_it(tmp_path):
-    import gc
-    import weakref
-
-    from twistc import distributed
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         gc.disable()  # the cycle below stays until someone collects it
@@ -145,7 +143,7 @@ def test_leaving_collects_what_holds_the_group_and_destroys_it(tmp_path):
         wrapper.cycle = [wrapper]
         held = weakref.ref(wrapper)
         del wrapper
-        assert held() is not None and distributed.world() == (0, 1) and dist.is_initialized()
+        assert held() is not None and dist.is_initialized()
         leave()
         assert held() is None and not dist.is_initialized()
         leave()  # and once out, leaving again does nothing
