@@ -140,9 +140,10 @@ def _status(msg: str) -> None:
 
 
 def compile_command(args) -> int:
-    distributed.init_from_env()  # under torchrun: join the other ranks
+    joined = distributed.init_from_env()  # under torchrun: join the other ranks
     code = _compile(args)
-    distributed.leave()
+    if joined:
+        distributed.leave()
     return code
 
 

@@ -46,15 +46,18 @@ def timeout() -> float:
     return seconds
 
 
-def init_from_env() -> None:
-    """Join the process group torchrun describes in the environment (nothing to do without torchrun).
-    A collective that waits longer than timeout() fails on every rank; a rank whose torchrun agent dies
-    (even by SIGKILL) gets SIGTERM, so no rank outlives its launcher."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        _end_with_parent()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_device("cuda"))
-        dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout()))
+def init_from_env() -> bool:
+    """Join the process group torchrun describes in the environment (nothing to do without torchrun, or
+    in a process that is in a group already); True when this call joined it. A collective that waits
+    longer than timeout() fails on every rank; a rank whose torchrun agent dies (even by SIGKILL) gets
+    SIGTERM, so no rank outlives its launcher."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    _end_with_parent()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device("cuda"))
+    dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout()))
+    return True
 
 
 def leave() -> None:
